@@ -1,0 +1,23 @@
+"""The one place where Junction's Dagster `Definitions` are assembled (loaded by workspace.yaml).
+
+Loading must stay light: nothing here imports great_expectations or other heavy libraries; they are
+imported inside the ops and checks that use them.
+"""
+
+import warnings
+
+import dagster as dg
+
+import assets
+
+with warnings.catch_warnings():
+    # `load_definitions_from_package_module` is marked preview; it is the one loader that also picks
+    # up the jobs, schedules and sensors an analyst writes beside their assets.
+    warnings.simplefilter("ignore", dg.PreviewWarning)
+    # Every module an analyst adds under `assets/` is picked up here without touching this file.
+    analyst_definitions = dg.load_definitions_from_package_module(assets)
+
+defs = dg.Definitions.merge(
+    analyst_definitions,
+    dg.Definitions(),
+)

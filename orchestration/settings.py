@@ -1,0 +1,100 @@
+"""The one settings object of the platform (pydantic-settings, `JUNCTION_*` environment variables).
+
+Every process (CLI, combined server, code server, run workers) builds its settings from the
+environment through `get_settings()`, so one exported variable configures all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Paths in the repository that specs are read from by default (relative to the working directory).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class JunctionSettings(BaseSettings):
+    """Junction's configuration. Secrets are never values here: they are referenced by env-var name."""
+
+    model_config = SettingsConfigDict(env_prefix="JUNCTION_", extra="ignore", validate_default=True)
+
+    home: Path = Field(
+        default=Path(".junction"),
+        description="Local state: the platform store (SQLite), the generated DAGSTER_HOME, keys, backups.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the platform store; default SQLite at $JUNCTION_HOME/platform.db.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for durable uses (streams, rate limits); never an evicting instance. "
+        "Unset: the embedded backends are used.",
+    )
+    gateway_prefix: str = Field(default="/gateway", description="Path the gateway is mounted at.")
+    dagster_url: str = Field(
+        default="http://127.0.0.1:3000",
+        description="How a standalone gateway reaches Dagster's webserver (GraphQL at /graphql).",
+    )
+    pipelines_dir: Path = Field(default=PROJECT_ROOT / "assets" / "pipelines", description="ETL pipeline specs.")
+    workflows_dir: Path = Field(
+        default=PROJECT_ROOT / "orchestration" / "workflows", description="Workflow specs."
+    )
+    streams_dir: Path = Field(default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations.")
+
+    @field_validator("gateway_prefix")
+    @classmethod
+    def _prefix_is_a_path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if value == "/" or " " in value:
+            raise ValueError("must be a path such as /gateway (not the root: the Dagster UI lives there)")
+        return value
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def store_url(self) -> str:
+        """The platform store's SQLAlchemy URL."""
+        return self.database_url or f"sqlite:///{self.home_dir / 'platform.db'}"
+
+    @property
+    def dagster_home(self) -> Path:
+        """`DAGSTER_HOME` if set (it wins), else the generated `$JUNCTION_HOME/dagster`."""
+        explicit = os.environ.get("DAGSTER_HOME")
+        return Path(explicit).expanduser().resolve() if explicit else self.home_dir / "dagster"
+
+    @property
+    def dagster_home_is_generated(self) -> bool:
+        return not os.environ.get("DAGSTER_HOME")
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.home_dir / "admin.key"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> JunctionSettings:
+    return JunctionSettings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()

@@ -1,0 +1,1 @@
+"""Dagster resources: sources, notification channels, cache and event stream (ConfigurableResource)."""

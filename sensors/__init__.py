@@ -1,0 +1,1 @@
+"""Dagster sensors; stream declarations live in `streams/`."""

@@ -1,0 +1,147 @@
+"""Shared fixtures: an isolated JUNCTION_HOME per test and the real services, one per xdist worker.
+
+PostgreSQL and Redis are the real servers on this machine. Each xdist worker gets its own PostgreSQL
+database and Redis database number, so `pytest -n auto` is safe. When a service is unreachable the
+test is skipped with the reason, unless services are required (`CI=true` or
+`JUNCTION_REQUIRE_SERVICES=1`), in which case it fails: CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "JUNCTION_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE_URL = os.environ.get("JUNCTION_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+# Environment that would leak the developer's own configuration into a test.
+_ISOLATED_VARIABLES = [name for name in os.environ if name.startswith("JUNCTION_") and "TEST" not in name]
+_ISOLATED_VARIABLES.append("DAGSTER_HOME")
+
+
+def services_required() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(
+        "JUNCTION_REQUIRE_SERVICES", ""
+    ) in ("1", "true", "yes")
+
+
+def service_unavailable(reason: str) -> None:
+    """Fail (services required) or skip (a developer's machine without the service)."""
+    if services_required():
+        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
+    pytest.skip(f"service unavailable: {reason}")
+
+
+def worker_index(worker_id: str) -> int:
+    return 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url(worker_id: str) -> Iterator[str]:
+    """A PostgreSQL database of this worker's own, created fresh for the session."""
+    name = f"junction_test_{worker_id}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means the service is missing
+        admin.dispose()
+        service_unavailable(f"PostgreSQL at {POSTGRES_ADMIN_URL}: {str(exc).splitlines()[0]}")
+    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    from orchestration.store.db import dispose_engines
+
+    dispose_engines()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def reset_postgres(url: str) -> None:
+    """Empty the worker's database between tests (every table, Alembic's version table included)."""
+    from orchestration.store.db import dispose_engines
+
+    dispose_engines()
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def clean_postgres_url(postgres_url: str) -> str:
+    reset_postgres(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(scope="session")
+def redis_url(worker_id: str) -> str:
+    """A Redis database number of this worker's own (1..15; 0 is left to developers)."""
+    import redis
+
+    url = f"{REDIS_BASE_URL}/{1 + worker_index(worker_id) % 15}"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        service_unavailable(f"Redis at {REDIS_BASE_URL}: {exc}")
+    client.close()
+    return url
+
+
+@pytest.fixture
+def clean_redis_url(redis_url: str) -> str:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    return redis_url
+
+
+@pytest.fixture
+def junction_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated JUNCTION_HOME (embedded default: SQLite, no Redis) with fresh settings."""
+    from orchestration.settings import reset_settings_cache
+    from orchestration.store.db import dispose_engines
+
+    for name in _ISOLATED_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "junction-home"
+    monkeypatch.setenv("JUNCTION_HOME", str(home))
+    reset_settings_cache()
+    yield home
+    dispose_engines()
+    reset_settings_cache()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, junction_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A migrated, empty platform store on each backend, set as JUNCTION_DATABASE_URL."""
+    from orchestration.settings import reset_settings_cache
+    from orchestration.store import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{junction_home / 'platform.db'}"
+    else:
+        url = request.getfixturevalue("clean_postgres_url")
+    monkeypatch.setenv("JUNCTION_DATABASE_URL", url)
+    reset_settings_cache()
+    upgrade(url)
+    return url
