@@ -45,6 +45,10 @@ class JunctionSettings(BaseSettings):
         default=PROJECT_ROOT / "orchestration" / "workflows", description="Workflow specs."
     )
     streams_dir: Path = Field(default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations.")
+    channels_file: Path = Field(
+        default=PROJECT_ROOT / "resources" / "channels.yaml",
+        description="Named notification channels (secrets referenced by env-var name).",
+    )
 
     @field_validator("gateway_prefix")
     @classmethod
