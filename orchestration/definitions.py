@@ -9,15 +9,19 @@ import warnings
 import dagster as dg
 
 import assets
+from orchestration import platform_jobs
 
-with warnings.catch_warnings():
-    # `load_definitions_from_package_module` is marked preview; it is the one loader that also picks
-    # up the jobs, schedules and sensors an analyst writes beside their assets.
-    warnings.simplefilter("ignore", dg.PreviewWarning)
-    # Every module an analyst adds under `assets/` is picked up here without touching this file.
-    analyst_definitions = dg.load_definitions_from_package_module(assets)
+
+def analyst_definitions() -> dg.Definitions:
+    """Every module an analyst adds under `assets/` is picked up here without touching this file."""
+    with warnings.catch_warnings():
+        # `load_definitions_from_package_module` is marked preview; it is the one loader that also
+        # picks up the jobs, schedules and sensors an analyst writes beside their assets.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.load_definitions_from_package_module(assets)
+
 
 defs = dg.Definitions.merge(
-    analyst_definitions,
-    dg.Definitions(),
+    analyst_definitions(),
+    platform_jobs.platform_definitions,
 )

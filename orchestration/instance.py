@@ -31,8 +31,10 @@ def generated_dagster_yaml(dagster_home: Path) -> dict:
         "run_coordinator": {
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",
-            "config": {"max_concurrent_runs": DEFAULT_MAX_CONCURRENT_RUNS, "dequeue_interval_seconds": 2},
+            "config": {"dequeue_interval_seconds": 2},
         },
+        # Scale-out knobs are Dagster's own: run limits (also per tag) and op concurrency pools.
+        "concurrency": {"runs": {"max_concurrent_runs": DEFAULT_MAX_CONCURRENT_RUNS}},
         "run_monitoring": {
             "enabled": True,
             "start_timeout_seconds": 180,

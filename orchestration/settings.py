@@ -40,11 +40,15 @@ class JunctionSettings(BaseSettings):
         default="http://127.0.0.1:3000",
         description="How a standalone gateway reaches Dagster's webserver (GraphQL at /graphql).",
     )
-    pipelines_dir: Path = Field(default=PROJECT_ROOT / "assets" / "pipelines", description="ETL pipeline specs.")
+    pipelines_dir: Path = Field(
+        default=PROJECT_ROOT / "assets" / "pipelines", description="ETL pipeline specs."
+    )
     workflows_dir: Path = Field(
         default=PROJECT_ROOT / "orchestration" / "workflows", description="Workflow specs."
     )
-    streams_dir: Path = Field(default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations.")
+    streams_dir: Path = Field(
+        default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations."
+    )
     channels_file: Path = Field(
         default=PROJECT_ROOT / "resources" / "channels.yaml",
         description="Named notification channels (secrets referenced by env-var name).",

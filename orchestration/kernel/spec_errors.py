@@ -47,7 +47,9 @@ class SpecProblem:
     file: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.location}: {self.reason}" if self.file else f"{self.location}: {self.reason}"
+        return (
+            f"{self.file}: {self.location}: {self.reason}" if self.file else f"{self.location}: {self.reason}"
+        )
 
 
 class SpecError(JunctionError):
@@ -80,11 +82,15 @@ def problems_from_validation(exc: ValidationError, file: str | Path | None = Non
     for error in exc.errors(include_url=False):
         # pydantic adds the tag of a discriminated union / the function name of validators to loc;
         # those are not fields of the user's document.
-        location = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+        location = [
+            part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))
+        ]
         reason = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             reason = "unknown field"
-        problems.append(SpecProblem(format_location(location), reason, str(file) if file is not None else None))
+        problems.append(
+            SpecProblem(format_location(location), reason, str(file) if file is not None else None)
+        )
     return problems
 
 

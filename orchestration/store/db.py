@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -34,20 +34,12 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def normalize_url(url: str) -> URL:
-    """`postgresql://` means psycopg2 here (SQLAlchemy 2.1 would pick psycopg 3, which we do not ship)."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    return parsed
-
-
 def create_store_engine(url: str, *, one_shot: bool = False) -> Engine:
     """A new engine for `url`; SQLite files get WAL, foreign keys and a busy timeout.
 
     `one_shot` engines keep no pooled connection (migrations, CLI commands that exit).
     """
-    parsed = normalize_url(url)
+    parsed = make_url(url)
     pooling = {"poolclass": NullPool} if one_shot else {}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

@@ -10,6 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Not Alembic's default `alembic_version`: dagster-postgres keeps its own migrations in that table, and
+# the platform store may share a database with Dagster's storage.
+VERSION_TABLE = "junction_alembic_version"
 
 
 def alembic_config(url: str) -> Config:
@@ -48,7 +51,9 @@ def current_revision(url: str | None = None) -> str | None:
     from orchestration.store.db import get_engine
 
     with get_engine(_url(url)).connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision()
 
 
 def is_up_to_date(url: str | None = None) -> bool:

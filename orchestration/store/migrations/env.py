@@ -1,5 +1,7 @@
 from alembic import context
+
 from orchestration.store.db import create_store_engine
+from orchestration.store.migrate import VERSION_TABLE
 from orchestration.store.models import Base
 
 target_metadata = Base.metadata
@@ -12,6 +14,7 @@ def run_migrations() -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
+            version_table=VERSION_TABLE,
             render_as_batch=connection.dialect.name == "sqlite",  # ALTER on SQLite needs batch mode
         )
         with context.begin_transaction():

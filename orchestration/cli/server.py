@@ -1,0 +1,86 @@
+"""`junction dev` (the whole platform) and `junction gateway` (the gateway alone)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+LOG_LEVELS = click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s - %(message)s")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port", default=3000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on."
+)
+@click.option(
+    "--workspace",
+    "workspace_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dagster workspace file (default: ./workspace.yaml, else the project's).",
+)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> None:
+    """Start the platform: the Dagster UI and the gateway on one port, with the Dagster daemon.
+
+    Migrates the platform store, generates DAGSTER_HOME (unless set) and a local admin API key on
+    first start. Stop with Ctrl-C.
+    """
+    from orchestration.instance import prepare_dagster_home
+    from orchestration.kernel.principals import ensure_local_admin_key
+    from orchestration.platform_lock import hold_platform_lock
+    from orchestration.server import check_port_free, default_workspace_file, serve_platform, workspace_target
+    from orchestration.settings import get_settings
+    from orchestration.store.bootstrap import migrate_store
+
+    started = time.perf_counter()
+    _configure_logging(log_level)
+    settings = get_settings()
+    check_port_free(host, port)
+    workspace_file = workspace_file or default_workspace_file()
+    workspace_target(workspace_file)
+    dagster_home = prepare_dagster_home(settings)
+    revision = migrate_store()
+    key, created = ensure_local_admin_key(settings.admin_key_file)
+    click.echo(f"junction: state in {settings.home_dir}  (DAGSTER_HOME={dagster_home}, store at {revision})")
+    verb = "created" if created else "kept"
+    click.echo(f"junction: local admin API key '{key.name}' {verb} in {settings.admin_key_file}")
+    click.echo(f"junction: starting on http://{host}:{port}  (gateway at {settings.gateway_prefix})")
+    logging.getLogger("junction.server").info("prepared in %.1fs", time.perf_counter() - started)
+    with hold_platform_lock(settings.home_dir):
+        sys.exit(serve_platform(settings, host, port, workspace_file, log_level))
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port", default=3100, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on."
+)
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def gateway(host: str, port: int, log_level: str) -> None:
+    """Serve the gateway alone (scale out behind a load balancer).
+
+    It reaches Dagster's webserver at JUNCTION_DAGSTER_URL and shares the platform store
+    (JUNCTION_DATABASE_URL) with the other instances.
+    """
+    from orchestration.server import check_port_free, serve_gateway
+    from orchestration.settings import get_settings
+    from orchestration.store.bootstrap import migrate_store
+
+    _configure_logging(log_level)
+    settings = get_settings()
+    check_port_free(host, port)
+    migrate_store()
+    click.echo(
+        f"junction: gateway on http://{host}:{port}{settings.gateway_prefix} -> Dagster at {settings.dagster_url}"
+    )
+    sys.exit(serve_gateway(settings, host, port, log_level))
