@@ -5,6 +5,7 @@ imported inside the ops and checks that use them.
 """
 
 import warnings
+from types import ModuleType
 
 import dagster as dg
 
@@ -12,13 +13,13 @@ import assets
 from orchestration import platform_jobs
 
 
-def analyst_definitions() -> dg.Definitions:
+def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
     """Every module an analyst adds under `assets/` is picked up here without touching this file."""
     with warnings.catch_warnings():
         # `load_definitions_from_package_module` is marked preview; it is the one loader that also
         # picks up the jobs, schedules and sensors an analyst writes beside their assets.
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        return dg.load_definitions_from_package_module(assets)
+        return dg.load_definitions_from_package_module(package)
 
 
 defs = dg.Definitions.merge(

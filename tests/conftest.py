@@ -145,3 +145,98 @@ def store_url(request: pytest.FixtureRequest, junction_home: Path, monkeypatch: 
     reset_settings_cache()
     upgrade(url)
     return url
+
+
+class PlatformProcess:
+    """`junction dev` as a real subprocess on a free port, stopped with SIGTERM like a user's Ctrl-C."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path, args: tuple[str, ...] = ()):
+        import subprocess
+        import sys
+
+        self.port = port
+        self.home = Path(env["JUNCTION_HOME"])
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.cli", "dev", "--port", str(port), *args],
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.descendants: list = []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 120) -> dict:
+        """Wait for the Dagster webserver and a healthy gateway; returns the health document."""
+        import time
+
+        import httpx
+        import psutil
+
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"junction dev exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                )
+            try:
+                info = httpx.get(f"{self.base_url}/server_info", timeout=2)
+                health = httpx.get(f"{self.base_url}/gateway/health", timeout=5)
+                last = f"{info.status_code} {health.status_code} {health.text[:500]}"
+                if info.status_code == 200 and health.status_code == 200:
+                    # Code locations load asynchronously; wait until they have.
+                    if "loaded:" in health.json()["services"]["code_locations"]["detail"]:
+                        self.descendants = psutil.Process(self.process.pid).children(recursive=True)
+                        return health.json()
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        raise AssertionError(f"platform not ready in {timeout_s}s: {last}\n{self.log()[-4000:]}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        import signal
+        import subprocess
+
+        import psutil
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(
+                f"junction dev did not stop in {timeout_s}s:\n{self.log()[-4000:]}"
+            ) from None
+        finally:
+            self._log.close()
+        _, alive = psutil.wait_procs(self.descendants, timeout=30)
+        for orphan in alive:
+            orphan.kill()
+        assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+        return code
+
+
+@pytest.fixture
+def start_platform(tmp_path: Path):
+    """Start `junction dev` with extra environment; every platform started is stopped afterwards."""
+    started: list[PlatformProcess] = []
+
+    def start(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> PlatformProcess:
+        env = {k: v for k, v in os.environ.items() if k not in _ISOLATED_VARIABLES}
+        env["JUNCTION_HOME"] = str(tmp_path / f"home-{len(started)}")
+        env.update(extra_env or {})
+        platform = PlatformProcess(env, free_port(), tmp_path / f"platform-{len(started)}.log", args)
+        started.append(platform)
+        return platform
+
+    yield start
+    for platform in started:
+        if platform.process.poll() is None:
+            platform.stop()

@@ -14,6 +14,8 @@ LOG_LEVELS = click.Choice(["critical", "error", "warning", "info", "debug"], cas
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s - %(message)s")
+    # Alembic logs every migration step at INFO; the store's revision is printed once instead.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.command()

@@ -1,0 +1,47 @@
+"""The gateway's health endpoint when a backing service is down (the up case runs end to end)."""
+
+from __future__ import annotations
+
+import socket
+
+from fastapi.testclient import TestClient
+
+from orchestration.gateway.app import create_gateway_app
+from orchestration.settings import JunctionSettings
+from orchestration.store import upgrade
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_standalone_gateway_reports_unreachable_dagster_and_redis(junction_home):
+    settings = JunctionSettings(
+        dagster_url=f"http://127.0.0.1:{closed_port()}", redis_url=f"redis://127.0.0.1:{closed_port()}/0"
+    )
+    upgrade(settings.store_url)
+    with TestClient(create_gateway_app(settings)) as client:
+        response = client.get("/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["services"]["platform_store"]["status"] == "ok"
+    assert body["services"]["dagster"]["status"] == "down"
+    assert "unreachable" in body["services"]["dagster"]["detail"]
+    assert body["services"]["redis"]["status"] == "down"
+
+
+def test_store_behind_the_code_is_reported(junction_home):
+    settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{closed_port()}")
+    with TestClient(create_gateway_app(settings)) as client:
+        body = client.get("/health").json()
+    assert body["services"]["platform_store"]["status"] == "down"
+    assert "junction db upgrade" in body["services"]["platform_store"]["detail"]
+
+
+def test_openapi_document_is_served(junction_home):
+    with TestClient(create_gateway_app(JunctionSettings())) as client:
+        document = client.get("/openapi.json").json()
+    assert "/health" in document["paths"]
