@@ -1,6 +1,7 @@
 """The gateway's FastAPI application (OpenAPI from typed models).
 
-Later features add their routers under `/v1/...` here; the reverse proxy lives under `/proxy/...`.
+Platform endpoints live under `/v1/...` (the API's own version); the reverse proxy will live under
+`/proxy/...`, so the two never collide. Later features add their routers to `V1_ROUTERS`.
 """
 
 from __future__ import annotations
@@ -10,15 +11,23 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
+from orchestration.gateway.api import audit, jobs, keys, runs
 from orchestration.gateway.dagster_client import DagsterClient
+from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
+from orchestration.gateway.problems import install_problem_handlers
+from orchestration.gateway.security import JwtVerifier
 from orchestration.settings import JunctionSettings, get_settings
 
 # The base URL of the in-process Dagster app when it is reached through an ASGI transport.
 IN_PROCESS_DAGSTER_URL = "http://dagster.internal"
+V1_ROUTERS = [jobs.router, runs.router, audit.router, keys.router]
+DOCS_PATHS = ("/docs", "/redoc")
 
 
 def create_gateway_app(
@@ -27,7 +36,8 @@ def create_gateway_app(
     """Build the gateway. `dagster_transport` reaches an in-process Dagster app (combined server);
     without it the gateway talks HTTP to `settings.dagster_url` (standalone gateway)."""
     settings = settings or get_settings()
-    dagster_url = IN_PROCESS_DAGSTER_URL if dagster_transport else settings.dagster_url
+    embedded = dagster_transport is not None
+    dagster_url = IN_PROCESS_DAGSTER_URL if embedded else settings.dagster_url
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,19 +47,48 @@ def create_gateway_app(
         finally:
             await app.state.dagster.aclose()
 
-    app = FastAPI(
+    # FastAPIOffline serves the docs pages' scripts from the package, not from a CDN.
+    app = FastAPIOffline(
         title="Junction gateway",
         version=__version__,
         summary="The platform API of Junction, served beside the Dagster UI.",
         lifespan=lifespan,
-        root_path_in_servers=False,
+        docs_url=DOCS_PATHS[0],
+        redoc_url=DOCS_PATHS[1],
     )
     app.state.settings = settings
+    app.state.jwt_verifier = JwtVerifier.from_settings(settings)
+
+    def dagster_ui_url(request: Request) -> str:
+        # Embedded, the UI is this server's root; standalone, it is wherever Dagster runs.
+        if embedded:
+            return str(request.base_url).rstrip("/").removesuffix(settings.gateway_prefix)
+        return settings.dagster_url.rstrip("/")
+
+    app.state.dagster_ui_url = dagster_ui_url
+    install_problem_handlers(app)
 
     @app.get("/health", response_model=Health, tags=["platform"], responses={503: {"model": Health}})
     async def health(request: Request) -> JSONResponse:
-        """Versions and the state of each backing service (503 when one is down)."""
+        """Versions and the state of each backing service (503 when one is down). No key needed."""
         report = await collect_health(settings, request.app.state.dagster)
         return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
 
+    for router in V1_ROUTERS:
+        app.include_router(router, prefix="/v1")
+
+    if settings.gateway_cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.gateway_cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(
+        RequestGuards,
+        max_body_bytes=settings.gateway_max_body_bytes,
+        allow_networks=settings.gateway_allow_ips,
+        deny_networks=settings.gateway_deny_ips,
+        docs_paths=DOCS_PATHS,
+    )
     return app

@@ -52,3 +52,153 @@ class DagsterClient:
             messages = "; ".join(error.get("message", "?") for error in payload["errors"])
             raise DagsterUnavailable(f"Dagster GraphQL error: {messages}")
         return payload["data"]
+
+
+class DagsterRequestError(Exception):
+    """Dagster refused the request (unknown job, invalid run config, run already finished...)."""
+
+    def __init__(self, kind: str, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.errors = errors or []
+
+
+WORKSPACE_JOBS_QUERY = """
+query WorkspaceJobs {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation {
+            repositories {
+              name
+              jobs { name description isAssetJob runs(limit: 1) { runId status startTime endTime } }
+              assetGroups { groupName assetKeys { path } }
+            }
+          }
+          ... on PythonError { message }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+LAUNCH_RUN_MUTATION = """
+mutation LaunchRun($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on RunConfigValidationInvalid { errors { message path } }
+    ... on PipelineNotFoundError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConflict { message }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+    ... on InvalidStepError { invalidStepKey }
+    ... on InvalidOutputError { stepKey invalidOutputName }
+    ... on ConflictingExecutionParamsError { message }
+    ... on PresetNotFoundError { message }
+    ... on NoModeProvidedError { message }
+  }
+}
+"""
+
+RUN_QUERY = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run {
+      runId jobName status creationTime startTime endTime canTerminate
+      tags { key value }
+      assetSelection { path }
+      stepStats { stepKey status startTime endTime attempts { startTime } }
+    }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+TERMINATE_RUN_MUTATION = """
+mutation Terminate($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunSuccess { run { runId status } }
+    ... on TerminateRunFailure { message run { status } }
+    ... on RunNotFoundError { message }
+    ... on UnauthorizedError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+async def workspace_repositories(client: DagsterClient) -> list[dict[str, Any]]:
+    """Every loaded repository with its location name, jobs and asset groups."""
+    data = await client.graphql(WORKSPACE_JOBS_QUERY)
+    workspace = data["workspaceOrError"]
+    if workspace["__typename"] != "Workspace":
+        raise DagsterUnavailable(workspace.get("message", "workspace unavailable"))
+    repositories = []
+    for entry in workspace["locationEntries"]:
+        location = entry["locationOrLoadError"]
+        if not location or location["__typename"] != "RepositoryLocation":
+            continue
+        for repository in location["repositories"]:
+            repositories.append({**repository, "location": entry["name"]})
+    return repositories
+
+
+async def launch_run(
+    client: DagsterClient,
+    *,
+    location: str,
+    repository: str,
+    job_name: str,
+    run_config: dict[str, Any],
+    tags: dict[str, str],
+    asset_selection: list[list[str]] | None = None,
+) -> dict[str, Any]:
+    selector: dict[str, Any] = {"repositoryLocationName": location, "repositoryName": repository, "jobName": job_name}
+    if asset_selection is not None:
+        selector["assetSelection"] = [{"path": path} for path in asset_selection]
+    params = {
+        "selector": selector,
+        "runConfigData": run_config,
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in sorted(tags.items())]},
+    }
+    result = (await client.graphql(LAUNCH_RUN_MUTATION, {"executionParams": params}))["launchRun"]
+    kind = result["__typename"]
+    if kind == "LaunchRunSuccess":
+        return result["run"]
+    if kind == "RunConfigValidationInvalid":
+        errors = [error["message"] for error in result["errors"]]
+        raise DagsterRequestError(kind, "invalid run config: " + "; ".join(errors), errors)
+    if kind == "PythonError":
+        raise DagsterUnavailable(f"Dagster failed to launch the run: {result.get('message', '').strip()}")
+    message = result.get("message") or f"{kind}: {result}"
+    raise DagsterRequestError(kind, message)
+
+
+async def get_run(client: DagsterClient, run_id: str) -> dict[str, Any] | None:
+    result = (await client.graphql(RUN_QUERY, {"runId": run_id}))["runOrError"]
+    if result["__typename"] == "RunNotFoundError":
+        return None
+    if result["__typename"] != "Run":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return result
+
+
+async def terminate_run(client: DagsterClient, run_id: str) -> dict[str, Any]:
+    result = (await client.graphql(TERMINATE_RUN_MUTATION, {"runId": run_id}))["terminateRun"]
+    kind = result["__typename"]
+    if kind == "TerminateRunSuccess":
+        return result["run"]
+    if kind in ("RunNotFoundError", "TerminateRunFailure", "UnauthorizedError"):
+        raise DagsterRequestError(kind, result.get("message", kind))
+    raise DagsterUnavailable(result.get("message", "terminate failed"))

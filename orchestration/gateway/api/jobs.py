@@ -1,0 +1,217 @@
+"""Jobs and assets: list them with their latest run, launch runs, materialize asset selections."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.gateway.dagster_client import DagsterRequestError, launch_run, workspace_repositories
+from orchestration.gateway.problems import ProblemError, problem_responses
+from orchestration.gateway.security import requires
+from orchestration.kernel import audit
+from orchestration.kernel.principals import Principal
+
+router = APIRouter(tags=["jobs"])
+
+# Tags the gateway sets on every run it launches (the UI can filter on them).
+ACTOR_TAG = "junction/actor"
+VIA_TAG = "junction/via"
+ASSET_JOB_PREFIX = "__ASSET_JOB"
+
+
+def timestamp(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value else None
+
+
+class RunBrief(BaseModel):
+    run_id: str
+    status: str
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class JobSummary(BaseModel):
+    name: str
+    location: str
+    repository: str
+    description: str | None = None
+    latest_run: RunBrief | None = None
+
+
+class AssetGroupSummary(BaseModel):
+    name: str
+    location: str
+    repository: str
+    assets: list[str]
+
+
+class JobsPage(BaseModel):
+    jobs: list[JobSummary]
+    asset_groups: list[AssetGroupSummary]
+
+
+class LaunchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_config: dict[str, Any] = Field(default_factory=dict, description="Dagster run config (as in the launchpad).")
+    tags: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=50)
+    location: str | None = Field(default=None, description="Code location, when a job name is ambiguous.")
+
+
+class MaterializeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    assets: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        min_length=1, max_length=1000, description="Asset keys, path parts joined by '/' (e.g. 'sales/orders')."
+    )
+    tags: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=50)
+
+
+class RunLaunched(BaseModel):
+    run_id: str
+    status: str
+    url: str = Field(description="The run in the Dagster UI.")
+
+
+def ui_run_url(request: Request, run_id: str) -> str:
+    return f"{request.app.state.dagster_ui_url(request)}/runs/{run_id}"
+
+
+def run_tags(principal: Principal, requested: dict[str, str]) -> dict[str, str]:
+    return {**requested, ACTOR_TAG: principal.name, VIA_TAG: "gateway"}
+
+
+async def record(action: str, principal: Principal, target: str, details: dict[str, Any]) -> None:
+    await anyio.to_thread.run_sync(
+        lambda: audit.append(action, actor=principal.name, target=target, origin="gateway", details=details)
+    )
+
+
+@router.get("/jobs", response_model=JobsPage, responses=problem_responses(401, 403, 503))
+async def list_jobs(request: Request, _: Annotated[Principal, Depends(requires("runs:read", read_only=True))]):
+    """Jobs and asset groups of every loaded code location, with each job's latest run."""
+    jobs, groups = [], []
+    for repository in await workspace_repositories(request.app.state.dagster):
+        for job in repository["jobs"]:
+            if job["name"].startswith(ASSET_JOB_PREFIX):
+                continue
+            latest = job["runs"][0] if job["runs"] else None
+            jobs.append(
+                JobSummary(
+                    name=job["name"],
+                    location=repository["location"],
+                    repository=repository["name"],
+                    description=job["description"],
+                    latest_run=RunBrief(
+                        run_id=latest["runId"],
+                        status=latest["status"],
+                        started_at=timestamp(latest["startTime"]),
+                        ended_at=timestamp(latest["endTime"]),
+                    )
+                    if latest
+                    else None,
+                )
+            )
+        for group in repository["assetGroups"]:
+            groups.append(
+                AssetGroupSummary(
+                    name=group["groupName"],
+                    location=repository["location"],
+                    repository=repository["name"],
+                    assets=sorted("/".join(key["path"]) for key in group["assetKeys"]),
+                )
+            )
+    return JobsPage(jobs=jobs, asset_groups=groups)
+
+
+@router.post(
+    "/jobs/{name}/runs",
+    response_model=RunLaunched,
+    status_code=201,
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
+async def launch_job(
+    name: str,
+    body: LaunchRequest,
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("runs:launch"))],
+):
+    """Queue a run of job `name`, tagged with the caller as its actor (like a launch from the UI)."""
+    repositories = await workspace_repositories(request.app.state.dagster)
+    matches = [
+        repository
+        for repository in repositories
+        if any(job["name"] == name for job in repository["jobs"])
+        and (body.location is None or repository["location"] == body.location)
+    ]
+    if not matches or name.startswith(ASSET_JOB_PREFIX):
+        raise ProblemError(404, f"no job named {name!r}", slug="not-found")
+    if len(matches) > 1:
+        locations = ", ".join(sorted(repository["location"] for repository in matches))
+        raise ProblemError(409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous")
+    repository = matches[0]
+    run = await _launch(
+        request,
+        principal,
+        location=repository["location"],
+        repository=repository["name"],
+        job_name=name,
+        run_config=body.run_config,
+        tags=body.tags,
+    )
+    await record("run.launch", principal, f"job:{name}", {"run_id": run.run_id, "location": repository["location"]})
+    return run
+
+
+@router.post(
+    "/assets/materializations",
+    response_model=RunLaunched,
+    status_code=201,
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+)
+async def materialize_assets(
+    body: MaterializeRequest, request: Request, principal: Annotated[Principal, Depends(requires("runs:launch"))]
+):
+    """Queue one run materializing the selected assets (they must share a code location)."""
+    wanted = list(dict.fromkeys(body.assets))
+    owners: dict[tuple[str, str], set[str]] = {}
+    for repository in await workspace_repositories(request.app.state.dagster):
+        keys = {"/".join(key["path"]) for group in repository["assetGroups"] for key in group["assetKeys"]}
+        found = keys.intersection(wanted)
+        if found:
+            owners[(repository["location"], repository["name"])] = found
+    missing = set(wanted) - set().union(*owners.values()) if owners else set(wanted)
+    if missing:
+        raise ProblemError(404, f"no asset named {', '.join(sorted(missing))}", slug="not-found", field="body.assets")
+    if len(owners) > 1:
+        raise ProblemError(409, "the selection spans several code locations: launch one per location", slug="ambiguous")
+    (location, repository_name) = next(iter(owners))
+    run = await _launch(
+        request,
+        principal,
+        location=location,
+        repository=repository_name,
+        job_name=ASSET_JOB_PREFIX,
+        run_config={},
+        tags=body.tags,
+        asset_selection=[key.split("/") for key in wanted],
+    )
+    await record("assets.materialize", principal, f"assets:{','.join(wanted)}", {"run_id": run.run_id})
+    return run
+
+
+async def _launch(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+    tags = run_tags(principal, params.pop("tags"))
+    try:
+        launched = await launch_run(request.app.state.dagster, tags=tags, **params)
+    except DagsterRequestError as exc:
+        if exc.kind == "RunConfigValidationInvalid":
+            raise ProblemError(422, str(exc), title="Invalid run config", slug="invalid-run-config", field="body.run_config") from None
+        if exc.kind in ("PipelineNotFoundError", "InvalidSubsetError"):
+            raise ProblemError(404, str(exc), slug="not-found") from None
+        raise ProblemError(409, str(exc), slug="launch-refused") from None
+    return RunLaunched(run_id=launched["runId"], status=launched["status"], url=ui_run_url(request, launched["runId"]))

@@ -1,0 +1,103 @@
+"""API key administration (scope `keys:manage` or `admin`); creation and revocation are audited."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.gateway.problems import ProblemError, problem_responses
+from orchestration.gateway.security import requires
+from orchestration.kernel import principals
+from orchestration.kernel.principals import ApiKeyError, ApiKeyInfo, Principal, ScopeError
+
+router = APIRouter(tags=["keys"])
+
+KeyName = Annotated[str, Path(max_length=200)]
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    principal: str
+    scopes: list[str]
+    groups: list[str]
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @classmethod
+    def of(cls, info: ApiKeyInfo) -> KeyOut:
+        return cls(**info.to_json())
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    scopes: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=100)
+    principal: str | None = Field(default=None, max_length=200, description="Defaults to the key's name.")
+    groups: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list, max_length=100)
+    expires_at: datetime | None = None
+
+
+class KeyCreated(BaseModel):
+    key: str = Field(description="The key itself. It is shown once and cannot be retrieved again.")
+    info: KeyOut
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+@router.get("/keys", response_model=KeyList, responses=problem_responses(401, 403, 422, 503))
+async def list_keys(_: Annotated[Principal, Depends(requires("keys:read"))], include_revoked: bool = False):
+    """Every key (without secrets), revoked ones on request."""
+    infos = await anyio.to_thread.run_sync(lambda: principals.list_api_keys(include_revoked=include_revoked))
+    return KeyList(keys=[KeyOut.of(info) for info in infos])
+
+
+@router.post("/keys", response_model=KeyCreated, status_code=201, responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503))
+async def create_key(body: KeyCreate, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
+    """Create a key; the answer holds the key once."""
+    if any(scope == principals.ADMIN_SCOPE for scope in body.scopes) and not principal.allows(principals.ADMIN_SCOPE):
+        raise ProblemError(403, "only an admin may create admin keys", slug="forbidden", field="body.scopes")
+
+    def create():
+        return principals.create_api_key(
+            body.name,
+            scopes=body.scopes,
+            principal=body.principal,
+            groups=body.groups,
+            expires_at=body.expires_at,
+            created_by=principal.name,
+            origin="gateway",
+        )
+
+    try:
+        info, key = await anyio.to_thread.run_sync(create)
+    except ScopeError as exc:
+        raise ProblemError(422, str(exc), title="Invalid request", slug="validation", field="body.scopes") from None
+    except ApiKeyError as exc:
+        status = 409 if "exists" in str(exc) else 422
+        raise ProblemError(status, str(exc), slug="conflict" if status == 409 else "validation") from None
+    return KeyCreated(key=key, info=KeyOut.of(info))
+
+
+@router.delete("/keys/{name}", response_model=KeyOut, responses=problem_responses(401, 403, 404, 409, 422, 503))
+async def revoke_key(name: KeyName, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
+    """Revoke a key at once (409 if it already is)."""
+    try:
+        info = await anyio.to_thread.run_sync(
+            lambda: principals.revoke_api_key(name, actor=principal.name, origin="gateway")
+        )
+    except ApiKeyError as exc:
+        message = str(exc)
+        status = 404 if "no " in message or "unknown" in message else 409
+        raise ProblemError(status, message, slug="not-found" if status == 404 else "conflict") from None
+    return KeyOut.of(info)

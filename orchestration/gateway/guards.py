@@ -1,0 +1,136 @@
+"""Request guards in front of every gateway route: client IP lists, body size, media type, headers.
+
+Pure ASGI middleware (not `BaseHTTPMiddleware`) so that request bodies stream through untouched and
+the size limit holds for chunked bodies without a Content-Length as well.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestration.gateway.problems import PROBLEM_MEDIA_TYPE, problem_type
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),
+]
+# The docs page needs its own scripts and styles; the API itself serves none.
+API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+DOCS_CSP = (
+    b"content-security-policy",
+    b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
+)
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def send_problem(send: Send, status: int, title: str, slug: str, detail: str, path: str) -> None:
+    body = json.dumps({"type": problem_type(slug), "title": title, "status": status, "detail": detail, "instance": path})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), *SECURITY_HEADERS, API_CSP],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+class RequestGuards:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        allow_networks: Iterable[str] = (),
+        deny_networks: Iterable[str] = (),
+        docs_paths: Iterable[str] = (),
+    ):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.allow = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
+        self.deny = [ipaddress.ip_network(n, strict=False) for n in deny_networks]
+        self.docs_paths = set(docs_paths)
+
+    def client_allowed(self, host: str | None) -> bool:
+        if not self.allow and not self.deny:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:
+            return not self.allow  # unknown peers (test clients, unix sockets) pass only without an allow list
+        if any(address in network for network in self.deny):
+            return False
+        return not self.allow or any(address in network for network in self.allow)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("root_path", "") + scope["path"]
+        client = scope.get("client")
+        if not self.client_allowed(client[0] if client else None):
+            await send_problem(send, 403, "Forbidden", "ip-denied", "your address may not use this gateway", path)
+            return
+
+        headers = {key.lower(): value for key, value in scope.get("headers", [])}
+        declared_length = headers.get(b"content-length")
+        if declared_length is not None and declared_length.isdigit() and int(declared_length) > self.max_body_bytes:
+            await send_problem(
+                send, 413, "Content too large", "body-too-large", f"the limit is {self.max_body_bytes} bytes", path
+            )
+            return
+        has_body = (declared_length not in (None, b"0")) or b"transfer-encoding" in headers
+        if scope["method"] in BODY_METHODS and has_body:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if not _is_json(content_type):
+                detail = f"send application/json, not {content_type or 'no content type'}"
+                await send_problem(send, 415, "Unsupported media type", "unsupported-media-type", detail, path)
+                return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        is_docs = scope["path"] in self.docs_paths
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                present = {key.lower() for key, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP) if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        except _BodyTooLarge:
+            if response_started:
+                raise
+            await send_problem(
+                send, 413, "Content too large", "body-too-large", f"the limit is {self.max_body_bytes} bytes", path
+            )

@@ -1,0 +1,147 @@
+"""Who is calling and what they may do: API keys (kernel principals) and, optionally, JWTs.
+
+`Authorization: Bearer <token>` or `X-API-Key: <key>`. A token shaped like a JWT (three dot-separated
+parts) is validated as a JWT when JWT auth is configured (`JUNCTION_JWT_ISSUER` plus an HS256 secret
+or an RS256 public key); everything else is looked up as an API key. Missing or bad credentials
+answer 401, a missing scope 403 — both as problem documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from orchestration.gateway.problems import ProblemError
+from orchestration.kernel.principals import AuthenticationError, Principal, ScopeError, authenticate, parse_scope
+from orchestration.settings import JunctionSettings
+
+ANONYMOUS = Principal(name="anonymous", groups=frozenset(), scopes=(), via="public-read")
+
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key (jk_...) or, if configured, a JWT.")
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (jk_...).")
+
+
+def _unauthorized(reason: str) -> ProblemError:
+    return ProblemError(401, reason, title="Unauthorized", slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+@dataclass(frozen=True)
+class JwtVerifier:
+    issuer: str
+    audience: str | None
+    keys: dict[str, object]  # algorithm -> key
+    groups_claim: str
+    scopes_claim: str
+
+    @classmethod
+    def from_settings(cls, settings: JunctionSettings) -> JwtVerifier | None:
+        import os
+
+        if not settings.jwt_issuer:
+            return None
+        keys: dict[str, object] = {}
+        if settings.jwt_secret_env:
+            secret = os.environ.get(settings.jwt_secret_env)
+            if not secret:
+                from orchestration.errors import ConfigurationError
+
+                raise ConfigurationError(f"JUNCTION_JWT_SECRET_ENV names {settings.jwt_secret_env}, which is not set")
+            keys["HS256"] = secret
+        if settings.jwt_public_key_file:
+            keys["RS256"] = settings.jwt_public_key_file.read_text()
+        if not keys:
+            from orchestration.errors import ConfigurationError
+
+            raise ConfigurationError("JUNCTION_JWT_ISSUER is set but neither JUNCTION_JWT_SECRET_ENV nor a public key")
+        return cls(settings.jwt_issuer, settings.jwt_audience, keys, settings.jwt_groups_claim, settings.jwt_scopes_claim)
+
+    def principal(self, token: str) -> Principal:
+        import jwt
+
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError as exc:
+            raise _unauthorized(f"malformed token: {exc}") from None
+        key = self.keys.get(algorithm)
+        if key is None:
+            raise _unauthorized(f"token algorithm {algorithm!r} is not accepted")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                issuer=self.issuer,
+                audience=self.audience,
+                options={"require": ["exp", "iss", "sub"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthorized("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise _unauthorized(f"invalid token: {exc}") from None
+        raw_scopes = claims.get(self.scopes_claim, [])
+        scope_texts = raw_scopes.split() if isinstance(raw_scopes, str) else list(raw_scopes)
+        groups = claims.get(self.groups_claim, [])
+        try:
+            scopes = tuple(parse_scope(text) for text in scope_texts)
+        except ScopeError as exc:
+            raise _unauthorized(f"token carries a malformed scope: {exc}") from None
+        return Principal(
+            name=str(claims["sub"]),
+            groups=frozenset(str(g) for g in (groups if isinstance(groups, list) else [groups])),
+            scopes=scopes,
+            via="jwt",
+        )
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2 and not token.startswith("jk_")
+
+
+async def current_principal(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    api_key: Annotated[str | None, Security(api_key_scheme)],
+) -> Principal | None:
+    """The caller, or None when no credentials were sent."""
+    token = bearer.credentials if bearer else api_key
+    if not token:
+        return None
+    verifier: JwtVerifier | None = request.app.state.jwt_verifier
+    if verifier is not None and _looks_like_jwt(token):
+        return verifier.principal(token)
+    try:
+        return await anyio.to_thread.run_sync(authenticate, token)
+    except AuthenticationError as exc:
+        raise _unauthorized(exc.reason) from None
+
+
+def requires(scope_template: str, *, read_only: bool = False):
+    """A dependency granting access to callers whose scopes cover `scope_template`.
+
+    The template may name path parameters (`events:publish:{name}`). Read-only endpoints are open
+    without credentials when `JUNCTION_GATEWAY_PUBLIC_READ` is on; mutating ones never are.
+    """
+
+    async def dependency(
+        request: Request, principal: Annotated[Principal | None, Depends(current_principal)]
+    ) -> Principal:
+        if principal is None:
+            if read_only and request.app.state.settings.gateway_public_read:
+                return ANONYMOUS
+            raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        required = scope_template.format(**request.path_params)
+        try:
+            allowed = principal.allows(required)
+        except ScopeError:
+            # A path parameter that cannot be a scope resource cannot name anything that exists.
+            raise ProblemError(404, f"no such resource: {required.rsplit(':', 1)[-1]!r}", slug="not-found") from None
+        if not allowed:
+            raise ProblemError(403, f"this operation needs the scope '{required}'", title="Forbidden", slug="forbidden")
+        return principal
+
+    dependency.__name__ = f"requires_{scope_template.replace(':', '_').replace('{', '').replace('}', '')}"
+    return dependency
