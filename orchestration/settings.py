@@ -54,21 +54,32 @@ class JunctionSettings(BaseSettings):
         description="Named notification channels (secrets referenced by env-var name).",
     )
 
-
     # The gateway's request guards and security.
     gateway_max_body_bytes: int = Field(default=1_048_576, ge=1, description="Larger request bodies get 413.")
-    gateway_cors_origins: list[str] = Field(default=[], description='Origins allowed by CORS (JSON list, ["*"] for any).')
-    gateway_allow_ips: list[str] = Field(default=[], description="Client networks (CIDR) allowed; empty allows all.")
-    gateway_deny_ips: list[str] = Field(default=[], description="Client networks (CIDR) refused (checked first).")
+    gateway_cors_origins: list[str] = Field(
+        default=[], description='Origins allowed by CORS (JSON list, ["*"] for any).'
+    )
+    gateway_allow_ips: list[str] = Field(
+        default=[], description="Client networks (CIDR) allowed; empty allows all."
+    )
+    gateway_deny_ips: list[str] = Field(
+        default=[], description="Client networks (CIDR) refused (checked first)."
+    )
     gateway_public_read: bool = Field(
         default=False, description="Open read-only endpoints without a key (mutating ones never are)."
     )
-    jwt_issuer: str | None = Field(default=None, description="Accept JWTs from this issuer (enables JWT auth).")
+    jwt_issuer: str | None = Field(
+        default=None, description="Accept JWTs from this issuer (enables JWT auth)."
+    )
     jwt_audience: str | None = Field(default=None, description="Required JWT audience.")
-    jwt_secret_env: str | None = Field(default=None, description="NAME of the env var holding the HS256 secret.")
+    jwt_secret_env: str | None = Field(
+        default=None, description="NAME of the env var holding the HS256 secret."
+    )
     jwt_public_key_file: Path | None = Field(default=None, description="PEM public key for RS256 tokens.")
     jwt_groups_claim: str = Field(default="groups", description="JWT claim with the principal's groups.")
-    jwt_scopes_claim: str = Field(default="scope", description="JWT claim with scopes (space-separated or list).")
+    jwt_scopes_claim: str = Field(
+        default="scope", description="JWT claim with scopes (space-separated or list)."
+    )
 
     @field_validator("gateway_allow_ips", "gateway_deny_ips")
     @classmethod

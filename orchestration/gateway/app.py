@@ -6,9 +6,11 @@ Platform endpoints live under `/v1/...` (the API's own version); the reverse pro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,17 +18,21 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
-from orchestration.gateway.api import audit, jobs, keys, runs
+from orchestration.gateway.api import analytics, audit, jobs, keys, runs
 from orchestration.gateway.dagster_client import DagsterClient
 from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
+from orchestration.gateway.metrics import RecordRequests, RequestStats
 from orchestration.gateway.problems import install_problem_handlers
 from orchestration.gateway.security import JwtVerifier
 from orchestration.settings import JunctionSettings, get_settings
 
 # The base URL of the in-process Dagster app when it is reached through an ASGI transport.
 IN_PROCESS_DAGSTER_URL = "http://dagster.internal"
-V1_ROUTERS = [jobs.router, runs.router, audit.router, keys.router]
+logger = logging.getLogger("junction.gateway")
+V1_ROUTERS = [jobs.router, runs.router, audit.router, keys.router, analytics.router]
+# Finished minutes of request statistics are written to the store this often.
+STATS_FLUSH_INTERVAL_S = 30
 DOCS_PATHS = ("/docs", "/redoc")
 
 
@@ -39,13 +45,30 @@ def create_gateway_app(
     embedded = dagster_transport is not None
     dagster_url = IN_PROCESS_DAGSTER_URL if embedded else settings.dagster_url
 
+    request_stats = RequestStats()
+
+    async def flush_stats_forever() -> None:
+        while True:
+            await anyio.sleep(STATS_FLUSH_INTERVAL_S)
+            try:
+                await anyio.to_thread.run_sync(request_stats.flush)
+            except Exception:  # noqa: BLE001 - the store may be down; buckets are kept and retried
+                logger.warning("could not persist API request statistics; will retry", exc_info=True)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.dagster = DagsterClient(dagster_url, transport=dagster_transport)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(flush_stats_forever)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                await app.state.dagster.aclose()
         try:
-            yield
-        finally:
-            await app.state.dagster.aclose()
+            await anyio.to_thread.run_sync(lambda: request_stats.flush(include_current=True))
+        except Exception:  # noqa: BLE001
+            logger.warning("could not persist the last API request statistics", exc_info=True)
 
     # FastAPIOffline serves the docs pages' scripts from the package, not from a CDN.
     app = FastAPIOffline(
@@ -57,6 +80,7 @@ def create_gateway_app(
         redoc_url=DOCS_PATHS[1],
     )
     app.state.settings = settings
+    app.state.request_stats = request_stats
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
 
     def dagster_ui_url(request: Request) -> str:
@@ -76,6 +100,7 @@ def create_gateway_app(
 
     for router in V1_ROUTERS:
         app.include_router(router, prefix="/v1")
+    app.include_router(analytics.metrics_router)
 
     if settings.gateway_cors_origins:
         app.add_middleware(
@@ -91,4 +116,5 @@ def create_gateway_app(
         deny_networks=settings.gateway_deny_ips,
         docs_paths=DOCS_PATHS,
     )
+    app.add_middleware(RecordRequests, stats=request_stats)  # outermost: sees guard refusals too
     return app

@@ -164,7 +164,11 @@ async def launch_run(
     tags: dict[str, str],
     asset_selection: list[list[str]] | None = None,
 ) -> dict[str, Any]:
-    selector: dict[str, Any] = {"repositoryLocationName": location, "repositoryName": repository, "jobName": job_name}
+    selector: dict[str, Any] = {
+        "repositoryLocationName": location,
+        "repositoryName": repository,
+        "jobName": job_name,
+    }
     if asset_selection is not None:
         selector["assetSelection"] = [{"path": path} for path in asset_selection]
     params = {

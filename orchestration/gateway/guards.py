@@ -40,7 +40,9 @@ def _is_json(content_type: str) -> bool:
 
 
 async def send_problem(send: Send, status: int, title: str, slug: str, detail: str, path: str) -> None:
-    body = json.dumps({"type": problem_type(slug), "title": title, "status": status, "detail": detail, "instance": path})
+    body = json.dumps(
+        {"type": problem_type(slug), "title": title, "status": status, "detail": detail, "instance": path}
+    )
     await send(
         {
             "type": "http.response.start",
@@ -73,7 +75,9 @@ class RequestGuards:
         try:
             address = ipaddress.ip_address(host or "")
         except ValueError:
-            return not self.allow  # unknown peers (test clients, unix sockets) pass only without an allow list
+            return (
+                not self.allow
+            )  # unknown peers (test clients, unix sockets) pass only without an allow list
         if any(address in network for network in self.deny):
             return False
         return not self.allow or any(address in network for network in self.allow)
@@ -85,14 +89,25 @@ class RequestGuards:
         path = scope.get("root_path", "") + scope["path"]
         client = scope.get("client")
         if not self.client_allowed(client[0] if client else None):
-            await send_problem(send, 403, "Forbidden", "ip-denied", "your address may not use this gateway", path)
+            await send_problem(
+                send, 403, "Forbidden", "ip-denied", "your address may not use this gateway", path
+            )
             return
 
         headers = {key.lower(): value for key, value in scope.get("headers", [])}
         declared_length = headers.get(b"content-length")
-        if declared_length is not None and declared_length.isdigit() and int(declared_length) > self.max_body_bytes:
+        if (
+            declared_length is not None
+            and declared_length.isdigit()
+            and int(declared_length) > self.max_body_bytes
+        ):
             await send_problem(
-                send, 413, "Content too large", "body-too-large", f"the limit is {self.max_body_bytes} bytes", path
+                send,
+                413,
+                "Content too large",
+                "body-too-large",
+                f"the limit is {self.max_body_bytes} bytes",
+                path,
             )
             return
         has_body = (declared_length not in (None, b"0")) or b"transfer-encoding" in headers
@@ -100,7 +115,9 @@ class RequestGuards:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             if not _is_json(content_type):
                 detail = f"send application/json, not {content_type or 'no content type'}"
-                await send_problem(send, 415, "Unsupported media type", "unsupported-media-type", detail, path)
+                await send_problem(
+                    send, 415, "Unsupported media type", "unsupported-media-type", detail, path
+                )
                 return
 
         received = 0
@@ -122,7 +139,11 @@ class RequestGuards:
             if message["type"] == "http.response.start":
                 response_started = True
                 present = {key.lower() for key, _ in message.get("headers", [])}
-                extra = [(k, v) for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP) if k not in present]
+                extra = [
+                    (k, v)
+                    for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP)
+                    if k not in present
+                ]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -132,5 +153,10 @@ class RequestGuards:
             if response_started:
                 raise
             await send_problem(
-                send, 413, "Content too large", "body-too-large", f"the limit is {self.max_body_bytes} bytes", path
+                send,
+                413,
+                "Content too large",
+                "body-too-large",
+                f"the limit is {self.max_body_bytes} bytes",
+                path,
             )

@@ -35,7 +35,9 @@ class FieldProblem(BaseModel):
 class Problem(BaseModel):
     """An RFC 9457 problem document."""
 
-    type: str = Field(description="A URI naming the kind of problem.", examples=["urn:junction:problem:not-found"])
+    type: str = Field(
+        description="A URI naming the kind of problem.", examples=["urn:junction:problem:not-found"]
+    )
     title: str
     status: int
     detail: str | None = None
@@ -95,7 +97,10 @@ def problem_response(
         errors=errors,
     )
     return JSONResponse(
-        problem.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+        problem.model_dump(exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
     )
 
 
@@ -109,7 +114,9 @@ async def _validation_problem(request: Request, exc: RequestValidationError) -> 
         message = next(error for error in errors if error.get("type") == "json_invalid").get("msg", "")
         return problem_response(request, 400, title="Malformed JSON", slug="malformed-json", detail=message)
     fields = [
-        FieldProblem(field=_field_name(error.get("loc", ())), message=error.get("msg", ""), type=error.get("type", ""))
+        FieldProblem(
+            field=_field_name(error.get("loc", ())), message=error.get("msg", ""), type=error.get("type", "")
+        )
         for error in errors
     ]
     return problem_response(
@@ -124,18 +131,30 @@ async def _validation_problem(request: Request, exc: RequestValidationError) -> 
 
 
 async def _http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != HTTPStatus(exc.status_code).phrase else None
+    detail = (
+        exc.detail
+        if isinstance(exc.detail, str) and exc.detail != HTTPStatus(exc.status_code).phrase
+        else None
+    )
     return problem_response(request, exc.status_code, detail=detail, headers=getattr(exc, "headers", None))
 
 
 async def _problem_error(request: Request, exc: ProblemError) -> JSONResponse:
     return problem_response(
-        request, exc.status, title=exc.title, detail=exc.detail, slug=exc.slug, field=exc.field, headers=exc.headers
+        request,
+        exc.status,
+        title=exc.title,
+        detail=exc.detail,
+        slug=exc.slug,
+        field=exc.field,
+        headers=exc.headers,
     )
 
 
 async def _dagster_unavailable(request: Request, exc: DagsterUnavailable) -> JSONResponse:
-    return problem_response(request, 503, title="Dagster unavailable", slug="dagster-unavailable", detail=str(exc))
+    return problem_response(
+        request, 503, title="Dagster unavailable", slug="dagster-unavailable", detail=str(exc)
+    )
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -154,7 +173,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     app.add_exception_handler(RequestValidationError, _validation_problem)
     app.add_exception_handler(StarletteHTTPException, _http_problem)
@@ -168,6 +188,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 # Documented on every operation so clients (and schemathesis) know the shape of errors.
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
-        status: {"model": Problem, "description": HTTPStatus(status).phrase, "content": {PROBLEM_MEDIA_TYPE: {}}}
+        status: {
+            "model": Problem,
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
         for status in statuses
     }

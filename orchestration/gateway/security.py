@@ -16,7 +16,13 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestration.gateway.problems import ProblemError
-from orchestration.kernel.principals import AuthenticationError, Principal, ScopeError, authenticate, parse_scope
+from orchestration.kernel.principals import (
+    AuthenticationError,
+    Principal,
+    ScopeError,
+    authenticate,
+    parse_scope,
+)
 from orchestration.settings import JunctionSettings
 
 ANONYMOUS = Principal(name="anonymous", groups=frozenset(), scopes=(), via="public-read")
@@ -26,7 +32,9 @@ api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="A
 
 
 def _unauthorized(reason: str) -> ProblemError:
-    return ProblemError(401, reason, title="Unauthorized", slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return ProblemError(
+        401, reason, title="Unauthorized", slug="unauthorized", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 @dataclass(frozen=True)
@@ -49,15 +57,25 @@ class JwtVerifier:
             if not secret:
                 from orchestration.errors import ConfigurationError
 
-                raise ConfigurationError(f"JUNCTION_JWT_SECRET_ENV names {settings.jwt_secret_env}, which is not set")
+                raise ConfigurationError(
+                    f"JUNCTION_JWT_SECRET_ENV names {settings.jwt_secret_env}, which is not set"
+                )
             keys["HS256"] = secret
         if settings.jwt_public_key_file:
             keys["RS256"] = settings.jwt_public_key_file.read_text()
         if not keys:
             from orchestration.errors import ConfigurationError
 
-            raise ConfigurationError("JUNCTION_JWT_ISSUER is set but neither JUNCTION_JWT_SECRET_ENV nor a public key")
-        return cls(settings.jwt_issuer, settings.jwt_audience, keys, settings.jwt_groups_claim, settings.jwt_scopes_claim)
+            raise ConfigurationError(
+                "JUNCTION_JWT_ISSUER is set but neither JUNCTION_JWT_SECRET_ENV nor a public key"
+            )
+        return cls(
+            settings.jwt_issuer,
+            settings.jwt_audience,
+            keys,
+            settings.jwt_groups_claim,
+            settings.jwt_scopes_claim,
+        )
 
     def principal(self, token: str) -> Principal:
         import jwt
@@ -131,16 +149,22 @@ def requires(scope_template: str, *, read_only: bool = False):
     ) -> Principal:
         if principal is None:
             if read_only and request.app.state.settings.gateway_public_read:
+                request.state.principal_name = ANONYMOUS.name
                 return ANONYMOUS
             raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        request.state.principal_name = principal.name  # for the request statistics
         required = scope_template.format(**request.path_params)
         try:
             allowed = principal.allows(required)
         except ScopeError:
             # A path parameter that cannot be a scope resource cannot name anything that exists.
-            raise ProblemError(404, f"no such resource: {required.rsplit(':', 1)[-1]!r}", slug="not-found") from None
+            raise ProblemError(
+                404, f"no such resource: {required.rsplit(':', 1)[-1]!r}", slug="not-found"
+            ) from None
         if not allowed:
-            raise ProblemError(403, f"this operation needs the scope '{required}'", title="Forbidden", slug="forbidden")
+            raise ProblemError(
+                403, f"this operation needs the scope '{required}'", title="Forbidden", slug="forbidden"
+            )
         return principal
 
     dependency.__name__ = f"requires_{scope_template.replace(':', '_').replace('{', '').replace('}', '')}"

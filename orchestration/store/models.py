@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -69,3 +69,30 @@ class NotificationDelivery(Base):
     origin: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiRequestStats(Base):
+    """Gateway requests aggregated per minute, route, method, principal and gateway instance."""
+
+    __tablename__ = "api_request_stats"
+    __table_args__ = (
+        UniqueConstraint(
+            "minute", "instance", "route", "method", "principal", name="uq_api_request_stats_bucket"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    instance: Mapped[str] = mapped_column(String(200), nullable=False)
+    route: Mapped[str] = mapped_column(String(500), nullable=False)
+    method: Mapped[str] = mapped_column(String(10), nullable=False)
+    principal: Mapped[str] = mapped_column(String(200), nullable=False)
+    requests: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_2xx: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_3xx: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_4xx: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_5xx: Mapped[int] = mapped_column(Integer, nullable=False)
+    latency_sum_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    latency_p50_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    latency_p95_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    latency_p99_ms: Mapped[float] = mapped_column(Float, nullable=False)

@@ -42,12 +42,20 @@ async def query_audit(
     since: datetime | None = Query(default=None, description="Inclusive (ISO 8601)."),
     until: datetime | None = Query(default=None, description="Exclusive (ISO 8601)."),
     limit: int = Query(default=100, ge=1, le=1000),
-    before_id: int | None = Query(default=None, ge=1, le=2**62, description="Page backwards: the last page's smallest id."),
+    before_id: int | None = Query(
+        default=None, ge=1, le=2**62, description="Page backwards: the last page's smallest id."
+    ),
 ):
     """Entries newest first, filtered; page with `before_id`."""
     records = await anyio.to_thread.run_sync(
         lambda: audit.query(
-            actor=actor, action=action, target=target, since=since, until=until, limit=limit, before_id=before_id
+            actor=actor,
+            action=action,
+            target=target,
+            since=since,
+            until=until,
+            limit=limit,
+            before_id=before_id,
         )
     )
     entries = [

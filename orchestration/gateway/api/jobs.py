@@ -57,7 +57,9 @@ class JobsPage(BaseModel):
 class LaunchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run_config: dict[str, Any] = Field(default_factory=dict, description="Dagster run config (as in the launchpad).")
+    run_config: dict[str, Any] = Field(
+        default_factory=dict, description="Dagster run config (as in the launchpad)."
+    )
     tags: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=50)
     location: str | None = Field(default=None, description="Code location, when a job name is ambiguous.")
 
@@ -66,7 +68,9 @@ class MaterializeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     assets: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
-        min_length=1, max_length=1000, description="Asset keys, path parts joined by '/' (e.g. 'sales/orders')."
+        min_length=1,
+        max_length=1000,
+        description="Asset keys, path parts joined by '/' (e.g. 'sales/orders').",
     )
     tags: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=50)
 
@@ -92,7 +96,9 @@ async def record(action: str, principal: Principal, target: str, details: dict[s
 
 
 @router.get("/jobs", response_model=JobsPage, responses=problem_responses(401, 403, 503))
-async def list_jobs(request: Request, _: Annotated[Principal, Depends(requires("runs:read", read_only=True))]):
+async def list_jobs(
+    request: Request, _: Annotated[Principal, Depends(requires("runs:read", read_only=True))]
+):
     """Jobs and asset groups of every loaded code location, with each job's latest run."""
     jobs, groups = [], []
     for repository in await workspace_repositories(request.app.state.dagster):
@@ -152,7 +158,9 @@ async def launch_job(
         raise ProblemError(404, f"no job named {name!r}", slug="not-found")
     if len(matches) > 1:
         locations = ", ".join(sorted(repository["location"] for repository in matches))
-        raise ProblemError(409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous")
+        raise ProblemError(
+            409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous"
+        )
     repository = matches[0]
     run = await _launch(
         request,
@@ -163,7 +171,9 @@ async def launch_job(
         run_config=body.run_config,
         tags=body.tags,
     )
-    await record("run.launch", principal, f"job:{name}", {"run_id": run.run_id, "location": repository["location"]})
+    await record(
+        "run.launch", principal, f"job:{name}", {"run_id": run.run_id, "location": repository["location"]}
+    )
     return run
 
 
@@ -174,7 +184,9 @@ async def launch_job(
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
 )
 async def materialize_assets(
-    body: MaterializeRequest, request: Request, principal: Annotated[Principal, Depends(requires("runs:launch"))]
+    body: MaterializeRequest,
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("runs:launch"))],
 ):
     """Queue one run materializing the selected assets (they must share a code location)."""
     wanted = list(dict.fromkeys(body.assets))
@@ -186,9 +198,13 @@ async def materialize_assets(
             owners[(repository["location"], repository["name"])] = found
     missing = set(wanted) - set().union(*owners.values()) if owners else set(wanted)
     if missing:
-        raise ProblemError(404, f"no asset named {', '.join(sorted(missing))}", slug="not-found", field="body.assets")
+        raise ProblemError(
+            404, f"no asset named {', '.join(sorted(missing))}", slug="not-found", field="body.assets"
+        )
     if len(owners) > 1:
-        raise ProblemError(409, "the selection spans several code locations: launch one per location", slug="ambiguous")
+        raise ProblemError(
+            409, "the selection spans several code locations: launch one per location", slug="ambiguous"
+        )
     (location, repository_name) = next(iter(owners))
     run = await _launch(
         request,
@@ -210,8 +226,12 @@ async def _launch(request: Request, principal: Principal, **params: Any) -> RunL
         launched = await launch_run(request.app.state.dagster, tags=tags, **params)
     except DagsterRequestError as exc:
         if exc.kind == "RunConfigValidationInvalid":
-            raise ProblemError(422, str(exc), title="Invalid run config", slug="invalid-run-config", field="body.run_config") from None
+            raise ProblemError(
+                422, str(exc), title="Invalid run config", slug="invalid-run-config", field="body.run_config"
+            ) from None
         if exc.kind in ("PipelineNotFoundError", "InvalidSubsetError"):
             raise ProblemError(404, str(exc), slug="not-found") from None
         raise ProblemError(409, str(exc), slug="launch-refused") from None
-    return RunLaunched(run_id=launched["runId"], status=launched["status"], url=ui_run_url(request, launched["runId"]))
+    return RunLaunched(
+        run_id=launched["runId"], status=launched["status"], url=ui_run_url(request, launched["runId"])
+    )

@@ -42,7 +42,9 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     scopes: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=100)
     principal: str | None = Field(default=None, max_length=200, description="Defaults to the key's name.")
-    groups: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list, max_length=100)
+    groups: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
     expires_at: datetime | None = None
 
 
@@ -62,10 +64,17 @@ async def list_keys(_: Annotated[Principal, Depends(requires("keys:read"))], inc
     return KeyList(keys=[KeyOut.of(info) for info in infos])
 
 
-@router.post("/keys", response_model=KeyCreated, status_code=201, responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503))
+@router.post(
+    "/keys",
+    response_model=KeyCreated,
+    status_code=201,
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422, 503),
+)
 async def create_key(body: KeyCreate, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
     """Create a key; the answer holds the key once."""
-    if any(scope == principals.ADMIN_SCOPE for scope in body.scopes) and not principal.allows(principals.ADMIN_SCOPE):
+    if any(scope == principals.ADMIN_SCOPE for scope in body.scopes) and not principal.allows(
+        principals.ADMIN_SCOPE
+    ):
         raise ProblemError(403, "only an admin may create admin keys", slug="forbidden", field="body.scopes")
 
     def create():
@@ -82,14 +91,18 @@ async def create_key(body: KeyCreate, principal: Annotated[Principal, Depends(re
     try:
         info, key = await anyio.to_thread.run_sync(create)
     except ScopeError as exc:
-        raise ProblemError(422, str(exc), title="Invalid request", slug="validation", field="body.scopes") from None
+        raise ProblemError(
+            422, str(exc), title="Invalid request", slug="validation", field="body.scopes"
+        ) from None
     except ApiKeyError as exc:
         status = 409 if "exists" in str(exc) else 422
         raise ProblemError(status, str(exc), slug="conflict" if status == 409 else "validation") from None
     return KeyCreated(key=key, info=KeyOut.of(info))
 
 
-@router.delete("/keys/{name}", response_model=KeyOut, responses=problem_responses(401, 403, 404, 409, 422, 503))
+@router.delete(
+    "/keys/{name}", response_model=KeyOut, responses=problem_responses(401, 403, 404, 409, 422, 503)
+)
 async def revoke_key(name: KeyName, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
     """Revoke a key at once (409 if it already is)."""
     try:

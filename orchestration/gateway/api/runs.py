@@ -48,7 +48,9 @@ class CancelResult(BaseModel):
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail, responses=problem_responses(401, 403, 404, 422, 503))
-async def run_status(run_id: RunId, request: Request, _: Annotated[Principal, Depends(requires("runs:read", read_only=True))]):
+async def run_status(
+    run_id: RunId, request: Request, _: Annotated[Principal, Depends(requires("runs:read", read_only=True))]
+):
     """A run's status, times, tags and a summary of its steps."""
     run = await get_run(request.app.state.dagster, run_id)
     if run is None:
@@ -88,7 +90,9 @@ async def run_status(run_id: RunId, request: Request, _: Annotated[Principal, De
     status_code=202,
     responses=problem_responses(401, 403, 404, 409, 422, 503),
 )
-async def cancel_run(run_id: RunId, request: Request, principal: Annotated[Principal, Depends(requires("runs:cancel"))]):
+async def cancel_run(
+    run_id: RunId, request: Request, principal: Annotated[Principal, Depends(requires("runs:cancel"))]
+):
     """Ask Dagster to cancel a queued or running run (409 when it has already finished)."""
     try:
         run = await terminate_run(request.app.state.dagster, run_id)

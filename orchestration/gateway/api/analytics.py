@@ -1,0 +1,222 @@
+"""API analytics (window and history) and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel
+from sqlalchemy import func, select
+
+from orchestration.gateway.problems import problem_responses
+from orchestration.gateway.security import requires
+from orchestration.kernel.principals import Principal
+
+router = APIRouter(tags=["analytics"])
+metrics_router = APIRouter(tags=["platform"])
+
+RUN_STATUSES = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "SUCCESS", "FAILURE", "CANCELING", "CANCELED"]
+_RUN_COUNT_FIELDS = "\n".join(
+    f"  {status.lower()}: runsOrError(filter: {{statuses: [{status}]}}) {{ ... on Runs {{ count }} }}"
+    for status in RUN_STATUSES
+)
+RUN_COUNTS_QUERY = f"query RunCounts {{\n{_RUN_COUNT_FIELDS}\n}}"
+
+
+class RequestStatsOut(BaseModel):
+    route: str
+    method: str
+    principal: str
+    requests: int
+    status_classes: dict[str, int]
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+class RequestWindow(BaseModel):
+    window_s: int
+    instance: str
+    stats: list[RequestStatsOut]
+
+
+class RequestHistoryRow(BaseModel):
+    minute: datetime
+    instance: str
+    route: str
+    method: str
+    principal: str
+    requests: int
+    status_2xx: int
+    status_3xx: int
+    status_4xx: int
+    status_5xx: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+class RequestHistory(BaseModel):
+    rows: list[RequestHistoryRow]
+
+
+@router.get("/analytics/requests", response_model=RequestWindow, responses=problem_responses(401, 403, 422))
+async def request_window(
+    request: Request,
+    _: Annotated[Principal, Depends(requires("analytics:read", read_only=True))],
+    window_s: int = Query(
+        default=900, ge=1, le=86_400, description="Look back this many seconds (in memory)."
+    ),
+):
+    """This gateway process's requests per route, method and principal over a recent window."""
+    stats = request.app.state.request_stats
+    return RequestWindow(
+        window_s=window_s,
+        instance=stats.instance,
+        stats=[RequestStatsOut(**vars(s)) for s in stats.summary(window_s)],
+    )
+
+
+@router.get(
+    "/analytics/requests/history",
+    response_model=RequestHistory,
+    responses=problem_responses(401, 403, 422, 503),
+)
+async def request_history(
+    _: Annotated[Principal, Depends(requires("analytics:read", read_only=True))],
+    since: datetime | None = Query(default=None, description="Default: 24 hours ago."),
+    until: datetime | None = None,
+    route: str | None = Query(default=None, max_length=500),
+    limit: int = Query(default=1000, ge=1, le=10_000),
+):
+    """Persisted per-minute statistics of every gateway instance, newest first."""
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import ApiRequestStats as Row
+
+    def load() -> list[RequestHistoryRow]:
+        start = since or datetime.now(UTC) - timedelta(days=1)
+        statement = (
+            select(Row).where(Row.minute >= start).order_by(Row.minute.desc(), Row.id.desc()).limit(limit)
+        )
+        if until is not None:
+            statement = statement.where(Row.minute < until)
+        if route is not None:
+            statement = statement.where(Row.route == route)
+        with session_scope() as session:
+            return [
+                RequestHistoryRow(
+                    minute=row.minute,
+                    instance=row.instance,
+                    route=row.route,
+                    method=row.method,
+                    principal=row.principal,
+                    requests=row.requests,
+                    status_2xx=row.status_2xx,
+                    status_3xx=row.status_3xx,
+                    status_4xx=row.status_4xx,
+                    status_5xx=row.status_5xx,
+                    p50_ms=row.latency_p50_ms,
+                    p95_ms=row.latency_p95_ms,
+                    p99_ms=row.latency_p99_ms,
+                )
+                for row in session.scalars(statement)
+            ]
+
+    return RequestHistory(rows=await anyio.to_thread.run_sync(load))
+
+
+def store_figures() -> dict:
+    """Figures kept in the platform store by every process (read at scrape time)."""
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import ApiKey, ApiRequestStats, AuditEntry, NotificationDelivery
+
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        audit_entries = session.scalar(select(func.count()).select_from(AuditEntry)) or 0
+        keys = {"active": 0, "revoked": 0, "expired": 0}
+        for revoked_at, expires_at in session.execute(select(ApiKey.revoked_at, ApiKey.expires_at)):
+            if revoked_at is not None:
+                keys["revoked"] += 1
+            elif (
+                expires_at is not None
+                and (expires_at if expires_at.tzinfo else expires_at.replace(tzinfo=UTC)) <= now
+            ):
+                keys["expired"] += 1
+            else:
+                keys["active"] += 1
+        deliveries = session.execute(
+            select(NotificationDelivery.channel, NotificationDelivery.status, func.count()).group_by(
+                NotificationDelivery.channel, NotificationDelivery.status
+            )
+        ).all()
+        requests = session.execute(
+            select(
+                ApiRequestStats.route,
+                ApiRequestStats.method,
+                func.sum(ApiRequestStats.status_2xx),
+                func.sum(ApiRequestStats.status_3xx),
+                func.sum(ApiRequestStats.status_4xx),
+                func.sum(ApiRequestStats.status_5xx),
+            ).group_by(ApiRequestStats.route, ApiRequestStats.method)
+        ).all()
+    return {"audit_entries": audit_entries, "keys": keys, "deliveries": deliveries, "requests": requests}
+
+
+@metrics_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+        **problem_responses(401, 403, 503),
+    },
+)
+async def prometheus_metrics(
+    request: Request, _: Annotated[Principal, Depends(requires("metrics:read", read_only=True))]
+):
+    """Prometheus text: this gateway's request metrics plus platform-wide figures from the stores."""
+    runs = await request.app.state.dagster.graphql(RUN_COUNTS_QUERY)
+    figures = await anyio.to_thread.run_sync(store_figures)
+
+    scraped = CollectorRegistry(auto_describe=True)
+
+    class StoreCollector:
+        def collect(self):
+            run_gauge = GaugeMetricFamily(
+                "junction_dagster_runs", "Dagster runs by status (run storage).", labels=["status"]
+            )
+            for status in RUN_STATUSES:
+                run_gauge.add_metric([status], runs[status.lower()].get("count", 0))
+            yield run_gauge
+            yield CounterMetricFamily(
+                "junction_audit_entries", "Entries in the audit log.", value=figures["audit_entries"]
+            )
+            keys = GaugeMetricFamily("junction_api_keys", "API keys by state.", labels=["state"])
+            for state, count in figures["keys"].items():
+                keys.add_metric([state], count)
+            yield keys
+            deliveries = CounterMetricFamily(
+                "junction_notification_deliveries",
+                "Notification deliveries by channel and status.",
+                labels=["channel", "status"],
+            )
+            for channel, status, count in figures["deliveries"]:
+                deliveries.add_metric([channel, status], count)
+            yield deliveries
+            persisted = CounterMetricFamily(
+                "junction_gateway_requests_persisted",
+                "Gateway requests of every instance, from the persisted per-minute statistics.",
+                labels=["route", "method", "status_class"],
+            )
+            for route, method, *classes in figures["requests"]:
+                for name, count in zip(("2xx", "3xx", "4xx", "5xx"), classes, strict=True):
+                    persisted.add_metric([route, method, name], count or 0)
+            yield persisted
+
+    scraped.register(StoreCollector())
+    body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
