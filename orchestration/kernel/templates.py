@@ -29,6 +29,7 @@ import keyword
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import date, datetime
 from functools import lru_cache, partial
@@ -278,21 +279,17 @@ def _render_tree(obj: Any, context: Mapping[str, Any], location: list[str | int]
     return obj
 
 
-class _time_limited:  # noqa: N801 - used as a context manager, reads like one
-    """Set the deadline for the renders inside; an outer (earlier) deadline is kept."""
-
-    def __init__(self, time_limit_s: float):
-        self.time_limit_s = time_limit_s
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + self.time_limit_s
-        outer = _deadline.get()
-        if outer is not None and outer < deadline:
-            deadline, self.time_limit_s = outer, _time_limit.get()
-        self._tokens = (_deadline.set(deadline), _time_limit.set(self.time_limit_s))
-
-    def __exit__(self, *exc_info: object) -> None:
-        deadline_token, limit_token = self._tokens
+@contextmanager
+def _time_limited(time_limit_s: float) -> Iterator[None]:
+    """Set the deadline for the renders inside; an enclosing render's earlier deadline is kept."""
+    deadline = time.monotonic() + time_limit_s
+    outer = _deadline.get()
+    if outer is not None and outer < deadline:
+        deadline, time_limit_s = outer, _time_limit.get()
+    deadline_token, limit_token = _deadline.set(deadline), _time_limit.set(time_limit_s)
+    try:
+        yield
+    finally:
         _deadline.reset(deadline_token)
         _time_limit.reset(limit_token)
 

@@ -659,3 +659,108 @@ def test_notifications_resource_refuses_a_missing_variable_before_sending(
         resource.send("billing-hook", "Order {{ inputs.ordr }}", "body", {"inputs": {"order": 7}})
     assert webhook_receiver.requests == []
     assert stored_deliveries() == []
+
+
+# --- STARTTLS and authentication ---------------------------------------------------------------------
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA (the channel trusts it through `ca_file`)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "junction test relay")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "relay.pem", directory / "relay.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def test_starttls_and_login_with_the_password_from_the_environment(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    logins: list[tuple[bytes, bytes, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
+        assert isinstance(auth_data, LoginPassword)
+        logins.append((auth_data.login, auth_data.password, session.ssl is not None))
+        # handled=False: aiosmtpd answers a failure with its own 535 reply.
+        return AuthResult(success=auth_data.password == b"relay-password", handled=False)
+
+    recorder = SmtpRecorder()
+    controller = Controller(
+        recorder,
+        hostname="127.0.0.1",
+        port=free_port(),
+        tls_context=server_tls,
+        require_starttls=True,
+        auth_required=True,
+        authenticator=authenticator,
+    )
+    controller.start()
+    try:
+        monkeypatch.setenv("JUNCTION_TEST_SMTP_PASSWORD", "relay-password")
+        channel = SmtpServer(controller.port, recorder).channel(
+            security="starttls",
+            username="junction",
+            password_env="JUNCTION_TEST_SMTP_PASSWORD",
+            ca_file=str(cert_file),
+        )
+        record = send(channel, Message(subject="Encrypted", body="over STARTTLS"))
+        assert (record.status, record.attempts) == ("delivered", 1)
+        assert logins == [(b"junction", b"relay-password", True)]
+        assert recorder.messages()[0]["Subject"] == "Encrypted"
+
+        # A wrong password is an SMTP 535: permanent, not retried.
+        monkeypatch.setenv("JUNCTION_TEST_SMTP_PASSWORD", "wrong")
+        with pytest.raises(NotificationError, match="SMTP 535") as caught:
+            send(channel, Message(subject="s", body="b"))
+        assert caught.value.record.attempts == 1
+
+        # Without the CA the relay's certificate is not trusted: permanent too.
+        untrusting = SmtpServer(controller.port, recorder).channel(
+            security="starttls", username="junction", password_env="JUNCTION_TEST_SMTP_PASSWORD"
+        )
+        with pytest.raises(NotificationError, match="SSLCertVerificationError") as caught:
+            send(untrusting, Message(subject="s", body="b"))
+        assert caught.value.record.attempts == 1
+        assert len(recorder.envelopes) == 1
+    finally:
+        controller.stop()
