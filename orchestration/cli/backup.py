@@ -35,7 +35,8 @@ def create(output: Path | None, require_dagster: bool) -> None:
             f"Dagster's storage was NOT backed up: {result.dagster_skipped_reason}", err=True, fg="yellow"
         )
     total = sum(file.size for file in result.files)
-    click.echo(f"wrote {result.archive} ({len(result.files)} files, {total:,} bytes before compression)")
+    count = f"{len(result.files)} file" + ("" if len(result.files) == 1 else "s")
+    click.echo(f"wrote {result.archive} ({count}, {total:,} bytes before compression)")
 
 
 @backup.command()

@@ -322,7 +322,11 @@ def _extract_verified(
 
 @contextmanager
 def _moved_aside(paths: list[Path], suffix: str) -> Iterator[list[tuple[Path, Path]]]:
-    """Rename existing `paths` to `<path><suffix>`; put them back if the block fails, delete them if not."""
+    """Rename existing `paths` to `<path><suffix>`; put them back if the block fails, delete them if not.
+
+    On failure every path is cleared first, not only those moved: a `-wal` file the block created
+    beside a new database must not end up beside the old one (SQLite would replay it into it).
+    """
     moved: list[tuple[Path, Path]] = []
     try:
         for path in paths:
@@ -332,11 +336,12 @@ def _moved_aside(paths: list[Path], suffix: str) -> Iterator[list[tuple[Path, Pa
                 moved.append((path, aside))
         yield moved
     except BaseException:
+        for path in paths:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
         for original, aside in reversed(moved):
-            if original.is_dir():
-                shutil.rmtree(original)
-            elif original.exists():
-                original.unlink()
             aside.rename(original)
         raise
     for _original, aside in moved:

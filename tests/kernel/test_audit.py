@@ -184,6 +184,44 @@ def test_entries_are_read_in_bounded_pages(store_url: str) -> None:
     assert verify_chain().entries == 8
 
 
+def test_a_stale_head_is_refused_by_the_database_and_retried(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = append("first", actor="a")
+    real_head = audit._chain_head
+    stale_reads: list[str] = []
+
+    def stale_once(session):
+        # The first read pretends another writer has not appended yet (a racing writer's view).
+        if not stale_reads:
+            stale_reads.append(GENESIS_HASH)
+            return GENESIS_HASH
+        return real_head(session)
+
+    monkeypatch.setattr(audit, "_chain_head", stale_once)
+    second = append("second", actor="a")
+
+    assert stale_reads == [GENESIS_HASH]
+    assert second.prev_hash == first.entry_hash
+    assert verify_chain().entries == 2
+
+
+def test_append_gives_up_after_bounded_retries(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    append("first", actor="a")
+    attempts: list[int] = []
+
+    def always_stale(_session):
+        attempts.append(1)
+        return GENESIS_HASH
+
+    monkeypatch.setattr(audit, "_chain_head", always_stale)
+    monkeypatch.setattr(audit, "MAX_APPEND_ATTEMPTS", 3)
+    with pytest.raises(AuditError, match="chain head kept moving"):
+        append("second", actor="a")
+    assert len(attempts) == 3
+    assert [record.action for record in query()] == ["first"]
+
+
 def _append_many(url: str, worker: int, count: int, barrier) -> None:
     """Run in a spawned process: wait for every writer, then append `count` entries."""
     barrier.wait(timeout=60)

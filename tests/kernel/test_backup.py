@@ -245,6 +245,32 @@ def test_corrupted_archive_is_refused_and_nothing_changes(
     assert storage_after == storage_before
 
 
+def test_a_failed_restore_puts_the_previous_files_back(
+    embedded_store: Path,
+    dagster_home: Path,
+    junction_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestration.store import bootstrap
+
+    run_id = run_tiny_job(dagster_home)
+    archive = create_backup(tmp_path / "backup.tar.gz").archive
+    append("newer", actor="alice")
+    newer_run_id = run_tiny_job(dagster_home)
+
+    def failing_migration(url=None, revision="head"):
+        raise bootstrap.ConfigurationError("migration exploded")
+
+    monkeypatch.setattr(bootstrap, "migrate_store", failing_migration)
+    with pytest.raises(bootstrap.ConfigurationError, match="migration exploded"):
+        restore_backup(archive, force=True)
+
+    assert [record.action for record in query()] == ["newer"]
+    assert run_is_visible(dagster_home, run_id) and run_is_visible(dagster_home, newer_run_id)
+    assert [path.name for path in junction_home.rglob("*") if "before-restore" in path.name] == []
+
+
 def test_restore_refuses_while_the_platform_runs(
     embedded_store: Path, dagster_home: Path, junction_home: Path, tmp_path: Path
 ) -> None:
