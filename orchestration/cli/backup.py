@@ -41,7 +41,11 @@ def create(output: Path | None, require_dagster: bool) -> None:
 
 @backup.command()
 @click.argument("archive", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--force", is_flag=True, help="Replace the current store and Dagster storage.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the current store and Dagster storage (needed whenever they exist).",
+)
 def restore(archive: Path, force: bool) -> None:
     """Restore ARCHIVE (platform stopped): checksums are verified before anything is replaced."""
     from orchestration.kernel.backup import restore_backup

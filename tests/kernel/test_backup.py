@@ -309,6 +309,29 @@ def test_not_a_backup_is_refused(embedded_store: Path, tmp_path: Path) -> None:
         restore_backup(tmp_path / "garbage.tar.gz", force=True)
 
 
+def test_archive_from_a_newer_junction_is_refused(embedded_store: Path, tmp_path: Path) -> None:
+    archive = create_backup(tmp_path / "backup.tar.gz").archive
+    newer = tmp_path / "newer.tar.gz"
+    with tarfile.open(archive, "r:gz") as source, tarfile.open(newer, "w:gz") as target:
+        for member in source:
+            data = source.extractfile(member).read()
+            if member.name == MANIFEST_NAME:
+                manifest = json.loads(data)
+                manifest["alembic_revision"] = "9999_from_the_future"
+                data = json.dumps(manifest).encode()
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    before = sha256_of(embedded_store)
+    with pytest.raises(BackupError, match="9999_from_the_future is unknown"):
+        restore_backup(newer, force=True)
+    assert sha256_of(embedded_store) == before
+
+
+def test_create_without_a_store_is_refused(junction_home: Path, tmp_path: Path) -> None:
+    with pytest.raises(BackupError, match="no platform store"):
+        create_backup(tmp_path / "backup.tar.gz")
+
+
 def test_existing_output_is_not_overwritten(embedded_store: Path, tmp_path: Path) -> None:
     (tmp_path / "taken.tar.gz").write_text("keep me")
     with pytest.raises(BackupError, match="already exists"):
