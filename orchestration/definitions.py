@@ -10,7 +10,7 @@ from types import ModuleType
 import dagster as dg
 
 import assets
-from orchestration import platform_jobs
+from orchestration import platform_definitions
 
 
 def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
@@ -24,5 +24,5 @@ def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
 
 defs = dg.Definitions.merge(
     analyst_definitions(),
-    platform_jobs.platform_definitions,
+    platform_definitions.platform_definitions,
 )

@@ -51,9 +51,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(worker_id: str) -> Iterator[str]:
-    """A PostgreSQL database of this worker's own, created fresh for the session."""
-    name = f"junction_test_{worker_id}"
+def postgres_url(worker_id: str, testrun_uid: str) -> Iterator[str]:
+    """A PostgreSQL database of this worker's own, created fresh for the session.
+
+    The name carries the test run's id too, so two test runs on one machine (two checkouts, or a
+    developer's run beside CI) never drop each other's databases.
+    """
+    name = f"junction_test_{testrun_uid[:10]}_{worker_id}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:

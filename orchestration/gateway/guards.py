@@ -30,10 +30,6 @@ DOCS_CSP = (
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 def _is_json(content_type: str) -> bool:
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
@@ -121,42 +117,35 @@ class RequestGuards:
                 return
 
         received = 0
-        response_started = False
+        refused = False  # the body went over the limit: we answered 413 and the app is cut off
+        app_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge()
+                if received > self.max_body_bytes and not refused:
+                    refused = True
+                    if not app_started:  # else the app's own answer is under way: just cut it off
+                        detail = f"the limit is {self.max_body_bytes} bytes"
+                        await send_problem(send, 413, "Content too large", "body-too-large", detail, path)
+            if refused:
+                # The app sees the client go away; whatever it answers is dropped below.
+                return {"type": "http.disconnect"}
             return message
 
         is_docs = scope["path"] in self.docs_paths
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal response_started
+            nonlocal app_started
+            if refused:
+                return
             if message["type"] == "http.response.start":
-                response_started = True
+                app_started = True
                 present = {key.lower() for key, _ in message.get("headers", [])}
-                extra = [
-                    (k, v)
-                    for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP)
-                    if k not in present
-                ]
+                extra = [(k, v) for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP) if k not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_with_headers)
-        except _BodyTooLarge:
-            if response_started:
-                raise
-            await send_problem(
-                send,
-                413,
-                "Content too large",
-                "body-too-large",
-                f"the limit is {self.max_body_bytes} bytes",
-                path,
-            )
+        await self.app(scope, limited_receive, send_with_headers)

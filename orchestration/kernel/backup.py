@@ -136,10 +136,12 @@ def copy_sqlite_online(source: Path, destination: Path) -> None:
 
 def alembic_revision_of(database: Path) -> str:
     """The store revision recorded in a SQLite file, read without writing to it (its hash must hold)."""
+    from orchestration.store.migrate import VERSION_TABLE
+
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
-        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.OperationalError:  # no alembic_version table: never migrated
+        row = connection.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
+    except sqlite3.OperationalError:  # no version table: never migrated
         row = None
     finally:
         connection.close()

@@ -89,6 +89,14 @@ class ApiKeyError(JunctionError):
     """An API key cannot be created or revoked as asked (bad name, duplicate, unknown, ...)."""
 
 
+class ApiKeyNotFound(ApiKeyError):
+    """No key of that name."""
+
+
+class ApiKeyConflict(ApiKeyError):
+    """The name is taken, or the key is already revoked."""
+
+
 @dataclass(frozen=True)
 class Scope:
     """One parsed scope; `text` is what was granted, kept as written."""
@@ -299,7 +307,7 @@ def create_api_key(
 
     def insert(session: Session) -> tuple[ApiKeyInfo, AuditEvent]:
         if session.scalar(select(ApiKey.id).where(ApiKey.name == name)) is not None:
-            raise ApiKeyError(f"an API key named {name!r} already exists (names are never reused)")
+            raise ApiKeyConflict(f"an API key named {name!r} already exists (names are never reused)")
         row = ApiKey(
             id=key_id,
             name=name,
@@ -333,7 +341,7 @@ def create_api_key(
         info, _ = run_audited(insert, engine=engine)
     except IntegrityError:
         # Two creators raced on the same name: the UNIQUE name decided.
-        raise ApiKeyError(f"an API key named {name!r} already exists (names are never reused)") from None
+        raise ApiKeyConflict(f"an API key named {name!r} already exists (names are never reused)") from None
     return info, f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
@@ -400,9 +408,11 @@ def revoke_api_key(name: str, *, actor: str, origin: str = "cli", engine: Engine
     def revoke(session: Session) -> tuple[ApiKeyInfo, AuditEvent]:
         row = session.scalar(select(ApiKey).where(ApiKey.name == name))
         if row is None:
-            raise ApiKeyError(f"no API key named {name!r}")
+            raise ApiKeyNotFound(f"no API key named {name!r}")
         if row.revoked_at is not None:
-            raise ApiKeyError(f"API key {name!r} was already revoked at {as_utc(row.revoked_at).isoformat()}")
+            raise ApiKeyConflict(
+                f"API key {name!r} was already revoked at {as_utc(row.revoked_at).isoformat()}"
+            )
         row.revoked_at = datetime.now(UTC)
         session.flush()
         event = AuditEvent(

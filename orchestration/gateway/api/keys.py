@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires
 from orchestration.kernel import principals
-from orchestration.kernel.principals import ApiKeyError, ApiKeyInfo, Principal, ScopeError
+from orchestration.kernel.principals import (
+    ApiKeyConflict,
+    ApiKeyError,
+    ApiKeyInfo,
+    ApiKeyNotFound,
+    Principal,
+    ScopeError,
+)
 
 router = APIRouter(tags=["keys"])
 
@@ -104,13 +111,15 @@ async def create_key(body: KeyCreate, principal: Annotated[Principal, Depends(re
     "/keys/{name}", response_model=KeyOut, responses=problem_responses(401, 403, 404, 409, 422, 503)
 )
 async def revoke_key(name: KeyName, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
-    """Revoke a key at once (409 if it already is)."""
+    """Revoke a key at once (409 if it already is, or if it is the key making the call)."""
+    if principal.via == f"api_key:{name}":
+        raise ProblemError(409, "a key cannot revoke itself: use another key", slug="conflict")
     try:
         info = await anyio.to_thread.run_sync(
             lambda: principals.revoke_api_key(name, actor=principal.name, origin="gateway")
         )
-    except ApiKeyError as exc:
-        message = str(exc)
-        status = 404 if "no " in message or "unknown" in message else 409
-        raise ProblemError(status, message, slug="not-found" if status == 404 else "conflict") from None
+    except ApiKeyNotFound as exc:
+        raise ProblemError(404, str(exc), slug="not-found") from None
+    except ApiKeyConflict as exc:
+        raise ProblemError(409, str(exc), slug="conflict") from None
     return KeyOut.of(info)

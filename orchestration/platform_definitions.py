@@ -1,4 +1,6 @@
-"""Dagster jobs that look after the platform itself, visible in the UI like any other job."""
+"""Dagster definitions that look after the platform itself, visible in the UI like any other."""
+
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -41,7 +43,42 @@ audit_log_verification_schedule = dg.ScheduleDefinition(
     description="Nightly audit log verification.",
 )
 
+
+@dg.asset(
+    group_name="platform",
+    description="Who did what on the platform in the last 24 hours, from the audit log.",
+    kinds={"python"},
+)
+def audit_activity(platform_store: PlatformStoreResource) -> dg.MaterializeResult:
+    from orchestration.kernel.audit import query
+
+    since = datetime.now(UTC) - timedelta(days=1)
+    counts: dict[tuple[str, str], int] = {}
+    entries = query(since=since, limit=100_000, engine=platform_store.engine())
+    for entry in entries:
+        counts[(entry.action, entry.actor)] = counts.get((entry.action, entry.actor), 0) + 1
+    rows = [
+        dg.TableRecord({"action": action, "actor": actor, "entries": count})
+        for (action, actor), count in sorted(counts.items(), key=lambda item: -item[1])
+    ]
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("action", "string"),
+            dg.TableColumn("actor", "string"),
+            dg.TableColumn("entries", "int"),
+        ]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "entries_24h": dg.MetadataValue.int(len(entries)),
+            "actors_24h": dg.MetadataValue.int(len({actor for _, actor in counts})),
+            "by_action_and_actor": dg.MetadataValue.table(rows, schema=schema),
+        }
+    )
+
+
 platform_definitions = dg.Definitions(
+    assets=[audit_activity],
     jobs=[audit_log_verification],
     schedules=[audit_log_verification_schedule],
     resources={"platform_store": PlatformStoreResource()},
