@@ -227,20 +227,45 @@ class PlatformProcess:
         return code
 
 
-@pytest.fixture
-def start_platform(tmp_path: Path):
-    """Start `junction dev` with extra environment; every platform started is stopped afterwards."""
+def platform_starter(base: Path):
+    """Start `junction dev` processes under `base`; returns (start, stop_all)."""
     started: list[PlatformProcess] = []
 
     def start(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> PlatformProcess:
         env = {k: v for k, v in os.environ.items() if k not in _ISOLATED_VARIABLES}
-        env["JUNCTION_HOME"] = str(tmp_path / f"home-{len(started)}")
+        env["JUNCTION_HOME"] = str(base / f"home-{len(started)}")
         env.update(extra_env or {})
-        platform = PlatformProcess(env, free_port(), tmp_path / f"platform-{len(started)}.log", args)
+        platform = PlatformProcess(env, free_port(), base / f"platform-{len(started)}.log", args)
         started.append(platform)
         return platform
 
+    def stop_all() -> None:
+        for platform in started:
+            if platform.process.poll() is None:
+                platform.stop()
+
+    return start, stop_all
+
+
+@pytest.fixture
+def start_platform(tmp_path: Path):
+    """Start `junction dev` with extra environment; every platform started is stopped afterwards."""
+    start, stop_all = platform_starter(tmp_path)
     yield start
-    for platform in started:
-        if platform.process.poll() is None:
-            platform.stop()
+    stop_all()
+
+
+@pytest.fixture(scope="session")
+def live_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformProcess]:
+    """One running embedded platform shared by the tests of this worker that only read or launch."""
+    start, stop_all = platform_starter(tmp_path_factory.mktemp("live-platform"))
+    platform = start()
+    platform.wait_ready()
+    yield platform
+    stop_all()
+
+
+@pytest.fixture(scope="session")
+def admin_key(live_platform: PlatformProcess) -> str:
+    """The local admin key `junction dev` generated on its first start."""
+    return (live_platform.home / "admin.key").read_text().strip()

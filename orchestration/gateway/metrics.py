@@ -173,6 +173,20 @@ class RequestStats:
         return len(buckets)
 
 
+def route_template(scope: Scope, path: str, root: str) -> str:
+    """The matched route as a template (`/v1/runs/{run_id}`), so labels stay few.
+
+    Rebuilt from the path and its parameters: FastAPI's included routers do not expose the full
+    template of the matched route in the scope.
+    """
+    if "endpoint" not in scope:
+        return UNMATCHED_ROUTE
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    by_value = {str(value): name for name, value in scope.get("path_params", {}).items()}
+    return "/".join(f"{{{by_value[part]}}}" if part in by_value else part for part in path.split("/"))
+
+
 class RecordRequests:
     """ASGI middleware feeding `RequestStats` with each request's route template, principal, status, latency."""
 
@@ -186,6 +200,8 @@ class RecordRequests:
             return
         started = time.perf_counter()
         status = 500
+        # Routing rewrites root_path on the way down (included routers, mounts): keep the entry values.
+        path, root = scope["path"], scope.get("root_path", "")
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -196,12 +212,6 @@ class RecordRequests:
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
             principal = scope.get("state", {}).get("principal_name", ANONYMOUS)
-            self.stats.observe(
-                getattr(route, "path", UNMATCHED_ROUTE),
-                scope["method"],
-                principal,
-                status,
-                time.perf_counter() - started,
-            )
+            latency_s = time.perf_counter() - started
+            self.stats.observe(route_template(scope, path, root), scope["method"], principal, status, latency_s)
