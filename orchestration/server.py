@@ -20,8 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
@@ -96,28 +96,55 @@ def open_instance(settings: JunctionSettings):
         ) from None
 
 
-def build_combined_app(settings: JunctionSettings, workspace_process_context):
-    """One Starlette app: the gateway under its prefix, then the Dagster webserver (catch-all last)."""
+class GatewayFirst:
+    """Every path under the gateway's prefix goes to the gateway; everything else to `fallback`.
+
+    A plain prefix test rather than Starlette's `Mount`, whose pattern (`.*`) does not match paths
+    holding a newline: those fell through to a bare text 404 instead of the gateway's problem
+    document. Lifespan events go to the gateway (a mounted app's lifespan would not run).
+    """
+
+    def __init__(self, gateway, prefix: str, fallback) -> None:
+        self.gateway = gateway
+        self.prefix = prefix
+        self.fallback = fallback
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self.gateway(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            root = scope.get("root_path", "")
+            # Starlette's mount convention: the path stays whole, root_path grows by the prefix.
+            await self.gateway(
+                {**scope, "root_path": root + self.prefix, "app_root_path": root}, receive, send
+            )
+            return
+        await self.fallback(scope, receive, send)
+
+
+async def not_under_the_gateway(scope, receive, send) -> None:
+    """The standalone gateway's answer outside its prefix."""
+    from orchestration.gateway.guards import send_problem
+
+    if scope["type"] != "http":
+        return
+    await send_problem(
+        send, 404, "Not Found", "not-found", "the gateway serves only its prefix", scope["path"]
+    )
+
+
+def build_combined_app(settings: JunctionSettings, workspace_process_context) -> GatewayFirst:
+    """The gateway under its prefix, then the Dagster webserver (whose last route is a catch-all)."""
     import httpx
     from dagster_webserver.webserver import DagsterWebserver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
 
     from orchestration.gateway.app import create_gateway_app
 
     dagster_app = DagsterWebserver(workspace_process_context).create_asgi_app()
     gateway = create_gateway_app(settings, dagster_transport=httpx.ASGITransport(app=dagster_app))
-
-    @asynccontextmanager
-    async def lifespan(_app) -> AsyncIterator[None]:
-        # Starlette does not run a mounted app's lifespan: run the gateway's here.
-        async with gateway.router.lifespan_context(gateway):
-            yield
-
-    return Starlette(
-        routes=[Mount(settings.gateway_prefix, app=gateway), Mount("/", app=dagster_app)],
-        lifespan=lifespan,
-    )
+    return GatewayFirst(gateway, settings.gateway_prefix, dagster_app)
 
 
 @contextmanager
@@ -247,19 +274,10 @@ def serve_platform(
 def serve_gateway(settings: JunctionSettings, host: str, port: int, log_level: str = "info") -> int:
     """The gateway alone (scale-out behind a load balancer); it reaches Dagster at JUNCTION_DAGSTER_URL."""
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
 
     from orchestration.gateway.app import create_gateway_app
 
-    app = create_gateway_app(settings)
-
-    @asynccontextmanager
-    async def lifespan(_app) -> AsyncIterator[None]:
-        async with app.router.lifespan_context(app):
-            yield
-
-    root = Starlette(routes=[Mount(settings.gateway_prefix, app=app)], lifespan=lifespan)
+    root = GatewayFirst(create_gateway_app(settings), settings.gateway_prefix, not_under_the_gateway)
     server = uvicorn.Server(uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="on"))
     with sigterm_unwinds():
         server.run()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,9 +46,7 @@ def test_invalid_setting(tmp_path: Path):
 
 
 def test_unreachable_database_url(tmp_path: Path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = run_junction(
         tmp_path,
         "db",
@@ -61,9 +60,7 @@ def test_unreachable_database_url(tmp_path: Path):
 def test_malformed_workspace_file(tmp_path: Path):
     workspace = tmp_path / "workspace.yaml"
     workspace.write_text("load_from:\n  - python_modul: orchestration.definitions\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = run_junction(tmp_path, "dev", "--port", str(port), "--workspace", str(workspace))
     assert_one_line_error(result, str(workspace))
 
@@ -87,9 +84,7 @@ def test_unreachable_dagster_storage(tmp_path: Path):
     (home / "dagster.yaml").write_text(
         "storage:\n  postgres:\n    postgres_url: postgresql://dagster@127.0.0.1:1/dagster\n"
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = run_junction(tmp_path, "dev", "--port", str(port), env={"DAGSTER_HOME": str(home)})
     assert_one_line_error(result, "Dagster instance", str(home))
 

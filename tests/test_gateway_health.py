@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-
 from fastapi.testclient import TestClient
+from support import free_port
 
 from orchestration.gateway.app import create_gateway_app
 from orchestration.settings import JunctionSettings
 from orchestration.store import upgrade
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_standalone_gateway_reports_unreachable_dagster_and_redis(junction_home):
     settings = JunctionSettings(
-        dagster_url=f"http://127.0.0.1:{closed_port()}", redis_url=f"redis://127.0.0.1:{closed_port()}/0"
+        dagster_url=f"http://127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0"
     )
     upgrade(settings.store_url)
     with TestClient(create_gateway_app(settings)) as client:
@@ -34,7 +27,7 @@ def test_standalone_gateway_reports_unreachable_dagster_and_redis(junction_home)
 
 
 def test_store_behind_the_code_is_reported(junction_home):
-    settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{closed_port()}")
+    settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{free_port()}")
     with TestClient(create_gateway_app(settings)) as client:
         body = client.get("/health").json()
     assert body["services"]["platform_store"]["status"] == "down"

@@ -67,6 +67,16 @@ def test_postgres_and_redis_storage_with_the_shipped_dagster_yaml(
     assert health["services"]["redis"]["status"] == "ok"
     assert "postgresql" in health["services"]["platform_store"]["detail"]
     assert launch_and_wait(platform.port, "audit_log_verification") == "SUCCESS"
+
+    # The same through the gateway's API, with the generated admin key.
+    key = (platform.home / "admin.key").read_text().strip()
+    with httpx.Client(base_url=f"{platform.base_url}/gateway", headers={"X-API-Key": key}, timeout=30) as api:
+        run_id = api.post("/v1/jobs/audit_log_verification/runs", json={}).json()["run_id"]
+        deadline = time.monotonic() + 180
+        while (status := api.get(f"/v1/runs/{run_id}").json()["status"]) not in ("SUCCESS", "FAILURE"):
+            assert time.monotonic() < deadline, f"run {run_id} still {status}"
+            time.sleep(0.5)
+        assert status == "SUCCESS"
     assert platform.stop() == 0
 
     # The run is in PostgreSQL, not in a SQLite file.
@@ -75,7 +85,11 @@ def test_postgres_and_redis_storage_with_the_shipped_dagster_yaml(
     engine = create_engine(clean_postgres_url)
     with engine.connect() as connection:
         statuses = connection.execute(text("SELECT status FROM runs")).scalars().all()
+        launched_by_api = connection.execute(
+            text("SELECT count(*) FROM run_tags WHERE key = 'junction/actor' AND value = 'local-admin'")
+        ).scalar()
     engine.dispose()
-    assert statuses == ["SUCCESS"]
+    assert statuses == ["SUCCESS", "SUCCESS"]
+    assert launched_by_api == 1
     # Only compute logs live under DAGSTER_HOME: no SQLite run or event storage was created.
     assert not list(dagster_home.rglob("*.db"))

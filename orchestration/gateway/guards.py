@@ -144,7 +144,11 @@ class RequestGuards:
             if message["type"] == "http.response.start":
                 app_started = True
                 present = {key.lower() for key, _ in message.get("headers", [])}
-                extra = [(k, v) for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP) if k not in present]
+                extra = [
+                    (k, v)
+                    for k, v in (*SECURITY_HEADERS, DOCS_CSP if is_docs else API_CSP)
+                    if k not in present
+                ]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 

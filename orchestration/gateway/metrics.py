@@ -214,4 +214,6 @@ class RecordRequests:
         finally:
             principal = scope.get("state", {}).get("principal_name", ANONYMOUS)
             latency_s = time.perf_counter() - started
-            self.stats.observe(route_template(scope, path, root), scope["method"], principal, status, latency_s)
+            self.stats.observe(
+                route_template(scope, path, root), scope["method"], principal, status, latency_s
+            )

@@ -164,7 +164,7 @@ def entry_hash(
 def _record(row: AuditEntry) -> AuditRecord:
     return AuditRecord(
         id=row.id,
-        time=as_utc(row.occurred_at),
+        time=row.occurred_at,
         actor=row.actor,
         action=row.action,
         target=row.target,
@@ -303,21 +303,13 @@ def query(
     if target is not None:
         statement = statement.where(AuditEntry.target == target)
     if since is not None:
-        statement = statement.where(AuditEntry.occurred_at >= _stored_time(since, engine))
+        statement = statement.where(AuditEntry.occurred_at >= as_utc(since))
     if until is not None:
-        statement = statement.where(AuditEntry.occurred_at < _stored_time(until, engine))
+        statement = statement.where(AuditEntry.occurred_at < as_utc(until))
     if before_id is not None:
         statement = statement.where(AuditEntry.id < before_id)
     with session_scope(engine) as session:
         return [_record(row) for row in session.scalars(statement)]
-
-
-def _stored_time(moment: datetime, engine: Engine | None) -> datetime:
-    """A bound for comparisons: SQLite compares the stored naive UTC text, PostgreSQL aware values."""
-    moment = as_utc(moment)
-    if (engine or get_engine()).dialect.name == "sqlite":
-        return moment.replace(tzinfo=None)
-    return moment
 
 
 def iter_entries(engine: Engine | None = None, *, page_size: int = VERIFY_PAGE_SIZE) -> Iterator[AuditRecord]:

@@ -235,10 +235,6 @@ class ApiKeyInfo:
         }
 
 
-def _optional_utc(value: datetime | None) -> datetime | None:
-    return as_utc(value) if value is not None else None
-
-
 def _info(row: ApiKey) -> ApiKeyInfo:
     return ApiKeyInfo(
         id=row.id,
@@ -246,11 +242,11 @@ def _info(row: ApiKey) -> ApiKeyInfo:
         principal=row.principal,
         scopes=tuple(row.scopes),
         groups=tuple(row.groups),
-        created_at=as_utc(row.created_at),
+        created_at=row.created_at,
         created_by=row.created_by,
-        expires_at=_optional_utc(row.expires_at),
-        revoked_at=_optional_utc(row.revoked_at),
-        last_used_at=_optional_utc(row.last_used_at),
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
     )
 
 
@@ -411,7 +407,7 @@ def revoke_api_key(name: str, *, actor: str, origin: str = "cli", engine: Engine
             raise ApiKeyNotFound(f"no API key named {name!r}")
         if row.revoked_at is not None:
             raise ApiKeyConflict(
-                f"API key {name!r} was already revoked at {as_utc(row.revoked_at).isoformat()}"
+                f"API key {name!r} was already revoked at {row.revoked_at.isoformat()}"
             )
         row.revoked_at = datetime.now(UTC)
         session.flush()

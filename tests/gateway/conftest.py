@@ -6,21 +6,15 @@ everything that is the gateway's own: security, problems, keys, audit, analytics
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from support import free_port
 
 from orchestration.gateway.app import create_gateway_app
 from orchestration.kernel.principals import create_api_key
 from orchestration.settings import JunctionSettings
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -38,7 +32,7 @@ def gateway(store_url: str) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def build(**overrides) -> TestClient:
-        settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{unused_port()}", **overrides)
+        settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{free_port()}", **overrides)
         client = TestClient(create_gateway_app(settings), raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
@@ -47,7 +41,3 @@ def gateway(store_url: str) -> Iterator[Callable[..., TestClient]]:
     yield build
     for client in clients:
         client.__exit__(None, None, None)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port
 
 pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -69,17 +70,23 @@ def test_launch_a_job_and_follow_it_to_success(live_platform, admin_key):
         assert admin.post(f"/v1/runs/{body['run_id']}/cancel").status_code == 409
         assert admin.post("/v1/runs/00000000-0000-0000-0000-000000000000/cancel").status_code == 404
         assert admin.get("/v1/runs/00000000-0000-0000-0000-000000000000").status_code == 404
-        entries = admin.get("/v1/audit", params={"action": "run.launch", "actor": "launcher-live"}).json()["entries"]
+        entries = admin.get("/v1/audit", params={"action": "run.launch", "actor": "launcher-live"}).json()[
+            "entries"
+        ]
         assert entries[0]["details"]["run_id"] == body["run_id"]
 
 
 def test_launch_errors(live_platform, admin_key):
     with api(live_platform, admin_key) as client:
         assert client.post("/v1/jobs/no_such_job/runs", json={}).status_code == 404
-        invalid = client.post("/v1/jobs/audit_log_verification/runs", json={"run_config": {"ops": {"nope": {}}}})
+        invalid = client.post(
+            "/v1/jobs/audit_log_verification/runs", json={"run_config": {"ops": {"nope": {}}}}
+        )
         assert invalid.status_code == 422
         assert invalid.json()["field"] == "body.run_config"
-        assert client.post("/v1/assets/materializations", json={"assets": ["no/such/asset"]}).status_code == 404
+        assert (
+            client.post("/v1/assets/materializations", json={"assets": ["no/such/asset"]}).status_code == 404
+        )
 
 
 def test_materialize_an_asset_selection(live_platform, admin_key):
@@ -103,7 +110,10 @@ def test_metrics_parse_and_count_runs_from_storage(live_platform, admin_key):
     assert set(runs) >= {"QUEUED", "STARTED", "SUCCESS", "FAILURE"}
     assert sum(runs.values()) >= 1
     requests = families["junction_gateway_requests"].samples
-    assert any(s.labels["route"] == "/v1/jobs/{name}/runs" and s.labels["principal"] == "local-admin" for s in requests)
+    assert any(
+        s.labels["route"] == "/v1/jobs/{name}/runs" and s.labels["principal"] == "local-admin"
+        for s in requests
+    )
     assert families["junction_audit_entries"].samples[0].value >= 1
     assert "junction_api_keys" in families
 
@@ -113,19 +123,15 @@ def test_analytics_window_per_endpoint_and_key(live_platform, admin_key):
         for _ in range(3):
             client.get("/v1/jobs")
         window = client.get("/v1/analytics/requests", params={"window_s": 600}).json()
-    rows = [row for row in window["stats"] if row["route"] == "/v1/jobs" and row["principal"] == "local-admin"]
+    rows = [
+        row for row in window["stats"] if row["route"] == "/v1/jobs" and row["principal"] == "local-admin"
+    ]
     assert rows and rows[0]["requests"] >= 3 and rows[0]["status_classes"]["2xx"] >= 3
     assert rows[0]["p50_ms"] <= rows[0]["p95_ms"] <= rows[0]["p99_ms"]
 
 
 def test_standalone_gateway_launches_through_dagster_url(live_platform, admin_key, tmp_path):
-    from orchestration.server import check_port_free  # noqa: F401 - the gateway checks its port itself
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-
+    port = free_port()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_") and k != "DAGSTER_HOME"}
     env.update({"JUNCTION_HOME": str(live_platform.home), "JUNCTION_DAGSTER_URL": live_platform.base_url})

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from conftest import bearer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from support import bearer
 
 from orchestration.kernel.audit import query
 from orchestration.kernel.principals import revoke_api_key
@@ -32,7 +32,9 @@ def test_missing_malformed_unknown_keys_are_401(gateway):
     client = gateway()
     assert_problem(client.get("/v1/audit"), 401, "unauthorized")
     assert client.get("/v1/audit").headers["www-authenticate"] == "Bearer"
-    assert "malformed key" in assert_problem(client.get("/v1/audit", headers=bearer("nonsense")), 401)["detail"]
+    assert (
+        "malformed key" in assert_problem(client.get("/v1/audit", headers=bearer("nonsense")), 401)["detail"]
+    )
     unknown = "jk_0123456789abcdef_" + "A" * 43
     assert "unknown key" in assert_problem(client.get("/v1/audit", headers=bearer(unknown)), 401)["detail"]
 
@@ -72,7 +74,9 @@ def test_keys_administration_is_audited(gateway, make_key):
     manager = make_key("manager", "keys:manage", "keys:read")
     client = gateway()
 
-    created = client.post("/v1/keys", json={"name": "ci", "scopes": ["runs:launch"], "groups": ["ops"]}, headers=bearer(manager))
+    created = client.post(
+        "/v1/keys", json={"name": "ci", "scopes": ["runs:launch"], "groups": ["ops"]}, headers=bearer(manager)
+    )
     assert created.status_code == 201, created.text
     new_key = created.json()["key"]
     assert created.json()["info"]["scopes"] == ["runs:launch"]
@@ -82,16 +86,28 @@ def test_keys_administration_is_audited(gateway, make_key):
     assert {"ci", "manager", "boss"} <= {k["name"] for k in listed}
     assert new_key not in str(listed)
 
-    assert_problem(client.post("/v1/keys", json={"name": "ci", "scopes": ["runs:read"]}, headers=bearer(manager)), 409)
-    assert_problem(client.post("/v1/keys", json={"name": "x", "scopes": ["admin"]}, headers=bearer(manager)), 403)
-    assert client.post("/v1/keys", json={"name": "x", "scopes": ["admin"]}, headers=bearer(admin)).status_code == 201
-    bad_scope = client.post("/v1/keys", json={"name": "y", "scopes": ["Runs:LAUNCH"]}, headers=bearer(manager))
+    assert_problem(
+        client.post("/v1/keys", json={"name": "ci", "scopes": ["runs:read"]}, headers=bearer(manager)), 409
+    )
+    assert_problem(
+        client.post("/v1/keys", json={"name": "x", "scopes": ["admin"]}, headers=bearer(manager)), 403
+    )
+    assert (
+        client.post("/v1/keys", json={"name": "x", "scopes": ["admin"]}, headers=bearer(admin)).status_code
+        == 201
+    )
+    bad_scope = client.post(
+        "/v1/keys", json={"name": "y", "scopes": ["Runs:LAUNCH"]}, headers=bearer(manager)
+    )
     assert assert_problem(bad_scope, 422)["field"] == "body.scopes"
 
     assert client.delete("/v1/keys/ci", headers=bearer(manager)).json()["revoked_at"]
     assert_problem(client.delete("/v1/keys/ci", headers=bearer(manager)), 409)
     assert_problem(client.delete("/v1/keys/nobody", headers=bearer(manager)), 404)
-    assert "cannot revoke itself" in assert_problem(client.delete("/v1/keys/manager", headers=bearer(manager)), 409)["detail"]
+    assert (
+        "cannot revoke itself"
+        in assert_problem(client.delete("/v1/keys/manager", headers=bearer(manager)), 409)["detail"]
+    )
     assert_problem(client.get("/v1/audit", headers=bearer(new_key)), 401)
 
     actions = [(e.action, e.actor, e.origin) for e in query(target="api_key:ci")]
@@ -103,10 +119,14 @@ def test_audit_query_filters_and_pages(gateway, make_key):
     for index in range(5):
         make_key(f"k{index}", "runs:read")
     client = gateway()
-    page = client.get("/v1/audit", params={"action": "api_key.create", "limit": 3}, headers=bearer(key)).json()
+    page = client.get(
+        "/v1/audit", params={"action": "api_key.create", "limit": 3}, headers=bearer(key)
+    ).json()
     assert len(page["entries"]) == 3 and page["next_before_id"] == page["entries"][-1]["id"]
     rest = client.get(
-        "/v1/audit", params={"action": "api_key.create", "limit": 3, "before_id": page["next_before_id"]}, headers=bearer(key)
+        "/v1/audit",
+        params={"action": "api_key.create", "limit": 3, "before_id": page["next_before_id"]},
+        headers=bearer(key),
     ).json()
     assert len(rest["entries"]) == 3 and rest["next_before_id"] == rest["entries"][-1]["id"]
     assert_problem(client.get("/v1/audit", params={"limit": 0}, headers=bearer(key)), 422, "validation")
@@ -118,8 +138,16 @@ def test_audit_query_filters_and_pages(gateway, make_key):
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "malformed-json"),
         ({"json": {"run_config": "not an object"}}, 422, "validation"),
         ({"json": {"unexpected": 1}}, 422, "validation"),
-        ({"content": b"a=b", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "unsupported-media-type"),
-        ({"content": b"[" + b"1," * 600_000 + b"1]", "headers": {"content-type": "application/json"}}, 413, "body-too-large"),
+        (
+            {"content": b"a=b", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            {"content": b"[" + b"1," * 600_000 + b"1]", "headers": {"content-type": "application/json"}},
+            413,
+            "body-too-large",
+        ),
     ],
 )
 def test_bad_requests(gateway, make_key, kwargs, status, slug):
@@ -166,7 +194,9 @@ def test_ip_lists(gateway):
 def test_ip_lists_on_addresses():
     from orchestration.gateway.guards import RequestGuards
 
-    guards = RequestGuards(None, max_body_bytes=1, allow_networks=["127.0.0.0/8", "::1/128"], deny_networks=["127.0.0.9/32"])
+    guards = RequestGuards(
+        None, max_body_bytes=1, allow_networks=["127.0.0.0/8", "::1/128"], deny_networks=["127.0.0.9/32"]
+    )
     assert guards.client_allowed("127.0.0.1") and guards.client_allowed("::1")
     assert not guards.client_allowed("127.0.0.9")
     assert not guards.client_allowed("192.168.1.1")
@@ -184,7 +214,10 @@ def test_security_headers_and_cors(gateway):
         headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
     )
     assert preflight.status_code == 200
-    assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "https://evil.example"}).headers
+    assert (
+        "access-control-allow-origin"
+        not in client.get("/health", headers={"Origin": "https://evil.example"}).headers
+    )
 
 
 def test_docs_page_is_served_without_a_cdn(gateway):
@@ -221,7 +254,11 @@ def test_jwt_hs256_accept_and_reject(gateway, monkeypatch):
         assert_problem(client.get("/v1/audit", headers=bearer(token)), 401), name
     no_scope = hs256_token("s" * 32, scope="runs:read")
     assert_problem(client.get("/v1/audit", headers=bearer(no_scope)), 403)
-    unsigned = jwt.encode({"iss": "https://idp.example", "aud": "junction", "sub": "a", "exp": time.time() + 60}, None, algorithm="none")
+    unsigned = jwt.encode(
+        {"iss": "https://idp.example", "aud": "junction", "sub": "a", "exp": time.time() + 60},
+        None,
+        algorithm="none",
+    )
     assert_problem(client.get("/v1/audit", headers=bearer(unsigned)), 401)
 
 
@@ -232,7 +269,12 @@ def test_jwt_rs256(gateway, tmp_path):
     )
     (tmp_path / "idp.pem").write_bytes(public_pem)
     client = gateway(jwt_issuer="https://idp.example", jwt_public_key_file=tmp_path / "idp.pem")
-    claims = {"iss": "https://idp.example", "sub": "bob", "exp": int(time.time()) + 60, "scope": ["audit:read"]}
+    claims = {
+        "iss": "https://idp.example",
+        "sub": "bob",
+        "exp": int(time.time()) + 60,
+        "scope": ["audit:read"],
+    }
     token = jwt.encode(claims, private, algorithm="RS256")
     assert client.get("/v1/audit", headers=bearer(token)).status_code == 200
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from conftest import free_port
 from sqlalchemy import select
+from support import free_port
 
 from orchestration.kernel.spec_errors import SpecError
 from orchestration.kernel.templates import TemplateRenderError

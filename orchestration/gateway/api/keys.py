@@ -23,7 +23,11 @@ from orchestration.kernel.principals import (
 
 router = APIRouter(tags=["keys"])
 
+# The kernel's grammars, stated in the schema so clients (and fuzzers) know what is valid.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$"
+SCOPE_PATTERN = r"^(admin|[a-z][a-z0-9_-]*:(\*|[a-z][a-z0-9_-]*(:(\*|[A-Za-z0-9][A-Za-z0-9_./-]*))?))$"
 KeyName = Annotated[str, Path(max_length=200)]
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)]
 
 
 class KeyOut(BaseModel):
