@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import click
 
-from orchestration.cli.audit import parse_duration, parse_instant, render_table
+from orchestration.cli.common import parse_duration, parse_instant, render_table
 
 
 def cli_actor() -> str:

@@ -406,9 +406,7 @@ def revoke_api_key(name: str, *, actor: str, origin: str = "cli", engine: Engine
         if row is None:
             raise ApiKeyNotFound(f"no API key named {name!r}")
         if row.revoked_at is not None:
-            raise ApiKeyConflict(
-                f"API key {name!r} was already revoked at {row.revoked_at.isoformat()}"
-            )
+            raise ApiKeyConflict(f"API key {name!r} was already revoked at {row.revoked_at.isoformat()}")
         row.revoked_at = datetime.now(UTC)
         session.flush()
         event = AuditEvent(

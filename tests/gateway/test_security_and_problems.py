@@ -279,3 +279,18 @@ def test_jwt_rs256(gateway, tmp_path):
     assert client.get("/v1/audit", headers=bearer(token)).status_code == 200
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert_problem(client.get("/v1/audit", headers=bearer(jwt.encode(claims, other, algorithm="RS256"))), 401)
+
+
+def test_store_unreachable_is_503(junction_home, monkeypatch):
+    from fastapi.testclient import TestClient
+    from support import free_port
+
+    from orchestration.gateway.app import create_gateway_app
+    from orchestration.settings import get_settings, reset_settings_cache
+
+    monkeypatch.setenv("JUNCTION_DATABASE_URL", f"postgresql://junction@127.0.0.1:{free_port()}/gone")
+    reset_settings_cache()
+    with TestClient(create_gateway_app(get_settings()), raise_server_exceptions=False) as client:
+        response = client.get("/v1/audit", headers=bearer("jk_0123456789abcdef_" + "A" * 43))
+    body = assert_problem(response, 503, "store-unavailable")
+    assert "Connection refused" in body["detail"] or "connect" in body["detail"]

@@ -5,7 +5,7 @@ key; warm: the same home again), measures the time from process start until the 
 and /gateway/health reports the code location loaded, then the memory of every process of the
 platform (RSS and PSS). `dagster dev` is measured the same way as the peer.
 
-    .venv/bin/python benchmarks/platform.py [--runs 3] [--json results.json]
+    .venv/bin/python benchmarks/foundation.py [--runs 3] [--json results.json]
 """
 
 from __future__ import annotations
