@@ -164,3 +164,23 @@ def test_standalone_gateway_launches_through_dagster_url(live_platform, admin_ke
         process.terminate()
         assert process.wait(timeout=30) == 0
         log.close()
+
+
+def test_cancel_and_materialize_are_audited(live_platform, admin_key):
+    with api(live_platform, admin_key) as client:
+        run_id = client.post("/v1/jobs/audit_log_verification/runs", json={}).json()["run_id"]
+        # The queue dequeues every 2 s and a run worker takes over a second to start: still cancellable.
+        cancelled = client.post(f"/v1/runs/{run_id}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        assert follow(client, run_id)["status"] == "CANCELED"
+        actions = {
+            entry["action"]
+            for entry in client.get("/v1/audit", params={"target": f"run:{run_id}"}).json()["entries"]
+        }
+        assert actions == {"run.cancel"}
+        launched = client.post("/v1/assets/materializations", json={"assets": ["audit_activity"]}).json()
+        entries = client.get("/v1/audit", params={"action": "assets.materialize"}).json()["entries"]
+        mine = [entry for entry in entries if entry["details"]["run_id"] == launched["run_id"]]
+        assert [(e["actor"], e["origin"], e["target"]) for e in mine] == [
+            ("local-admin", "gateway", "assets:audit_activity")
+        ]

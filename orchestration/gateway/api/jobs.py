@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestration.gateway.api.common import record, timestamp, ui_run_url
 from orchestration.gateway.dagster_client import DagsterRequestError, launch_run, workspace_repositories
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires
-from orchestration.kernel import audit
 from orchestration.kernel.principals import Principal
 
 router = APIRouter(tags=["jobs"])
@@ -21,10 +20,6 @@ router = APIRouter(tags=["jobs"])
 ACTOR_TAG = "junction/actor"
 VIA_TAG = "junction/via"
 ASSET_JOB_PREFIX = "__ASSET_JOB"
-
-
-def timestamp(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if value else None
 
 
 class RunBrief(BaseModel):
@@ -81,18 +76,8 @@ class RunLaunched(BaseModel):
     url: str = Field(description="The run in the Dagster UI.")
 
 
-def ui_run_url(request: Request, run_id: str) -> str:
-    return f"{request.app.state.dagster_ui_url(request)}/runs/{run_id}"
-
-
 def run_tags(principal: Principal, requested: dict[str, str]) -> dict[str, str]:
     return {**requested, ACTOR_TAG: principal.name, VIA_TAG: "gateway"}
-
-
-async def record(action: str, principal: Principal, target: str, details: dict[str, Any]) -> None:
-    await anyio.to_thread.run_sync(
-        lambda: audit.append(action, actor=principal.name, target=target, origin="gateway", details=details)
-    )
 
 
 @router.get("/jobs", response_model=JobsPage, responses=problem_responses(401, 403, 503))

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 
-from orchestration.gateway.api.jobs import record, timestamp, ui_run_url
+from orchestration.gateway.api.common import record, timestamp, ui_run_url
 from orchestration.gateway.dagster_client import DagsterRequestError, get_run, terminate_run
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires
