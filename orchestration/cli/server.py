@@ -16,6 +16,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s - %(message)s")
     # Alembic logs every migration step at INFO; the store's revision is printed once instead.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # The gateway's calls to the in-process Dagster app would log every request twice.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @click.command()
