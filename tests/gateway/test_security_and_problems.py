@@ -99,7 +99,7 @@ def test_keys_administration_is_audited(gateway, make_key):
     bad_scope = client.post(
         "/v1/keys", json={"name": "y", "scopes": ["Runs:LAUNCH"]}, headers=bearer(manager)
     )
-    assert assert_problem(bad_scope, 422)["field"] == "body.scopes"
+    assert assert_problem(bad_scope, 422)["field"] == "body.scopes.0"
 
     assert client.delete("/v1/keys/ci", headers=bearer(manager)).json()["revoked_at"]
     assert_problem(client.delete("/v1/keys/ci", headers=bearer(manager)), 409)

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from orchestration.gateway.metrics import RouteStats
 from orchestration.gateway.problems import problem_responses
 from orchestration.gateway.security import requires
 from orchestration.kernel.principals import Principal
@@ -28,21 +29,10 @@ _RUN_COUNT_FIELDS = "\n".join(
 RUN_COUNTS_QUERY = f"query RunCounts {{\n{_RUN_COUNT_FIELDS}\n}}"
 
 
-class RequestStatsOut(BaseModel):
-    route: str
-    method: str
-    principal: str
-    requests: int
-    status_classes: dict[str, int]
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-
-
 class RequestWindow(BaseModel):
     window_s: int
     instance: str
-    stats: list[RequestStatsOut]
+    stats: list[RouteStats]
 
 
 class RequestHistoryRow(BaseModel):
@@ -78,7 +68,7 @@ async def request_window(
     return RequestWindow(
         window_s=window_s,
         instance=stats.instance,
-        stats=[RequestStatsOut(**vars(s)) for s in stats.summary(window_s)],
+        stats=stats.summary(window_s),
     )
 
 

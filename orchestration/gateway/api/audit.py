@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from orchestration.gateway.problems import problem_responses
 from orchestration.gateway.security import requires
 from orchestration.kernel import audit
+from orchestration.kernel.audit import AuditRecord
 from orchestration.kernel.principals import Principal
 
 router = APIRouter(tags=["audit"])
 
 
-class AuditEntryOut(BaseModel):
-    id: int
-    time: datetime
-    actor: str
-    action: str
-    target: str
-    origin: str
-    details: dict[str, Any]
-    entry_hash: str
-
-
 class AuditPage(BaseModel):
-    entries: list[AuditEntryOut]
+    entries: list[AuditRecord] = Field(description="Newest first; hashes let a client re-verify the chain.")
     next_before_id: int | None = None
 
 
@@ -47,7 +37,7 @@ async def query_audit(
     ),
 ):
     """Entries newest first, filtered; page with `before_id`."""
-    records = await anyio.to_thread.run_sync(
+    entries = await anyio.to_thread.run_sync(
         lambda: audit.query(
             actor=actor,
             action=action,
@@ -58,17 +48,4 @@ async def query_audit(
             before_id=before_id,
         )
     )
-    entries = [
-        AuditEntryOut(
-            id=r.id,
-            time=r.time,
-            actor=r.actor,
-            action=r.action,
-            target=r.target,
-            origin=r.origin,
-            details=r.details,
-            entry_hash=r.entry_hash,
-        )
-        for r in records
-    ]
     return AuditPage(entries=entries, next_before_id=entries[-1].id if len(entries) == limit else None)

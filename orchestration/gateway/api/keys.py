@@ -30,49 +30,32 @@ KeyName = Annotated[str, Path(max_length=200)]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)]
 
 
-class KeyOut(BaseModel):
-    id: str
-    name: str
-    principal: str
-    scopes: list[str]
-    groups: list[str]
-    created_at: datetime
-    created_by: str
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-
-    @classmethod
-    def of(cls, info: ApiKeyInfo) -> KeyOut:
-        return cls(**info.to_json())
-
-
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
-    scopes: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=100)
-    principal: str | None = Field(default=None, max_length=200, description="Defaults to the key's name.")
-    groups: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
-        default_factory=list, max_length=100
+    name: Name
+    scopes: list[Annotated[str, Field(max_length=200, pattern=SCOPE_PATTERN)]] = Field(
+        min_length=1, max_length=100
     )
-    expires_at: datetime | None = None
+    principal: Name | None = Field(default=None, description="Defaults to the key's name.")
+    groups: list[Name] = Field(default_factory=list, max_length=100)
+    expires_at: datetime | None = Field(default=None, description="Must be in the future.")
 
 
 class KeyCreated(BaseModel):
     key: str = Field(description="The key itself. It is shown once and cannot be retrieved again.")
-    info: KeyOut
+    info: ApiKeyInfo
 
 
 class KeyList(BaseModel):
-    keys: list[KeyOut]
+    keys: list[ApiKeyInfo]
 
 
 @router.get("/keys", response_model=KeyList, responses=problem_responses(401, 403, 422, 503))
 async def list_keys(_: Annotated[Principal, Depends(requires("keys:read"))], include_revoked: bool = False):
     """Every key (without secrets), revoked ones on request."""
     infos = await anyio.to_thread.run_sync(lambda: principals.list_api_keys(include_revoked=include_revoked))
-    return KeyList(keys=[KeyOut.of(info) for info in infos])
+    return KeyList(keys=infos)
 
 
 @router.post(
@@ -108,11 +91,11 @@ async def create_key(body: KeyCreate, principal: Annotated[Principal, Depends(re
     except ApiKeyError as exc:
         status = 409 if "exists" in str(exc) else 422
         raise ProblemError(status, str(exc), slug="conflict" if status == 409 else "validation") from None
-    return KeyCreated(key=key, info=KeyOut.of(info))
+    return KeyCreated(key=key, info=info)
 
 
 @router.delete(
-    "/keys/{name}", response_model=KeyOut, responses=problem_responses(401, 403, 404, 409, 422, 503)
+    "/keys/{name}", response_model=ApiKeyInfo, responses=problem_responses(401, 403, 404, 409, 422, 503)
 )
 async def revoke_key(name: KeyName, principal: Annotated[Principal, Depends(requires("keys:manage"))]):
     """Revoke a key at once (409 if it already is, or if it is the key making the call)."""
@@ -126,4 +109,4 @@ async def revoke_key(name: KeyName, principal: Annotated[Principal, Depends(requ
         raise ProblemError(404, str(exc), slug="not-found") from None
     except ApiKeyConflict as exc:
         raise ProblemError(409, str(exc), slug="conflict") from None
-    return KeyOut.of(info)
+    return info
