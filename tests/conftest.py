@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from support import free_port
+from support import free_port, service_unavailable
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "JUNCTION_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -25,19 +25,6 @@ REDIS_BASE_URL = os.environ.get("JUNCTION_TEST_REDIS_URL", "redis://127.0.0.1:63
 # Environment that would leak the developer's own configuration into a test.
 _ISOLATED_VARIABLES = [name for name in os.environ if name.startswith("JUNCTION_") and "TEST" not in name]
 _ISOLATED_VARIABLES.append("DAGSTER_HOME")
-
-
-def services_required() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(
-        "JUNCTION_REQUIRE_SERVICES", ""
-    ) in ("1", "true", "yes")
-
-
-def service_unavailable(reason: str) -> None:
-    """Fail (services required) or skip (a developer's machine without the service)."""
-    if services_required():
-        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
-    pytest.skip(f"service unavailable: {reason}")
 
 
 def worker_index(worker_id: str) -> int:

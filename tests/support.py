@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+import pytest
 
 
 def free_port() -> int:
@@ -14,3 +17,16 @@ def free_port() -> int:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def services_required() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(
+        "JUNCTION_REQUIRE_SERVICES", ""
+    ) in ("1", "true", "yes")
+
+
+def service_unavailable(reason: str) -> None:
+    """Fail (services required) or skip (a developer's machine without the service)."""
+    if services_required():
+        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
+    pytest.skip(f"service unavailable: {reason}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from support import free_port
+from support import free_port, service_unavailable
 
 from orchestration.gateway.app import create_gateway_app
 from orchestration.settings import JunctionSettings
@@ -38,3 +38,39 @@ def test_openapi_document_is_served(junction_home):
     with TestClient(create_gateway_app(JunctionSettings())) as client:
         document = client.get("/openapi.json").json()
     assert "/health" in document["paths"]
+
+
+def test_an_evicting_redis_is_reported_down(junction_home, tmp_path):
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    if not shutil.which("redis-server"):
+        service_unavailable("redis-server is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", "10mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        settings = JunctionSettings(
+            dagster_url=f"http://127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{port}/0"
+        )
+        upgrade(settings.store_url)
+        with TestClient(create_gateway_app(settings)) as gateway:
+            redis_health = gateway.get("/health").json()["services"]["redis"]
+        assert redis_health["status"] == "down"
+        assert "allkeys-lru" in redis_health["detail"] and "noeviction" in redis_health["detail"]
+    finally:
+        server.terminate()
+        server.wait()

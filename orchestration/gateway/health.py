@@ -92,6 +92,13 @@ async def check_redis(settings: JunctionSettings) -> str:
     try:
         await client.ping()
         info = await client.info("server")
+        memory = await client.info("memory")
+        policy = memory.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            # Streams and rate limits are durable state: an evicting Redis would drop them silently.
+            raise RuntimeError(
+                f"maxmemory-policy is {policy}: Junction needs noeviction (it keeps durable state)"
+            )
         return f"redis {info.get('redis_version', '?')}"
     finally:
         await client.aclose()
