@@ -184,3 +184,12 @@ def test_cancel_and_materialize_are_audited(live_platform, admin_key):
         assert [(e["actor"], e["origin"], e["target"]) for e in mine] == [
             ("local-admin", "gateway", "assets:audit_activity")
         ]
+
+
+def test_docs_page_works_under_the_prefix(live_platform):
+    page = httpx.get(f"{live_platform.base_url}/gateway/docs")
+    assert page.status_code == 200
+    script = page.text.split('src="')[1].split('"')[0]
+    assert script.startswith("/gateway/")
+    assert httpx.get(f"{live_platform.base_url}{script}").status_code == 200
+    assert "/gateway/openapi.json" in page.text
