@@ -82,7 +82,9 @@ class RequestGuards:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("root_path", "") + scope["path"]
+        # Starlette's mount convention: `path` is the whole path, `root_path` the part mounted above us.
+        path, root = scope["path"], scope.get("root_path", "")
+        relative_path = path[len(root) :] if root and path.startswith(root) else path
         client = scope.get("client")
         if not self.client_allowed(client[0] if client else None):
             await send_problem(
@@ -135,7 +137,7 @@ class RequestGuards:
                 return {"type": "http.disconnect"}
             return message
 
-        is_docs = scope["path"] in self.docs_paths
+        is_docs = relative_path in self.docs_paths
 
         async def send_with_headers(message: Message) -> None:
             nonlocal app_started

@@ -193,3 +193,10 @@ def test_docs_page_works_under_the_prefix(live_platform):
     assert script.startswith("/gateway/")
     assert httpx.get(f"{live_platform.base_url}{script}").status_code == 200
     assert "/gateway/openapi.json" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    problem = httpx.post(
+        f"{live_platform.base_url}/gateway/v1/jobs/x/runs",
+        content=b"x",
+        headers={"content-type": "text/plain"},
+    )
+    assert problem.json()["instance"] == "/gateway/v1/jobs/x/runs"
