@@ -34,7 +34,13 @@ def generated_dagster_yaml(dagster_home: Path) -> dict:
             "config": {"dequeue_interval_seconds": 2},
         },
         # Scale-out knobs are Dagster's own: run limits (also per tag) and op concurrency pools.
-        "concurrency": {"runs": {"max_concurrent_runs": DEFAULT_MAX_CONCURRENT_RUNS}},
+        "concurrency": {
+            "runs": {
+                "max_concurrent_runs": DEFAULT_MAX_CONCURRENT_RUNS,
+                # The platform's own maintenance runs (tagged junction/kind=platform) go one at a time.
+                "tag_concurrency_limits": [{"key": "junction/kind", "value": "platform", "limit": 1}],
+            }
+        },
         "run_monitoring": {
             "enabled": True,
             "start_timeout_seconds": 180,
