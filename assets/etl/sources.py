@@ -1,0 +1,842 @@
+"""Sources: where a pipeline's records come from, read in batches of Arrow tables.
+
+Every source implements `Source`: `read(quarantine)` yields `Batch`es (an Arrow table plus each row's
+position in the source) and quarantines the records it cannot parse; `identity()` describes the input
+(file paths with size and modification time or a content hash; a query with its parameters), so the
+load slice can derive load ids from the input rather than from the run. SQL, REST and other assets'
+outputs slot in behind the same two methods.
+
+File formats
+------------
+CSV and JSON Lines are split into lines and decoded by us, in chunks of `batch_size` lines, then parsed
+by pyarrow (`pyarrow.csv` with an `invalid_row_handler`, `pyarrow.json`). Doing the line split
+ourselves is what makes every malformed line quarantinable with its number instead of fatal:
+
+- bytes that do not decode in the declared encoding: the chunk is decoded in one call, and only when
+  that fails line by line, to find the bad lines;
+- an unclosed quote (an odd number of quote characters on a line): Arrow would otherwise swallow the
+  rest of the block into one value;
+- a wrong number of fields: pyarrow's `invalid_row_handler` skips the row and tells us its number;
+- a JSON line that is not valid JSON or not an object: found with the stdlib's `json` only when
+  pyarrow rejects the chunk.
+
+CSV columns are read as strings: types are decided by the spec's `cast` step, which quarantines the
+values that do not convert. (Inferring types from the first block would make a late bad value fail
+the whole file.) With ``newlines_in_values: true`` a record may span lines, so the file is parsed in
+one piece (held in memory) and positions are record numbers.
+
+JSON (one array of records) is decoded element by element with `json.JSONDecoder.raw_decode`; after a
+broken element the reader resynchronises at the next line starting with ``{`` (the shape of exported
+and pretty-printed arrays). The whole file is held in memory.
+
+XML is parsed with the stdlib's expat (`xml.parsers.expat`) rather than lxml: expat is always there,
+streams, protects against entity-expansion attacks and reports line and byte positions, which is
+what quarantine needs; lxml's `recover=True` would silently repair records instead of reporting them.
+Each `xml_record` element is a record: its attributes and the text of its child elements are the
+fields (strings, typed by `cast`). After a well-formedness error the reader quarantines the broken
+record and restarts at the next record element. The file is held in memory.
+
+Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches`.
+
+Compressed files: ``.gz`` and ``.bz2`` through Arrow's streams, ``.zip`` (one member) through the
+stdlib's `zipfile`, which Arrow does not read.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from xml.parsers import expat
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from assets.etl.quarantine import Batch, Quarantine
+from assets.etl.spec import FileSourceSpec, SqlSourceSpec
+from orchestration.errors import ConfigurationError, JunctionError
+
+__all__ = ["FileSource", "InputIdentity", "Source", "SqlSource", "open_source"]
+
+READ_STEP = "read"
+READ_BLOCK_BYTES = 1 << 20
+RECORD_TEXT_LIMIT = 2_000  # a quarantined raw record is kept up to this many characters
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What was read, precisely enough that reading the same input again yields the same load id."""
+
+    kind: str
+    parts: tuple[tuple[str, ...], ...]
+
+    @property
+    def load_id(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.kind, self.parts]).encode()).hexdigest()
+        return digest[:32]
+
+
+class Source(ABC):
+    """A pipeline input: batches of rows, the records it could not parse, and its identity."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """A short human description (a path or glob, a table) for messages and metadata."""
+
+    @abstractmethod
+    def identity(self) -> InputIdentity: ...
+
+    @abstractmethod
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        """Yield the rows in batches; unparseable records go to `quarantine` with step ``read``."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= RECORD_TEXT_LIMIT else text[:RECORD_TEXT_LIMIT] + "…"
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+class FileSource(Source):
+    def __init__(self, spec: FileSourceSpec, base_dir: Path, batch_size: int):
+        self.spec = spec
+        self.base_dir = Path(base_dir)
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return f"{self.spec.format} {self.spec.path}" + (
+            f" in package {self.spec.package}" if self.spec.package else ""
+        )
+
+    def _root(self) -> Path:
+        if self.spec.package is None:
+            return self.base_dir
+        import importlib.util
+
+        # find_spec locates the package without importing it (data packages often import pandas).
+        found = importlib.util.find_spec(self.spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigurationError(
+                f"package {self.spec.package!r} is not installed (source {self.spec.path})"
+            )
+        return Path(next(iter(found.submodule_search_locations)))
+
+    def files(self) -> list[Path]:
+        pattern = Path(self.spec.path).expanduser()
+        if not pattern.is_absolute():
+            pattern = self._root() / pattern
+        matches = sorted(Path(match) for match in glob.glob(str(pattern), recursive=True))
+        files = [match for match in matches if match.is_file()]
+        if not files:
+            raise JunctionError(f"no file matches {pattern}")
+        return files
+
+    def identity(self) -> InputIdentity:
+        parts = []
+        for path in self.files():
+            if self.spec.identity == "content":
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(READ_BLOCK_BYTES), b""):
+                        digest.update(block)
+                parts.append((str(path), digest.hexdigest()))
+            else:
+                stat = path.stat()
+                parts.append((str(path), str(stat.st_size), str(stat.st_mtime_ns)))
+        return InputIdentity("file", tuple(parts))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        reader = {
+            "csv": self._read_csv,
+            "jsonl": self._read_json_lines,
+            "json": self._read_json_array,
+            "xml": self._read_xml,
+            "parquet": self._read_parquet,
+        }[self.spec.format]
+        for path in self.files():
+            yield from reader(path, quarantine)
+
+    # -- bytes and lines --
+
+    def _open(self, path: Path) -> BinaryIO:
+        try:
+            if path.suffix.lower() == ".zip":
+                archive = zipfile.ZipFile(path)
+                members = [info for info in archive.infolist() if not info.is_dir()]
+                if len(members) != 1:
+                    raise JunctionError(
+                        f"{path}: a zip source must hold exactly one file, found {len(members)}"
+                    )
+                return archive.open(members[0])
+            if path.suffix.lower() in (".gz", ".bz2"):
+                return pa.input_stream(str(path), compression="detect")
+            return open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+        except (OSError, zipfile.BadZipFile, pa.ArrowException) as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+
+    def _read_all(self, path: Path) -> bytes:
+        with self._open(path) as stream:
+            try:
+                return stream.read()
+            except (OSError, EOFError, zipfile.BadZipFile, pa.ArrowException) as exc:
+                raise JunctionError(f"cannot read {path}: {exc}") from None
+
+    def _line_chunks(self, path: Path) -> Iterator[tuple[int, list[bytes]]]:
+        """(number of the first line, lines without their newline), `batch_size` lines at a time."""
+        with self._open(path) as stream:
+            pending, lines, next_line = b"", [], 1
+            while True:
+                try:
+                    block = stream.read(READ_BLOCK_BYTES)
+                except (OSError, EOFError, zipfile.BadZipFile, pa.ArrowException) as exc:
+                    raise JunctionError(f"cannot read {path}: {exc}") from None
+                if not block:
+                    break
+                parts = (pending + block).split(b"\n")
+                pending = parts.pop()
+                lines.extend(parts)
+                while len(lines) >= self.batch_size:
+                    yield next_line, lines[: self.batch_size]
+                    next_line += self.batch_size
+                    lines = lines[self.batch_size :]
+            if pending:
+                lines.append(pending)
+            if lines:
+                yield next_line, lines
+
+    def _check_line_encoding(self) -> None:
+        if "\n".encode(self.spec.encoding, errors="ignore") != b"\n":
+            raise JunctionError(
+                f"{self.spec.path}: encoding {self.spec.encoding!r} is not line-oriented (e.g. UTF-16); "
+                "convert the file to UTF-8"
+            )
+
+    def _decode(
+        self, path: Path, first_line: int, lines: list[bytes], quarantine: Quarantine
+    ) -> list[bytes | None]:
+        """The lines as UTF-8 (Arrow's encoding); an undecodable line is quarantined and becomes None."""
+        encoding = self.spec.encoding
+        is_utf8 = codecs.lookup(encoding).name == "utf-8"
+        try:
+            text = b"\n".join(lines).decode(encoding)
+        except UnicodeDecodeError:
+            pass  # find the bad lines below
+        else:
+            return list(lines) if is_utf8 else text.encode("utf-8").split(b"\n")
+        decoded: list[bytes | None] = []
+        for offset, line in enumerate(lines):
+            try:
+                text = line.decode(encoding)
+            except UnicodeDecodeError as exc:
+                decoded.append(None)
+                quarantine.add(
+                    str(path),
+                    READ_STEP,
+                    f"cannot decode as {encoding}: {exc.reason} at byte {exc.start + 1}",
+                    line=first_line + offset,
+                    record=_clip(line.decode(encoding, errors="replace")),
+                )
+                continue
+            decoded.append(line if is_utf8 else text.encode("utf-8"))
+        return decoded
+
+    # -- CSV --
+
+    def _csv_parse_options(self, handler: Any, newlines_in_values: bool) -> pa_csv.ParseOptions:
+        options = self.spec.csv
+        return pa_csv.ParseOptions(
+            delimiter=options.delimiter,
+            quote_char=options.quote_char or False,
+            double_quote=options.double_quote,
+            escape_char=options.escape_char or False,
+            newlines_in_values=newlines_in_values,
+            invalid_row_handler=handler,
+        )
+
+    def _csv_convert_options(self, names: list[str]) -> pa_csv.ConvertOptions:
+        extra = {"null_values": self.spec.csv.null_values} if self.spec.csv.null_values is not None else {}
+        return pa_csv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True, **extra
+        )
+
+    def _csv_fields(self, line: str) -> list[str]:
+        """One line split by the stdlib's csv module (for the header: Arrow needs the names first)."""
+        options = self.spec.csv
+        dialect: dict[str, Any] = {"delimiter": options.delimiter, "doublequote": options.double_quote}
+        if options.quote_char is None:
+            dialect["quoting"] = csv.QUOTE_NONE
+        else:
+            dialect["quotechar"] = options.quote_char
+        if options.escape_char:
+            dialect["escapechar"] = options.escape_char
+        return next(csv.reader([line], **dialect), [])
+
+    def _quote_balanced(self, line: bytes) -> bool:
+        quote = self.spec.csv.quote_char
+        if quote is None:
+            return True
+        escape = self.spec.csv.escape_char
+        if escape:
+            line = re.sub(re.escape(escape.encode()) + b".", b"", line)
+        return line.count(quote.encode()) % 2 == 0
+
+    def _read_csv(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        self._check_line_encoding()
+        if self.spec.csv.newlines_in_values:
+            yield from self._read_csv_whole(path, quarantine)
+            return
+        options = self.spec.csv
+        names: list[str] | None = list(options.column_names) if options.column_names else None
+        to_skip = options.skip_rows + (1 if options.header else 0)
+        record_number = 0
+        for first_line, raw_lines in self._line_chunks(path):
+            decoded = self._decode(path, first_line, raw_lines, quarantine)
+            fed: list[bytes] = []
+            fed_positions: list[tuple[int, int]] = []  # (line, record number) of each fed line
+            for offset, line in enumerate(decoded):
+                number = first_line + offset
+                if to_skip:
+                    to_skip -= 1
+                    if to_skip == 0 and options.header:
+                        if line is None:
+                            raise JunctionError(
+                                f"{path}: the header line cannot be decoded as {self.spec.encoding}"
+                            )
+                        names = self._csv_fields(line.decode("utf-8").removeprefix("\ufeff").rstrip("\r"))
+                    continue
+                if line is None:
+                    record_number += 1  # quarantined by _decode
+                    continue
+                if not line.strip(b"\r"):
+                    continue  # blank lines are not records
+                record_number += 1
+                if not self._quote_balanced(line):
+                    quarantine.add(
+                        str(path), READ_STEP, "unclosed quote", line=number, row=record_number,
+                        record=_clip(line.decode("utf-8", errors="replace")),
+                    )  # fmt: skip
+                    continue
+                if names is None:  # no header and no names: f0, f1, ... like Arrow's autogenerated names
+                    names = [f"f{index}" for index in range(len(self._csv_fields(line.decode("utf-8"))))]
+                fed.append(line)
+                fed_positions.append((number, record_number))
+            if fed and names:
+                yield from self._parse_csv_lines(path, names, fed, fed_positions, quarantine)
+
+    def _parse_csv_lines(
+        self,
+        path: Path,
+        names: list[str],
+        lines: list[bytes],
+        positions: list[tuple[int, int]],
+        quarantine: Quarantine,
+    ) -> Iterator[Batch]:
+        malformed: dict[int, Any] = {}
+
+        def skip_malformed(row: Any) -> str:
+            malformed[row.number] = row
+            return "skip"
+
+        data = b"\n".join(lines) + b"\n"
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(data),
+                # One block, parsed serially: Arrow's row numbers are then exact.
+                read_options=pa_csv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=len(data) + 1
+                ),
+                parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=False),
+                convert_options=self._csv_convert_options(names),
+            )
+        except pa.ArrowException as exc:
+            raise JunctionError(f"cannot read {path} near line {positions[0][0]}: {exc}") from None
+        kept_lines, kept_rows = [], []
+        for index, (line, record) in enumerate(positions, start=1):
+            if index in malformed:
+                row = malformed[index]
+                quarantine.add(
+                    str(path),
+                    READ_STEP,
+                    f"expected {row.expected_columns} fields, found {row.actual_columns}",
+                    line=line,
+                    row=record,
+                    record=_clip(row.text),
+                )
+            else:
+                kept_lines.append(line)
+                kept_rows.append(record)
+        if table.num_rows != len(kept_rows):
+            raise JunctionError(
+                f"{path}: Arrow parsed {table.num_rows} rows where {len(kept_rows)} were expected"
+            )
+        if table.num_rows:
+            yield Batch(table, str(path), pa.array(kept_lines, pa.int64()), pa.array(kept_rows, pa.int64()))
+
+    def _read_csv_whole(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        data = self._read_all(path)
+        try:
+            text = data.decode(self.spec.encoding)
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise JunctionError(
+                f"{path} line {line}: cannot decode as {self.spec.encoding} ({exc.reason}); with "
+                "newlines_in_values the file is parsed whole, so a bad line cannot be set aside"
+            ) from None
+        options = self.spec.csv
+        body = io.StringIO(text.removeprefix("\ufeff"))
+        for _ in range(options.skip_rows):
+            body.readline()
+        names = list(options.column_names or [])
+        if options.header:
+            names = self._csv_fields(body.readline().rstrip("\r\n"))
+        rest = body.read().encode("utf-8")
+        if not names:
+            first = rest.split(b"\n", 1)[0].decode("utf-8")
+            names = [f"f{index}" for index in range(len(self._csv_fields(first)))]
+        malformed: list[Any] = []
+
+        def skip_malformed(row: Any) -> str:
+            malformed.append(row)
+            return "skip"
+
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(rest),
+                read_options=pa_csv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=len(rest) + 1
+                ),
+                parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=True),
+                convert_options=self._csv_convert_options(names),
+            )
+        except pa.ArrowException as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+        bad_records = {row.number for row in malformed}
+        for row in malformed:
+            quarantine.add(
+                str(path),
+                READ_STEP,
+                f"expected {row.expected_columns} fields, found {row.actual_columns}",
+                row=row.number,
+                record=_clip(row.text),
+            )
+        total = table.num_rows + len(malformed)
+        records = [number for number in range(1, total + 1) if number not in bad_records]
+        for start in range(0, table.num_rows, self.batch_size):
+            piece = table.slice(start, self.batch_size)
+            rows = pa.array(records[start : start + piece.num_rows], pa.int64())
+            yield Batch(piece, str(path), pa.nulls(piece.num_rows, pa.int64()), rows)
+
+    # -- JSON Lines --
+
+    def _read_json_lines(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        self._check_line_encoding()
+        for first_line, raw_lines in self._line_chunks(path):
+            lines: list[bytes] = []
+            numbers: list[int] = []
+            for offset, line in enumerate(self._decode(path, first_line, raw_lines, quarantine)):
+                if line is not None and line.strip():
+                    lines.append(line)
+                    numbers.append(first_line + offset)
+            if not lines:
+                continue
+            table = self._parse_json_lines(lines)
+            if table is None:  # pyarrow refused the chunk: find the broken lines with the stdlib
+                good, good_numbers = [], []
+                for line, number in zip(lines, numbers, strict=True):
+                    reason = _json_line_problem(line)
+                    if reason:
+                        quarantine.add(
+                            str(path),
+                            READ_STEP,
+                            reason,
+                            line=number,
+                            record=_clip(line.decode("utf-8", "replace")),
+                        )
+                    else:
+                        good.append(line)
+                        good_numbers.append(number)
+                lines, numbers = good, good_numbers
+                if not lines:
+                    continue
+                table = self._parse_json_lines(lines)
+                if table is None:
+                    raise JunctionError(
+                        f"{path} lines {numbers[0]}-{numbers[-1]}: the records do not fit one table "
+                        "(a field holds values of different types)"
+                    )
+            positions = pa.array(numbers, pa.int64())
+            yield Batch(table, str(path), positions, positions)
+
+    @staticmethod
+    def _parse_json_lines(lines: list[bytes]) -> pa.Table | None:
+        data = b"\n".join(lines) + b"\n"
+        try:
+            return pa_json.read_json(
+                pa.BufferReader(data),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
+            )
+        except pa.ArrowException:
+            return None
+
+    # -- JSON array --
+
+    def _read_json_array(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        data = self._read_all(path)
+        try:
+            text = data.decode(self.spec.encoding).removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise JunctionError(
+                f"{path} line {line}: cannot decode as {self.spec.encoding} ({exc.reason})"
+            ) from None
+        decoder = json.JSONDecoder()
+        whitespace = re.compile(r"\s*")
+        resync = re.compile(r"\n\s*\{")
+        position = whitespace.match(text).end()
+        if not text.startswith("[", position):
+            raise JunctionError(f"{path}: expected a JSON array of records ([{{...}}, ...])")
+        position += 1
+        line, line_counted_to = 1, 0
+        records: list[dict[str, Any]] = []
+        lines: list[int] = []
+        rows: list[int] = []
+        record_number = 0
+
+        def line_at(offset: int) -> int:
+            nonlocal line, line_counted_to
+            line += text.count("\n", line_counted_to, offset)
+            line_counted_to = offset
+            return line
+
+        while True:
+            position = whitespace.match(text, position).end()
+            if position >= len(text):
+                quarantine.add(str(path), READ_STEP, "the array is not closed with ]", line=line_at(position))
+                record_number += 1
+                break
+            if text[position] == "]":
+                break
+            start = position
+            record_number += 1
+            try:
+                value, position = decoder.raw_decode(text, position)
+                position = whitespace.match(text, position).end()
+                if position < len(text) and text[position] not in ",]":
+                    raise json.JSONDecodeError("expected ',' or ']' after a record", text, position)
+            except json.JSONDecodeError as exc:
+                following = resync.search(text, max(exc.pos, start + 1))
+                end = following.start() + 1 if following else len(text)
+                quarantine.add(
+                    str(path),
+                    READ_STEP,
+                    f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
+                    line=line_at(start),
+                    row=record_number,
+                    record=_clip(text[start:end].strip()),
+                )
+                if following is None:
+                    break
+                position = end
+                continue
+            if position < len(text) and text[position] == ",":
+                position += 1
+            if not isinstance(value, dict):
+                quarantine.add(
+                    str(path), READ_STEP, f"a record must be a JSON object, got {type(value).__name__}",
+                    line=line_at(start), row=record_number, record=_clip(json.dumps(value)),
+                )  # fmt: skip
+                continue
+            records.append(value)
+            lines.append(line_at(start))
+            rows.append(record_number)
+            if len(records) >= self.batch_size:
+                yield self._records_batch(path, records, lines, rows)
+                records, lines, rows = [], [], []
+        if records:
+            yield self._records_batch(path, records, lines, rows)
+
+    @staticmethod
+    def _records_batch(path: Path, records: list[dict[str, Any]], lines: list[int], rows: list[int]) -> Batch:
+        try:
+            table = pa.Table.from_pylist(records)
+        except (pa.ArrowException, TypeError) as exc:
+            raise JunctionError(
+                f"{path} lines {lines[0]}-{lines[-1]}: the records do not fit one table: {exc}"
+            ) from None
+        return Batch(table, str(path), pa.array(lines, pa.int64()), pa.array(rows, pa.int64()))
+
+    # -- XML --
+
+    def _read_xml(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        reader = _XmlRecords(
+            self._read_all(path), self.spec.xml_record, self.spec.encoding, str(path), quarantine
+        )
+        records: list[dict[str, Any]] = []
+        lines: list[int] = []
+        rows: list[int] = []
+        for record, line, row in reader:
+            records.append(record)
+            lines.append(line)
+            rows.append(row)
+            if len(records) >= self.batch_size:
+                yield self._xml_batch(path, records, lines, rows)
+                records, lines, rows = [], [], []
+        if records:
+            yield self._xml_batch(path, records, lines, rows)
+
+    @staticmethod
+    def _xml_batch(path: Path, records: list[dict[str, Any]], lines: list[int], rows: list[int]) -> Batch:
+        names = list(dict.fromkeys(name for record in records for name in record))
+        columns = {name: pa.array([record.get(name) for record in records], pa.string()) for name in names}
+        table = pa.table(columns)
+        return Batch(table, str(path), pa.array(lines, pa.int64()), pa.array(rows, pa.int64()))
+
+    # -- Parquet --
+
+    def _read_parquet(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        try:
+            parquet = pq.ParquetFile(path)
+            next_row = 1
+            for record_batch in parquet.iter_batches(batch_size=self.batch_size):
+                table = pa.Table.from_batches([record_batch])
+                yield Batch.from_table(table, str(path), first_row=next_row)
+                next_row += table.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+
+
+def _json_line_problem(line: bytes) -> str | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON: {exc.msg} (column {exc.colno})"
+    if not isinstance(value, dict):
+        return f"a record must be a JSON object, got {type(value).__name__}"
+    return None
+
+
+class _XmlRecords:
+    """Iterate (fields, line, record number) over the `record` elements of an XML document with expat.
+
+    After a well-formedness error the broken record is quarantined and parsing restarts at the next
+    ``<record`` start tag, inside a synthetic root element so that the rest still parses.
+    """
+
+    RESYNC_ROOT = b"<junction-resync>"
+
+    def __init__(self, data: bytes, record_tag: str, encoding: str, source: str, quarantine: Quarantine):
+        self.data = data
+        self.record_tag = record_tag
+        self.encoding = encoding
+        self.source = source
+        self.quarantine = quarantine
+        self.next_record_tag = re.compile(b"<" + re.escape(record_tag.encode()) + rb"[\s/>]")
+        self.record_number = 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int, int]]:
+        start, prefix = 0, b""
+        while True:
+            outcome = yield from self._parse_from(start, prefix)
+            if outcome is None:
+                return
+            start, prefix = outcome, self.RESYNC_ROOT
+
+    def _parse_from(self, start: int, prefix: bytes) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """Parse from byte `start`; returns where to resume after an error, or None at the end."""
+        parser = expat.ParserCreate(self.encoding)
+        line_base = self.data.count(b"\n", 0, start)  # lines before `start`
+        done: list[tuple[dict[str, Any], int, int]] = []
+        state: dict[str, Any] = {
+            "record": None,
+            "depth": 0,
+            "field": None,
+            "text": [],
+            "line": 0,
+            "problem": None,
+        }
+
+        def on_start(name: str, attributes: dict[str, str]) -> None:
+            if state["record"] is None:
+                if name == self.record_tag:
+                    state.update(record=dict(attributes), depth=0, line=line_base + parser.CurrentLineNumber)
+                return
+            state["depth"] += 1
+            if state["depth"] == 1:
+                state.update(field=name, text=[])
+
+        def on_text(text: str) -> None:
+            if state["record"] is not None and state["depth"] >= 1:
+                state["text"].append(text)
+
+        def on_end(name: str) -> None:
+            record = state["record"]
+            if record is None:
+                return
+            if state["depth"] == 0:
+                self.record_number += 1
+                if not record and not state["problem"]:
+                    state["problem"] = "the record has no fields"
+                if state["problem"]:
+                    self.quarantine.add(
+                        self.source, READ_STEP, state["problem"], line=state["line"], row=self.record_number,
+                        record=_clip(json.dumps(record, ensure_ascii=False)),
+                    )  # fmt: skip
+                else:
+                    done.append((record, state["line"], self.record_number))
+                state.update(record=None, problem=None)
+                return
+            if state["depth"] == 1:
+                value = "".join(state["text"]).strip() or None
+                if state["field"] in record:
+                    state["problem"] = f"repeated element <{state['field']}> (lists are not supported)"
+                record[state["field"]] = value
+            state["depth"] -= 1
+
+        parser.StartElementHandler = on_start
+        parser.EndElementHandler = on_end
+        parser.CharacterDataHandler = on_text
+        parser.buffer_text = True
+        feed = prefix + self.data[start:]
+        try:
+            for offset in range(0, len(feed), READ_BLOCK_BYTES):
+                parser.Parse(feed[offset : offset + READ_BLOCK_BYTES], False)
+                yield from done
+                done.clear()
+            parser.Parse(b"", True)
+            yield from done
+            return None
+        except expat.ExpatError as exc:
+            yield from done
+            error_at = start + max(parser.ErrorByteIndex - len(prefix), 0)
+            line = line_base + exc.lineno
+            following = self.next_record_tag.search(self.data, error_at + 1)
+            if state["record"] is not None:
+                self.record_number += 1
+                self.quarantine.add(
+                    self.source,
+                    READ_STEP,
+                    f"malformed XML: {expat.ErrorString(exc.code)} (line {line} column {exc.offset + 1})",
+                    line=state["line"],
+                    row=self.record_number,
+                    record=_clip(self._text_between(self._record_start(error_at), following)),
+                )
+            elif following is not None or not self._only_closing_tags_after(error_at):
+                self.record_number += 1
+                self.quarantine.add(
+                    self.source,
+                    READ_STEP,
+                    f"malformed XML outside a <{self.record_tag}> record: {expat.ErrorString(exc.code)} "
+                    f"(line {line} column {exc.offset + 1})",
+                    line=line,
+                    row=self.record_number,
+                )
+            return following.start() if following else None
+
+    def _text_between(self, start: int, following: re.Match[bytes] | None) -> str:
+        end = following.start() if following else len(self.data)
+        return self.data[start:end].decode(self.encoding, "replace").strip()
+
+    def _record_start(self, error_at: int) -> int:
+        previous = None
+        for match in self.next_record_tag.finditer(self.data, 0, error_at + 1):
+            previous = match
+        return previous.start() if previous else error_at
+
+    def _only_closing_tags_after(self, error_at: int) -> bool:
+        """After a resync the original root's closing tag is an expected error, not a broken record."""
+        # expat points inside the tag it stumbled on (after "</"): start from that tag's "<".
+        tag_start = max(self.data.rfind(b"<", 0, error_at + 1), 0)
+        return re.fullmatch(rb"(\s*</[^>]+>)*\s*", self.data[tag_start:]) is not None
+
+
+# --- SQL ----------------------------------------------------------------------------------------------
+
+
+class SqlSource(Source):
+    """A table or parameterized query through SQLAlchemy, streamed with a server-side cursor.
+
+    `stream_results` makes PostgreSQL (psycopg2) use a named cursor and SQLite step through its
+    cursor, so memory is bounded by `batch_size` rows whatever the result's size.
+    """
+
+    def __init__(self, spec: SqlSourceSpec, batch_size: int):
+        self.spec = spec
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return f"table {self.spec.table}" if self.spec.table else "query"
+
+    def url(self) -> str:
+        if self.spec.url is not None:
+            return self.spec.url
+        value = os.environ.get(self.spec.url_env or "")
+        if not value:
+            raise ConfigurationError(
+                f"environment variable {self.spec.url_env} (the source's url_env) is not set"
+            )
+        return value
+
+    def identity(self) -> InputIdentity:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url()).render_as_string(hide_password=True)
+        what = self.spec.table or self.spec.query or ""
+        return InputIdentity("sql", ((url, what, json.dumps(self.spec.params, sort_keys=True, default=str)),))
+
+    def _statement(self) -> Any:
+        import sqlalchemy as sa
+
+        if self.spec.query is not None:
+            return sa.text(self.spec.query)
+        schema, _, name = (self.spec.table or "").rpartition(".")
+        return sa.select(sa.text("*")).select_from(sa.table(name, schema=schema or None))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url())
+        next_row = 1
+        try:
+            with engine.connect() as connection:
+                result = connection.execution_options(
+                    stream_results=True, max_row_buffer=self.batch_size
+                ).execute(self._statement(), self.spec.params)
+                names = list(result.keys())
+                for rows in result.partitions(self.batch_size):
+                    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+                    table = pa.table(
+                        {name: pa.array(column) for name, column in zip(names, columns, strict=True)}
+                    )
+                    yield Batch.from_table(table, self.description, first_row=next_row)
+                    next_row += table.num_rows
+        except sa.exc.SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise JunctionError(f"cannot read {self.description}: {reason}") from None
+        except (pa.ArrowException, TypeError) as exc:
+            raise JunctionError(f"cannot read {self.description} as Arrow: {exc}") from None
+        finally:
+            engine.dispose()
+
+
+def open_source(spec: FileSourceSpec | SqlSourceSpec, base_dir: Path, batch_size: int) -> Source:
+    """The `Source` for a spec's `source:` section; relative file paths resolve against `base_dir`."""
+    if isinstance(spec, FileSourceSpec):
+        return FileSource(spec, base_dir, batch_size)
+    return SqlSource(spec, batch_size)
