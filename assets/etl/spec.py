@@ -26,9 +26,11 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    SerializerFunctionWrapHandler,
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -257,9 +259,10 @@ class FileSourceSpec(StrictModel):
 
     @model_validator(mode="after")
     def _options_match_format(self) -> FileSourceSpec:
-        if "csv" in self.model_fields_set and self.format != "csv":
+        # Compared with the defaults rather than "was it given", so that a dumped spec validates again.
+        if self.csv != CsvOptions() and self.format != "csv":
             raise ValueError(f"csv options do not apply to format {self.format!r}")
-        if "xml_record" in self.model_fields_set and self.format != "xml":
+        if self.xml_record != "record" and self.format != "xml":
             raise ValueError(f"xml_record does not apply to format {self.format!r}")
         return self
 
@@ -378,6 +381,10 @@ class TransformStep(StrictModel):
             given = ", ".join(map(str, data)) or "nothing"
             raise ValueError(f"a step is one of {', '.join(TRANSFORM_KINDS)}, each on its own (got {given})")
         return data
+
+    @model_serializer(mode="wrap")
+    def _dump_the_one_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {self.kind: handler(self)[self.kind]}
 
     @property
     def kind(self) -> str:
