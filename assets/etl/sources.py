@@ -107,6 +107,18 @@ class Source(ABC):
         """Yield the rows in batches; unparseable records go to `quarantine` with step ``read``."""
 
 
+@dataclass(frozen=True)
+class _Lines:
+    """A chunk of text lines as Arrow arrays: the lines (UTF-8, null if undecodable), their line and
+    record numbers, which of them can be parsed, and the record count so far."""
+
+    lines: pa.Array
+    numbers: pa.Array
+    rows: pa.Array
+    usable: pa.Array
+    records_after: int
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= RECORD_TEXT_LIMIT else text[:RECORD_TEXT_LIMIT] + "…"
 
@@ -229,10 +241,11 @@ class FileSource(Source):
                 "convert the file to UTF-8"
             )
 
-    def _decode(
-        self, path: Path, first_line: int, lines: list[bytes], quarantine: Quarantine
-    ) -> list[bytes | None]:
-        """The lines as UTF-8 (Arrow's encoding); an undecodable line is quarantined and becomes None."""
+    def _decode(self, lines: list[bytes]) -> tuple[list[bytes | None], dict[int, str]]:
+        """The lines as UTF-8 (Arrow's encoding), None where a line does not decode, and why not.
+
+        The chunk is decoded in one call; only when that fails is it decoded line by line.
+        """
         encoding = self.spec.encoding
         is_utf8 = codecs.lookup(encoding).name == "utf-8"
         try:
@@ -240,23 +253,45 @@ class FileSource(Source):
         except UnicodeDecodeError:
             pass  # find the bad lines below
         else:
-            return list(lines) if is_utf8 else text.encode("utf-8").split(b"\n")
+            return (list(lines) if is_utf8 else text.encode("utf-8").split(b"\n")), {}
         decoded: list[bytes | None] = []
+        problems: dict[int, str] = {}
         for offset, line in enumerate(lines):
             try:
                 text = line.decode(encoding)
             except UnicodeDecodeError as exc:
                 decoded.append(None)
-                quarantine.add(
-                    str(path),
-                    READ_STEP,
-                    f"cannot decode as {encoding}: {exc.reason} at byte {exc.start + 1}",
-                    line=first_line + offset,
-                    record=_clip(line.decode(encoding, errors="replace")),
-                )
+                problems[offset] = f"cannot decode as {encoding}: {exc.reason} at byte {exc.start + 1}"
                 continue
             decoded.append(line if is_utf8 else text.encode("utf-8"))
-        return decoded
+        return decoded, problems
+
+    def _line_arrays(
+        self,
+        path: Path,
+        first_line: int,
+        raw_lines: list[bytes],
+        decoded: list[bytes | None],
+        undecodable: dict[int, str],
+        records_before: int,
+        quarantine: Quarantine,
+    ) -> _Lines:
+        """A chunk's lines as Arrow arrays with their line and record numbers (blank lines are not
+        records); undecodable lines are quarantined here, where their record numbers are known."""
+        lines = pa.array(decoded, pa.large_binary())
+        numbers = pa.array(np.arange(first_line, first_line + len(decoded), dtype=np.int64))
+        blank = pc.or_(
+            pc.equal(pc.binary_length(lines), 0), pc.equal(lines, pa.scalar(b"\r", pa.large_binary()))
+        )
+        is_record = pc.invert(pc.fill_null(blank, False))  # an undecodable line is a record too
+        rows = pc.add(pc.cumulative_sum(is_record.cast(pa.int64())), records_before)
+        for offset, reason in undecodable.items():
+            quarantine.add(
+                str(path), READ_STEP, reason, line=first_line + offset, row=rows[offset].as_py(),
+                record=_clip(raw_lines[offset].decode(self.spec.encoding, errors="replace")),
+            )  # fmt: skip
+        records = pc.sum(is_record.cast(pa.int64())).as_py() or 0
+        return _Lines(lines, numbers, rows, pc.and_(is_record, pc.is_valid(lines)), records_before + records)
 
     # -- CSV --
 
@@ -310,9 +345,15 @@ class FileSource(Source):
         to_skip = options.skip_rows + (1 if options.header else 0)
         records_before = 0  # records (non-blank lines after the header) in earlier chunks
         for first_line, raw_lines in self._line_chunks(path):
-            decoded = self._decode(path, first_line, raw_lines, quarantine)
+            decoded, undecodable = self._decode(raw_lines)
             if to_skip:
-                skipped, decoded = decoded[:to_skip], decoded[to_skip:]
+                skipped = decoded[:to_skip]
+                decoded, raw_lines = decoded[to_skip:], raw_lines[to_skip:]
+                undecodable = {
+                    offset - len(skipped): why
+                    for offset, why in undecodable.items()
+                    if offset >= len(skipped)
+                }
                 first_line += len(skipped)
                 to_skip -= len(skipped)
                 if to_skip == 0 and options.header:
@@ -324,15 +365,11 @@ class FileSource(Source):
                 if not decoded:
                     continue
             # Everything per line from here on is vectorised over Arrow arrays of the chunk's lines.
-            lines = pa.array(decoded, pa.large_binary())
-            numbers = pa.array(np.arange(first_line, first_line + len(decoded), dtype=np.int64))
-            blank = pc.or_(
-                pc.equal(pc.binary_length(lines), 0), pc.equal(lines, pa.scalar(b"\r", pa.large_binary()))
+            chunk = self._line_arrays(
+                path, first_line, raw_lines, decoded, undecodable, records_before, quarantine
             )
-            is_record = pc.invert(pc.fill_null(blank, False))  # an undecodable line is a record too
-            rows = pc.add(pc.cumulative_sum(is_record.cast(pa.int64())), records_before)
-            records_before += pc.sum(is_record.cast(pa.int64())).as_py() or 0
-            usable = pc.and_(is_record, pc.is_valid(lines))
+            records_before = chunk.records_after
+            lines, numbers, rows, usable = chunk.lines, chunk.numbers, chunk.rows, chunk.usable
             unclosed = pc.and_(usable, self._unclosed_quotes(lines))
             for index in pc.indices_nonzero(unclosed).to_pylist():  # the few bad lines, one by one
                 quarantine.add(
@@ -456,33 +493,32 @@ class FileSource(Source):
 
     def _read_json_lines(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
         self._check_line_encoding()
+        records_before = 0
         for first_line, raw_lines in self._line_chunks(path):
-            lines: list[bytes] = []
-            numbers: list[int] = []
-            for offset, line in enumerate(self._decode(path, first_line, raw_lines, quarantine)):
-                if line is not None and line.strip():
-                    lines.append(line)
-                    numbers.append(first_line + offset)
-            if not lines:
+            decoded, undecodable = self._decode(raw_lines)
+            chunk = self._line_arrays(
+                path, first_line, raw_lines, decoded, undecodable, records_before, quarantine
+            )
+            records_before = chunk.records_after
+            lines, numbers, rows = (
+                array.filter(chunk.usable) for array in (chunk.lines, chunk.numbers, chunk.rows)
+            )
+            if not len(lines):
                 continue
             table = self._parse_json_lines(lines)
             if table is None:  # pyarrow refused the chunk: find the broken lines with the stdlib
-                good, good_numbers = [], []
-                for line, number in zip(lines, numbers, strict=True):
+                good = []
+                for index, line in enumerate(lines.to_pylist()):
                     reason = _json_line_problem(line)
+                    good.append(reason is None)
                     if reason:
                         quarantine.add(
-                            str(path),
-                            READ_STEP,
-                            reason,
-                            line=number,
+                            str(path), READ_STEP, reason, line=numbers[index].as_py(), row=rows[index].as_py(),
                             record=_clip(line.decode("utf-8", "replace")),
-                        )
-                    else:
-                        good.append(line)
-                        good_numbers.append(number)
-                lines, numbers = good, good_numbers
-                if not lines:
+                        )  # fmt: skip
+                mask = pa.array(good, pa.bool_())
+                lines, numbers, rows = lines.filter(mask), numbers.filter(mask), rows.filter(mask)
+                if not len(lines):
                     continue
                 table = self._parse_json_lines(lines)
                 if table is None:
@@ -490,16 +526,15 @@ class FileSource(Source):
                         f"{path} lines {numbers[0]}-{numbers[-1]}: the records do not fit one table "
                         "(a field holds values of different types)"
                     )
-            positions = pa.array(numbers, pa.int64())
-            yield Batch(table, str(path), positions, positions)
+            yield Batch(table, str(path), numbers, rows)
 
     @staticmethod
-    def _parse_json_lines(lines: list[bytes]) -> pa.Table | None:
-        data = b"\n".join(lines) + b"\n"
+    def _parse_json_lines(lines: pa.Array) -> pa.Table | None:
+        data = _joined_lines(lines)
         try:
             return pa_json.read_json(
                 pa.BufferReader(data),
-                read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=data.size + 1),
             )
         except pa.ArrowException:
             return None

@@ -91,7 +91,7 @@ def test_the_wrong_encoding_quarantines_the_lines_it_cannot_decode(tmp_path: Pat
     rows, _, quarantine, _ = read(tmp_path, format="csv", path="people.csv")  # declared utf-8
     assert rows == [{"name": "Bob"}]
     [record] = quarantine
-    assert (record.line, record.row) == (2, None) and "cannot decode as utf-8" in record.reason
+    assert (record.line, record.row) == (2, 1) and "cannot decode as utf-8" in record.reason
 
 
 def test_a_non_line_encoding_is_a_clear_error(tmp_path: Path):
@@ -168,7 +168,7 @@ def test_json_lines_broken_lines_are_quarantined(tmp_path: Path):
     )
     rows, positions, quarantine, _ = read(tmp_path, batch_size=10, format="jsonl", path="events.jsonl")
     assert rows == [{"id": 1, "kind": "a"}, {"id": 4, "kind": "d"}]
-    assert positions == [(1, 1), (6, 6)]
+    assert positions == [(1, 1), (6, 5)]  # the blank line 3 is not a record
     assert [(line, reason.split(":")[0]) for line, _, reason in quarantined(quarantine)] == [
         (2, "invalid JSON"),
         (4, "a record must be a JSON object, got list"),
@@ -314,3 +314,18 @@ def test_sql_source_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyP
     unset = SqlSource(SqlSourceSpec(kind="sql", url_env="NO_SUCH_URL_VARIABLE", table="t"), 10)
     with pytest.raises(ConfigurationError, match="NO_SUCH_URL_VARIABLE"):
         list(unset.read(Quarantine()))
+
+
+def test_csv_escape_char_and_a_header_after_skipped_lines_in_tiny_batches(tmp_path: Path):
+    (tmp_path / "e.csv").write_text('junk\nmore junk\nid,text\n1,"say \\"hi\\""\n2,"open \\" only\n3,plain\n')
+    rows, positions, quarantine, batches = read(
+        tmp_path,
+        batch_size=1,
+        format="csv",
+        path="e.csv",
+        csv={"skip_rows": 2, "escape_char": "\\", "double_quote": False},
+    )
+    assert rows == [{"id": "1", "text": 'say "hi"'}, {"id": "3", "text": "plain"}]
+    assert positions == [(4, 1), (6, 3)]
+    assert [(record.line, record.row, record.reason) for record in quarantine] == [(5, 2, "unclosed quote")]
+    assert len(batches) == 2
