@@ -71,7 +71,7 @@ from assets.etl.quarantine import Batch, Quarantine
 from assets.etl.spec import FileSourceSpec, SqlSourceSpec
 from orchestration.errors import ConfigurationError, JunctionError
 
-__all__ = ["FileSource", "InputIdentity", "Source", "SqlSource", "open_source"]
+__all__ = ["ArrowTableSource", "FileSource", "InputIdentity", "Source", "SqlSource", "open_source"]
 
 READ_STEP = "read"
 READ_BLOCK_BYTES = 1 << 20
@@ -823,6 +823,30 @@ class _XmlRecords:
         # expat points inside the tag it stumbled on (after "</"): start from that tag's "<".
         tag_start = max(self.data.rfind(b"<", 0, error_at + 1), 0)
         return re.fullmatch(rb"(\s*</[^>]+>)*\s*", self.data[tag_start:]) is not None
+
+
+class ArrowTableSource(Source):
+    """An Arrow table already in memory as a source (an analyst's data, tests); identity = content hash."""
+
+    def __init__(self, table: pa.Table, name: str = "table", batch_size: int = 50_000):
+        self.table = table
+        self.name = name
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+    def identity(self) -> InputIdentity:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
+        return InputIdentity("arrow", ((self.name, hashlib.sha256(sink.getvalue()).hexdigest()),))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        for start in range(0, self.table.num_rows, self.batch_size):
+            piece = self.table.slice(start, self.batch_size)
+            yield Batch.from_table(piece, self.name, first_row=start + 1)
 
 
 # --- SQL ----------------------------------------------------------------------------------------------

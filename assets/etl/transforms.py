@@ -25,7 +25,8 @@ filter
     Keeps the rows matching a kernel condition (`orchestration.kernel.conditions.evaluate_table`).
 dedupe
     By key, keeping the first or the last row of each key, across all batches. ``keep: first`` streams
-    and holds only the keys already seen (an Arrow table). ``keep: last`` must see the whole input
+    and holds only the keys already seen (an Arrow table, probed with a hash join per batch, so its
+    cost grows with the number of distinct keys). ``keep: last`` must see the whole input
     before it knows which row is last, so it **holds every row in memory** until the input ends; for
     large inputs, dedupe in the target database instead (merge load) or keep the first. Within a
     batch a null key is one key; across batches null keys never match (Arrow's hash join), so rows
