@@ -152,10 +152,8 @@ class MapValues(Step):
 
 
 def cast_column(values: pa.Array, target: pa.DataType) -> tuple[pa.Array | None, dict[int, str]]:
-    """(the cast values with failing ones null, {index: reason}) using Arrow's safe cast.
-
-    Returns (None, failures) when there are failures: the caller drops those rows and casts again.
-    """
+    """Arrow's safe cast of a column: (cast values, {}) when every value casts, else
+    (None, {index: reason}) for the failing values; the caller drops those rows and casts again."""
     if values.type == target:
         return values, {}
     try:
