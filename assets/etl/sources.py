@@ -1,0 +1,926 @@
+"""Sources: where a pipeline's records come from, read in batches of Arrow tables.
+
+Every source implements `Source`: `read(quarantine)` yields `Batch`es (an Arrow table plus each row's
+position in the source) and quarantines the records it cannot parse; `identity()` describes the input
+(file paths with size and modification time or a content hash; a query with its parameters), so the
+load slice can derive load ids from the input rather than from the run. SQL, REST and other assets'
+outputs slot in behind the same two methods.
+
+File formats
+------------
+CSV and JSON Lines are split into lines and decoded by us, in chunks of `batch_size` lines, then parsed
+by pyarrow (`pyarrow.csv` with an `invalid_row_handler`, `pyarrow.json`). Doing the line split
+ourselves is what makes every malformed line quarantinable with its number instead of fatal:
+
+- bytes that do not decode in the declared encoding: the chunk is decoded in one call, and only when
+  that fails line by line, to find the bad lines;
+- an unclosed quote (an odd number of quote characters on a line): Arrow would otherwise swallow the
+  rest of the block into one value;
+- a wrong number of fields: pyarrow's `invalid_row_handler` skips the row and tells us its number;
+- a JSON line that is not valid JSON or not an object: found with the stdlib's `json` only when
+  pyarrow rejects the chunk.
+
+CSV columns are read as strings: types are decided by the spec's `cast` step, which quarantines the
+values that do not convert. (Inferring types from the first block would make a late bad value fail
+the whole file.) With ``newlines_in_values: true`` a record may span lines, so the file is parsed in
+one piece (held in memory) and positions are record numbers.
+
+JSON (one array of records) is decoded element by element with `json.JSONDecoder.raw_decode`; after a
+broken element the reader resynchronises at the next line starting with ``{`` (the shape of exported
+and pretty-printed arrays). The whole file is held in memory.
+
+XML is parsed with the stdlib's expat (`xml.parsers.expat`) rather than lxml: expat is always there,
+streams, protects against entity-expansion attacks and reports line and byte positions, which is
+what quarantine needs; lxml's `recover=True` would silently repair records instead of reporting them.
+Each `xml_record` element is a record: its attributes and the text of its child elements are the
+fields (strings, typed by `cast`). After a well-formedness error the reader quarantines the broken
+record and restarts at the next record element. The file is held in memory.
+
+Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches`.
+
+Compressed files: ``.gz`` and ``.bz2`` through Arrow's streams, ``.zip`` (one member) through the
+stdlib's `zipfile`, which Arrow does not read.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from xml.parsers import expat
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from assets.etl.quarantine import Batch, Quarantine
+from assets.etl.spec import FileSourceSpec, SqlSourceSpec
+from orchestration.errors import ConfigurationError, JunctionError
+
+__all__ = ["ArrowTableSource", "FileSource", "InputIdentity", "Source", "SqlSource", "open_source"]
+
+READ_STEP = "read"
+READ_BLOCK_BYTES = 1 << 20
+RECORD_TEXT_LIMIT = 2_000  # a quarantined raw record is kept up to this many characters
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What was read, precisely enough that reading the same input again yields the same load id."""
+
+    kind: str
+    parts: tuple[tuple[str, ...], ...]
+
+    @property
+    def load_id(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.kind, self.parts]).encode()).hexdigest()
+        return digest[:32]
+
+
+class Source(ABC):
+    """A pipeline input: batches of rows, the records it could not parse, and its identity."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """A short human description (a path or glob, a table) for messages and metadata."""
+
+    @abstractmethod
+    def identity(self) -> InputIdentity: ...
+
+    @abstractmethod
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        """Yield the rows in batches; unparseable records go to `quarantine` with step ``read``."""
+
+
+@dataclass(frozen=True)
+class _Lines:
+    """A chunk of text lines as Arrow arrays: the lines (UTF-8, null if undecodable), their line and
+    record numbers, which of them can be parsed, and the record count so far."""
+
+    lines: pa.Array
+    numbers: pa.Array
+    rows: pa.Array
+    usable: pa.Array
+    records_after: int
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= RECORD_TEXT_LIMIT else text[:RECORD_TEXT_LIMIT] + "…"
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+class FileSource(Source):
+    def __init__(self, spec: FileSourceSpec, base_dir: Path, batch_size: int):
+        self.spec = spec
+        self.base_dir = Path(base_dir)
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return f"{self.spec.format} {self.spec.path}" + (
+            f" in package {self.spec.package}" if self.spec.package else ""
+        )
+
+    def _root(self) -> Path:
+        if self.spec.package is None:
+            return self.base_dir
+        import importlib.util
+
+        # find_spec locates the package without importing it (data packages often import pandas).
+        found = importlib.util.find_spec(self.spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigurationError(
+                f"package {self.spec.package!r} is not installed (source {self.spec.path})"
+            )
+        return Path(next(iter(found.submodule_search_locations)))
+
+    def files(self) -> list[Path]:
+        pattern = Path(self.spec.path).expanduser()
+        if not pattern.is_absolute():
+            pattern = self._root() / pattern
+        matches = sorted(Path(match) for match in glob.glob(str(pattern), recursive=True))
+        files = [match for match in matches if match.is_file()]
+        if not files:
+            raise JunctionError(f"no file matches {pattern}")
+        return files
+
+    def identity(self) -> InputIdentity:
+        parts = []
+        for path in self.files():
+            if self.spec.identity == "content":
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(READ_BLOCK_BYTES), b""):
+                        digest.update(block)
+                parts.append((str(path), digest.hexdigest()))
+            else:
+                stat = path.stat()
+                parts.append((str(path), str(stat.st_size), str(stat.st_mtime_ns)))
+        return InputIdentity("file", tuple(parts))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        reader = {
+            "csv": self._read_csv,
+            "jsonl": self._read_json_lines,
+            "json": self._read_json_array,
+            "xml": self._read_xml,
+            "parquet": self._read_parquet,
+        }[self.spec.format]
+        for path in self.files():
+            yield from reader(path, quarantine)
+
+    # -- bytes and lines --
+
+    def _open(self, path: Path) -> BinaryIO:
+        try:
+            if path.suffix.lower() == ".zip":
+                archive = zipfile.ZipFile(path)
+                members = [info for info in archive.infolist() if not info.is_dir()]
+                if len(members) != 1:
+                    raise JunctionError(
+                        f"{path}: a zip source must hold exactly one file, found {len(members)}"
+                    )
+                return archive.open(members[0])
+            if path.suffix.lower() in (".gz", ".bz2"):
+                return pa.input_stream(str(path), compression="detect")
+            return open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+        except (OSError, zipfile.BadZipFile, pa.ArrowException) as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+
+    def _read_all(self, path: Path) -> bytes:
+        with self._open(path) as stream:
+            try:
+                return stream.read()
+            except (OSError, EOFError, zipfile.BadZipFile, pa.ArrowException) as exc:
+                raise JunctionError(f"cannot read {path}: {exc}") from None
+
+    def _line_chunks(self, path: Path) -> Iterator[tuple[int, list[bytes]]]:
+        """(number of the first line, lines without their newline), `batch_size` lines at a time."""
+        with self._open(path) as stream:
+            pending, lines, next_line = b"", [], 1
+            while True:
+                try:
+                    block = stream.read(READ_BLOCK_BYTES)
+                except (OSError, EOFError, zipfile.BadZipFile, pa.ArrowException) as exc:
+                    raise JunctionError(f"cannot read {path}: {exc}") from None
+                if not block:
+                    break
+                parts = (pending + block).split(b"\n")
+                pending = parts.pop()
+                lines.extend(parts)
+                while len(lines) >= self.batch_size:
+                    yield next_line, lines[: self.batch_size]
+                    next_line += self.batch_size
+                    lines = lines[self.batch_size :]
+            if pending:
+                lines.append(pending)
+            if lines:
+                yield next_line, lines
+
+    def _check_line_encoding(self) -> None:
+        if "\n".encode(self.spec.encoding, errors="ignore") != b"\n":
+            raise JunctionError(
+                f"{self.spec.path}: encoding {self.spec.encoding!r} is not line-oriented (e.g. UTF-16); "
+                "convert the file to UTF-8"
+            )
+
+    def _decode(self, lines: list[bytes]) -> tuple[list[bytes | None], dict[int, str]]:
+        """The lines as UTF-8 (Arrow's encoding), None where a line does not decode, and why not.
+
+        The chunk is decoded in one call; only when that fails is it decoded line by line.
+        """
+        encoding = self.spec.encoding
+        is_utf8 = codecs.lookup(encoding).name == "utf-8"
+        try:
+            text = b"\n".join(lines).decode(encoding)
+        except UnicodeDecodeError:
+            pass  # find the bad lines below
+        else:
+            return (list(lines) if is_utf8 else text.encode("utf-8").split(b"\n")), {}
+        decoded: list[bytes | None] = []
+        problems: dict[int, str] = {}
+        for offset, line in enumerate(lines):
+            try:
+                text = line.decode(encoding)
+            except UnicodeDecodeError as exc:
+                decoded.append(None)
+                problems[offset] = f"cannot decode as {encoding}: {exc.reason} at byte {exc.start + 1}"
+                continue
+            decoded.append(line if is_utf8 else text.encode("utf-8"))
+        return decoded, problems
+
+    def _line_arrays(
+        self,
+        path: Path,
+        first_line: int,
+        raw_lines: list[bytes],
+        decoded: list[bytes | None],
+        undecodable: dict[int, str],
+        records_before: int,
+        quarantine: Quarantine,
+    ) -> _Lines:
+        """A chunk's lines as Arrow arrays with their line and record numbers (blank lines are not
+        records); undecodable lines are quarantined here, where their record numbers are known."""
+        lines = pa.array(decoded, pa.large_binary())
+        numbers = pa.array(np.arange(first_line, first_line + len(decoded), dtype=np.int64))
+        blank = pc.or_(
+            pc.equal(pc.binary_length(lines), 0), pc.equal(lines, pa.scalar(b"\r", pa.large_binary()))
+        )
+        is_record = pc.invert(pc.fill_null(blank, False))  # an undecodable line is a record too
+        rows = pc.add(pc.cumulative_sum(is_record.cast(pa.int64())), records_before)
+        for offset, reason in undecodable.items():
+            quarantine.add(
+                str(path), READ_STEP, reason, line=first_line + offset, row=rows[offset].as_py(),
+                record=_clip(raw_lines[offset].decode(self.spec.encoding, errors="replace")),
+            )  # fmt: skip
+        records = pc.sum(is_record.cast(pa.int64())).as_py() or 0
+        return _Lines(lines, numbers, rows, pc.and_(is_record, pc.is_valid(lines)), records_before + records)
+
+    # -- CSV --
+
+    def _csv_parse_options(self, handler: Any, newlines_in_values: bool) -> pa_csv.ParseOptions:
+        options = self.spec.csv
+        return pa_csv.ParseOptions(
+            delimiter=options.delimiter,
+            quote_char=options.quote_char or False,
+            double_quote=options.double_quote,
+            escape_char=options.escape_char or False,
+            newlines_in_values=newlines_in_values,
+            invalid_row_handler=handler,
+        )
+
+    def _csv_convert_options(self, names: list[str]) -> pa_csv.ConvertOptions:
+        extra = {"null_values": self.spec.csv.null_values} if self.spec.csv.null_values is not None else {}
+        return pa_csv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True, **extra
+        )
+
+    def _csv_fields(self, line: str) -> list[str]:
+        """One line split by the stdlib's csv module (for the header: Arrow needs the names first)."""
+        options = self.spec.csv
+        dialect: dict[str, Any] = {"delimiter": options.delimiter, "doublequote": options.double_quote}
+        if options.quote_char is None:
+            dialect["quoting"] = csv.QUOTE_NONE
+        else:
+            dialect["quotechar"] = options.quote_char
+        if options.escape_char:
+            dialect["escapechar"] = options.escape_char
+        return next(csv.reader([line], **dialect), [])
+
+    def _unclosed_quotes(self, lines: pa.Array) -> pa.Array:
+        """Lines with an odd number of quote characters (escaped quotes aside), vectorised."""
+        quote, escape = self.spec.csv.quote_char, self.spec.csv.escape_char
+        if quote is None:
+            return pa.repeat(pa.scalar(False), len(lines))
+        text = lines.cast(pa.large_string())  # lines that failed decoding are null already
+        if escape:
+            text = pc.replace_substring_regex(text, pattern=re2_escape(escape) + ".", replacement="")
+        odd = pc.equal(pc.bit_wise_and(pc.count_substring(text, pattern=quote), 1), 1)
+        return pc.fill_null(odd, False)
+
+    def _read_csv(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        self._check_line_encoding()
+        if self.spec.csv.newlines_in_values:
+            yield from self._read_csv_whole(path, quarantine)
+            return
+        options = self.spec.csv
+        names: list[str] | None = list(options.column_names) if options.column_names else None
+        to_skip = options.skip_rows + (1 if options.header else 0)
+        records_before = 0  # records (non-blank lines after the header) in earlier chunks
+        for first_line, raw_lines in self._line_chunks(path):
+            decoded, undecodable = self._decode(raw_lines)
+            if to_skip:
+                skipped = decoded[:to_skip]
+                decoded, raw_lines = decoded[to_skip:], raw_lines[to_skip:]
+                undecodable = {
+                    offset - len(skipped): why
+                    for offset, why in undecodable.items()
+                    if offset >= len(skipped)
+                }
+                first_line += len(skipped)
+                to_skip -= len(skipped)
+                if to_skip == 0 and options.header:
+                    if skipped[-1] is None:
+                        raise JunctionError(
+                            f"{path}: the header line cannot be decoded as {self.spec.encoding}"
+                        )
+                    names = self._csv_fields(skipped[-1].decode("utf-8").removeprefix("\ufeff").rstrip("\r"))
+                if not decoded:
+                    continue
+            # Everything per line from here on is vectorised over Arrow arrays of the chunk's lines.
+            chunk = self._line_arrays(
+                path, first_line, raw_lines, decoded, undecodable, records_before, quarantine
+            )
+            records_before = chunk.records_after
+            lines, numbers, rows, usable = chunk.lines, chunk.numbers, chunk.rows, chunk.usable
+            unclosed = pc.and_(usable, self._unclosed_quotes(lines))
+            for index in pc.indices_nonzero(unclosed).to_pylist():  # the few bad lines, one by one
+                quarantine.add(
+                    str(path), READ_STEP, "unclosed quote", line=numbers[index].as_py(), row=rows[index].as_py(),
+                    record=_clip(decoded[index].decode("utf-8", errors="replace")),
+                )  # fmt: skip
+            fed_mask = pc.and_(usable, pc.invert(unclosed))
+            fed = lines.filter(fed_mask)
+            if not len(fed):
+                continue
+            if names is None:  # no header and no names: f0, f1, ... like Arrow's autogenerated names
+                names = [
+                    f"f{index}" for index in range(len(self._csv_fields(fed[0].as_py().decode("utf-8"))))
+                ]
+            yield from self._parse_csv_lines(
+                path, names, fed, numbers.filter(fed_mask), rows.filter(fed_mask), quarantine
+            )
+
+    def _parse_csv_lines(
+        self,
+        path: Path,
+        names: list[str],
+        lines: pa.Array,
+        line_numbers: pa.Array,
+        record_numbers: pa.Array,
+        quarantine: Quarantine,
+    ) -> Iterator[Batch]:
+        malformed: dict[int, Any] = {}
+
+        def skip_malformed(row: Any) -> str:
+            malformed[row.number] = row
+            return "skip"
+
+        data = _joined_lines(lines)
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(data),
+                # One block, parsed serially: Arrow's row numbers are then exact.
+                read_options=pa_csv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=data.size + 1
+                ),
+                parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=False),
+                convert_options=self._csv_convert_options(names),
+            )
+        except pa.ArrowException as exc:
+            raise JunctionError(f"cannot read {path} near line {line_numbers[0]}: {exc}") from None
+        keep = np.ones(len(lines), dtype=bool)
+        for number, row in malformed.items():  # Arrow's numbers count the rows we fed, from 1
+            keep[number - 1] = False
+            quarantine.add(
+                str(path),
+                READ_STEP,
+                f"expected {row.expected_columns} fields, found {row.actual_columns}",
+                line=line_numbers[number - 1].as_py(),
+                row=record_numbers[number - 1].as_py(),
+                record=_clip(row.text),
+            )
+        kept = pa.array(keep)
+        if table.num_rows != int(keep.sum()):
+            raise JunctionError(
+                f"{path}: Arrow parsed {table.num_rows} rows where {int(keep.sum())} were expected"
+            )
+        if table.num_rows:
+            yield Batch(table, str(path), line_numbers.filter(kept), record_numbers.filter(kept))
+
+    def _read_csv_whole(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        data = self._read_all(path)
+        try:
+            text = data.decode(self.spec.encoding)
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise JunctionError(
+                f"{path} line {line}: cannot decode as {self.spec.encoding} ({exc.reason}); with "
+                "newlines_in_values the file is parsed whole, so a bad line cannot be set aside"
+            ) from None
+        options = self.spec.csv
+        body = io.StringIO(text.removeprefix("\ufeff"))
+        for _ in range(options.skip_rows):
+            body.readline()
+        names = list(options.column_names or [])
+        if options.header:
+            names = self._csv_fields(body.readline().rstrip("\r\n"))
+        rest = body.read().encode("utf-8")
+        if not names:
+            first = rest.split(b"\n", 1)[0].decode("utf-8")
+            names = [f"f{index}" for index in range(len(self._csv_fields(first)))]
+        malformed: list[Any] = []
+
+        def skip_malformed(row: Any) -> str:
+            malformed.append(row)
+            return "skip"
+
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(rest),
+                read_options=pa_csv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=len(rest) + 1
+                ),
+                parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=True),
+                convert_options=self._csv_convert_options(names),
+            )
+        except pa.ArrowException as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+        bad_records = {row.number for row in malformed}
+        for row in malformed:
+            quarantine.add(
+                str(path),
+                READ_STEP,
+                f"expected {row.expected_columns} fields, found {row.actual_columns}",
+                row=row.number,
+                record=_clip(row.text),
+            )
+        total = table.num_rows + len(malformed)
+        records = [number for number in range(1, total + 1) if number not in bad_records]
+        for start in range(0, table.num_rows, self.batch_size):
+            piece = table.slice(start, self.batch_size)
+            rows = pa.array(records[start : start + piece.num_rows], pa.int64())
+            yield Batch(piece, str(path), pa.nulls(piece.num_rows, pa.int64()), rows)
+
+    # -- JSON Lines --
+
+    def _read_json_lines(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        self._check_line_encoding()
+        records_before = 0
+        for first_line, raw_lines in self._line_chunks(path):
+            decoded, undecodable = self._decode(raw_lines)
+            chunk = self._line_arrays(
+                path, first_line, raw_lines, decoded, undecodable, records_before, quarantine
+            )
+            records_before = chunk.records_after
+            lines, numbers, rows = (
+                array.filter(chunk.usable) for array in (chunk.lines, chunk.numbers, chunk.rows)
+            )
+            if not len(lines):
+                continue
+            table = self._parse_json_lines(lines)
+            if table is None:  # pyarrow refused the chunk: find the broken lines with the stdlib
+                good = []
+                for index, line in enumerate(lines.to_pylist()):
+                    reason = _json_line_problem(line)
+                    good.append(reason is None)
+                    if reason:
+                        quarantine.add(
+                            str(path), READ_STEP, reason, line=numbers[index].as_py(), row=rows[index].as_py(),
+                            record=_clip(line.decode("utf-8", "replace")),
+                        )  # fmt: skip
+                mask = pa.array(good, pa.bool_())
+                lines, numbers, rows = lines.filter(mask), numbers.filter(mask), rows.filter(mask)
+                if not len(lines):
+                    continue
+                table = self._parse_json_lines(lines)
+                if table is None:
+                    raise JunctionError(
+                        f"{path} lines {numbers[0]}-{numbers[-1]}: the records do not fit one table "
+                        "(a field holds values of different types)"
+                    )
+            yield Batch(table, str(path), numbers, rows)
+
+    @staticmethod
+    def _parse_json_lines(lines: pa.Array) -> pa.Table | None:
+        data = _joined_lines(lines)
+        try:
+            return pa_json.read_json(
+                pa.BufferReader(data),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=data.size + 1),
+            )
+        except pa.ArrowException:
+            return None
+
+    # -- JSON array --
+
+    def _read_json_array(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        data = self._read_all(path)
+        try:
+            text = data.decode(self.spec.encoding).removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise JunctionError(
+                f"{path} line {line}: cannot decode as {self.spec.encoding} ({exc.reason})"
+            ) from None
+        decoder = json.JSONDecoder()
+        whitespace = re.compile(r"\s*")
+        resync = re.compile(r"\n\s*\{")
+        position = whitespace.match(text).end()
+        if not text.startswith("[", position):
+            raise JunctionError(f"{path}: expected a JSON array of records ([{{...}}, ...])")
+        position += 1
+        line, line_counted_to = 1, 0
+        records: list[dict[str, Any]] = []
+        lines: list[int] = []
+        rows: list[int] = []
+        record_number = 0
+
+        def line_at(offset: int) -> int:
+            nonlocal line, line_counted_to
+            line += text.count("\n", line_counted_to, offset)
+            line_counted_to = offset
+            return line
+
+        while True:
+            position = whitespace.match(text, position).end()
+            if position >= len(text):
+                quarantine.add(str(path), READ_STEP, "the array is not closed with ]", line=line_at(position))
+                record_number += 1
+                break
+            if text[position] == "]":
+                break
+            start = position
+            record_number += 1
+            try:
+                value, position = decoder.raw_decode(text, position)
+                position = whitespace.match(text, position).end()
+                if position < len(text) and text[position] not in ",]":
+                    raise json.JSONDecodeError("expected ',' or ']' after a record", text, position)
+            except json.JSONDecodeError as exc:
+                following = resync.search(text, max(exc.pos, start + 1))
+                end = following.start() + 1 if following else len(text)
+                quarantine.add(
+                    str(path),
+                    READ_STEP,
+                    f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
+                    line=line_at(start),
+                    row=record_number,
+                    record=_clip(text[start:end].strip()),
+                )
+                if following is None:
+                    break
+                position = end
+                continue
+            if position < len(text) and text[position] == ",":
+                position += 1
+            if not isinstance(value, dict):
+                quarantine.add(
+                    str(path), READ_STEP, f"a record must be a JSON object, got {type(value).__name__}",
+                    line=line_at(start), row=record_number, record=_clip(json.dumps(value)),
+                )  # fmt: skip
+                continue
+            records.append(value)
+            lines.append(line_at(start))
+            rows.append(record_number)
+            if len(records) >= self.batch_size:
+                yield self._records_batch(path, records, lines, rows)
+                records, lines, rows = [], [], []
+        if records:
+            yield self._records_batch(path, records, lines, rows)
+
+    @staticmethod
+    def _records_batch(path: Path, records: list[dict[str, Any]], lines: list[int], rows: list[int]) -> Batch:
+        try:
+            table = pa.Table.from_pylist(records)
+        except (pa.ArrowException, TypeError) as exc:
+            raise JunctionError(
+                f"{path} lines {lines[0]}-{lines[-1]}: the records do not fit one table: {exc}"
+            ) from None
+        return Batch(table, str(path), pa.array(lines, pa.int64()), pa.array(rows, pa.int64()))
+
+    # -- XML --
+
+    def _read_xml(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        reader = _XmlRecords(
+            self._read_all(path), self.spec.xml_record, self.spec.encoding, str(path), quarantine
+        )
+        records: list[dict[str, Any]] = []
+        lines: list[int] = []
+        rows: list[int] = []
+        for record, line, row in reader:
+            records.append(record)
+            lines.append(line)
+            rows.append(row)
+            if len(records) >= self.batch_size:
+                yield self._xml_batch(path, records, lines, rows)
+                records, lines, rows = [], [], []
+        if records:
+            yield self._xml_batch(path, records, lines, rows)
+
+    @staticmethod
+    def _xml_batch(path: Path, records: list[dict[str, Any]], lines: list[int], rows: list[int]) -> Batch:
+        names = list(dict.fromkeys(name for record in records for name in record))
+        columns = {name: pa.array([record.get(name) for record in records], pa.string()) for name in names}
+        table = pa.table(columns)
+        return Batch(table, str(path), pa.array(lines, pa.int64()), pa.array(rows, pa.int64()))
+
+    # -- Parquet --
+
+    def _read_parquet(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
+        try:
+            parquet = pq.ParquetFile(path)
+            next_row = 1
+            for record_batch in parquet.iter_batches(batch_size=self.batch_size):
+                table = pa.Table.from_batches([record_batch])
+                yield Batch.from_table(table, str(path), first_row=next_row)
+                next_row += table.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise JunctionError(f"cannot read {path}: {exc}") from None
+
+
+def re2_escape(text: str) -> str:
+    """`text` as a literal in an RE2 pattern (Arrow's regex dialect)."""
+    return "".join(f"\\{char}" if not char.isalnum() else char for char in text)
+
+
+def _joined_lines(lines: pa.Array) -> pa.Buffer:
+    """The lines as one buffer, each ending with a newline, built by Arrow without Python objects."""
+    newline, nothing = pa.scalar(b"\n", pa.large_binary()), pa.scalar(b"", pa.large_binary())
+    terminated = pc.binary_join_element_wise(lines, newline, nothing)
+    _, offsets, data = terminated.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int64)
+    start, end = int(bounds[terminated.offset]), int(bounds[terminated.offset + len(terminated)])
+    return data.slice(start, end - start)
+
+
+def _json_line_problem(line: bytes) -> str | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON: {exc.msg} (column {exc.colno})"
+    if not isinstance(value, dict):
+        return f"a record must be a JSON object, got {type(value).__name__}"
+    return None
+
+
+class _XmlRecords:
+    """Iterate (fields, line, record number) over the `record` elements of an XML document with expat.
+
+    After a well-formedness error the broken record is quarantined and parsing restarts at the next
+    ``<record`` start tag, inside a synthetic root element so that the rest still parses.
+    """
+
+    RESYNC_ROOT = b"<junction-resync>"
+
+    def __init__(self, data: bytes, record_tag: str, encoding: str, source: str, quarantine: Quarantine):
+        self.data = data
+        self.record_tag = record_tag
+        self.encoding = encoding
+        self.source = source
+        self.quarantine = quarantine
+        self.next_record_tag = re.compile(b"<" + re.escape(record_tag.encode()) + rb"[\s/>]")
+        self.record_number = 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int, int]]:
+        start, prefix = 0, b""
+        while True:
+            outcome = yield from self._parse_from(start, prefix)
+            if outcome is None:
+                return
+            start, prefix = outcome, self.RESYNC_ROOT
+
+    def _parse_from(self, start: int, prefix: bytes) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """Parse from byte `start`; returns where to resume after an error, or None at the end."""
+        parser = expat.ParserCreate(self.encoding)
+        line_base = self.data.count(b"\n", 0, start)  # lines before `start`
+        done: list[tuple[dict[str, Any], int, int]] = []
+        state: dict[str, Any] = {
+            "record": None,
+            "depth": 0,
+            "field": None,
+            "text": [],
+            "line": 0,
+            "problem": None,
+        }
+
+        def on_start(name: str, attributes: dict[str, str]) -> None:
+            if state["record"] is None:
+                if name == self.record_tag:
+                    state.update(record=dict(attributes), depth=0, line=line_base + parser.CurrentLineNumber)
+                return
+            state["depth"] += 1
+            if state["depth"] == 1:
+                state.update(field=name, text=[])
+
+        def on_text(text: str) -> None:
+            if state["record"] is not None and state["depth"] >= 1:
+                state["text"].append(text)
+
+        def on_end(name: str) -> None:
+            record = state["record"]
+            if record is None:
+                return
+            if state["depth"] == 0:
+                self.record_number += 1
+                if not record and not state["problem"]:
+                    state["problem"] = "the record has no fields"
+                if state["problem"]:
+                    self.quarantine.add(
+                        self.source, READ_STEP, state["problem"], line=state["line"], row=self.record_number,
+                        record=_clip(json.dumps(record, ensure_ascii=False)),
+                    )  # fmt: skip
+                else:
+                    done.append((record, state["line"], self.record_number))
+                state.update(record=None, problem=None)
+                return
+            if state["depth"] == 1:
+                value = "".join(state["text"]).strip() or None
+                if state["field"] in record:
+                    state["problem"] = f"repeated element <{state['field']}> (lists are not supported)"
+                record[state["field"]] = value
+            state["depth"] -= 1
+
+        parser.StartElementHandler = on_start
+        parser.EndElementHandler = on_end
+        parser.CharacterDataHandler = on_text
+        parser.buffer_text = True
+        feed = prefix + self.data[start:]
+        try:
+            for offset in range(0, len(feed), READ_BLOCK_BYTES):
+                parser.Parse(feed[offset : offset + READ_BLOCK_BYTES], False)
+                yield from done
+                done.clear()
+            parser.Parse(b"", True)
+            yield from done
+            return None
+        except expat.ExpatError as exc:
+            yield from done
+            error_at = start + max(parser.ErrorByteIndex - len(prefix), 0)
+            line = line_base + exc.lineno
+            following = self.next_record_tag.search(self.data, error_at + 1)
+            if state["record"] is not None:
+                self.record_number += 1
+                self.quarantine.add(
+                    self.source,
+                    READ_STEP,
+                    f"malformed XML: {expat.ErrorString(exc.code)} (line {line} column {exc.offset + 1})",
+                    line=state["line"],
+                    row=self.record_number,
+                    record=_clip(self._text_between(self._record_start(error_at), following)),
+                )
+            elif following is not None or not self._only_closing_tags_after(error_at):
+                self.record_number += 1
+                self.quarantine.add(
+                    self.source,
+                    READ_STEP,
+                    f"malformed XML outside a <{self.record_tag}> record: {expat.ErrorString(exc.code)} "
+                    f"(line {line} column {exc.offset + 1})",
+                    line=line,
+                    row=self.record_number,
+                )
+            return following.start() if following else None
+
+    def _text_between(self, start: int, following: re.Match[bytes] | None) -> str:
+        end = following.start() if following else len(self.data)
+        return self.data[start:end].decode(self.encoding, "replace").strip()
+
+    def _record_start(self, error_at: int) -> int:
+        previous = None
+        for match in self.next_record_tag.finditer(self.data, 0, error_at + 1):
+            previous = match
+        return previous.start() if previous else error_at
+
+    def _only_closing_tags_after(self, error_at: int) -> bool:
+        """After a resync the original root's closing tag is an expected error, not a broken record."""
+        # expat points inside the tag it stumbled on (after "</"): start from that tag's "<".
+        tag_start = max(self.data.rfind(b"<", 0, error_at + 1), 0)
+        return re.fullmatch(rb"(\s*</[^>]+>)*\s*", self.data[tag_start:]) is not None
+
+
+class ArrowTableSource(Source):
+    """An Arrow table already in memory as a source (an analyst's data, tests); identity = content hash."""
+
+    def __init__(self, table: pa.Table, name: str = "table", batch_size: int = 50_000):
+        self.table = table
+        self.name = name
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+    def identity(self) -> InputIdentity:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
+        return InputIdentity("arrow", ((self.name, hashlib.sha256(sink.getvalue()).hexdigest()),))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        for start in range(0, self.table.num_rows, self.batch_size):
+            piece = self.table.slice(start, self.batch_size)
+            yield Batch.from_table(piece, self.name, first_row=start + 1)
+
+
+# --- SQL ----------------------------------------------------------------------------------------------
+
+
+class SqlSource(Source):
+    """A table or parameterized query through SQLAlchemy, streamed with a server-side cursor.
+
+    `stream_results` makes PostgreSQL (psycopg2) use a named cursor and SQLite step through its
+    cursor, so memory is bounded by `batch_size` rows whatever the result's size.
+    """
+
+    def __init__(self, spec: SqlSourceSpec, batch_size: int):
+        self.spec = spec
+        self.batch_size = batch_size
+
+    @property
+    def description(self) -> str:
+        return f"table {self.spec.table}" if self.spec.table else "query"
+
+    def url(self) -> str:
+        if self.spec.url is not None:
+            return self.spec.url
+        value = os.environ.get(self.spec.url_env or "")
+        if not value:
+            raise ConfigurationError(
+                f"environment variable {self.spec.url_env} (the source's url_env) is not set"
+            )
+        return value
+
+    def identity(self) -> InputIdentity:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url()).render_as_string(hide_password=True)
+        what = self.spec.table or self.spec.query or ""
+        return InputIdentity("sql", ((url, what, json.dumps(self.spec.params, sort_keys=True, default=str)),))
+
+    def _statement(self) -> Any:
+        import sqlalchemy as sa
+
+        if self.spec.query is not None:
+            return sa.text(self.spec.query)
+        schema, _, name = (self.spec.table or "").rpartition(".")
+        return sa.select(sa.text("*")).select_from(sa.table(name, schema=schema or None))
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url())
+        next_row = 1
+        try:
+            with engine.connect() as connection:
+                result = connection.execution_options(
+                    stream_results=True, max_row_buffer=self.batch_size
+                ).execute(self._statement(), self.spec.params)
+                names = list(result.keys())
+                for rows in result.partitions(self.batch_size):
+                    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+                    table = pa.table(
+                        {name: pa.array(column) for name, column in zip(names, columns, strict=True)}
+                    )
+                    yield Batch.from_table(table, self.description, first_row=next_row)
+                    next_row += table.num_rows
+        except sa.exc.SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise JunctionError(f"cannot read {self.description}: {reason}") from None
+        except (pa.ArrowException, TypeError) as exc:
+            raise JunctionError(f"cannot read {self.description} as Arrow: {exc}") from None
+        finally:
+            engine.dispose()
+
+
+def open_source(spec: FileSourceSpec | SqlSourceSpec, base_dir: Path, batch_size: int) -> Source:
+    """The `Source` for a spec's `source:` section; relative file paths resolve against `base_dir`."""
+    if isinstance(spec, FileSourceSpec):
+        return FileSource(spec, base_dir, batch_size)
+    return SqlSource(spec, batch_size)

@@ -1,0 +1,592 @@
+"""The pipeline spec: one YAML file per pipeline in `settings.pipelines_dir`, validated with pydantic.
+
+Every model forbids unknown fields. Conditions (`filter`, quality `rules`, trigger conditions) and
+expressions (`derive`) are parsed with the kernel while the spec is validated, so an unknown
+operator is a load-time error at its field, e.g. ``transforms[3].filter.all[1].op: unknown operator``.
+The kernel raises `SpecError` relative to its own input; `_kernel_errors_as_validation` turns those
+problems into pydantic line errors, which pydantic anchors at the field being validated - so kernel
+problems are reported together with every other problem of every file, in the kernel's format.
+
+`PipelineSpec.model_json_schema()` is the JSON Schema for editors (`junction pipelines schema`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pyarrow as pa
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from orchestration.kernel.conditions import Condition, compile_regex, parse_condition
+from orchestration.kernel.expressions import Expression, parse_expression
+from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
+
+__all__ = [
+    "CompiledCondition",
+    "CompiledExpression",
+    "FileSourceSpec",
+    "LoadedPipeline",
+    "PipelineSpec",
+    "SqlSourceSpec",
+    "TransformStep",
+    "json_schema",
+    "load_pipelines",
+    "parse_arrow_type",
+    "pipeline_files",
+]
+
+# Dagster asset names, group names and our pipeline names share this shape.
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- kernel sub-parsers inside pydantic ---------------------------------------------------------------
+
+_LOCATION_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _location_parts(location: str) -> tuple[str | int, ...]:
+    """`all[1].op` -> ("all", 1, "op"): the inverse of `spec_errors.format_location`."""
+    if location.startswith("("):  # "(root)", "(expression)": the sub-parser's whole input
+        return ()
+    return tuple(int(index) if index else name for name, index in _LOCATION_PART.findall(location))
+
+
+def _kernel_errors_as_validation(error: SpecError, value: Any) -> ValidationError:
+    """The kernel's problems as pydantic line errors; pydantic prefixes them with the field's location."""
+    details = [
+        InitErrorDetails(
+            type=PydanticCustomError("kernel", "{reason}", {"reason": problem.reason}),
+            loc=_location_parts(problem.location),
+            input=value,
+        )
+        for problem in error.problems
+    ]
+    return ValidationError.from_exception_data("kernel", details)
+
+
+@dataclass(frozen=True)
+class CompiledCondition:
+    """A condition as written in the spec and its parsed tree (parsed once, at load)."""
+
+    source: Any
+    tree: Condition
+
+
+@dataclass(frozen=True)
+class CompiledExpression:
+    source: str
+    tree: Expression
+
+
+def _compile_condition(value: Any) -> CompiledCondition:
+    if isinstance(value, CompiledCondition):
+        return value
+    try:
+        return CompiledCondition(value, parse_condition(value))
+    except SpecError as exc:
+        raise _kernel_errors_as_validation(exc, value) from None
+
+
+def _compile_expression(value: Any) -> CompiledExpression:
+    if isinstance(value, CompiledExpression):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"an expression must be a string, got {type(value).__name__}")
+    try:
+        return CompiledExpression(value, parse_expression(value))
+    except SpecError as exc:
+        raise _kernel_errors_as_validation(exc, value) from None
+
+
+ConditionField = Annotated[
+    Any,
+    AfterValidator(_compile_condition),
+    PlainSerializer(lambda compiled: compiled.source),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "description": "A kernel condition: {field, op, value} or {all: [...]}, {any: [...]}, {not: {...}}",
+        }
+    ),
+]
+ExpressionField = Annotated[
+    Any,
+    AfterValidator(_compile_expression),
+    PlainSerializer(lambda compiled: compiled.source),
+    WithJsonSchema({"type": "string", "description": "A kernel expression, e.g. upper(trim(name))"}),
+]
+
+
+# --- Arrow type names ---------------------------------------------------------------------------------
+
+_DECIMAL = re.compile(r"^decimal\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
+_TIMESTAMP = re.compile(r"^timestamp\[\s*(s|ms|us|ns)\s*(?:,\s*([^\]\s]+)\s*)?\]$")
+_FRIENDLY_ALIASES = {
+    "int": "int64",
+    "integer": "int64",
+    "float": "float64",
+    "boolean": "bool",
+    "text": "string",
+}
+
+
+def parse_arrow_type(text: str) -> pa.DataType:
+    """A type name from a spec as an Arrow type.
+
+    Arrow's own aliases (`pa.type_for_alias`: int8..int64, uint8..uint64, float32/float64/double,
+    bool, string, large_string, binary, date32, date64, timestamp[ms]...) plus ``int``, ``float``,
+    ``boolean``, ``text``, ``date`` (date32), ``timestamp`` (microseconds, naive),
+    ``timestamp[unit, Time/Zone]`` and ``decimal(precision, scale)``.
+    """
+    name = text.strip().lower() if isinstance(text, str) else text
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"unknown type {text!r}")
+    if match := _DECIMAL.match(name):
+        precision, scale = int(match[1]), int(match[2])
+        if not 1 <= precision <= 76 or scale > precision:
+            raise ValueError(f"invalid decimal {text!r}: precision 1..76, scale at most the precision")
+        return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+    if match := _TIMESTAMP.match(text.strip()):
+        return pa.timestamp(match[1], match[2]) if match[2] else pa.timestamp(match[1])
+    name = {"date": "date32", "timestamp": "timestamp[us]"}.get(name, _FRIENDLY_ALIASES.get(name, name))
+    try:
+        return pa.type_for_alias(name)
+    except ValueError:
+        raise ValueError(f"unknown type {text!r}") from None
+
+
+def _check_type_name(text: str) -> str:
+    parse_arrow_type(text)
+    return text
+
+
+TypeName = Annotated[str, AfterValidator(_check_type_name)]
+
+
+def _check_regex(pattern: str) -> str:
+    _, reason = compile_regex(pattern)
+    if reason:
+        raise ValueError(reason)
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+DottedPath = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$",
+        description="package.module:function (or package.module.function)",
+    ),
+]
+FieldName = Annotated[str, Field(min_length=1)]
+
+
+# --- sources ------------------------------------------------------------------------------------------
+
+
+class CsvOptions(StrictModel):
+    """How a CSV file is split into fields (pyarrow.csv's ParseOptions and ReadOptions)."""
+
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    quote_char: str | None = Field(default='"', min_length=1, max_length=1, description="null: no quoting")
+    double_quote: bool = Field(default=True, description='"" inside a quoted value is one quote')
+    escape_char: str | None = Field(default=None, min_length=1, max_length=1)
+    header: bool = Field(default=True, description="The first line (after skip_rows) names the columns")
+    column_names: list[FieldName] | None = Field(default=None, description="Names when there is no header")
+    skip_rows: int = Field(default=0, ge=0, description="Lines skipped before the header")
+    null_values: list[str] | None = Field(default=None, description="Strings read as null (Arrow's default)")
+    newlines_in_values: bool = Field(
+        default=False,
+        description="Quoted values may span lines. The file is then parsed in one piece (held in "
+        "memory) and positions are record numbers rather than lines.",
+    )
+
+    @model_validator(mode="after")
+    def _names_without_header(self) -> CsvOptions:
+        if self.header and self.column_names:
+            raise ValueError("column_names is for files without a header (header: false)")
+        return self
+
+
+class FileSourceSpec(StrictModel):
+    """Files on disk: one path or a glob, relative to the spec's folder (or to `package`)."""
+
+    kind: Literal["file"] = "file"
+    format: Literal["csv", "json", "jsonl", "xml", "parquet"]
+    path: str = Field(min_length=1, description="A path or glob (*, **, ?); .gz, .bz2 and .zip are read too")
+    package: str | None = Field(
+        default=None,
+        description="Resolve `path` inside this installed Python package (e.g. a data package)",
+    )
+    encoding: str = Field(default="utf-8", description="Text encoding of CSV, JSON, JSON Lines and XML")
+    csv: CsvOptions = Field(default_factory=CsvOptions)
+    xml_record: str = Field(default="record", min_length=1, description="XML element holding one record")
+    identity: Literal["stat", "content"] = Field(
+        default="stat",
+        description="What identifies an input for load ids: path+size+mtime (stat) or a SHA-256 of the bytes",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _options_match_format(self) -> FileSourceSpec:
+        # Compared with the defaults rather than "was it given", so that a dumped spec validates again.
+        if self.csv != CsvOptions() and self.format != "csv":
+            raise ValueError(f"csv options do not apply to format {self.format!r}")
+        if self.xml_record != "record" and self.format != "xml":
+            raise ValueError(f"xml_record does not apply to format {self.format!r}")
+        return self
+
+
+class SqlSourceSpec(StrictModel):
+    """A table or a parameterized query, streamed with a server-side cursor in chunks of batch_size."""
+
+    kind: Literal["sql"]
+    url_env: str | None = Field(default=None, description="NAME of the env var holding the SQLAlchemy URL")
+    url: str | None = Field(default=None, description="A URL without secrets (e.g. sqlite:///data.db)")
+    table: str | None = None
+    query: str | None = Field(default=None, description="SQL with :named parameters")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> SqlSourceSpec:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url and url_env")
+        if (self.table is None) == (self.query is None):
+            raise ValueError("give exactly one of table and query")
+        if self.params and self.query is None:
+            raise ValueError("params go with a query")
+        return self
+
+
+def _tagged(models: dict[str, type[BaseModel]], default: str | None) -> PlainValidator:
+    """Validate a union tagged by `kind` with the tagged model itself.
+
+    pydantic's discriminated unions put the tag into error locations (``source.file.path``); validating
+    with the chosen model inside a validator keeps them as the user wrote them (``source.path``).
+    """
+    expected = " or ".join(repr(kind) for kind in models)
+
+    def validate(value: Any) -> BaseModel:
+        if isinstance(value, tuple(models.values())):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {type(value).__name__}")
+        kind = value.get("kind", default)
+        if kind not in models:
+            raise ValueError(f"kind must be {expected}" + ("" if kind is None else f", got {kind!r}"))
+        return models[kind].model_validate(value)
+
+    union = models[next(iter(models))]
+    for model in list(models.values())[1:]:
+        union = union | model
+    return PlainValidator(validate, json_schema_input_type=union)
+
+
+SourceSpec = Annotated[
+    FileSourceSpec | SqlSourceSpec,
+    _tagged({"file": FileSourceSpec, "sql": SqlSourceSpec}, default="file"),
+    PlainSerializer(lambda model: model.model_dump(by_alias=True)),
+]
+
+
+# --- transforms ---------------------------------------------------------------------------------------
+
+
+class MapStep(StrictModel):
+    field: FieldName
+    values: dict[str, Any] = Field(min_length=1, description="old value (as text) -> new value")
+    unmatched: Literal["keep", "null"] = "keep"
+    to: FieldName | None = Field(default=None, description="Write to this field (default: in place)")
+
+
+class RegexReplace(StrictModel):
+    pattern: Regex
+    replacement: str = Field(alias="with")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CleanseStep(StrictModel):
+    fields: list[FieldName] | None = Field(default=None, description="Default: every string field")
+    trim: bool = False
+    case: Literal["lower", "upper", "title"] | None = None
+    null_tokens: list[str] = Field(default_factory=list, description="Values that mean null (after trim)")
+    replace: list[RegexReplace] = Field(default_factory=list)
+    defaults: dict[FieldName, Any] = Field(default_factory=dict, description="Fill nulls, per field")
+
+
+class DedupeStep(StrictModel):
+    keys: list[FieldName] = Field(min_length=1)
+    keep: Literal["first", "last"] = Field(
+        default="first",
+        description="first streams, holding the keys seen; last holds every row until the input ends",
+    )
+
+
+class PythonStep(StrictModel):
+    function: DottedPath
+    frame: Literal["arrow", "pandas"] = "arrow"
+
+
+TRANSFORM_KINDS = ("select", "rename", "map", "cast", "cleanse", "derive", "filter", "dedupe", "python")
+
+
+class TransformStep(StrictModel):
+    """One step, written as a one-key mapping: ``- cast: {amount: float64}``."""
+
+    select: list[FieldName] | None = Field(default=None, min_length=1)
+    rename: dict[FieldName, FieldName] | None = Field(default=None, min_length=1)
+    map: MapStep | None = None
+    cast: dict[FieldName, TypeName] | None = Field(default=None, min_length=1)
+    cleanse: CleanseStep | None = None
+    derive: dict[FieldName, ExpressionField] | None = Field(default=None, min_length=1)
+    filter: ConditionField | None = Field(default=None, description="Keep the rows matching the condition")
+    dedupe: DedupeStep | None = None
+    python: PythonStep | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) != 1:
+            given = ", ".join(map(str, data)) or "nothing"
+            raise ValueError(f"a step is one of {', '.join(TRANSFORM_KINDS)}, each on its own (got {given})")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump_the_one_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {self.kind: handler(self)[self.kind]}
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in TRANSFORM_KINDS if getattr(self, name) is not None)
+
+    @property
+    def options(self) -> Any:
+        return getattr(self, self.kind)
+
+
+# --- quality, contract, target ------------------------------------------------------------------------
+
+
+class QualityRule(StrictModel):
+    """A condition every row should satisfy; checked over the staged data (GX, next slice)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    condition: ConditionField
+    severity: Literal["error", "warn"] = "error"
+    blocking: bool = Field(default=False, description="A failure stops the publish step")
+    mostly: float = Field(default=1.0, gt=0, le=1, description="Share of rows that must pass")
+    description: str | None = None
+
+
+class ColumnContract(StrictModel):
+    type: TypeName | None = None
+    required: bool = False
+    unique: bool = False
+    allowed: list[Any] | None = Field(default=None, min_length=1)
+    min: float | int | None = None
+    max: float | int | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> ColumnContract:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class SchemaContract(StrictModel):
+    drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = Field(
+        default="evolve",
+        description="Columns added/removed/retyped against the previous run: evolve the target, "
+        "freeze (fail the run), discard_row (quarantine rows with new columns), discard_value (drop them)",
+    )
+    columns: dict[FieldName, ColumnContract] = Field(default_factory=dict)
+
+
+class SqlTargetSpec(StrictModel):
+    kind: Literal["sql"]
+    url_env: str | None = None
+    url: str | None = None
+    table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")]
+
+    @model_validator(mode="after")
+    def _one_url(self) -> SqlTargetSpec:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url and url_env")
+        return self
+
+
+class FileTargetSpec(StrictModel):
+    kind: Literal["file"]
+    format: Literal["parquet", "csv"]
+    path: str = Field(min_length=1)
+
+
+TargetSpec = Annotated[
+    SqlTargetSpec | FileTargetSpec,
+    _tagged({"sql": SqlTargetSpec, "file": FileTargetSpec}, default=None),
+    PlainSerializer(lambda model: model.model_dump(by_alias=True)),
+]
+
+
+class LoadSpec(StrictModel):
+    mode: Literal["append", "replace", "merge"] = "append"
+    keys: list[FieldName] = Field(default_factory=list, description="Merge keys")
+
+    @model_validator(mode="after")
+    def _keys_for_merge(self) -> LoadSpec:
+        if self.mode == "merge" and not self.keys:
+            raise ValueError("merge needs keys")
+        if self.mode != "merge" and self.keys:
+            raise ValueError(f"keys only apply to merge, not {self.mode}")
+        return self
+
+
+class StreamTrigger(StrictModel):
+    """Run the pipeline on events of a declared stream (implemented by the streaming issue's sensors)."""
+
+    stream: Annotated[str, Field(pattern=NAME_PATTERN)]
+    condition: ConditionField | None = None
+    debounce_seconds: int = Field(default=0, ge=0)
+    max_events_per_run: int | None = Field(default=None, ge=1)
+
+
+def _check_cron(value: str) -> str:
+    # Dagster's own check: the schedule is handed to Dagster as is. Imported here because the spec
+    # module must stay cheap; dagster is loaded anyway wherever schedules are built.
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(value):
+        raise ValueError(f"{value!r} is not a cron expression (five fields, e.g. '0 6 * * *')")
+    return value
+
+
+class PipelineSpec(StrictModel):
+    """One ETL pipeline: a source, transforms, rules and contract, and a target."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        default=None, description="Default: the file name without .yaml"
+    )
+    description: str | None = None
+    source: SourceSpec
+    transforms: list[TransformStep] = Field(default_factory=list)
+    rules: list[QualityRule] = Field(default_factory=list)
+    contract: SchemaContract = Field(default_factory=SchemaContract)
+    target: TargetSpec | None = None
+    load: LoadSpec = Field(default_factory=LoadSpec)
+    batch_size: int = Field(default=50_000, ge=1, le=10_000_000)
+    schedule: Annotated[str, AfterValidator(_check_cron)] | None = None
+    timezone: str = "UTC"
+    owners: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    group: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    triggers: list[StreamTrigger] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[QualityRule]) -> list[QualityRule]:
+        names = [rule.name for rule in rules]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        return rules
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A validated spec with the file it came from (relative source paths resolve against its folder)."""
+
+    name: str
+    spec: PipelineSpec
+    file: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+
+def pipeline_files(directory: Path | None = None) -> list[Path]:
+    if directory is None:
+        from orchestration.settings import get_settings
+
+        directory = get_settings().pipelines_dir
+    return sorted(Path(directory).glob("*.yaml"))
+
+
+def load_pipelines(files: Iterable[Path] | None = None) -> dict[str, LoadedPipeline]:
+    """Every spec (default: all `*.yaml` in `settings.pipelines_dir`), each problem of each file at once."""
+    paths = [Path(path) for path in (pipeline_files() if files is None else files)]
+    specs = load_specs(paths, PipelineSpec)
+    loaded: dict[str, LoadedPipeline] = {}
+    problems: list[SpecProblem] = []
+    for path, spec in specs.items():
+        name = spec.name or path.stem
+        if not re.match(NAME_PATTERN, name):
+            problems.append(
+                SpecProblem(
+                    "name", f"{name!r} cannot name a pipeline; set name: (letters, digits, _)", str(path)
+                )
+            )
+        elif name in loaded:
+            problems.append(
+                SpecProblem("name", f"{name!r} is also the name of {loaded[name].file}", str(path))
+            )
+        else:
+            loaded[name] = LoadedPipeline(name, spec, path)
+    if problems:
+        raise SpecError(problems)
+    return loaded
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a pipeline spec, for editors (yaml-language-server, VS Code)."""
+    schema = PipelineSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Junction pipeline spec"
+    return schema

@@ -1,0 +1,454 @@
+"""Transform steps, vectorised over Arrow: each step takes a `Batch` and returns the rows that go on.
+
+Rows leave a batch in exactly two ways, and both are accounted for: *filtered* (a `filter` condition
+does not match, a duplicate key) is counted per step in `RowCounts.filtered`; *quarantined* (a value
+that does not cast) is stored in the `Quarantine` with its position, step, field and reason.
+
+Steps
+-----
+select, rename, map
+    Arrow column operations; `map` looks values up with `pyarrow.compute.index_in`, comparing as text.
+cast
+    `pyarrow.compute.cast` with Arrow's safe checks (no overflow, truncation or unparseable text).
+    When a column does not cast as a whole, the failing rows are found vectorised: values that do not
+    look like a number (an RE2 test over the column) are tried one by one, and the rest is bisected -
+    cast halves until the failing values are isolated - so a batch with k bad values costs about
+    k·log(n) small casts, and a clean batch exactly one. Failing rows are quarantined with the field
+    and Arrow's reason; the rest of the batch goes on.
+cleanse
+    Per string field, in this order: trim, null tokens -> null, regex replacements (RE2, ``\\1`` for
+    groups), case; then `defaults` fill the nulls of any field.
+derive
+    Kernel expressions (`orchestration.kernel.expressions.evaluate_table`), one new or replaced column
+    each, in order (a later field may use an earlier one).
+filter
+    Keeps the rows matching a kernel condition (`orchestration.kernel.conditions.evaluate_table`).
+dedupe
+    By key, keeping the first or the last row of each key, across all batches. ``keep: first`` streams
+    and holds only the keys already seen (an Arrow table, probed with a hash join per batch, so its
+    cost grows with the number of distinct keys). ``keep: last`` must see the whole input
+    before it knows which row is last, so it **holds every row in memory** until the input ends; for
+    large inputs, dedupe in the target database instead (merge load) or keep the first. Within a
+    batch a null key is one key; across batches null keys never match (Arrow's hash join), so rows
+    with a null key may survive once per batch.
+python
+    A function by dotted path (``package.module:function``) called with the batch as an Arrow table
+    (or a pandas DataFrame with ``frame: pandas``; pandas is imported only then) and returning the
+    same kind. It may drop rows (counted as filtered; the remaining rows' positions are then unknown)
+    but not add any.
+
+Enrich (lookup joins) and aggregate come with the next slice of the ETL issue.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from assets.etl.quarantine import Batch, Quarantine, RowCounts
+from assets.etl.spec import (
+    CleanseStep,
+    CompiledCondition,
+    CompiledExpression,
+    DedupeStep,
+    MapStep,
+    PythonStep,
+    TransformStep,
+    parse_arrow_type,
+)
+from orchestration.errors import JunctionError
+from orchestration.kernel import conditions, expressions
+
+__all__ = ["Step", "TransformError", "build_steps", "cast_column"]
+
+# Arrow's text-to-number parsing; values not matching are tried one at a time (see `cast_column`).
+_INTEGER_TEXT = r"^[+-]?[0-9]+$"
+_FLOAT_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^(?i:[+-]?(inf|infinity|nan))$"
+_INDEX = "__junction_index"
+
+
+class TransformError(JunctionError):
+    """A step cannot run on this data at all (a missing column, an impossible cast): the run fails."""
+
+
+class Step(ABC):
+    """One transform. `apply` handles a batch; `finish` releases what the step held back (dedupe last)."""
+
+    def __init__(self, name: str):
+        self.name = name  # "transforms[2].cast": the spec location, used for counts and quarantine
+
+    @abstractmethod
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch: ...
+
+    def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
+        return []
+
+    def require(self, table: pa.Table, fields: list[str]) -> None:
+        missing = [name for name in fields if name not in table.column_names]
+        if missing:
+            raise TransformError(
+                f"{self.name}: no field {', '.join(map(repr, missing))} "
+                f"(the data has {', '.join(table.column_names) or 'no fields'})"
+            )
+
+
+class Select(Step):
+    def __init__(self, name: str, fields: list[str]):
+        super().__init__(name)
+        self.fields = fields
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.fields)
+        return batch.with_table(batch.table.select(self.fields))
+
+
+class Rename(Step):
+    def __init__(self, name: str, mapping: dict[str, str]):
+        super().__init__(name)
+        self.mapping = mapping
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, list(self.mapping))
+        names = [self.mapping.get(column, column) for column in batch.table.column_names]
+        return batch.with_table(batch.table.rename_columns(names))
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+class MapValues(Step):
+    def __init__(self, name: str, options: MapStep):
+        super().__init__(name)
+        self.options = options
+        self.keys = pa.array([str(key) for key in options.values], pa.string())
+        try:
+            self.values = pa.array(list(options.values.values()))
+        except (pa.ArrowException, TypeError) as exc:
+            raise TransformError(f"{name}.values: the new values must share one type ({exc})") from None
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, [self.options.field])
+        column = batch.table.column(self.options.field).combine_chunks()
+        positions = pc.index_in(column.cast(pa.string()), value_set=self.keys)
+        mapped = pc.take(self.values, positions)
+        if self.options.unmatched == "keep":
+            try:
+                original = column.cast(mapped.type) if column.type != mapped.type else column
+            except pa.ArrowException:
+                raise TransformError(
+                    f"{self.name}: unmatched values of {self.options.field} ({column.type}) are kept, "
+                    f"so the new values must have that type, not {mapped.type} (or set unmatched: null)"
+                ) from None
+            mapped = pc.if_else(pc.is_null(positions), original, mapped)
+        return batch.with_table(_set_column(batch.table, self.options.to or self.options.field, mapped))
+
+
+def cast_column(values: pa.Array, target: pa.DataType) -> tuple[pa.Array | None, dict[int, str]]:
+    """Arrow's safe cast of a column: (cast values, {}) when every value casts, else
+    (None, {index: reason}) for the failing values; the caller drops those rows and casts again."""
+    if values.type == target:
+        return values, {}
+    try:
+        return pc.cast(values, target, safe=True), {}
+    except pa.ArrowNotImplementedError as exc:
+        raise TransformError(f"cannot cast {values.type} to {target}: {exc}") from None
+    except pa.ArrowInvalid:
+        pass
+    failures: dict[int, str] = {}
+    suspects = _suspects(values, target)
+
+    def try_one(index: int) -> None:
+        try:
+            pc.cast(values.slice(index, 1), target, safe=True)
+        except pa.ArrowInvalid as exc:
+            failures[index] = f"cannot cast {values[index].as_py()!r} to {target}: {exc}"
+
+    def bisect(part: pa.Array, offset: int) -> None:
+        try:
+            pc.cast(part, target, safe=True)
+        except pa.ArrowInvalid:
+            if len(part) == 1:
+                try_one(offset)
+                return
+            middle = len(part) // 2
+            bisect(part.slice(0, middle), offset)
+            bisect(part.slice(middle), offset + middle)
+
+    if suspects is not None:
+        for index in pc.indices_nonzero(suspects).to_pylist():
+            try_one(index)
+        values_left = pc.if_else(suspects, pa.scalar(None, values.type), values)
+    else:
+        values_left = values
+    bisect(values_left, 0)
+    return None, failures
+
+
+def _suspects(values: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """Text values that do not look like the target number type (None: no cheap test applies)."""
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return None
+    if pa.types.is_integer(target):
+        pattern = _INTEGER_TEXT
+    elif pa.types.is_floating(target):
+        pattern = _FLOAT_TEXT
+    else:
+        return None
+    looks_right = pc.match_substring_regex(values, pattern=pattern)
+    return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(looks_right, False)))
+
+
+class Cast(Step):
+    def __init__(self, name: str, types: dict[str, str]):
+        super().__init__(name)
+        self.types = {field: parse_arrow_type(type_name) for field, type_name in types.items()}
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, list(self.types))
+        for field, target in self.types.items():
+            column = batch.table.column(field).combine_chunks()
+            try:
+                cast, failures = cast_column(column, target)
+            except TransformError as exc:
+                raise TransformError(f"{self.name}.{field}: {exc}") from None
+            if failures:
+                indices = sorted(failures)
+                quarantine.add_rows(batch, indices, self.name, field, [failures[index] for index in indices])
+                keep = pc.invert(pc.is_in(pa.array(range(batch.num_rows)), value_set=pa.array(indices)))
+                batch = batch.filter(keep)
+                cast, _ = cast_column(batch.table.column(field).combine_chunks(), target)
+            batch = batch.with_table(_set_column(batch.table, field, cast))
+        return batch
+
+
+class Cleanse(Step):
+    def __init__(self, name: str, options: CleanseStep):
+        super().__init__(name)
+        self.options = options
+        self.null_tokens = pa.array(options.null_tokens, pa.string())
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        table = batch.table
+        options = self.options
+        if options.fields is not None:
+            self.require(table, options.fields)
+            fields = options.fields
+        else:
+            fields = [field.name for field in table.schema if pa.types.is_string(field.type)]
+        for field in fields:
+            column = table.column(field)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                raise TransformError(
+                    f"{self.name}.fields: {field} is {column.type}; cleanse strings (before cast)"
+                )
+            if options.trim:
+                column = pc.utf8_trim_whitespace(column)
+            if len(self.null_tokens):
+                is_token = pc.is_in(column, value_set=self.null_tokens.cast(column.type))
+                column = pc.if_else(is_token, pa.scalar(None, column.type), column)
+            for replacement in options.replace:
+                column = pc.replace_substring_regex(
+                    column, pattern=replacement.pattern, replacement=replacement.replacement
+                )
+            if options.case:
+                column = {"lower": pc.utf8_lower, "upper": pc.utf8_upper, "title": pc.utf8_title}[
+                    options.case
+                ](column)
+            table = _set_column(table, field, column)
+        if options.defaults:
+            self.require(table, list(options.defaults))
+            for field, default in options.defaults.items():
+                column = table.column(field)
+                try:
+                    fill = (
+                        pa.scalar(default).cast(column.type)
+                        if not pa.types.is_null(column.type)
+                        else pa.scalar(default)
+                    )
+                except (pa.ArrowException, TypeError):
+                    raise TransformError(
+                        f"{self.name}.defaults.{field}: {default!r} is not a {column.type}"
+                    ) from None
+                table = _set_column(table, field, pc.fill_null(column, fill))
+        return batch.with_table(table)
+
+
+class Derive(Step):
+    def __init__(self, name: str, fields: dict[str, CompiledExpression]):
+        super().__init__(name)
+        self.fields = fields
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        table = batch.table
+        for field, expression in self.fields.items():
+            try:
+                values = expressions.evaluate_table(expression.tree, table)
+            except JunctionError as exc:
+                raise TransformError(f"{self.name}.{field}: {exc}") from None
+            table = _set_column(table, field, values)
+        return batch.with_table(table)
+
+
+class Filter(Step):
+    def __init__(self, name: str, condition: CompiledCondition):
+        super().__init__(name)
+        self.condition = condition
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        keep = conditions.evaluate_table(self.condition.tree, batch.table)
+        kept = batch.filter(keep)
+        counts.add_filtered(self.name, batch.num_rows - kept.num_rows)
+        return kept
+
+
+def _sorted_indices(indices: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(indices, pa.ChunkedArray):
+        indices = indices.combine_chunks()
+    return pc.take(indices, pc.sort_indices(indices))
+
+
+class DedupeFirst(Step):
+    def __init__(self, name: str, keys: list[str]):
+        super().__init__(name)
+        self.keys = keys
+        self.seen: pa.Table | None = None  # the keys of every row passed on so far
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.keys)
+        indexed = batch.table.select(self.keys).append_column(
+            _INDEX, pa.array(range(batch.num_rows), pa.int64())
+        )
+        firsts = indexed.group_by(self.keys, use_threads=False).aggregate([(_INDEX, "min")])
+        firsts = firsts.rename_columns(
+            [_INDEX if name == f"{_INDEX}_min" else name for name in firsts.column_names]
+        )
+        if self.seen is not None and self.seen.num_rows:
+            firsts = firsts.join(self.seen, self.keys, join_type="left anti", use_threads=False)
+        new_keys = firsts.select(self.keys)
+        self.seen = (
+            new_keys
+            if self.seen is None
+            else pa.concat_tables([self.seen, new_keys], promote_options="permissive")
+        )
+        kept = batch.take(_sorted_indices(firsts.column(_INDEX)))
+        counts.add_filtered(self.name, batch.num_rows - kept.num_rows)
+        return kept
+
+
+class DedupeLast(Step):
+    def __init__(self, name: str, keys: list[str]):
+        super().__init__(name)
+        self.keys = keys
+        self.held: list[Batch] = []
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.keys)
+        self.held.append(batch)
+        return batch.take(pa.array([], pa.int64()))  # nothing goes on until the input ends
+
+    def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
+        if not self.held:
+            return []
+        keys = pa.concat_tables(
+            [batch.table.select(self.keys) for batch in self.held], promote_options="permissive"
+        )
+        total = keys.num_rows
+        lasts = (
+            keys.append_column(_INDEX, pa.array(range(total), pa.int64()))
+            .group_by(self.keys, use_threads=False)
+            .aggregate([(_INDEX, "max")])
+        )
+        winners = _sorted_indices(lasts.column(f"{_INDEX}_max"))
+        counts.add_filtered(self.name, total - len(winners))
+        released, offset = [], 0
+        for batch in self.held:
+            inside = pc.and_(pc.greater_equal(winners, offset), pc.less(winners, offset + batch.num_rows))
+            local = pc.subtract(winners.filter(inside), offset)
+            if len(local):
+                released.append(batch.take(local))
+            offset += batch.num_rows
+        self.held = []
+        return released
+
+
+def resolve_function(path: str) -> Callable[..., Any]:
+    """`package.module:function` or `package.module.function` -> the function."""
+    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise TransformError(f"cannot import {path}: {exc}") from None
+    if not callable(function):
+        raise TransformError(f"{path} is not a function")
+    return function
+
+
+class PythonFunction(Step):
+    def __init__(self, name: str, options: PythonStep):
+        super().__init__(name)
+        self.options = options
+        self.function: Callable[..., Any] | None = None  # imported on first use: it may import pandas
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        if self.function is None:
+            self.function = resolve_function(self.options.function)
+        if self.options.frame == "pandas":
+            import pandas as pd
+
+            result = self.function(batch.table.to_pandas())
+            if not isinstance(result, pd.DataFrame):
+                raise TransformError(
+                    f"{self.name}: {self.options.function} returned {type(result).__name__}, not a DataFrame"
+                )
+            table = pa.Table.from_pandas(result, preserve_index=False)
+        else:
+            table = self.function(batch.table)
+            if not isinstance(table, pa.Table):
+                raise TransformError(
+                    f"{self.name}: {self.options.function} returned {type(table).__name__}, not a pyarrow.Table"
+                )
+        if table.num_rows > batch.num_rows:
+            raise TransformError(
+                f"{self.name}: {self.options.function} added rows ({batch.num_rows} -> {table.num_rows})"
+            )
+        if table.num_rows == batch.num_rows:
+            return batch.with_table(table)
+        counts.add_filtered(self.name, batch.num_rows - table.num_rows)
+        unknown = pa.nulls(table.num_rows, pa.int64())
+        return Batch(table, batch.source, unknown, unknown)
+
+
+def build_steps(transforms: list[TransformStep], prefix: str = "transforms") -> list[Step]:
+    """The steps of a spec's `transforms:` list, each named by its location (``transforms[2].cast``)."""
+    steps: list[Step] = []
+    for index, transform in enumerate(transforms):
+        kind, options = transform.kind, transform.options
+        name = f"{prefix}[{index}].{kind}"
+        if kind == "select":
+            steps.append(Select(name, options))
+        elif kind == "rename":
+            steps.append(Rename(name, options))
+        elif kind == "map":
+            steps.append(MapValues(name, options))
+        elif kind == "cast":
+            steps.append(Cast(name, options))
+        elif kind == "cleanse":
+            steps.append(Cleanse(name, options))
+        elif kind == "derive":
+            steps.append(Derive(name, options))
+        elif kind == "filter":
+            steps.append(Filter(name, options))
+        elif kind == "dedupe":
+            dedupe: DedupeStep = options
+            steps.append((DedupeFirst if dedupe.keep == "first" else DedupeLast)(name, dedupe.keys))
+        else:
+            steps.append(PythonFunction(name, options))
+    return steps
