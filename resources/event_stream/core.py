@@ -7,6 +7,7 @@ primitives each backend provides (`_append`, `_read_page`, `_wait_for_new`, grou
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from orchestration.errors import ConfigurationError, JunctionError
 # Larger than any sequence number either backend hands out; the seq of a "just before" cursor.
 MAX_SEQ = 2**63 - 1
 DEAD_LETTER_SUFFIX = ":dead-letter"
+_ID_TEXT = re.compile(r"^\d+(-\d+)?$")
 
 
 def dead_letter_stream(stream: str) -> str:
@@ -79,6 +81,10 @@ class EventId(NamedTuple):
     seq: int
 
     @classmethod
+    def looks_like(cls, text: str) -> bool:
+        return bool(_ID_TEXT.match(text.strip()))
+
+    @classmethod
     def parse(cls, text: str | EventId) -> EventId:
         """`1700000000000-3`, or `1700000000000` (sequence 0)."""
         if isinstance(text, EventId):
@@ -102,6 +108,12 @@ class EventId(NamedTuple):
     def last_at(cls, moment: datetime) -> EventId:
         """The highest id an event published at `moment` (to the millisecond) can have."""
         return cls(to_ms(moment), MAX_SEQ)
+
+    def previous(self) -> EventId:
+        """The cursor whose next event is this one (`read(after_id=x.previous())` includes x)."""
+        if self.seq > 0:
+            return EventId(self.ms, self.seq - 1)
+        return EventId(self.ms - 1, MAX_SEQ) if self.ms > 0 else ZERO_ID
 
     def next(self) -> EventId:
         return EventId(self.ms, self.seq + 1) if self.seq < MAX_SEQ else EventId(self.ms + 1, 0)
@@ -445,6 +457,7 @@ class EventStream(ABC):
     def trim(self, stream: str) -> int:
         """Apply the stream's retention exactly now; returns how many events were removed."""
 
+    @abstractmethod
     def close(self) -> None:
         """Release connections (the stream object must not be used afterwards)."""
 

@@ -80,6 +80,9 @@ class SqlEventStream(EventStream):
             else engine
         )
 
+    def close(self) -> None:
+        """Nothing to release: the engine is the process-wide engine of the platform store."""
+
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
