@@ -243,3 +243,60 @@ def test_group_behind_retention_is_told_of_the_loss(event_stream: EventStream, d
         event_stream.read_group("orders", "slow", "c")
     event_stream.set_group_position("orders", "slow", lost.value.to_id)
     assert [e.payload["n"] for e in event_stream.read_group("orders", "slow", "c")] == list(range(15, 20))
+
+
+CONSUMER = """
+import sys
+from orchestration.store import get_engine
+from resources.event_stream import StreamRegistry
+backend, store_url, redis_url = sys.argv[1:4]
+registry = StreamRegistry(get_engine(store_url))
+if backend == "redis":
+    from resources.event_stream.redis_backend import RedisEventStream
+    events = RedisEventStream(redis_url, registry)
+else:
+    from resources.event_stream.sql import SqlEventStream
+    events = SqlEventStream(registry.engine, registry)
+got = events.read_group("orders", "billing", "worker-1", limit=2, block_ms=10000)
+print(" ".join(event.id for event in got), flush=True)
+sys.stdin.read()  # "working" on them until killed, never acknowledging
+"""
+
+
+def test_a_killed_consumers_events_are_claimed(event_stream: EventStream, declare):
+    """A real consumer process takes two events and is SIGKILLed; another consumer claims them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    declare("orders")
+    event_stream.create_group("orders", "billing", start_id="0")
+    published = [r.id for r in event_stream.publish_batch("orders", [{"n": n} for n in range(3)]).results]
+    store_url = event_stream.registry.engine.url.render_as_string(hide_password=False)
+    redis_url = getattr(event_stream, "url", "")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CONSUMER, event_stream.backend, store_url, redis_url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        taken = worker.stdout.readline().split()
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+    assert taken == published[:2]
+    assert {(p.id, p.consumer) for p in event_stream.pending("orders", "billing")} == {
+        (i, "worker-1") for i in taken
+    }
+
+    assert ids(event_stream.read_group("orders", "billing", "worker-2")) == published[2:]
+    assert event_stream.ack("orders", "billing", published[2:]) == 1
+    time.sleep(0.05)
+    claimed = event_stream.claim_stale("orders", "billing", "worker-2", min_idle_ms=20)
+    assert ids(claimed.events) == taken
+    assert event_stream.ack("orders", "billing", taken) == 2
+    assert event_stream.pending("orders", "billing") == []

@@ -61,7 +61,12 @@ def test_sync_and_upsert_through_python(store_url: str, tmp_path: Path):
     write(folder, "clicks.yaml", "name: clicks\ndescription: page clicks\nretention: {max_age: 7d}\n")
     registry = StreamRegistry(get_engine(store_url))
     [synced] = registry.sync_declared(folder)
-    assert (synced.name, synced.origin, synced.max_age_s, synced.max_count) == ("clicks", "yaml", 604800, None)
+    assert (synced.name, synced.origin, synced.max_age_s, synced.max_count) == (
+        "clicks",
+        "yaml",
+        604800,
+        None,
+    )
 
     created = registry.upsert(
         StreamSpec(name="payments", payload_schema={"type": "object"}, retention={"max_count": 5})
