@@ -284,31 +284,9 @@ class EventStream(ABC):
     def publish_batch(self, stream: str, events: Sequence[Payload | EventToPublish]) -> BatchResult:
         """Validate every event, append the valid ones in one round trip / transaction, in order."""
         definition = self.registry.get(stream)
-        results: dict[int, PublishResult] = {}
-        valid: list[ValidEvent] = []
-        for index, item in enumerate(events):
-            event = item if isinstance(item, EventToPublish) else EventToPublish(item)
-            reason = definition.validation_error(event.payload)
-            if (
-                reason is None
-                and event.idempotency_key is not None
-                and not (isinstance(event.idempotency_key, str) and 0 < len(event.idempotency_key) <= 200)
-            ):
-                reason = "idempotency key must be a string of 1 to 200 characters"
-            encoded = None
-            if reason is None:
-                try:
-                    encoded = encode_payload(event.payload)
-                except (TypeError, ValueError) as exc:
-                    reason = f"payload is not JSON: {exc}"
-            if reason is not None or encoded is None:
-                results[index] = PublishResult(index, "rejected", reason=reason)
-                continue
-            valid.append(ValidEvent(index, event.payload, encoded, event.idempotency_key))
-        if valid:
-            for result in self._append(definition, valid):
-                results[result.index] = result
-        return BatchResult([results[index] for index in range(len(events))])
+        rejected, valid = validate_batch(definition, events)
+        appended = self._append(definition, valid) if valid else []
+        return combine_results(len(events), rejected, appended)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -366,8 +344,7 @@ class EventStream(ABC):
         deadline = time.monotonic() + block_ms / 1000
         while True:
             page = self._read_page(stream, after, until, limit)
-            if after is not None and page.max_deleted > after:
-                raise EventsLost(stream, str(after.next()), str(page.max_deleted))
+            check_nothing_lost(stream, after, page)
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if page.events or remaining_ms <= 0:
                 return page.events
@@ -466,6 +443,42 @@ class EventStream(ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def validate_batch(
+    definition, events: Sequence[Payload | EventToPublish]
+) -> tuple[list[PublishResult], list[ValidEvent]]:
+    """Each event checked against the stream's schema: (rejections with reasons, events to append)."""
+    rejected: list[PublishResult] = []
+    valid: list[ValidEvent] = []
+    for index, item in enumerate(events):
+        event = item if isinstance(item, EventToPublish) else EventToPublish(item)
+        reason = definition.validation_error(event.payload)
+        key = event.idempotency_key
+        if reason is None and key is not None and not (isinstance(key, str) and 0 < len(key) <= 200):
+            reason = "idempotency key must be a string of 1 to 200 characters"
+        encoded = None
+        if reason is None:
+            try:
+                encoded = encode_payload(event.payload)
+            except (TypeError, ValueError) as exc:
+                reason = f"payload is not JSON: {exc}"
+        if reason is not None or encoded is None:
+            rejected.append(PublishResult(index, "rejected", reason=reason))
+        else:
+            valid.append(ValidEvent(index, event.payload, encoded, key))
+    return rejected, valid
+
+
+def combine_results(count: int, *parts: list[PublishResult]) -> BatchResult:
+    by_index = {result.index: result for part in parts for result in part}
+    return BatchResult([by_index[index] for index in range(count)])
+
+
+def check_nothing_lost(stream: str, after: EventId | None, page: Page) -> None:
+    """`EventsLost` if retention removed events after the cursor (the page's max deleted id is above it)."""
+    if after is not None and page.max_deleted > after:
+        raise EventsLost(stream, str(after.next()), str(page.max_deleted))
 
 
 def encode_payload(payload: Any) -> str:

@@ -179,9 +179,7 @@ def _unavailable(method):
         try:
             return method(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise EventStreamUnavailable(
-                f"Redis at {redacted_url(self.url)} is unreachable: {exc}; nothing was published or read"
-            ) from None
+            raise unavailable_error(self.url, exc) from None
 
     return wrapper
 
@@ -207,6 +205,83 @@ def _entry_event(stream: str, entry) -> Event:
     return Event(stream, event_id, decode_payload(payload))
 
 
+def script_on(client):
+    """How to run a registered script on `client`: (script, keys, args) -> reply or queued command.
+
+    On a pipeline the script is queued as EVALSHA and registered with the pipeline, which loads it
+    before executing if the server does not know it; that is the same for sync and asyncio pipelines
+    (calling an asyncio script object would be a coroutine, not a queued command).
+    """
+
+    def run(script, keys, args):
+        if hasattr(client, "scripts"):  # a pipeline
+            client.scripts.add(script)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        return script(keys=keys, args=args, client=client)
+
+    return run
+
+
+def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int):
+    """Queue (on a pipeline) or run the TRIM script when the stream has a retention."""
+    if not (definition.max_count or definition.max_age_s):
+        return None
+    minid = f"{now_ms() - definition.max_age_s * 1000}-0" if definition.max_age_s else ""
+    return run_script(
+        trim_script,
+        [stream_key(definition.name), trimmed_marker(definition.name)],
+        [definition.max_count or "", slack, minid],
+    )
+
+
+def queue_append(
+    pipe, publish_once, trim_script, definition: StreamDefinition, events: list[ValidEvent]
+) -> None:
+    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same)."""
+    key = stream_key(definition.name)
+    window_ms = definition.idempotency_window_s * 1000
+    run_script = script_on(pipe)
+    for event in events:
+        if event.idempotency_key:
+            run_script(
+                publish_once,
+                [key, idempotency_key(definition.name, event.idempotency_key)],
+                [event.encoded, window_ms],
+            )
+        else:
+            pipe.xadd(key, {"payload": event.encoded})
+    queue_trim(run_script, trim_script, definition, TRIM_SLACK)
+
+
+def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
+    results = []
+    for event, reply in zip(events, replies, strict=False):  # a trailing TRIM reply is not an event's
+        if isinstance(reply, list):
+            results.append(PublishResult(event.index, reply[0], id=reply[1]))
+        else:
+            results.append(PublishResult(event.index, "accepted", id=reply))
+    return results
+
+
+def read_page_call(stream: str, after: EventId | None, until: EventId | None, limit: int) -> dict:
+    start = f"({after}" if after is not None else "-"
+    end = str(until) if until is not None else "+"
+    return {"keys": [stream_key(stream), trimmed_marker(stream)], "args": [start, end, limit]}
+
+
+def page_from_reply(stream: str, reply) -> Page:
+    max_deleted, last_id, entries = reply
+    return Page(
+        [_entry_event(stream, entry) for entry in entries], EventId.parse(max_deleted), EventId.parse(last_id)
+    )
+
+
+def unavailable_error(url: str, exc: Exception) -> EventStreamUnavailable:
+    return EventStreamUnavailable(
+        f"Redis at {redacted_url(url)} is unreachable: {exc}; nothing was published or read"
+    )
+
+
 class RedisEventStream(EventStream):
     backend = "redis"
 
@@ -225,59 +300,22 @@ class RedisEventStream(EventStream):
     def close(self) -> None:
         self.client.close()
 
-    @staticmethod
-    def _minid(definition: StreamDefinition) -> str:
-        return f"{now_ms() - definition.max_age_s * 1000}-0" if definition.max_age_s else ""
-
     # -- publishing ------------------------------------------------------------------------------
 
     def _trim_with(self, client, definition: StreamDefinition, slack: int):
-        if not (definition.max_count or definition.max_age_s):
-            return None
-        return self._trim_script(
-            keys=[stream_key(definition.name), trimmed_marker(definition.name)],
-            args=[definition.max_count or "", slack, self._minid(definition)],
-            client=client,
-        )
+        return queue_trim(script_on(client), self._trim_script, definition, slack)
 
     @_unavailable
     def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
-        key = stream_key(definition.name)
-        window_ms = definition.idempotency_window_s * 1000
         pipe = self.client.pipeline(transaction=False)
-        for event in events:
-            if event.idempotency_key:
-                self._publish_once(
-                    keys=[key, idempotency_key(definition.name, event.idempotency_key)],
-                    args=[event.encoded, window_ms],
-                    client=pipe,
-                )
-            else:
-                pipe.xadd(key, {"payload": event.encoded})
-        self._trim_with(pipe, definition, TRIM_SLACK)
-        replies = pipe.execute()
-        results = []
-        for event, reply in zip(events, replies, strict=False):
-            if isinstance(reply, list):
-                results.append(PublishResult(event.index, reply[0], id=reply[1]))
-            else:
-                results.append(PublishResult(event.index, "accepted", id=reply))
-        return results
+        queue_append(pipe, self._publish_once, self._trim_script, definition, events)
+        return append_results(events, pipe.execute())
 
     # -- reading ---------------------------------------------------------------------------------
 
     @_unavailable
     def _read_page(self, stream: str, after: EventId | None, until: EventId | None, limit: int) -> Page:
-        start = f"({after}" if after is not None else "-"
-        end = str(until) if until is not None else "+"
-        max_deleted, last_id, entries = self._read_page_script(
-            keys=[stream_key(stream), trimmed_marker(stream)], args=[start, end, limit]
-        )
-        return Page(
-            [_entry_event(stream, entry) for entry in entries],
-            EventId.parse(max_deleted),
-            EventId.parse(last_id),
-        )
+        return page_from_reply(stream, self._read_page_script(**read_page_call(stream, after, until, limit)))
 
     @_unavailable
     def _last_id(self, stream: str) -> EventId:

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from resources.event_stream import EventsLost, EventStream
-from resources.event_stream.aio import AsyncEventStream
+from resources.event_stream.aio import AsyncRedisEventStream, open_async
 from resources.event_stream.buffer import PublishBuffer
 from resources.event_stream.resource import EventStreamResource
 
@@ -41,7 +41,8 @@ def test_buffer_flushes_on_size_time_and_close(event_stream: EventStream, declar
 
 def test_async_api(event_stream: EventStream, declare):
     declare("orders", retention={"max_count": 3})
-    events = AsyncEventStream(event_stream)
+    events = open_async(event_stream)
+    assert isinstance(events, AsyncRedisEventStream) == (event_stream.backend == "redis")
 
     async def scenario() -> None:
         first = await events.publish("orders", {"n": 0})
@@ -60,6 +61,11 @@ def test_async_api(event_stream: EventStream, declare):
         assert [e.payload for e in received] == [{"n": 5}]
 
         assert [e.payload["n"] async for e in events.iter_events("orders")] == list(range(6))
+        once = await events.publish("orders", {"n": 6}, idempotency_key="six")
+        twice = await events.publish("orders", {"n": 6}, idempotency_key="six")
+        assert (once.status, twice.status, twice.id) == ("accepted", "duplicate", once.id)
+        await events.publish_batch("orders", [{"n": n} for n in range(7, 200)])
+        assert 3 <= (await events.stats("orders")).length < 200, "publishing applies the retention"
         await events.trim("orders")
         with pytest.raises(EventsLost):
             await events.read("orders", after_id=first.id)
@@ -68,6 +74,7 @@ def test_async_api(event_stream: EventStream, declare):
         assert await events.create_group("orders", "g", "0") is True
         with pytest.raises(EventsLost):
             await events.read_group("orders", "g", "c")
+        await events.aclose()
 
     anyio.run(scenario)
 

@@ -41,3 +41,18 @@ def test_the_buffer_is_bounded_while_redis_is_down(unreachable: RedisEventStream
     assert len(buffer) == 4, "failed flushes keep their events"
     with pytest.raises(EventStreamUnavailable):
         buffer.close()
+
+
+def test_async_publish_to_an_unreachable_redis_raises(unreachable: RedisEventStream):
+    import anyio
+
+    from resources.event_stream.aio import open_async
+
+    async def scenario() -> None:
+        events = open_async(unreachable)
+        with pytest.raises(EventStreamUnavailable, match="is unreachable"):
+            await events.publish("orders", {"n": 1})
+        with pytest.raises(EventStreamUnavailable, match="is unreachable"):
+            await events.read("orders", block_ms=100)
+
+    anyio.run(scenario)
