@@ -18,6 +18,7 @@ COMMANDS = {
     "audit": "orchestration.cli.audit:audit",
     "backup": "orchestration.cli.backup:backup",
     "pipelines": "orchestration.cli.pipelines:pipelines",
+    "events": "orchestration.cli.events:events",
 }
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -118,3 +119,92 @@ class ApiRequestStats(Base):
     latency_p50_ms: Mapped[float] = mapped_column(Float, nullable=False)
     latency_p95_ms: Mapped[float] = mapped_column(Float, nullable=False)
     latency_p99_ms: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+# --- Event streams (issue 5): the registry, and the SQL backend of the event stream resource ---------
+
+
+class EventStreamDefinition(Base):
+    """A declared event stream: its payload schema and retention (YAML in the streams folder, or the API)."""
+
+    __tablename__ = "event_streams"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    payload_schema: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    retention_max_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    retention_max_age_seconds: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    idempotency_window_seconds: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    origin: Mapped[str] = mapped_column(String(20), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class StreamHead(Base):
+    """Per-stream counter row of the SQL backend, locked FOR UPDATE by every publisher.
+
+    Holding this row's lock from id assignment to commit serialises a stream's publishers, so ids
+    commit in the order they were assigned (a PostgreSQL sequence would not: its values commit out of
+    order). `max_deleted_*` is the highest id retention removed, for gap detection.
+    """
+
+    __tablename__ = "stream_heads"
+
+    stream: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    max_deleted_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    max_deleted_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    events_added: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class StreamEvent(Base):
+    """One event of the SQL backend; its id is `ms-seq`, as on Redis Streams."""
+
+    __tablename__ = "stream_events"
+
+    stream: Mapped[str] = mapped_column(String(200), primary_key=True)
+    ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    payload: Mapped[Any] = mapped_column(JSON, nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class StreamIdempotencyKey(Base):
+    """An idempotency key seen on a stream, until `expires_at` (the stream's idempotency window)."""
+
+    __tablename__ = "stream_idempotency_keys"
+    __table_args__ = (Index("ix_stream_idempotency_keys_expires_at", "expires_at"),)
+
+    stream: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    event_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class StreamConsumerGroup(Base):
+    """A consumer group of the SQL backend: the id of the last event delivered to it."""
+
+    __tablename__ = "stream_consumer_groups"
+
+    stream: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last_delivered_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_delivered_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class StreamPendingEvent(Base):
+    """An event delivered to a group's consumer and not yet acknowledged (Redis's PEL)."""
+
+    __tablename__ = "stream_pending_events"
+
+    stream: Mapped[str] = mapped_column(String(200), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    consumer: Mapped[str] = mapped_column(String(200), nullable=False)
+    delivered_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    deliveries: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -1,0 +1,284 @@
+"""`junction events`: declared streams; publish, tail, replay and the statistics of events.
+
+Every command first brings the platform store to the code's revision and syncs the stream
+declarations of JUNCTION_STREAMS_DIR into the registry, so a stream declared in YAML is usable at
+once (a broken declaration fails the command with `file: field: reason`). The backend is Redis when
+JUNCTION_REDIS_URL is set, else the platform store.
+
+Positions (`--from`, `--to`): an event id (`1700000000000-0`, inclusive), an ISO date-time (naive is
+UTC), or a duration ago (`15m`, `12h`, `7d`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from orchestration.cli.audit import parse_duration, parse_instant, render_table
+from orchestration.errors import JunctionError
+
+if TYPE_CHECKING:
+    from orchestration.kernel.conditions import Condition
+    from resources.event_stream import EventStream
+
+PUBLISH_BATCH = 500
+
+
+class EventInputError(JunctionError):
+    """Events given on the command line or in a file are not JSON."""
+
+
+class EventsRejected(JunctionError):
+    """Some published events were rejected (each is listed above the error)."""
+
+
+def open_stream() -> EventStream:
+    from orchestration.store.bootstrap import migrate_store
+    from resources.event_stream import open_event_stream
+
+    migrate_store()
+    stream = open_event_stream()
+    stream.registry.sync_declared()
+    return stream
+
+
+def parse_moment(text: str, option: str) -> datetime:
+    duration = parse_duration(text)
+    if duration is not None:
+        return datetime.now(UTC) - duration
+    moment = parse_instant(text)
+    if moment is None:
+        raise click.BadParameter(
+            f"{text!r} is neither an event id (1700000000000-0), an ISO date-time nor a duration ago (15m, 12h)",
+            param_hint=option,
+        )
+    return moment
+
+
+def start_cursor(text: str) -> str:
+    """`--from` as a read cursor: the position just before the first event wanted."""
+    from resources.event_stream import EventId
+
+    if EventId.looks_like(text):
+        return str(EventId.parse(text).previous())
+    return str(EventId.just_before(parse_moment(text, "--from")))
+
+
+def end_id(text: str) -> str:
+    """`--to` as the last id wanted (inclusive)."""
+    from resources.event_stream import EventId
+
+    if EventId.looks_like(text):
+        return str(EventId.parse(text))
+    return str(EventId.last_at(parse_moment(text, "--to")))
+
+
+def parse_filter(text: str | None) -> Condition | None:
+    from orchestration.kernel.conditions import parse_condition
+    from orchestration.kernel.spec_errors import SpecError
+
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--filter") from None
+    try:
+        return parse_condition(data)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc).replace("\n", "; "), param_hint="--filter") from None
+
+
+def matches(condition: Condition | None, payload: Any) -> bool:
+    from orchestration.kernel.conditions import evaluate
+
+    return condition is None or (isinstance(payload, dict) and evaluate(condition, payload))
+
+
+def event_line(event) -> str:
+    return json.dumps({"id": event.id, "time": event.time.isoformat(), "payload": event.payload})
+
+
+@click.group()
+def events() -> None:
+    """Event streams: declared in JUNCTION_STREAMS_DIR; Redis Streams or the platform store."""
+
+
+@events.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the declarations as JSON.")
+def streams(as_json: bool) -> None:
+    """List the declared streams (after syncing the YAML declarations)."""
+    declared = open_stream().registry.list()
+    if as_json:
+        click.echo(json.dumps([definition.to_json() for definition in declared], indent=2))
+        return
+    rows = [
+        (
+            d.name,
+            d.origin,
+            str(d.max_count or "-"),
+            f"{d.max_age_s}s" if d.max_age_s else "-",
+            "yes" if d.payload_schema else "no",
+            d.description,
+        )
+        for d in declared
+    ]
+    click.echo(render_table(("STREAM", "ORIGIN", "MAX COUNT", "MAX AGE", "SCHEMA", "DESCRIPTION"), rows))
+
+
+def read_payloads(data: str) -> list[Any]:
+    """DATA: a JSON value (an array is several events), or @file.jsonl / @- (one event per line)."""
+    if not data.startswith("@"):
+        try:
+            value = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise EventInputError(f"the event is not JSON: {exc}") from None
+        return value if isinstance(value, list) else [value]
+    name = data[1:]
+    try:
+        lines = (
+            sys.stdin.read().splitlines() if name == "-" else open(name, encoding="utf-8").read().splitlines()
+        )  # noqa: SIM115
+    except OSError as exc:
+        raise EventInputError(f"cannot read {name}: {exc.strerror or exc}") from None
+    payloads = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            payloads.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EventInputError(f"{name}: line {number}: not JSON: {exc}") from None
+    return payloads
+
+
+@events.command()
+@click.argument("stream")
+@click.argument("data")
+@click.option("--key", "idempotency_key", help="Idempotency key of a single event.")
+@click.option(
+    "--key-field", help="Take each event's idempotency key from this payload field (files, arrays)."
+)
+def publish(stream: str, data: str, idempotency_key: str | None, key_field: str | None) -> None:
+    """Publish DATA to STREAM: a JSON event, a JSON array of events, or @file.jsonl (@- for stdin).
+
+    Prints one line per event: its index, accepted / duplicate / rejected, and the id or the reason.
+    Exits non-zero if any event was rejected.
+    """
+    from resources.event_stream import EventToPublish
+
+    payloads = read_payloads(data)
+    if idempotency_key and len(payloads) != 1:
+        raise click.UsageError("--key applies to a single event; use --key-field for several")
+    items = []
+    for payload in payloads:
+        key = idempotency_key
+        if key_field and isinstance(payload, dict) and payload.get(key_field) is not None:
+            key = str(payload[key_field])
+        items.append(EventToPublish(payload, key))
+    with open_stream() as event_stream:
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        for start in range(0, len(items), PUBLISH_BATCH):
+            for result in event_stream.publish_batch(stream, items[start : start + PUBLISH_BATCH]).results:
+                counts[result.status] += 1
+                detail = result.id if result.status != "rejected" else result.reason
+                click.echo(f"{start + result.index}\t{result.status}\t{detail}")
+    click.echo(", ".join(f"{count} {status}" for status, count in counts.items()), err=True)
+    if counts["rejected"]:
+        raise EventsRejected(f"{counts['rejected']} of {len(items)} events were rejected")
+
+
+@events.command()
+@click.argument("stream")
+@click.option("--from", "start", help="First event: id, ISO date-time or duration ago. Default: the oldest.")
+@click.option(
+    "--filter",
+    "filter_json",
+    help='Only events matching a condition: {"field": "amount", "op": "gt", "value": 100}.',
+)
+@click.option(
+    "--follow", "-f", is_flag=True, help="Keep waiting for new events (without --from: new ones only)."
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many (matching) events.")
+def tail(stream: str, start: str | None, filter_json: str | None, follow: bool, limit: int | None) -> None:
+    """Print the events of STREAM as JSON lines (id, time, payload)."""
+    condition = parse_filter(filter_json)
+    after = start_cursor(start) if start else ("$" if follow else None)
+    shown = 0
+    with open_stream() as event_stream:
+        for event in event_stream.iter_events(stream, after_id=after, follow=follow, block_ms=1000):
+            if not matches(condition, event.payload):
+                continue
+            click.echo(event_line(event))
+            shown += 1
+            if limit is not None and shown >= limit:
+                return
+
+
+@events.command()
+@click.argument("stream")
+@click.option("--from", "start", required=True, help="First event: id, ISO date-time or duration ago.")
+@click.option("--to", "end", help="Last event (inclusive): id, ISO date-time or duration ago. Default: now.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    show_default=True,
+    help="JSON Lines file to write.",
+)
+@click.option("--filter", "filter_json", help="Only events matching a condition (JSON).")
+def replay(stream: str, start: str, end: str | None, output: str, filter_json: str | None) -> None:
+    """Write the events of STREAM from --from to --to as JSON Lines (id, time, payload).
+
+    Fails, naming the range, if retention already removed events of the requested range.
+    """
+    condition = parse_filter(filter_json)
+    after = start_cursor(start)
+    until = end_id(end) if end else end_id(datetime.now(UTC).isoformat())
+    written, first, last = 0, None, None
+    with open_stream() as event_stream, click.open_file(output, "w", encoding="utf-8") as out:
+        for event in event_stream.iter_events(stream, after_id=after, until_id=until):
+            if not matches(condition, event.payload):
+                continue
+            out.write(event_line(event) + "\n")
+            written += 1
+            first = first or event.id
+            last = event.id
+    span = f" ({first} .. {last})" if written else ""
+    click.echo(f"replayed {written} events of {stream}{span} to {output}", err=True)
+
+
+@events.command()
+@click.argument("stream", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(stream: str | None, as_json: bool) -> None:
+    """Per stream: events retained and ever added, first/last ids, groups (pending, lag), dead letters."""
+    with open_stream() as event_stream:
+        names = [stream] if stream else [d.name for d in event_stream.registry.list()]
+        figures = [event_stream.stats(name) for name in names]
+    if as_json:
+        click.echo(json.dumps([figure.to_json() for figure in figures], indent=2))
+        return
+    rows = [
+        (
+            f.stream,
+            str(f.length),
+            str(f.events_added),
+            f.first_id or "-",
+            f.last_id or "-",
+            f.max_deleted_id,
+            ", ".join(
+                f"{g.name} (pending {g.pending}, lag {'?' if g.lag is None else g.lag})" for g in f.groups
+            )
+            or "-",
+            str(f.dead_lettered),
+        )
+        for f in figures
+    ]
+    headers = ("STREAM", "LENGTH", "ADDED", "FIRST", "LAST", "MAX DELETED", "GROUPS", "DEAD-LETTERED")
+    click.echo(render_table(headers, rows))

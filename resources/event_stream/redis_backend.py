@@ -1,0 +1,465 @@
+"""The Redis Streams backend (`JUNCTION_REDIS_URL`): one Redis stream per Junction stream.
+
+Keys: `junction:events:{<stream>}` holds the events (one field, `payload`, the JSON text) and
+`junction:events:{<stream>}:idem:<key>` an idempotency key's event id (expiring after the stream's
+window). The braces are a Redis Cluster hash tag: a stream and its keys live in one slot, so the
+Lua scripts below may touch them together.
+
+- Ids are Redis's own `ms-seq`, in the order Redis appended them.
+- Publishing pipelines `XADD`; with an idempotency key the check, the `XADD` and the key's
+  `SET PX` run in one Lua script, so a crash can never store the key without the event or the event
+  twice.
+- Retention: Redis 7.0 records only `XDEL` in `max-deleted-entry-id`, not what `XTRIM` or
+  `XADD MAXLEN` removed, so gap detection could not tell trimmed events from events never published.
+  The pipeline therefore ends with one `TRIM` script that trims itself and records the highest
+  trimmed id in `junction:events:{<stream>}:trimmed`. It is approximate like `MAXLEN ~`: it trims
+  (exactly down to `max_count`) only once `TRIM_SLACK` events too many have accumulated, so the cost
+  is amortised over batches; age (`MINID`) is checked on each publish at O(log n).
+- Reads run `XINFO STREAM`, the trimmed marker and `XRANGE` in one Lua script, so the highest removed
+  id that decides `EventsLost` and the events read belong to the same instant. Blocking reads wait
+  with `XREAD BLOCK` and then read again through the script.
+- Consumer groups: `XREADGROUP` inside a script that first compares the group's last-delivered id
+  with max-deleted-entry-id; `XACK`; `XAUTOCLAIM` for entries a dead consumer left pending;
+  dead-lettering (`XACK` + `XADD` to `<stream>:dead-letter`, atomically in a script) for entries
+  delivered `max_deliveries` times.
+- A connection failure raises `EventStreamUnavailable`: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resources.event_stream.core import (
+    ZERO_ID,
+    ClaimResult,
+    Event,
+    EventId,
+    EventsLost,
+    EventStream,
+    EventStreamUnavailable,
+    GroupNotFound,
+    GroupStats,
+    Page,
+    PendingEvent,
+    PublishResult,
+    StreamStats,
+    ValidEvent,
+    dead_letter_record,
+    dead_letter_stream,
+    decode_payload,
+    encode_payload,
+    now_ms,
+)
+from resources.event_stream.registry import StreamDefinition, StreamRegistry
+
+# Lua helpers shared by the scripts: XINFO STREAM's flat reply as fields, and id comparison
+# (ms and seq fit a Lua double exactly up to 2^53).
+_LUA_HELPERS = """
+local function info_field(reply, name)
+  for i = 1, #reply, 2 do
+    if reply[i] == name then return reply[i + 1] end
+  end
+  return nil
+end
+local function id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+-- highest id removed: XDEL's (max-deleted-entry-id) or our trims' (the marker key)
+local function max_removed(info, marker_key)
+  local removed = info_field(info, 'max-deleted-entry-id')
+  local trimmed = redis.call('GET', marker_key)
+  if trimmed and id_less(removed, trimmed) then return trimmed end
+  return removed
+end
+"""
+
+# KEYS: stream, idempotency key. ARGV: payload, window ms.
+PUBLISH_ONCE = """
+local existing = redis.call('GET', KEYS[2])
+if existing then return {'duplicate', existing} end
+local id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1])
+redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
+return {'accepted', id}
+"""
+
+# KEYS: stream, trimmed marker. ARGV: max count ('' = none), slack, min id ('' = none).
+# Returns how many events were removed.
+TRIM = (
+    _LUA_HELPERS
+    + """
+local removed = 0
+local function record(id)
+  local current = redis.call('GET', KEYS[2])
+  if (not current) or id_less(current, id) then redis.call('SET', KEYS[2], id) end
+end
+if ARGV[1] ~= '' then
+  local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
+  if excess > tonumber(ARGV[2]) then
+    local doomed = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+    record(doomed[#doomed][1])
+    removed = removed + redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[1])
+  end
+end
+if ARGV[3] ~= '' then
+  local below = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[3], '-', 'COUNT', 1)
+  if #below > 0 then
+    record(below[1][1])
+    removed = removed + redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[3])
+  end
+end
+return removed
+"""
+)
+
+# KEYS: stream, trimmed marker. ARGV: start, end, count. Returns {max removed id, last id, entries}.
+READ_PAGE = (
+    _LUA_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'0-0', '0-0', {}} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+return {max_removed(info, KEYS[2]), info_field(info, 'last-generated-id'), entries}
+"""
+)
+
+# KEYS: stream, trimmed marker. ARGV: group, consumer, count.
+# Returns {'lost', last delivered, max removed} or {'ok', last id, XREADGROUP reply}.
+READ_GROUP = (
+    _LUA_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nogroup'} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local max_deleted = max_removed(info, KEYS[2])
+local delivered = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if info_field(group, 'name') == ARGV[1] then delivered = info_field(group, 'last-delivered-id') end
+end
+if not delivered then return {'nogroup'} end
+if id_less(delivered, max_deleted) then return {'lost', delivered, max_deleted} end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+return {'ok', info_field(info, 'last-generated-id'), reply}
+"""
+)
+
+# KEYS: stream, dead-letter stream. ARGV: group, id, dead-letter record.
+# Acknowledge and dead-letter together: a crash between the two would lose or duplicate the event.
+DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'payload', ARGV[3])
+return 1
+"""
+
+# Events beyond max_count tolerated before the publish pipeline trims (like MAXLEN ~'s macro nodes).
+TRIM_SLACK = 100
+
+
+def redacted_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _unavailable(method):
+    """Turn connection failures into `EventStreamUnavailable` naming the (redacted) server."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise unavailable_error(self.url, exc) from None
+
+    return wrapper
+
+
+def stream_key(stream: str) -> str:
+    return f"junction:events:{{{stream}}}"
+
+
+def trimmed_marker(stream: str) -> str:
+    return f"junction:events:{{{stream}}}:trimmed"
+
+
+def idempotency_key(stream: str, key: str) -> str:
+    return f"junction:events:{{{stream}}}:idem:{key}"
+
+
+def _entry_event(stream: str, entry) -> Event:
+    event_id, fields = entry
+    if isinstance(fields, dict):
+        payload = fields["payload"]
+    else:  # a raw Lua reply: [field, value, ...]
+        payload = dict(zip(fields[::2], fields[1::2], strict=True))["payload"]
+    return Event(stream, event_id, decode_payload(payload))
+
+
+def script_on(client):
+    """How to run a registered script on `client`: (script, keys, args) -> reply or queued command.
+
+    On a pipeline the script is queued as EVALSHA and registered with the pipeline, which loads it
+    before executing if the server does not know it; that is the same for sync and asyncio pipelines
+    (calling an asyncio script object would be a coroutine, not a queued command).
+    """
+
+    def run(script, keys, args):
+        if hasattr(client, "scripts"):  # a pipeline
+            client.scripts.add(script)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        return script(keys=keys, args=args, client=client)
+
+    return run
+
+
+def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int):
+    """Queue (on a pipeline) or run the TRIM script when the stream has a retention."""
+    if not (definition.max_count or definition.max_age_s):
+        return None
+    minid = f"{now_ms() - definition.max_age_s * 1000}-0" if definition.max_age_s else ""
+    return run_script(
+        trim_script,
+        [stream_key(definition.name), trimmed_marker(definition.name)],
+        [definition.max_count or "", slack, minid],
+    )
+
+
+def queue_append(
+    pipe, publish_once, trim_script, definition: StreamDefinition, events: list[ValidEvent]
+) -> None:
+    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same)."""
+    key = stream_key(definition.name)
+    window_ms = definition.idempotency_window_s * 1000
+    run_script = script_on(pipe)
+    for event in events:
+        if event.idempotency_key:
+            run_script(
+                publish_once,
+                [key, idempotency_key(definition.name, event.idempotency_key)],
+                [event.encoded, window_ms],
+            )
+        else:
+            pipe.xadd(key, {"payload": event.encoded})
+    queue_trim(run_script, trim_script, definition, TRIM_SLACK)
+
+
+def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
+    results = []
+    for event, reply in zip(events, replies, strict=False):  # a trailing TRIM reply is not an event's
+        if isinstance(reply, list):
+            results.append(PublishResult(event.index, reply[0], id=reply[1]))
+        else:
+            results.append(PublishResult(event.index, "accepted", id=reply))
+    return results
+
+
+def read_page_call(stream: str, after: EventId | None, until: EventId | None, limit: int) -> dict:
+    start = f"({after}" if after is not None else "-"
+    end = str(until) if until is not None else "+"
+    return {"keys": [stream_key(stream), trimmed_marker(stream)], "args": [start, end, limit]}
+
+
+def page_from_reply(stream: str, reply) -> Page:
+    max_deleted, last_id, entries = reply
+    return Page(
+        [_entry_event(stream, entry) for entry in entries], EventId.parse(max_deleted), EventId.parse(last_id)
+    )
+
+
+def unavailable_error(url: str, exc: Exception) -> EventStreamUnavailable:
+    return EventStreamUnavailable(
+        f"Redis at {redacted_url(url)} is unreachable: {exc}; nothing was published or read"
+    )
+
+
+class RedisEventStream(EventStream):
+    backend = "redis"
+
+    def __init__(self, url: str, registry: StreamRegistry | None = None):
+        super().__init__(registry or StreamRegistry.for_url())
+        self.url = url
+        # RESP2 pinned: the Lua replies and XINFO shapes parsed here are RESP2's. No socket timeout:
+        # blocking reads hold the connection for up to block_ms.
+        self.client = redis.Redis.from_url(url, decode_responses=True, protocol=2, socket_connect_timeout=3)
+        self._publish_once = self.client.register_script(PUBLISH_ONCE)
+        self._read_page_script = self.client.register_script(READ_PAGE)
+        self._read_group_script = self.client.register_script(READ_GROUP)
+        self._dead_letter_script = self.client.register_script(DEAD_LETTER)
+        self._trim_script = self.client.register_script(TRIM)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _trim_with(self, client, definition: StreamDefinition, slack: int):
+        return queue_trim(script_on(client), self._trim_script, definition, slack)
+
+    @_unavailable
+    def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
+        pipe = self.client.pipeline(transaction=False)
+        queue_append(pipe, self._publish_once, self._trim_script, definition, events)
+        return append_results(events, pipe.execute())
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @_unavailable
+    def _read_page(self, stream: str, after: EventId | None, until: EventId | None, limit: int) -> Page:
+        return page_from_reply(stream, self._read_page_script(**read_page_call(stream, after, until, limit)))
+
+    @_unavailable
+    def _last_id(self, stream: str) -> EventId:
+        try:
+            return EventId.parse(self.client.xinfo_stream(stream_key(stream))["last-generated-id"])
+        except ResponseError:  # no such key: nothing was ever published
+            return ZERO_ID
+
+    @_unavailable
+    def _wait_for_new(self, stream: str, after: EventId, timeout_ms: int) -> None:
+        self.client.xread({stream_key(stream): str(after)}, count=1, block=max(1, timeout_ms))
+
+    # -- consumer groups -------------------------------------------------------------------------
+
+    @_unavailable
+    def create_group(self, stream: str, group: str, start_id: str = "$") -> bool:
+        self.registry.get(stream)
+        start = start_id if start_id == "$" else str(EventId.parse(start_id))
+        try:
+            self.client.xgroup_create(stream_key(stream), group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    @_unavailable
+    def set_group_position(self, stream: str, group: str, last_delivered_id: str) -> None:
+        try:
+            self.client.xgroup_setid(stream_key(stream), group, str(EventId.parse(last_delivered_id)))
+        except ResponseError as exc:
+            raise GroupNotFound(stream, group) from exc
+
+    @_unavailable
+    def _read_group_page(
+        self, stream: str, group: str, consumer: str, limit: int
+    ) -> tuple[list[Event], EventId]:
+        reply = self._read_group_script(
+            keys=[stream_key(stream), trimmed_marker(stream)], args=[group, consumer, limit]
+        )
+        if reply[0] == "nogroup":
+            raise GroupNotFound(stream, group)
+        if reply[0] == "lost":
+            delivered, max_deleted = EventId.parse(reply[1]), reply[2]
+            raise EventsLost(stream, str(delivered.next()), max_deleted)
+        entries = reply[2][0][1] if reply[2] else []
+        return [_entry_event(stream, entry) for entry in entries], EventId.parse(reply[1])
+
+    @_unavailable
+    def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        return self.client.xack(stream_key(stream), group, *[str(EventId.parse(i)) for i in ids])
+
+    @_unavailable
+    def pending(self, stream: str, group: str, *, limit: int = 100) -> list[PendingEvent]:
+        try:
+            rows = self.client.xpending_range(stream_key(stream), group, min="-", max="+", count=limit)
+        except ResponseError as exc:
+            raise GroupNotFound(stream, group) from exc
+        return [
+            PendingEvent(
+                row["message_id"], row["consumer"], row["time_since_delivered"], row["times_delivered"]
+            )
+            for row in rows
+        ]
+
+    @_unavailable
+    def claim_stale(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_ms: int,
+        limit: int = 100,
+        max_deliveries: int | None = None,
+    ) -> ClaimResult:
+        key = stream_key(stream)
+        dead: list[str] = []
+        if max_deliveries is not None:
+            dead_definition = self.registry.get(dead_letter_stream(stream))
+            try:
+                stale = self.client.xpending_range(
+                    key, group, min="-", max="+", count=limit, idle=min_idle_ms + 1
+                )
+            except ResponseError as exc:
+                raise GroupNotFound(stream, group) from exc
+            for row in stale:
+                if row["times_delivered"] < max_deliveries:
+                    continue
+                entries = self.client.xrange(key, row["message_id"], row["message_id"])
+                if not entries:  # trimmed: XAUTOCLAIM below reports it as deleted
+                    continue
+                record = dead_letter_record(
+                    stream,
+                    group,
+                    row["message_id"],
+                    row["consumer"],
+                    row["times_delivered"],
+                    decode_payload(entries[0][1]["payload"]),
+                )
+                moved = self._dead_letter_script(
+                    keys=[key, stream_key(dead_definition.name)],
+                    args=[group, row["message_id"], encode_payload(record)],
+                )
+                if moved:
+                    dead.append(row["message_id"])
+        try:
+            _, entries, deleted = self.client.xautoclaim(
+                key, group, consumer, min_idle_ms, "0-0", count=limit
+            )
+        except ResponseError as exc:
+            raise GroupNotFound(stream, group) from exc
+        events = [_entry_event(stream, entry) for entry in entries if entry[1] is not None]
+        return ClaimResult(events, dead, list(deleted))
+
+    # -- operations ------------------------------------------------------------------------------
+
+    @_unavailable
+    def stats(self, stream: str) -> StreamStats:
+        self.registry.get(stream)
+        key = stream_key(stream)
+        try:
+            info = self.client.xinfo_stream(key)
+        except ResponseError:  # never published to
+            return StreamStats(stream, 0, 0, None, None, str(ZERO_ID), [], 0)
+        groups = [
+            GroupStats(group["name"], group["pending"], group["last-delivered-id"], group.get("lag"))
+            for group in sorted(self.client.xinfo_groups(key), key=lambda group: group["name"])
+        ]
+        first, last = info.get("first-entry"), info.get("last-entry")
+        trimmed = self.client.get(trimmed_marker(stream)) or str(ZERO_ID)
+        return StreamStats(
+            stream=stream,
+            length=info["length"],
+            events_added=info["entries-added"],
+            first_id=first[0] if first else None,
+            last_id=last[0] if last else None,
+            max_deleted_id=str(max(EventId.parse(info["max-deleted-entry-id"]), EventId.parse(trimmed))),
+            groups=groups,
+            dead_lettered=self.client.xlen(stream_key(dead_letter_stream(stream))),
+        )
+
+    @_unavailable
+    def trim(self, stream: str) -> int:
+        return self._trim_with(self.client, self.registry.get(stream), 0) or 0

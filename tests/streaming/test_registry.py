@@ -1,0 +1,87 @@
+"""The streams registry: YAML declarations (kernel error format), sync into the store, the API path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestration.kernel.spec_errors import SpecError
+from orchestration.settings import PROJECT_ROOT
+from orchestration.store import get_engine
+from resources.event_stream import StreamNotFound, StreamRegistry, StreamSpec, load_stream_specs
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_orders_stream_loads_and_validates():
+    specs = load_stream_specs(PROJECT_ROOT / "sensors" / "streams")
+    orders = next(spec for spec in specs.values() if spec.name == "orders")
+    assert orders.retention.max_count == 1_000_000 and orders.retention.max_age == 30 * 86400
+    assert orders.idempotency_window == 86400
+
+
+def test_every_problem_names_file_field_and_reason(tmp_path: Path):
+    folder = tmp_path / "streams"
+    bad = write(
+        folder,
+        "bad.yaml",
+        "name: Bad Name\nretention: {max_count: 0, max_age: forever}\nextra: 1\n"
+        "payload_schema: {type: nonsense}\nidempotency_window: -5\n",
+    )
+    first = write(folder, "a.yaml", "name: orders\n")
+    second = write(folder, "b.yml", "name: orders\n")
+    broken = write(folder, "broken.yaml", "name: [unclosed\n")
+
+    with pytest.raises(SpecError) as caught:
+        load_stream_specs(folder)
+    lines = str(caught.value).splitlines()
+    assert f"{bad}: name: must be 1-150 characters" in "\n".join(lines)
+    assert f"{bad}: retention.max_count: Input should be greater than or equal to 1" in lines
+    assert any(line.startswith(f"{bad}: retention.max_age: 'forever' is not a duration") for line in lines)
+    assert f"{bad}: extra: unknown field" in lines
+    assert any(line.startswith(f"{bad}: payload_schema: not a valid JSON Schema") for line in lines)
+    assert f"{bad}: idempotency_window: must be positive" in lines
+    assert any(line.startswith(f"{broken}: line 2 column 1: ") and "invalid YAML" in line for line in lines)
+    # The duplicate is only checked once every file parses; fix the others and it is reported.
+    bad.unlink()
+    broken.unlink()
+    with pytest.raises(SpecError) as duplicate:
+        load_stream_specs(folder)
+    assert str(duplicate.value) == f"{second}: name: stream 'orders' is already declared in {first}"
+
+
+def test_sync_and_upsert_through_python(store_url: str, tmp_path: Path):
+    folder = tmp_path / "streams"
+    write(folder, "clicks.yaml", "name: clicks\ndescription: page clicks\nretention: {max_age: 7d}\n")
+    registry = StreamRegistry(get_engine(store_url))
+    [synced] = registry.sync_declared(folder)
+    assert (synced.name, synced.origin, synced.max_age_s, synced.max_count) == (
+        "clicks",
+        "yaml",
+        604800,
+        None,
+    )
+
+    created = registry.upsert(
+        StreamSpec(name="payments", payload_schema={"type": "object"}, retention={"max_count": 5})
+    )
+    assert created.origin == "api" and created.max_count == 5
+    assert [d.name for d in registry.list()] == ["clicks", "payments"]
+
+    updated = registry.upsert(StreamSpec(name="payments", description="money", retention={"max_count": 9}))
+    assert updated.created_at == created.created_at and updated.updated_at >= created.updated_at
+    assert registry.get("payments").max_count == 9 and registry.get("payments").payload_schema is None
+    assert registry.get("payments:dead-letter").max_count == 9
+    with pytest.raises(StreamNotFound):
+        registry.get("nothing")
+
+
+def test_a_declaration_rejects_reserved_names():
+    with pytest.raises(ValueError, match="lowercase letters"):
+        StreamSpec(name="orders:dead-letter")
