@@ -94,3 +94,13 @@ def test_help_everywhere(tmp_path: Path, command: list[str]):
     result = run_junction(tmp_path, *command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_a_broken_stream_declaration_stops_the_start_naming_the_file(tmp_path: Path):
+    streams = tmp_path / "streams"
+    streams.mkdir()
+    (streams / "orders.yaml").write_text("name: orders\nretention: {max_count: lots}\n")
+    result = run_junction(tmp_path, "dev", "--port", str(free_port()), env={"JUNCTION_STREAMS_DIR": str(streams)})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"{streams / 'orders.yaml'}: retention.max_count:" in result.stderr

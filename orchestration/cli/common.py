@@ -1,31 +1,12 @@
-"""Helpers shared by the `junction` command groups: times, durations and plain-text tables."""
+"""Helpers shared by the `junction` command groups: `--since` values and plain-text tables."""
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import click
 
-_DURATION = re.compile(r"^(\d+)([mhdw])$")
-_DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_duration(text: str) -> timedelta | None:
-    """`90m`, `12h`, `30d`, `2w` -> a timedelta; anything else -> None."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        return None
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
-
-
-def parse_instant(text: str) -> datetime | None:
-    """An ISO 8601 date or date-time (`2027-01-01`, `2027-01-01T00:00Z`); naive means UTC."""
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+from orchestration.kernel.times import parse_duration, parse_instant
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

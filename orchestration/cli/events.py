@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestration.cli.audit import parse_duration, parse_instant, render_table
+from orchestration.cli.common import render_table
 from orchestration.errors import JunctionError
+from orchestration.kernel.times import parse_duration, parse_instant
 
 if TYPE_CHECKING:
     from orchestration.kernel.conditions import Condition

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import click
 
-from orchestration.cli.common import parse_duration, parse_instant, render_table
+from orchestration.cli.common import render_table
+from orchestration.kernel.times import parse_duration, parse_instant
 
 
 def cli_actor() -> str:

@@ -45,6 +45,8 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     from orchestration.server import check_port_free, default_workspace_file, serve_platform, workspace_target
     from orchestration.settings import get_settings
     from orchestration.store.bootstrap import migrate_store
+    from orchestration.store.db import get_engine
+    from resources.event_stream.registry import StreamRegistry
 
     started = time.perf_counter()
     _configure_logging(log_level)
@@ -54,8 +56,10 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     workspace_target(workspace_file)
     dagster_home = prepare_dagster_home(settings)
     revision = migrate_store()
+    streams = StreamRegistry(get_engine()).sync_declared(settings.streams_dir)
     key, created = ensure_local_admin_key(settings.admin_key_file)
     click.echo(f"junction: state in {settings.home_dir}  (DAGSTER_HOME={dagster_home}, store at {revision})")
+    click.echo(f"junction: {len(streams)} stream(s) declared in {settings.streams_dir}")
     verb = "created" if created else "kept"
     click.echo(f"junction: local admin API key '{key.name}' {verb} in {settings.admin_key_file}")
     click.echo(f"junction: starting on http://{host}:{port}  (gateway at {settings.gateway_prefix})")

@@ -35,8 +35,8 @@ CACHE_TTL_S = 5.0
 
 
 def parse_seconds(value: Any) -> int:
-    """A duration: whole seconds, or `90m`, `12h`, `7d`, `2w` (the CLI's duration syntax)."""
-    from orchestration.cli.audit import parse_duration
+    """A duration: whole seconds, or `90m`, `12h`, `7d`, `2w` (the kernel's duration syntax)."""
+    from orchestration.kernel.times import parse_duration
 
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 15m, 12h, 7d, 2w or a number of seconds")
