@@ -17,6 +17,7 @@ COMMANDS = {
     "keys": "orchestration.cli.keys:keys",
     "audit": "orchestration.cli.audit:audit",
     "backup": "orchestration.cli.backup:backup",
+    "workflows": "orchestration.cli.workflows:workflows",
 }
 
 
