@@ -145,6 +145,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     max_retries = policy.max_retries if policy else 0
     secret_names = step.config.secret_env_names()
     upstream_ids = [dependency.partition(".")[0] for dependency in step.depends_on]
+    single_output = step_type.outputs == (DEFAULT_OUTPUT,)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[dg.Output]:
         import os
@@ -186,9 +187,9 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             record_failed_step(context, step.id)
         secrets = [os.environ.get(name, "") for name in secret_names]
         output_name = DEFAULT_OUTPUT
-        if status == "succeeded" and step_type.outputs != (DEFAULT_OUTPUT,):
+        if status == "succeeded" and not single_output:
             output_name = output["branch"]
-        elif status == "failed" and step_type.outputs != (DEFAULT_OUTPUT,):
+        elif status == "failed" and not single_output:
             # A branch that failed takes no branch: everything after it is skipped.
             context.log.warning(f"step {step.id!r} failed: no branch taken")
             return
@@ -206,8 +207,9 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             upstream_id: dg.In(description=f"states up to step {upstream_id}") for upstream_id in upstream_ids
         },
         outs={
+            # Optional where the step may yield nothing: a branch, or a `when` that can be false.
             output: dg.Out(
-                is_required=step_type.outputs == (DEFAULT_OUTPUT,), description=f"{step.type} {output}"
+                is_required=single_output and step.when is None, description=f"{step.type} {output}"
             )
             for output in step_type.outputs
         },

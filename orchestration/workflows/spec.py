@@ -345,7 +345,7 @@ def workflow_problems(spec: WorkflowSpec) -> list[SpecProblem]:
                 SpecProblem(format_location(("steps", index, "id")), f"duplicate step id '{step.id}'")
             )
         seen_ids.add(step.id)
-    edges_ok = True
+    edges_ok = len(seen_ids) == len(spec.steps) + sum(len(step.compensate) for step in spec.steps)
     for index, step in enumerate(spec.steps):
         for position, dependency in enumerate(step.depends_on):
             where = format_location(("steps", index, "depends_on", position))
@@ -411,15 +411,26 @@ def workflow_problems(spec: WorkflowSpec) -> list[SpecProblem]:
 
 # --- loading ------------------------------------------------------------------------------------------
 
-_TAG_IN_LOCATION = re.compile(
-    r"^(steps\[\d+\](?:\.compensate\[\d+\])?)\.(" + "|".join(map(re.escape, STEP_TYPES)) + r")(?=\.|$)"
-)
+
+def _alternatives(names: Iterable[str]) -> str:
+    return "|".join(map(re.escape, names))
+
+
+# Where the models use a discriminated union, and the tags pydantic puts into an error's location there.
+_UNION_TAGS_IN_LOCATIONS = [
+    re.compile(rf"^(steps\[\d+\](?:\.compensate\[\d+\])?)\.({_alternatives(STEP_TYPES)})(?=\.|\[|$)"),
+    re.compile(r"^(triggers\[\d+\])\.(manual|schedule|stream|api)(?=\.|\[|$)"),
+    re.compile(r"^(steps\[\d+\](?:\.compensate\[\d+\])?\.config\.auth)\.(bearer|basic)(?=\.|$)"),
+]
 
 
 def _without_union_tag(problem: SpecProblem) -> SpecProblem:
     """pydantic names the chosen step type in an error's location (`steps[2].http_request.config.url`);
-    the user's document has no such field, so it is taken out (`steps[2].config.url`)."""
-    location = _TAG_IN_LOCATION.sub(r"\1", problem.location)
+    the user's document has no such field, so it is taken out (`steps[2].config.url`). The same for
+    triggers and HTTP auth."""
+    location = problem.location
+    for pattern in _UNION_TAGS_IN_LOCATIONS:
+        location = pattern.sub(r"\1", location)
     reason = problem.reason
     if "does not match any of the expected tags" in reason:
         location, reason = f"{location}.type", f"unknown step type; expected one of {', '.join(STEP_TYPES)}"
