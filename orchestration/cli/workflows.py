@@ -157,6 +157,7 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
         DagsterEventType.STEP_FAILURE: "failed",
         DagsterEventType.STEP_SKIPPED: "skipped",
         DagsterEventType.STEP_UP_FOR_RETRY: "up for retry",
+        DagsterEventType.STEP_RESTARTED: "restarted",
     }
     shown = 0
     while True:
