@@ -25,6 +25,8 @@ FAILED_STEPS_TAG = "junction/failed_steps"
 KIND_TAG = "junction/kind"
 
 MASK = "***"
+# The kernel's default render limit, shortened when the step's own timeout is closer.
+TEMPLATE_TIME_LIMIT_S = 2.0
 # Keys whose values are masked wherever they appear in a recorded output.
 SECRET_KEY_MARKERS = ("password", "secret", "token", "authorization", "api_key", "apikey")
 
@@ -58,7 +60,11 @@ class StepContext:
         """`value` with every string in it rendered as a kernel template (strict, sandboxed)."""
         from orchestration.kernel.templates import render_data
 
-        return render_data(value, self.variables(), time_limit_s=min(2.0, self.remaining_s() or 2.0))
+        remaining = self.remaining_s()
+        limit = (
+            TEMPLATE_TIME_LIMIT_S if remaining is None else max(min(TEMPLATE_TIME_LIMIT_S, remaining), 0.01)
+        )
+        return render_data(value, self.variables(), time_limit_s=limit)
 
     def remaining_s(self) -> float | None:
         """Seconds left before the step's timeout, None without one."""

@@ -116,11 +116,18 @@ def run_with_timeout(function: Callable[[], Any], timeout_s: float | None, step_
 
 
 def execution_id_of(context: dg.OpExecutionContext) -> str:
+    """The run's execution id; the first op of a fresh run without one tags the run with its run id.
+
+    `context.run` is the run as it was when the run started, so later ops read the stored tags
+    before writing: one tag write per run, not per op."""
     execution_id = context.run.tags.get(EXECUTION_ID_TAG)
-    if execution_id is None:
-        execution_id = context.run_id
-        context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: execution_id})
-    return execution_id
+    if execution_id is not None:
+        return execution_id
+    stored = context.instance.get_run_by_id(context.run_id)
+    if stored is not None and EXECUTION_ID_TAG in stored.tags:
+        return stored.tags[EXECUTION_ID_TAG]
+    context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: context.run_id})
+    return context.run_id
 
 
 def record_failed_step(context: dg.OpExecutionContext, step_id: str) -> None:

@@ -296,3 +296,55 @@ def test_transformation_rejects_a_source_that_is_not_records(run_spec):
 def test_inputs_are_typed_run_config(run_spec, bad):
     with pytest.raises(dg.DagsterInvalidConfigError):
         run_spec(BRANCHING, **bad)
+
+
+def test_secrets_are_masked_by_key_and_by_value():
+    from orchestration.workflows.context import mask_secrets
+
+    output = {"api_token": "abc", "nested": [{"Password": "x", "note": "key is s3cr3t!"}], "count": 3}
+    assert mask_secrets(output, ["s3cr3t", ""]) == {
+        "api_token": "***",
+        "nested": [{"Password": "***", "note": "key is ***!"}],
+        "count": 3,
+    }
+
+
+def test_a_bad_spec_fails_the_code_location_with_the_kernel_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_spec import changed
+
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(changed("steps.2.depends_on", ["nowhere"])))
+    env = {**os.environ, "JUNCTION_WORKFLOWS_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import orchestration.definitions"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode != 0
+    assert f"{tmp_path / 'broken.yaml'}: steps[2].depends_on[0]: unknown step 'nowhere'" in result.stderr
+
+
+def test_the_code_location_holds_the_shipped_workflow():
+    from orchestration.definitions import defs
+
+    job = defs.get_job_def("order_review")
+    assert {node.name for node in job.nodes} == {
+        "lookup_order",
+        "is_large",
+        "large_order_lines",
+        "notify_finance",
+    }
+    assert "notifications" in job.resource_defs
+
+
+def test_a_schedule_tick_launches_with_the_input_defaults():
+    spec = parse_workflow(BRANCHING)
+    job = build_job(spec)
+    (schedule,) = build_schedules(spec, job)
+    with dg.build_schedule_context(scheduled_execution_time=None) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests
+    result = job.execute_in_process(run_config=request.run_config, instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert result.output_for_node("numbers")["numbers"]["output"]["count"] == 0
