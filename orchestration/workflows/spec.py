@@ -195,9 +195,6 @@ class WorkflowSpec(_Model):
             raise SpecError(problems)
         return self
 
-    def step(self, step_id: str) -> Any:
-        return next(step for step in self.steps if step.id == step_id)
-
     def upstream(self) -> dict[str, set[str]]:
         """Each step's ancestors (transitively)."""
         direct = {
@@ -331,11 +328,11 @@ def workflow_problems(spec: WorkflowSpec) -> list[SpecProblem]:
     steps = {step.id: step for step in spec.steps}
     seen_ids: set[str] = set()
     for index, step in enumerate(spec.steps):
-        for compensation in step.compensate:
+        for position, compensation in enumerate(step.compensate):
             if compensation.id in steps or compensation.id in seen_ids:
                 problems.append(
                     SpecProblem(
-                        format_location(("steps", index, "compensate")),
+                        format_location(("steps", index, "compensate", position, "id")),
                         f"duplicate step id '{compensation.id}'",
                     )
                 )

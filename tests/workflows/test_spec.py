@@ -278,3 +278,26 @@ def test_json_schema_covers_step_types_and_triggers():
     ):
         assert name in text
     assert schema["additionalProperties"] is False
+
+
+def test_compensations_are_validated_now_and_see_their_own_step():
+    undo = {
+        "id": "cancel_order",
+        "type": "http_request",
+        "config": {"method": "DELETE", "url": "http://api/orders/{{ steps.lookup.output.body.id }}"},
+    }
+    spec = changed("steps.0.compensate", [undo])
+    assert parse_workflow(spec).steps[0].compensate[0].id == "cancel_order"
+    later = changed("steps.0.compensate", [undo | {"config": {"url": "{{ steps.tell.output }}"}}])
+    with pytest.raises(SpecError) as raised:
+        parse_workflow(later, "test.yaml")
+    assert str(raised.value) == (
+        "test.yaml: steps[0].compensate[0].config.url: step 'tell' in 'steps.tell.output' is not upstream "
+        "of this step (add it to depends_on)"
+    )
+    clash = changed("steps.0.compensate", [undo | {"id": "check"}])
+    with pytest.raises(SpecError, match=r"steps\[0\]\.compensate\[0\]\.id: duplicate step id 'check'"):
+        parse_workflow(clash, "test.yaml")
+    wrong_type = changed("steps.0.compensate", [undo | {"type": "rollback"}])
+    with pytest.raises(SpecError, match=r"steps\[0\]\.compensate\[0\]\.type: unknown step type"):
+        parse_workflow(wrong_type, "test.yaml")
