@@ -11,6 +11,8 @@ import dagster as dg
 
 import assets
 from orchestration import platform_definitions
+from orchestration.settings import get_settings
+from orchestration.workflows.factory import workflow_definitions
 
 
 def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
@@ -25,4 +27,7 @@ def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
 defs = dg.Definitions.merge(
     analyst_definitions(),
     platform_definitions.platform_definitions,
+    # Workflow specs (`orchestration/workflows/*.yaml`): a bad spec fails the code location with
+    # every problem in the kernel's format.
+    workflow_definitions(get_settings().workflows_dir),
 )

@@ -19,6 +19,7 @@ COMMANDS = {
     "backup": "orchestration.cli.backup:backup",
     "pipelines": "orchestration.cli.pipelines:pipelines",
     "events": "orchestration.cli.events:events",
+    "workflows": "orchestration.cli.workflows:workflows",
 }
 
 

@@ -1,0 +1,291 @@
+"""The workflow job factory: each `WorkflowSpec` becomes a Dagster job (and schedules for its crons).
+
+Shape: one op per step, named by the step id and described by its description; one op input per
+`depends_on` entry, named after the upstream step, wired to that step's output (`result`, or a
+conditional's `then` / `otherwise`). Dagster skips an op when an input's upstream output was not
+yielded, so a conditional's branch not taken, and everything after it, shows as skipped.
+
+Inputs: the job's run config *is* the workflow's inputs (a `ConfigMapping` whose schema is built from
+the spec: typed fields, defaults, descriptions — what the launchpad shows); the mapping hands the
+same values to every op.
+
+Data flow: each op returns the states of its upstream steps plus its own (`{step_id: {"output",
+"status"}}`), so a step sees every ancestor's output, not only its direct parents'. Its own output is
+also recorded as output metadata (secrets masked), visible in the UI.
+
+`when`: the op evaluates the condition first; when false it yields nothing (logging why), so the step
+itself finishes without an output and Dagster skips its downstream steps. Dagster can only skip an
+op whose input is missing, so a step with a false `when` shows as succeeded-without-output, and its
+dependants as skipped.
+
+Failures: the step's `retry` becomes the op's `RetryPolicy`; `timeout_s` is enforced here (Dagster
+has no per-op timeout) by running the step in a daemon thread and failing the op when the time is
+up (a Python thread cannot be killed; the abandoned thread ends with its own timeouts or the
+process). `continue_on_failure`: once Dagster's retries are used up, the error becomes the step's
+output (`{error: {type, message}}`, status `failed`), the run continues, and the run is tagged
+`junction/failed_steps`.
+
+Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs, in the
+parking slice, are launched with it); a fresh run without it gets its own run id, set by its first op.
+"""
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from orchestration.workflows.context import (
+    EXECUTION_ID_TAG,
+    FAILED_STEPS_TAG,
+    KIND_TAG,
+    WORKFLOW_TAG,
+    StepContext,
+    mask_secrets,
+)
+from orchestration.workflows.spec import WorkflowSpec, load_workflows, workflow_files
+from orchestration.workflows.steps import DEFAULT_OUTPUT, STEP_TYPES
+
+CONFIG_TYPES: dict[str, Callable[[], Any]] = {
+    "string": lambda: dg.String,
+    "integer": lambda: dg.Int,
+    "number": lambda: dg.Float,
+    "boolean": lambda: dg.Bool,
+    "object": lambda: dg.Permissive(),
+    "array": lambda: [dg.Any],
+    "date": lambda: dg.String,
+}
+
+
+class StepTimeout(Exception):
+    """The step ran longer than its `timeout_s`."""
+
+
+def inputs_config_schema(spec: WorkflowSpec) -> dict[str, dg.Field]:
+    """The run config schema: one typed field per workflow input."""
+    fields = {}
+    for name, spec_input in spec.inputs.items():
+        description = spec_input.description or None
+        config_type = CONFIG_TYPES[spec_input.type]()
+        if spec_input.required:
+            fields[name] = dg.Field(config_type, is_required=True, description=description)
+        else:
+            default = spec_input.default
+            default = default.isoformat() if hasattr(default, "isoformat") else default
+            fields[name] = dg.Field(
+                config_type, default_value=default, is_required=False, description=description
+            )
+    return fields
+
+
+def retry_policy(step: Any) -> dg.RetryPolicy | None:
+    if step.retry is None:
+        return None
+    return dg.RetryPolicy(
+        max_retries=step.retry.max_retries,
+        delay=step.retry.delay_s,
+        backoff=dg.Backoff[step.retry.backoff.upper()] if step.retry.backoff else None,
+        jitter=dg.Jitter[step.retry.jitter.upper()] if step.retry.jitter else None,
+    )
+
+
+def run_with_timeout(function: Callable[[], Any], timeout_s: float | None, step_id: str) -> Any:
+    """`function()`, failing with `StepTimeout` after `timeout_s` (see the module doc)."""
+    if timeout_s is None:
+        return function()
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the op's thread, which re-raises it
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name=f"workflow-step-{step_id}", daemon=True).start()
+    if not finished.wait(timeout_s):
+        raise StepTimeout(f"step {step_id!r} did not finish within its timeout of {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def execution_id_of(context: dg.OpExecutionContext) -> str:
+    """The run's execution id; the first op of a fresh run without one tags the run with its run id.
+
+    `context.run` is the run as it was when the run started, so later ops read the stored tags
+    before writing: one tag write per run, not per op."""
+    execution_id = context.run.tags.get(EXECUTION_ID_TAG)
+    if execution_id is not None:
+        return execution_id
+    stored = context.instance.get_run_by_id(context.run_id)
+    if stored is not None and EXECUTION_ID_TAG in stored.tags:
+        return stored.tags[EXECUTION_ID_TAG]
+    context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: context.run_id})
+    return context.run_id
+
+
+def record_failed_step(context: dg.OpExecutionContext, step_id: str) -> None:
+    """Add `step_id` to the run's `junction/failed_steps` tag (the in-process executor runs one step
+    at a time, so reading and writing the tag does not race)."""
+    run = context.instance.get_run_by_id(context.run_id)
+    current = run.tags.get(FAILED_STEPS_TAG, "") if run else ""
+    failed = [name for name in current.split(",") if name]
+    if step_id not in failed:
+        context.instance.add_run_tags(context.run_id, {FAILED_STEPS_TAG: ",".join([*failed, step_id])})
+
+
+def metadata_value(value: Any) -> dg.MetadataValue:
+    if isinstance(value, Mapping | list):
+        return dg.MetadataValue.json(json.loads(json.dumps(value, default=str)))
+    return dg.MetadataValue.text(json.dumps(value, default=str))
+
+
+def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
+    step_type = STEP_TYPES[step.type]
+    policy = retry_policy(step)
+    max_retries = policy.max_retries if policy else 0
+    secret_names = step.config.secret_env_names()
+    upstream_ids = [dependency.partition(".")[0] for dependency in step.depends_on]
+    single_output = step_type.outputs == (DEFAULT_OUTPUT,)
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[dg.Output]:
+        import os
+
+        from orchestration.kernel.conditions import evaluate, parse_condition
+
+        states: dict[str, Any] = {}
+        for upstream_id in upstream_ids:
+            states.update(inputs[upstream_id])
+        deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
+        step_context = StepContext(
+            step_id=step.id,
+            workflow=spec.name,
+            inputs=dict(context.op_config or {}),
+            steps=states,
+            execution_id=execution_id_of(context),
+            run_id=context.run_id,
+            env_names=tuple(spec.env),
+            deadline=deadline,
+            resources={key: getattr(context.resources, key) for key in step_type.resource_keys},
+            log=context.log,
+        )
+        if step.when is not None and not evaluate(parse_condition(step.when), step_context.variables()):
+            context.log.info(
+                f"step {step.id!r} not run: its `when` condition is false; steps after it are skipped"
+            )
+            return
+        status = "succeeded"
+        try:
+            output = run_with_timeout(
+                lambda: step_type.run(step.config, step_context), step.timeout_s, step.id
+            )
+        except Exception as exc:
+            if not step.continue_on_failure or context.retry_number < max_retries:
+                raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=True) from exc
+            context.log.warning(f"step {step.id!r} failed; continuing (continue_on_failure): {exc}")
+            output = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+            status = "failed"
+            record_failed_step(context, step.id)
+        secrets = [os.environ.get(name, "") for name in secret_names]
+        output_name = DEFAULT_OUTPUT
+        if status == "succeeded" and not single_output:
+            output_name = output["branch"]
+        elif status == "failed" and not single_output:
+            # A branch that failed takes no branch: everything after it is skipped.
+            context.log.warning(f"step {step.id!r} failed: no branch taken")
+            return
+        yield dg.Output(
+            {**states, step.id: {"output": output, "status": status}},
+            output_name=output_name,
+            metadata={"output": metadata_value(mask_secrets(output, secrets)), "status": status},
+        )
+
+    return dg.OpDefinition(
+        compute_fn=compute,
+        name=step.id,
+        description=step.description or step_type.description,
+        ins={
+            upstream_id: dg.In(description=f"states up to step {upstream_id}") for upstream_id in upstream_ids
+        },
+        outs={
+            # Optional where the step may yield nothing: a branch, or a `when` that can be false.
+            output: dg.Out(
+                is_required=single_output and step.when is None, description=f"{step.type} {output}"
+            )
+            for output in step_type.outputs
+        },
+        config_schema=dg.Permissive(),
+        required_resource_keys=set(step_type.resource_keys),
+        tags={"junction/step_type": step.type},
+        retry_policy=policy,
+    )
+
+
+def build_job(spec: WorkflowSpec, source: Path | None = None) -> dg.JobDefinition:
+    ops = [step_op(spec, step) for step in spec.steps]
+    dependencies = {
+        step.id: {
+            dependency.partition(".")[0]: dg.DependencyDefinition(
+                dependency.partition(".")[0], dependency.partition(".")[2] or DEFAULT_OUTPUT
+            )
+            for dependency in step.depends_on
+        }
+        for step in spec.steps
+    }
+    step_ids = [step.id for step in spec.steps]
+    config = dg.ConfigMapping(
+        config_fn=lambda values: {"ops": {step_id: {"config": dict(values)} for step_id in step_ids}},
+        config_schema=inputs_config_schema(spec),
+    )
+    resource_keys = {key for step in spec.steps for key in STEP_TYPES[step.type].resource_keys}
+    resources: dict[str, Any] = {}
+    if "notifications" in resource_keys:
+        from resources.notifications import NotificationsResource
+
+        resources["notifications"] = NotificationsResource()
+    graph = dg.GraphDefinition(
+        name=spec.name, description=spec.description or None, node_defs=ops, dependencies=dependencies
+    )
+    metadata: dict[str, Any] = {"triggers": dg.MetadataValue.json([t.model_dump() for t in spec.triggers])}
+    if source is not None:
+        metadata["spec_file"] = dg.MetadataValue.path(str(source))
+    return graph.to_job(
+        config=config,
+        resource_defs=resources,
+        executor_def=dg.in_process_executor,
+        tags={**spec.tags, WORKFLOW_TAG: spec.name, KIND_TAG: "workflow"},
+        metadata=metadata,
+    )
+
+
+def build_schedules(spec: WorkflowSpec, job: dg.JobDefinition) -> list[dg.ScheduleDefinition]:
+    schedules = [trigger for trigger in spec.triggers if trigger.type == "schedule"]
+    return [
+        dg.ScheduleDefinition(
+            name=f"{spec.name}_schedule" if len(schedules) == 1 else f"{spec.name}_schedule_{index}",
+            job=job,
+            cron_schedule=trigger.cron,
+            execution_timezone=trigger.timezone,
+            default_status=dg.DefaultScheduleStatus.RUNNING
+            if trigger.enabled
+            else dg.DefaultScheduleStatus.STOPPED,
+            description=f"Runs the {spec.name} workflow ({trigger.cron}, {trigger.timezone}).",
+        )
+        for index, trigger in enumerate(schedules)
+    ]
+
+
+def workflow_definitions(directory: str | Path) -> dg.Definitions:
+    """The jobs and schedules of every workflow spec in `directory`; a bad spec raises `SpecError`."""
+    jobs, schedules = [], []
+    for path, spec in load_workflows(workflow_files(directory)).items():
+        job = build_job(spec, path)
+        jobs.append(job)
+        schedules.extend(build_schedules(spec, job))
+    return dg.Definitions(jobs=jobs, schedules=schedules)
