@@ -107,7 +107,10 @@ def junction_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     from orchestration.store.db import dispose_engines
 
     for name in _ISOLATED_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        # Set first so monkeypatch restores the original state even if code under test (such as
+        # `prepare_dagster_home`, which exports DAGSTER_HOME) sets the variable afterwards.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     home = tmp_path / "junction-home"
     monkeypatch.setenv("JUNCTION_HOME", str(home))
     reset_settings_cache()

@@ -100,7 +100,9 @@ def test_a_broken_stream_declaration_stops_the_start_naming_the_file(tmp_path: P
     streams = tmp_path / "streams"
     streams.mkdir()
     (streams / "orders.yaml").write_text("name: orders\nretention: {max_count: lots}\n")
-    result = run_junction(tmp_path, "dev", "--port", str(free_port()), env={"JUNCTION_STREAMS_DIR": str(streams)})
+    result = run_junction(
+        tmp_path, "dev", "--port", str(free_port()), env={"JUNCTION_STREAMS_DIR": str(streams)}
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert f"{streams / 'orders.yaml'}: retention.max_count:" in result.stderr
