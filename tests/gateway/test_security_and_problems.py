@@ -187,7 +187,7 @@ def test_unknown_route_and_method(gateway):
 
 def test_ip_lists(gateway):
     # The test client's peer is "testclient", not an address: it passes only without an allow list.
-    assert gateway(gateway_deny_ips=["10.0.0.0/8"]).get("/health").status_code in (200, 503)
+    assert gateway(gateway_deny_ips=["10.0.0.0/8"]).get("/health").status_code != 403
     assert_problem(gateway(gateway_allow_ips=["10.0.0.0/8"]).get("/health"), 403, "ip-denied")
 
 
