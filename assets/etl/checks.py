@@ -24,6 +24,7 @@ ERROR), others keep the spec's severity.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,9 +97,16 @@ def _rule_expectation(predicate: Predicate) -> tuple[str, dict[str, Any]] | None
     return None if bounds is None else ("ExpectColumnValuesToBeBetween", bounds)
 
 
+def _contract_check_name(column: str, suffix: str, rule_names: set[str]) -> str:
+    """`<column>_<promise>` as a Dagster name (letters, digits, _), prefixed when a rule has that name."""
+    name = re.sub(r"\W", "_", f"{column}_{suffix}")
+    return f"contract_{name}" if name in rule_names or not re.match(r"[A-Za-z_]", name) else name
+
+
 def quality_checks(spec: PipelineSpec) -> list[QualityCheck]:
     """The spec's rules, then its contract, as checks (cheap: nothing is imported or evaluated)."""
     checks: list[QualityCheck] = []
+    rule_names = {rule.name for rule in spec.rules}
     for rule in spec.rules:
         severity = "error" if rule.blocking else rule.severity
         description = rule.description or f"rule {rule.name}: {rule.condition.source}"
@@ -156,10 +164,16 @@ def quality_checks(spec: PipelineSpec) -> list[QualityCheck]:
         for suffix, what, expectation, arguments in wanted:
             checks.append(
                 QualityCheck(
-                    f"{column}_{suffix}", f"contract: {column} {what}", True, "error", column, expectation, arguments,
+                    name=_contract_check_name(column, suffix, rule_names),
+                    description=f"contract: {column} {what}",
+                    blocking=True,
+                    severity="error",
+                    column=column,
+                    expectation=expectation,
+                    arguments=arguments,
                     arrow_type=contract.type if expectation is None else None,
                 )
-            )  # fmt: skip
+            )
     return checks
 
 
@@ -287,8 +301,11 @@ def validate(table: pa.Table, checks: list[QualityCheck], rows_considered: int) 
 
 def _run_great_expectations(table: pa.Table, checks: list[QualityCheck]) -> dict[str, CheckOutcome]:
     import great_expectations as gx  # 2.5 s and ~260 MB: only ever inside a run
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
+    # tqdm bars on stderr would interleave with Dagster's log lines in the CLI and run logs.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_definition = (
         context.data_sources.add_pandas("junction")
         .add_dataframe_asset("staged")
