@@ -143,6 +143,8 @@ class SqlTarget(Target):
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("postgresql", "sqlite"):
             raise ConfigurationError(f"SQL targets are PostgreSQL or SQLite, not {self.dialect}")
+        if self.dialect == "sqlite":
+            _transactional_ddl(self.engine)
         self.kind = "postgres" if self.dialect == "postgresql" else "sqlite"
         schema, _, table = spec.table.rpartition(".")
         self.schema, self.table = schema or None, table
@@ -324,6 +326,24 @@ class SqlTarget(Target):
 
     def read_quarantine(self) -> pa.Table | None:
         return self._read(self.quarantine_name)
+
+
+def _transactional_ddl(engine: Any) -> None:
+    """Make every SQLAlchemy transaction on SQLite a real one, DDL included.
+
+    Python's sqlite3 module (legacy transaction control) only opens a transaction before INSERT /
+    UPDATE / DELETE, so DROP TABLE and ALTER TABLE would commit on their own and a swap could lose the
+    target halfway. SQLAlchemy's documented recipe: turn the driver's own handling off and emit BEGIN.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
 
 
 def _sqlite_values(column: pa.ChunkedArray) -> list[Any]:
