@@ -193,8 +193,6 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             target = open_pipeline_target()
             assert target is not None
             try:
-                staged_rows = target.read_staged()
-                schema = staged_rows.schema if staged_rows is not None else None
                 started = time.perf_counter()
                 outcome = target.publish(spec.load.mode, spec.load.keys)
                 seconds = time.perf_counter() - started
@@ -216,8 +214,16 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
-            if schema is not None:
-                metadata["dagster/column_schema"] = column_schema(schema)
+            # The published rows are the staged rows: their schema is on the staged materialization
+            # (reading the staging table back just for it would cost a pass over the data).
+            staged_event = context.instance.get_latest_materialization_event(staged_key)
+            staged_schema = (
+                staged_event.asset_materialization.metadata.get("dagster/column_schema")
+                if (staged_event and staged_event.asset_materialization)
+                else None
+            )
+            if staged_schema is not None:
+                metadata["dagster/column_schema"] = staged_schema
             return dg.MaterializeResult(metadata=metadata)
 
         assets.append(published)

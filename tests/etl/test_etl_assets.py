@@ -160,6 +160,7 @@ def test_a_run_stages_checks_and_publishes_with_metadata_that_adds_up(
 
     published = result.asset_materializations_for_node("orders")[0].metadata
     assert published["rows_published"].value == 3 and published["dagster/row_count"].value == 3
+    assert published["dagster/column_schema"].value == schema
     target = target_of(pipelines_dir)
     try:
         assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
