@@ -222,7 +222,10 @@ class QualityReport:
 
     @property
     def valid_rows_score(self) -> float:
-        """Valid rows (staged and failing no check) over the rows meant to be loaded (quarantine counts as invalid)."""
+        """Valid rows (staged, failing no check) over the rows meant to be loaded (read - filtered).
+
+        Quarantined rows are in the denominator only: they count as invalid.
+        """
         return self.valid_rows / self.rows_considered if self.rows_considered else 1.0
 
     @property
@@ -364,8 +367,10 @@ def summary_markdown(report: QualityReport, quarantine_by_reason: dict[tuple[str
         for outcome in failed:
             sample = ", ".join(str(_plain(value)) for value in outcome.sample) or (outcome.detail or "")
             lines.append(
-                f"| {outcome.check.name} | {'yes' if outcome.check.blocking else 'no'} | {outcome.check.severity} | "
-                f"{outcome.unexpected_count:,} ({outcome.unexpected_percent:.2f}%) | {sample.replace('|', '/')} | {outcome.check.evaluator} |"
+                f"| {outcome.check.name} | {'yes' if outcome.check.blocking else 'no'} "
+                f"| {outcome.check.severity} "
+                f"| {outcome.unexpected_count:,} ({outcome.unexpected_percent:.2f}%) "
+                f"| {sample.replace('|', '/')} | {outcome.check.evaluator} |"
             )
     else:
         lines.append(f"All {len(report.outcomes)} checks passed.")

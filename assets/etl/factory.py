@@ -26,7 +26,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from assets.etl.checks import QualityCheck, quality_checks, summary_markdown, validate
+from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
 from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
 from assets.etl.quarantine import Quarantine, RowCounts
 from assets.etl.runner import iter_pipeline
@@ -79,7 +79,7 @@ def _target_kind(pipeline: LoadedPipeline) -> str:
 
 def stage(
     pipeline: LoadedPipeline, target: Target | None, run_id: str, log: Any
-) -> tuple[dict[str, Any], list]:
+) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
@@ -100,7 +100,8 @@ def stage(
         target.write_quarantine(quarantine, load_id, run_id)
     stage_seconds = time.perf_counter() - started
     log.info(
-        f"staged {table.num_rows:,} rows for {target.description if target else 'no target'} ({stage_seconds:.2f} s)"
+        f"staged {table.num_rows:,} rows for {target.description if target else 'no target'} "
+        f"({stage_seconds:.2f} s)"
     )
 
     report = validate(table, quality_checks(spec), counts.read - counts.filtered_total)
@@ -148,7 +149,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
 
     @dg.asset(
         key=staged_key,
-        description=f"{spec.description or name}: clean rows staged for checks before publishing ({pipeline.file.name})",
+        description=f"{spec.description or name}: clean rows staged for checks before publishing "
+        f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
         check_specs=[
             dg.AssetCheckSpec(

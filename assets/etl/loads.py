@@ -281,7 +281,8 @@ class SqlTarget(Target):
                 # `WHERE true` keeps SQLite's parser from reading ON CONFLICT as part of the SELECT.
                 connection.execute(
                     sa.text(
-                        f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged} WHERE true ON CONFLICT ({key_list}) {action}"
+                        f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged} WHERE true "
+                        f"ON CONFLICT ({key_list}) {action}"
                     )
                 )
             else:
@@ -300,7 +301,8 @@ class SqlTarget(Target):
                 self._create(connection, self.quarantine_name, rows.schema)
             connection.execute(
                 sa.text(
-                    f"DELETE FROM {self._qualified(self.quarantine_name)} WHERE {self._quote(LOAD_ID_COLUMN)} = :load_id"
+                    f"DELETE FROM {self._qualified(self.quarantine_name)} "
+                    f"WHERE {self._quote(LOAD_ID_COLUMN)} = :load_id"
                 ),
                 {"load_id": load_id},
             )
