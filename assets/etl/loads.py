@@ -189,8 +189,10 @@ class SqlTarget(Target):
             if self.dialect == "postgresql":
                 buffer = io.BytesIO()
                 # Strings are always quoted and nulls written as nothing, which is how COPY's CSV
-                # format tells an empty string from a null.
-                pa_csv.write_csv(rows, buffer, pa_csv.WriteOptions(include_header=False))
+                # format tells an empty string from a null. Aware timestamps go as UTC wall time with
+                # the transaction's time zone set to UTC: Arrow formats zoned values ~25x slower.
+                cursor.execute("SET LOCAL TIME ZONE 'UTC'")
+                pa_csv.write_csv(_utc_wall_time(rows), buffer, pa_csv.WriteOptions(include_header=False))
                 buffer.seek(0)
                 cursor.copy_expert(f"COPY {self._qualified(table)} ({names}) FROM STDIN (FORMAT csv)", buffer)
             else:
@@ -328,6 +330,15 @@ class SqlTarget(Target):
 
     def read_quarantine(self) -> pa.Table | None:
         return self._read(self.quarantine_name)
+
+
+def _utc_wall_time(table: pa.Table) -> pa.Table:
+    """Zoned timestamp columns as naive ones holding the same UTC instants (Arrow stores UTC)."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) and field.type.tz:
+            naive = table.column(index).cast(pa.timestamp(field.type.unit))
+            table = table.set_column(index, field.name, naive)
+    return table
 
 
 def _transactional_ddl(engine: Any) -> None:

@@ -51,6 +51,8 @@ def test_bulk_paths_keep_empty_strings_nulls_quotes_and_types_apart(backend, tmp
         assert [row["text"] for row in back] == ["", None, 'say "hi",\nthen go']
         assert [None if row["ok"] is None else bool(row["ok"]) for row in back] == [True, None, False]
         assert [row["at"] is None for row in back] == [False, True, False]
+        if backend == "postgres":  # TIMESTAMPTZ: the same instant back; SQLite keeps ISO text
+            assert back[0]["at"] == when
         assert all(row["_junction_load_id"] == "load-1" for row in back)
     finally:
         target.dispose()
