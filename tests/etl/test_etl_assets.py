@@ -328,3 +328,19 @@ def test_cli_run_records_the_run_in_the_instance_and_fails_on_a_blocking_check(
 
     unknown = CliRunner().invoke(cli, ["pipelines", "run", "nope"])
     assert unknown.exit_code == 1 and "no pipeline named 'nope'" in unknown.output
+
+
+def test_a_spec_without_target_is_a_checked_staged_asset_only(pipelines_dir: Path):
+    path = write_pipeline(pipelines_dir, {"kind": "file", "format": "csv", "path": "unused.csv"})
+    spec = yaml.safe_load(path.read_text())
+    del spec["target"]
+    path.write_text(yaml.safe_dump(spec))
+    write_input(pipelines_dir, GOOD_ROWS)
+    definitions = pipeline_definitions(pipelines_dir)
+    assert set(definitions.resolve_asset_graph().get_all_asset_keys()) == {dg.AssetKey("orders_staged")}
+    result = run(pipelines_dir)
+    assert result.success
+    staged = result.asset_materializations_for_node("orders_staged")[0].metadata
+    assert staged["staged_in"].value == "memory (the spec has no target)"
+    assert staged["rows_loaded"].value == 3
+    assert len(result.get_asset_check_evaluations()) == 6
