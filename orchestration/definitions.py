@@ -10,6 +10,7 @@ from types import ModuleType
 import dagster as dg
 
 import assets
+from assets.etl.factory import pipeline_definitions
 from orchestration import platform_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
@@ -30,4 +31,6 @@ defs = dg.Definitions.merge(
     # Workflow specs (`orchestration/workflows/*.yaml`): a bad spec fails the code location with
     # every problem in the kernel's format.
     workflow_definitions(get_settings().workflows_dir),
+    # ETL pipeline specs (`assets/pipelines/*.yaml`): staged + published assets, checks, job, schedule.
+    pipeline_definitions(get_settings().pipelines_dir),
 )

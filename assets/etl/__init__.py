@@ -1,4 +1,4 @@
-"""Junction's ETL library: pipeline specs, sources, vectorised transforms, quarantine and the runner.
+"""Junction's ETL library: specs, sources, vectorised transforms, quarantine, runner, checks, loads, assets.
 
 The same building blocks serve YAML specs (`assets/pipelines/*.yaml`) and analysts' Python assets.
 Every module here is imported when the code location loads (`load_definitions_from_package_module`
@@ -10,4 +10,10 @@ Expectations outside a function; pyarrow and pydantic are cheap enough to import
 - `transforms`: select/rename/map/cast/cleanse/derive/filter/dedupe/python steps over Arrow.
 - `quarantine`: rejected records with their source position, and the per-run row counts.
 - `runner`: source + transforms -> clean Arrow tables, quarantine and counts (`run_pipeline`).
+- `checks`: rules and contract as Great Expectations expectations (kernel/schema where GX cannot),
+  validated once per run over the staged rows; quality score and markdown summary.
+- `loads`: staging and publishing into PostgreSQL/SQLite tables (COPY, executemany) and Parquet/CSV
+  files: replace by swap, append by load id, merge by key; quarantine next to the target.
+- `factory`: `pipeline_definitions` turns every spec into a staged asset (with check specs), a published
+  asset, a job and a schedule; merged in `orchestration/definitions.py`.
 """

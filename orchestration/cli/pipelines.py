@@ -1,6 +1,8 @@
-"""`junction pipelines`: list, validate and describe the ETL pipeline specs.
+"""`junction pipelines`: list, validate, describe and run the ETL pipeline specs.
 
-`run` and `report` arrive with the asset factory (they materialize through the Dagster instance).
+`run NAME` materializes the pipeline's staged and published assets through the Dagster instance
+(`prepare_dagster_home`, then `DagsterInstance.get()`), so the run is recorded like one launched from
+the UI. `report` arrives with the HTML quality report.
 """
 
 from __future__ import annotations
@@ -62,3 +64,43 @@ def schema() -> None:
     from assets.etl.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@pipelines.command()
+@click.argument("name")
+def run(name: str) -> None:
+    """Run pipeline NAME now through the Dagster instance; exits non-zero when a blocking check fails."""
+    import dagster as dg
+
+    from assets.etl.factory import PIPELINE_TAG, QUALITY_SUMMARY, build_pipeline
+    from assets.etl.spec import load_pipelines
+    from orchestration.instance import prepare_dagster_home
+
+    loaded = load_pipelines()
+    if name not in loaded:
+        known = ", ".join(sorted(loaded)) or "none"
+        raise click.ClickException(f"no pipeline named {name!r} (known: {known})")
+    prepare_dagster_home()
+    definitions = build_pipeline(loaded[name])
+    job = definitions.resolve_job_def(f"{name}_pipeline")
+    click.echo(f"running {name} (Dagster job {job.name}); progress below", err=True)
+    with dg.DagsterInstance.get() as instance:
+        # Dagster's console logger prints each step and the assets' progress lines to stderr.
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={PIPELINE_TAG: name})
+    click.echo(f"run {result.run_id}: {'succeeded' if result.success else 'failed'}")
+    for materialization in result.asset_materializations_for_node(f"{name}_staged"):
+        summary = materialization.metadata.get(QUALITY_SUMMARY)
+        if summary is not None:
+            click.echo(summary.value)
+    failed_blocking = [
+        evaluation.check_name
+        for evaluation in result.get_asset_check_evaluations()
+        if not evaluation.passed and evaluation.blocking
+    ]
+    if failed_blocking:
+        raise click.ClickException(
+            f"blocking check{'s' if len(failed_blocking) > 1 else ''} failed: {', '.join(failed_blocking)}; "
+            "the target was not changed, the staged rows are kept for inspection"
+        )
+    if not result.success:
+        raise click.ClickException(f"run {result.run_id} failed; see its logs in the Dagster UI")
