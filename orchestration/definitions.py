@@ -13,6 +13,7 @@ import assets
 from orchestration import platform_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
+from sensors.definitions import streaming_definitions
 
 
 def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
@@ -30,4 +31,6 @@ defs = dg.Definitions.merge(
     # Workflow specs (`orchestration/workflows/*.yaml`): a bad spec fails the code location with
     # every problem in the kernel's format.
     workflow_definitions(get_settings().workflows_dir),
+    # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
+    streaming_definitions(get_settings().pipelines_dir),
 )
