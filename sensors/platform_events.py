@@ -1,27 +1,26 @@
 """Sensors publishing the platform's own happenings to streams external systems can subscribe to.
 
-- `platform.runs`: one event per run status change (started, succeeded, failed, canceled), from
-  Dagster's run status sensors (each keeps its own cursor over the event log).
-- `platform.assets`: materializations and asset check results, read from the event log by storage id
-  (the sensor's cursor).
+Dagster's run status sensors (one per status, each with its own cursor over the event log) publish:
+- to `platform.runs`, one event per run status change (started, succeeded, failed, canceled);
+- to `platform.assets`, when a run ends (whatever its outcome), the materializations and asset check
+  results it recorded. They are read per run because Dagster's default SQLite event log is sharded by
+  run and has no cross-run cursor over every asset; events reported outside any run are not published.
 
 Both streams are declared in `sensors/streams/`. Every event carries an idempotency key derived from
-what happened (`run:{run_id}:{status}`, `event:{storage_id}`), so a tick that published and then died
-before its cursor was saved publishes duplicates that the stream reports and does not store.
-A backend that cannot be reached fails the tick; the cursor stays, and the next tick retries.
+what happened (`run:{run_id}:{status}`, `event:{run_id}:{storage_id}`), so a tick that published and
+then died before its cursor was saved publishes duplicates that the stream reports and does not store.
+A backend that cannot be reached fails the tick, and Dagster evaluates the run again on the next one.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 from dagster._core.events import DagsterEventType
-from dagster._core.storage.event_log.base import EventRecordsFilter
 
 from resources.event_stream import EventStream, EventToPublish
 
@@ -34,7 +33,7 @@ PUBLISHED_RUN_STATUSES = {
     dg.DagsterRunStatus.CANCELED: "canceled",
 }
 ASSET_EVENT_TYPES = (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION)
-ASSET_EVENTS_PER_TICK = 500
+PUBLISH_PAGE = 500
 
 
 def _default_open() -> EventStream:
@@ -58,38 +57,58 @@ def run_status_payload(run: dg.DagsterRun, status: str, timestamp: float) -> dic
     }
 
 
+def status_time(instance: dg.DagsterInstance, run_id: str, label: str) -> float:
+    """When the run started or ended, from its run record (the sensor's event carries no time)."""
+    record = instance.get_run_record_by_id(run_id)
+    moment = None
+    if record is not None:
+        moment = record.start_time if label == "started" else record.end_time
+    return moment or time.time()
+
+
 def platform_run_sensors(
     open_events: Callable[[], EventStream] = _default_open,
     *,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
     minimum_interval_seconds: int = 30,
 ) -> list[dg.SensorDefinition]:
-    """One run status sensor per published status, each publishing to `platform.runs`."""
+    """One run status sensor per published status; those of ended runs also publish asset events."""
     sensors = []
     for run_status, label in PUBLISHED_RUN_STATUSES.items():
 
         def publish_status(context: dg.RunStatusSensorContext, label: str = label) -> None:
-            payload = run_status_payload(context.dagster_run, label, context.dagster_event.timestamp)
+            run = context.dagster_run
+            payload = run_status_payload(run, label, status_time(context.instance, run.run_id, label))
             with open_events() as events:
-                result = events.publish(
-                    RUNS_STREAM, payload, idempotency_key=f"run:{context.dagster_run.run_id}:{label}"
-                )
-            if result.status == "rejected":
-                raise dg.Failure(
-                    f"{RUNS_STREAM} rejected the event of run {payload['run_id']}: {result.reason}"
+                if label != "started":
+                    publish_checked(events, ASSETS_STREAM, run_asset_events(context.instance, run.run_id))
+                publish_checked(
+                    events,
+                    RUNS_STREAM,
+                    [EventToPublish(payload, idempotency_key=f"run:{run.run_id}:{label}")],
                 )
 
         sensors.append(
             dg.run_status_sensor(
                 run_status=run_status,
                 name=f"platform_runs_{label}_to_stream",
-                description=f"Publishes every run that {label} to the stream {RUNS_STREAM!r}.",
+                description=f"Publishes every run that {label} to {RUNS_STREAM!r}"
+                + ("." if label == "started" else f", and its asset events to {ASSETS_STREAM!r}."),
                 monitor_all_code_locations=True,
                 default_status=default_status,
                 minimum_interval_seconds=minimum_interval_seconds,
             )(publish_status)
         )
     return sensors
+
+
+def publish_checked(events: EventStream, stream: str, batch: list[EventToPublish]) -> None:
+    """Publish in pages; a rejected event fails the tick (the declared schema and the sensor disagree)."""
+    for start in range(0, len(batch), PUBLISH_PAGE):
+        result = events.publish_batch(stream, batch[start : start + PUBLISH_PAGE])
+        if result.rejected:
+            reasons = "; ".join(f"#{start + item.index}: {item.reason}" for item in result.rejected)
+            raise dg.Failure(f"{stream} rejected events: {reasons}")
 
 
 def asset_event_payload(record) -> dict[str, Any]:
@@ -115,61 +134,25 @@ def asset_event_payload(record) -> dict[str, Any]:
     }
 
 
-def asset_event_records(instance: dg.DagsterInstance, after_storage_id: int, limit: int) -> list:
-    """The next `limit` materializations and check evaluations after the storage id, oldest first."""
-    records = []
-    with warnings.catch_warnings():
-        # Dagster points to per-asset fetchers; this sensor follows every asset, which only the
-        # event-type filter does.
-        warnings.simplefilter("ignore")
-        for event_type in ASSET_EVENT_TYPES:
-            records.extend(
-                instance.get_event_records(
-                    EventRecordsFilter(event_type=event_type, after_cursor=after_storage_id),
-                    limit=limit,
-                    ascending=True,
-                )
-            )
-    return sorted(records, key=lambda record: record.storage_id)[:limit]
-
-
-def platform_assets_sensor(
-    open_events: Callable[[], EventStream] = _default_open,
-    *,
-    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
-    minimum_interval_seconds: int = 30,
-    events_per_tick: int = ASSET_EVENTS_PER_TICK,
-) -> dg.SensorDefinition:
-    """Publish materializations and check results to `platform.assets`, paging by storage id."""
-
-    @dg.sensor(
-        name="platform_assets_to_stream",
-        description=f"Publishes materializations and asset check results to the stream {ASSETS_STREAM!r}.",
-        default_status=default_status,
-        minimum_interval_seconds=minimum_interval_seconds,
-    )
-    def publish_asset_events(context: dg.SensorEvaluationContext) -> dg.SkipReason | None:
-        after = json.loads(context.cursor)["after_storage_id"] if context.cursor else 0
-        records = asset_event_records(context.instance, after, events_per_tick)
-        if not records:
-            return dg.SkipReason("no new materializations or check results")
-        batch = [
-            EventToPublish(asset_event_payload(record), idempotency_key=f"event:{record.storage_id}")
-            for record in records
+def run_asset_events(instance: dg.DagsterInstance, run_id: str) -> list[EventToPublish]:
+    """The run's materializations and check results, oldest first, keyed by their storage ids."""
+    batch: list[EventToPublish] = []
+    cursor = None
+    while True:
+        connection = instance.get_records_for_run(
+            run_id, cursor=cursor, of_type=set(ASSET_EVENT_TYPES), limit=PUBLISH_PAGE
+        )
+        batch += [
+            EventToPublish(asset_event_payload(record), idempotency_key=f"event:{run_id}:{record.storage_id}")
+            for record in connection.records
         ]
-        with open_events() as events:
-            result = events.publish_batch(ASSETS_STREAM, batch)
-        if result.rejected:
-            reasons = "; ".join(f"#{item.index}: {item.reason}" for item in result.rejected)
-            raise dg.Failure(f"{ASSETS_STREAM} rejected events: {reasons}")
-        context.update_cursor(json.dumps({"after_storage_id": records[-1].storage_id}))
-        return None
-
-    return publish_asset_events
+        if not connection.has_more:
+            return batch
+        cursor = connection.cursor
 
 
 def platform_event_sensors(
     open_events: Callable[[], EventStream] = _default_open,
 ) -> list[dg.SensorDefinition]:
     """Every sensor publishing platform happenings (stopped until switched on in the UI)."""
-    return [*platform_run_sensors(open_events), platform_assets_sensor(open_events)]
+    return platform_run_sensors(open_events)

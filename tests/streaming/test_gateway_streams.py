@@ -122,8 +122,9 @@ def test_read_pages_list_and_stats(gateway):
     first_time = page["events"][0]["time"]
     by_time = client.get("/v1/streams/orders/events", params={"from": first_time}, headers=headers).json()
     assert by_time["events"][0]["id"] == ids[0]
-    bad = client.get("/v1/streams/orders/events", params={"from": "yesterday"}, headers=headers)
-    assert bad.status_code == 422 and bad.json()["field"] == "query.from"
+    for bad_cursor in ("yesterday", "1-99999999999999999999", "99999999999999999999999"):
+        bad = client.get("/v1/streams/orders/events", params={"from": bad_cursor}, headers=headers)
+        assert bad.status_code == 422 and bad.json()["field"] == "query.from", bad_cursor
 
     stats = client.get("/v1/streams/orders/stats", headers=headers).json()
     assert (stats["length"], stats["last_id"]) == (5, ids[-1])

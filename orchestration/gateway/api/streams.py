@@ -49,6 +49,9 @@ router = APIRouter(tags=["streams"], lifespan=close_event_streams)
 
 MAX_EVENTS_PER_CALL = 1000
 MAX_PAGE = 1000
+MAX_ID_MS = 2**53
+# An event id (`ms-seq` or `ms`) or an ISO 8601 date/time; the values are checked further in `_cursor`.
+CURSOR_PATTERN = r"^\s*(\d{1,16}(-\d{1,19})?|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:?\d{2})?)\s*$"
 _open_lock = threading.Lock()
 
 
@@ -302,6 +305,7 @@ async def read_events(
         Query(
             alias="from",
             max_length=100,
+            pattern=CURSOR_PATTERN,
             description="An event id: the events after it (pass the previous page's `next`); or an "
             "ISO 8601 time: the events published at or after it. Default: the oldest retained event.",
         ),
@@ -325,9 +329,12 @@ def _cursor(value: str | None) -> str | None:
     text = value.strip()
     if EventId.looks_like(text):
         try:
-            return str(EventId.parse(text))
+            parsed = EventId.parse(text)
         except InvalidEventId:
-            pass
+            parsed = None
+        # Far beyond any publish time, and beyond what the stores' 64-bit columns hold.
+        if parsed is not None and parsed.ms <= MAX_ID_MS:
+            return str(parsed)
     else:
         try:
             return str(EventId.just_before(datetime.fromisoformat(text)))
