@@ -50,6 +50,7 @@ TRIGGER_TAG = "junction/trigger"
 REPLAY_TAG = "junction/replay"
 
 DEFAULT_MAX_EVENTS_PER_TICK = 5_000
+DEFAULT_MAX_RUNS_PER_TICK = 500
 DEFAULT_TICK_BUDGET_S = 20.0
 READ_PAGE_SIZE = 500
 
@@ -240,6 +241,7 @@ class TriggerCursor:
 
     after: str | None = None
     open: OpenGroup | None = None
+    closed_window: int | None = None  # start (ms) of the latest window emitted
 
     @classmethod
     def parse(cls, text: str | None) -> TriggerCursor:
@@ -247,10 +249,20 @@ class TriggerCursor:
             return cls()
         data = json.loads(text)
         group = data.get("open")
-        return cls(after=data.get("after"), open=OpenGroup(**group) if group else None)
+        return cls(
+            after=data.get("after"),
+            open=OpenGroup(**group) if group else None,
+            closed_window=data.get("closed_window"),
+        )
 
     def serialize(self) -> str:
-        return json.dumps({"after": self.after, "open": self.open.__dict__ if self.open else None})
+        return json.dumps(
+            {
+                "after": self.after,
+                "open": self.open.__dict__ if self.open else None,
+                "closed_window": self.closed_window,
+            }
+        )
 
 
 # --- the trigger and its sensor ------------------------------------------------------------------------
@@ -283,6 +295,7 @@ class StreamTrigger:
     condition: Any = None  # the kernel condition as written (YAML/JSON); parsed once below
     minimum_interval_seconds: int = 30
     max_events_per_tick: int = DEFAULT_MAX_EVENTS_PER_TICK
+    max_runs_per_tick: int = DEFAULT_MAX_RUNS_PER_TICK
     tick_budget_seconds: float = DEFAULT_TICK_BUDGET_S
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING
     tags: Mapping[str, str] = field(default_factory=dict)
@@ -305,49 +318,69 @@ class StreamTrigger:
         """The ranges completed after `cursor` and the cursor to save with their run requests."""
         clock = now_ms or (lambda: time.time_ns() // 1_000_000)
         deadline = time.monotonic() + self.tick_budget_seconds
-        after, group = cursor.after, cursor.open
+        state = TriggerCursor(cursor.after, cursor.open, cursor.closed_window)
         emitted: list[EventRange] = []
-        read = 0
-        while read < self.max_events_per_tick and time.monotonic() < deadline:
+        read, reached_end = 0, False
+        while read < self.max_events_per_tick and len(emitted) < self.max_runs_per_tick:
+            if time.monotonic() >= deadline:
+                break
             page_size = min(READ_PAGE_SIZE, self.max_events_per_tick - read)
             try:
-                page = events.read(self.stream, after, limit=page_size)
+                page = events.read(self.stream, state.after, limit=page_size)
             except EventsLost as lost:
                 raise StreamSensorEventsLost(self.name, lost) from lost
+            taken = 0
             for event in page:
-                group = self._take(event, group, emitted)
-                after = event.id
-            read += len(page)
+                self._take(event, state, emitted)
+                taken += 1
+                if len(emitted) >= self.max_runs_per_tick:
+                    break
+            read += taken
             if len(page) < page_size:
+                reached_end = taken == len(page)
                 break
-        if isinstance(self.mode, TimeWindows) and group is not None:
-            window_end = group.window_start + self.mode.width_ms
+        # Closing a window by the clock is only safe once every event published so far was read:
+        # an unread event of the open window would otherwise start a second group with its key.
+        if reached_end and isinstance(self.mode, TimeWindows) and state.open is not None:
+            window_end = state.open.window_start + self.mode.width_ms
             if clock() >= window_end + self.mode.grace_seconds * 1000:
-                emitted.append(self._range(group, f"window:{self.stream}:{group.window_start}"))
-                group = None
-        return emitted, TriggerCursor(after=after, open=group)
+                self._close_window(state, emitted)
+        return emitted, state
 
-    def _take(self, event: Event, group: OpenGroup | None, emitted: list[EventRange]) -> OpenGroup | None:
+    def _take(self, event: Event, state: TriggerCursor, emitted: list[EventRange]) -> None:
+        """Add one event (the cursor moves past it); append whatever it completes to `emitted`."""
         mode = self.mode
-        if isinstance(mode, TimeWindows) and group is not None:
+        state.after = event.id
+        if isinstance(mode, TimeWindows) and state.open is not None:
             # Ids only increase, so an event of a later window closes the open one for good.
-            if mode.start_of(event.event_id) != group.window_start:
-                emitted.append(self._range(group, f"window:{self.stream}:{group.window_start}"))
-                group = None
+            if mode.start_of(event.event_id) != state.open.window_start:
+                self._close_window(state, emitted)
         if self.parsed_condition is not None and not matches(self.parsed_condition, event):
-            return group
+            return
         if isinstance(mode, EachEvent):
             emitted.append(EventRange(f"evt:{self.stream}:{event.id}", self.stream, event.id, event.id, 1))
-            return None
+            return
+        group = state.open
         if group is None:
             start = mode.start_of(event.event_id) if isinstance(mode, TimeWindows) else None
-            group = OpenGroup(first_id=event.id, last_id=event.id, count=1, window_start=start)
+            state.open = OpenGroup(first_id=event.id, last_id=event.id, count=1, window_start=start)
         else:
-            group = OpenGroup(group.first_id, event.id, group.count + 1, group.window_start)
-        if isinstance(mode, CountBatches) and group.count == mode.size:
-            emitted.append(self._range(group, f"batch:{self.stream}:{group.first_id}"))
-            return None
-        return group
+            state.open = OpenGroup(group.first_id, event.id, group.count + 1, group.window_start)
+        if isinstance(mode, CountBatches) and state.open.count == mode.size:
+            emitted.append(self._range(state.open, f"batch:{self.stream}:{state.open.first_id}"))
+            state.open = None
+
+    def _close_window(self, state: TriggerCursor, emitted: list[EventRange]) -> None:
+        group = state.open
+        assert group is not None and group.window_start is not None
+        key = f"window:{self.stream}:{group.window_start}"
+        if state.closed_window is not None and group.window_start <= state.closed_window:
+            # An event whose id falls in a window already closed by the clock (a publisher's clock
+            # behind the grace): its own run, under a key of its own, rather than a silent dedup.
+            key += f":late:{group.first_id}"
+        emitted.append(self._range(group, key))
+        state.closed_window = max(group.window_start, state.closed_window or group.window_start)
+        state.open = None
 
     def _range(self, group: OpenGroup, run_key: str) -> EventRange:
         return EventRange(run_key, self.stream, group.first_id, group.last_id, group.count)
@@ -374,11 +407,11 @@ class StreamTrigger:
         as it was); a trailing partial batch or window is not replayed, as a tick would not emit it.
         """
         emitted: list[EventRange] = []
-        group: OpenGroup | None = None
+        state = TriggerCursor()
         after = str(EventId.parse(from_id).previous())
         try:
             for event in events.iter_events(self.stream, after_id=after, until_id=to_id):
-                group = self._take(event, group, emitted)
+                self._take(event, state, emitted)
         except EventsLost as lost:
             raise StreamSensorEventsLost(self.name, lost) from lost
         return [self.run_request(item, replay_id=replay_id) for item in emitted]

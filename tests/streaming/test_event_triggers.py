@@ -264,3 +264,40 @@ def test_asset_selection_targets_and_sensor_settings():
     assert job.asset_layer.executable_asset_keys == {dg.AssetKey("order_totals")}
     with pytest.raises(ValueError, match="unique"):
         event_trigger_sensors([trigger(), trigger()])
+
+
+def test_a_backlog_is_paged_across_ticks_with_the_same_run_keys(orders):
+    ids = publish(orders, *({"n": n} for n in range(5)))
+    paged = trigger(max_runs_per_tick=2)
+    cursor, per_tick = TriggerCursor(), []
+    for _ in range(4):
+        ranges, cursor = paged.evaluate_tick(orders, cursor)
+        per_tick.append([r.run_key for r in ranges])
+    assert per_tick == [[f"evt:orders:{i}" for i in chunk] for chunk in (ids[:2], ids[2:4], ids[4:])] + [[]]
+
+
+def test_a_window_is_not_closed_by_the_clock_before_the_backlog_is_read(orders):
+    while time.time() % 1 > 0.3:
+        time.sleep(0.01)
+    ids = publish(orders, *({"n": n} for n in range(3)))
+    start = EventId.parse(ids[0]).ms // 1000 * 1000
+    windows = trigger(TimeWindows(1, grace_seconds=0), max_events_per_tick=2)
+    late_clock = lambda: start + 60_000  # noqa: E731
+    ranges, cursor = windows.evaluate_tick(orders, TriggerCursor(), now_ms=late_clock)
+    assert ranges == [] and cursor.open.count == 2  # the third event of the window is still unread
+    ranges, cursor = windows.evaluate_tick(orders, cursor, now_ms=late_clock)
+    assert [(r.run_key, r.count) for r in ranges] == [(f"window:orders:{start}", 3)]
+
+
+def test_events_of_a_window_already_closed_get_a_run_of_their_own(orders):
+    while time.time() % 1 > 0.3:
+        time.sleep(0.01)
+    ids = publish(orders, {"n": 0}, {"n": 1})
+    start = EventId.parse(ids[0]).ms // 1000 * 1000
+    # As if the clock closed this window before these events were read (a publisher's late clock).
+    closed = TriggerCursor(closed_window=start)
+    ranges, cursor = trigger(TimeWindows(1, grace_seconds=0)).evaluate_tick(
+        orders, closed, now_ms=lambda: start + 5000
+    )
+    assert [r.run_key for r in ranges] == [f"window:orders:{start}:late:{ids[0]}"]
+    assert TriggerCursor.parse(cursor.serialize()).closed_window == start
