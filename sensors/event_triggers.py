@@ -486,6 +486,7 @@ def pipeline_triggers(pipelines_dir: str | Path | None = None) -> list[StreamTri
     problems: list[SpecProblem] = []
     for name, pipeline in load_pipelines(files).items():
         group = pipeline.spec.group or name
+        streams = [declared.stream for declared in pipeline.spec.triggers]
         for index, declared in enumerate(pipeline.spec.triggers):
             if declared.max_events_per_run and declared.debounce_seconds:
                 problems.append(
@@ -503,7 +504,9 @@ def pipeline_triggers(pipelines_dir: str | Path | None = None) -> list[StreamTri
                 mode = TimeWindows(declared.debounce_seconds)
             triggers.append(
                 StreamTrigger(
-                    name=f"{name}_on_{declared.stream}" + (f"_{index}" if index else ""),
+                    # The index only where one pipeline has several triggers on the same stream.
+                    name=f"{name}_on_{declared.stream}"
+                    + (f"_{index}" if streams.count(declared.stream) > 1 else ""),
                     stream=declared.stream,
                     target=AssetSelectionTarget(dg.AssetSelection.groups(group), name=f"pipeline {name}"),
                     mode=mode,

@@ -15,6 +15,7 @@ import pytest
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from dagster._daemon.sensor import fetch_existing_runs
 
+from orchestration.kernel.spec_errors import SpecError
 from resources.event_stream import EventId, EventStream
 from sensors.event_triggers import (
     COUNT_TAG,
@@ -24,6 +25,7 @@ from sensors.event_triggers import (
     AssetSelectionTarget,
     CountBatches,
     EachEvent,
+    EventRange,
     EventRangeConfig,
     JobTarget,
     StreamSensorEventsLost,
@@ -31,6 +33,7 @@ from sensors.event_triggers import (
     TimeWindows,
     TriggerCursor,
     event_trigger_sensors,
+    pipeline_triggers,
 )
 
 handled: list[list[str]] = []
@@ -301,3 +304,41 @@ def test_events_of_a_window_already_closed_get_a_run_of_their_own(orders):
     )
     assert [r.run_key for r in ranges] == [f"window:orders:{start}:late:{ids[0]}"]
     assert TriggerCursor.parse(cursor.serialize()).closed_window == start
+
+
+PIPELINE = """
+source: {format: csv, path: orders.csv}
+group: sales
+triggers:
+  - stream: orders
+    condition: {field: amount, op: gt, value: 100}
+    max_events_per_run: 50
+  - stream: refunds
+    debounce_seconds: 300
+  - stream: returns
+"""
+
+
+def test_pipeline_spec_triggers_become_sensors(tmp_path):
+    (tmp_path / "sales.yaml").write_text(PIPELINE)
+    triggers = {t.name: t for t in pipeline_triggers(tmp_path)}
+    assert set(triggers) == {"sales_on_orders", "sales_on_refunds", "sales_on_returns"}
+    orders_trigger = triggers["sales_on_orders"]
+    assert orders_trigger.mode == CountBatches(50)
+    assert orders_trigger.condition == {"field": "amount", "op": "gt", "value": 100}
+    assert triggers["sales_on_refunds"].mode == TimeWindows(300)
+    assert triggers["sales_on_returns"].mode == EachEvent()
+    assert orders_trigger.target.selection == dg.AssetSelection.groups("sales")
+    assert (
+        orders_trigger.run_request(EventRange("k", "orders", "1-0", "1-0", 1)).tags["junction/pipeline"]
+        == "sales"
+    )
+
+
+def test_a_trigger_cannot_both_count_and_window(tmp_path):
+    spec = tmp_path / "sales.yaml"
+    spec.write_text(
+        PIPELINE.replace("max_events_per_run: 50", "max_events_per_run: 50\n    debounce_seconds: 5")
+    )
+    with pytest.raises(SpecError, match=r"sales.yaml: triggers\[0\]: set either max_events_per_run"):
+        pipeline_triggers(tmp_path)
