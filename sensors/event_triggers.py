@@ -277,7 +277,7 @@ class StreamSensorEventsLost(EventsLost):
         self.args = (
             f"sensor {sensor_name!r}: stream {lost.stream!r}: events {lost.from_id} .. {lost.to_id} were "
             f"removed by retention before the sensor read them; no run was launched for them. To accept "
-            f"the loss, set the sensor's cursor to {json.dumps(TriggerCursor(after=lost.to_id).serialize())}",
+            f"the loss, set the sensor's cursor to {TriggerCursor(after=lost.to_id).serialize()}",
         )
 
     def __str__(self) -> str:

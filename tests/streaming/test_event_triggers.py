@@ -16,7 +16,7 @@ from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from dagster._daemon.sensor import fetch_existing_runs
 
 from orchestration.kernel.spec_errors import SpecError
-from resources.event_stream import EventId, EventStream
+from resources.event_stream import EventId, EventStream, StreamSpec
 from sensors.event_triggers import (
     COUNT_TAG,
     FIRST_ID_TAG,
@@ -342,3 +342,17 @@ def test_a_trigger_cannot_both_count_and_window(tmp_path):
     )
     with pytest.raises(SpecError, match=r"sales.yaml: triggers\[0\]: set either max_events_per_run"):
         pipeline_triggers(tmp_path)
+
+
+@pytest.mark.parametrize("event_stream", ["sqlite"], indirect=True)
+def test_an_unreachable_redis_fails_the_tick(event_stream, instance):
+    from support import free_port
+
+    from resources.event_stream.redis_backend import RedisEventStream
+
+    sensor = trigger().sensor(
+        open_events=lambda: RedisEventStream(f"redis://127.0.0.1:{free_port()}/0", event_stream.registry)
+    )
+    event_stream.registry.upsert(StreamSpec(name="orders"))
+    with pytest.raises(Exception, match="unreachable"):
+        evaluate(sensor, instance, cursor=TriggerCursor(after="5-0").serialize())
