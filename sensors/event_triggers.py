@@ -8,8 +8,10 @@ A trigger names a stream, an optional filter (a kernel condition, evaluated per 
   (`batch:{stream}:{first_id}`); a partial batch waits for more events.
 - `TimeWindows(seconds)`: the matching events of one closed window `[start, start + seconds)` of
   publish time per run, keyed by the window start (`window:{stream}:{start_ms}`). A window closes
-  when an event of a later window has been read, or `grace_seconds` after its end (ids are assigned
-  from the publishing clock, so the grace covers clock skew between publishers and the sensor).
+  when an event of a later window has been read, or - once the tick has read to the end of the
+  stream - `grace_seconds` after its end (ids come from the publishing clock; the grace covers skew
+  between it and the sensor's). An event that still lands in a window the clock closed gets a run
+  of its own (`window:{stream}:{start_ms}:late:{first_id}`), never a silent dedup.
 
 Exactly once: batch boundaries depend only on the sequence of events after the origin, never on
 how many events one tick happened to read, and the partial batch is part of the cursor. If the
@@ -21,7 +23,8 @@ and, when the target names a config op, `EventRangeConfig` as its run config) an
 themselves with `EventRangeConfig.read` - never the payloads through run config.
 
 Ticks stay short (Dagster gives a sensor call 60 s): each tick reads at most `max_events_per_tick`
-events and stops after `tick_budget_seconds`; a backlog is paged through across ticks. A tick whose
+events, requests at most `max_runs_per_tick` runs and stops after `tick_budget_seconds`; a backlog
+is paged through across ticks. A tick whose
 read hits `EventsLost` fails, naming the lost range; it never skips. Replays (`replay_run_requests`)
 use their own run-key namespace, `replay:{replay_id}:...`, so they deliberately re-run.
 """
