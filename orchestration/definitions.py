@@ -14,6 +14,7 @@ from assets.etl.factory import pipeline_definitions
 from orchestration import platform_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
+from sensors.definitions import streaming_definitions
 
 
 def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
@@ -33,4 +34,6 @@ defs = dg.Definitions.merge(
     workflow_definitions(get_settings().workflows_dir),
     # ETL pipeline specs (`assets/pipelines/*.yaml`): staged + published assets, checks, job, schedule.
     pipeline_definitions(get_settings().pipelines_dir),
+    # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
+    streaming_definitions(get_settings().pipelines_dir),
 )

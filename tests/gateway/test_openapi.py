@@ -21,11 +21,21 @@ FUZZ_SCOPES = [
     "keys:manage",
     "analytics:read",
     "metrics:read",
+    "events:read",
+    # Publishing only to the shipped `orders` stream: a random stream name must get 403/404.
+    "events:publish:orders",
 ]
 MAX_EXAMPLES = 15
 # Operations whose inputs are checked beyond what a schema can say (Dagster validates run config
 # against the job; a key's expiry must be in the future): a schema-valid request may get 422 there.
-SEMANTICALLY_VALIDATED = {("POST", "/v1/jobs/{name}/runs"), ("POST", "/v1/keys")}
+# A stream's payload schema lives in the streams registry, not in the OpenAPI document; a read's
+# `from` must also be a real date (no 2024-13-45) or an id within the stores' range.
+SEMANTICALLY_VALIDATED = {
+    ("POST", "/v1/jobs/{name}/runs"),
+    ("POST", "/v1/keys"),
+    ("POST", "/v1/streams/{name}/events"),
+    ("GET", "/v1/streams/{name}/events"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +123,22 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("DELETE", "/v1/keys/{name}"): {"path_parameters": {"name": "to-revoke"}},
         ("GET", "/v1/analytics/requests"): {},
         ("GET", "/v1/analytics/requests/history"): {},
+        ("GET", "/v1/streams"): {},
+        ("GET", "/v1/streams/{name}/stats"): {"path_parameters": {"name": "orders"}},
+        ("POST", "/v1/streams/{name}/events"): {
+            "path_parameters": {"name": "orders"},
+            "body": [
+                {"payload": {"order_id": "o-1", "customer_id": "c-1", "amount": 12.5, "currency": "EUR"}},
+                {
+                    "payload": {"order_id": "o-2", "customer_id": "c-1", "amount": 3, "currency": "EUR"},
+                    "idempotency_key": "o-2",
+                },
+            ],
+        },
+        ("GET", "/v1/streams/{name}/events"): {
+            "path_parameters": {"name": "orders"},
+            "query": {"limit": 10},
+        },
     }
     documented = {
         (method.upper(), path)

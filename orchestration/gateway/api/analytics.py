@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from orchestration.gateway.api.streams import gateway_events
 from orchestration.gateway.metrics import RouteStats
 from orchestration.gateway.problems import problem_responses
 from orchestration.gateway.security import requires
@@ -157,6 +158,17 @@ def store_figures() -> dict:
     return {"audit_entries": audit_entries, "keys": keys, "deliveries": deliveries, "requests": requests}
 
 
+def stream_figures(events) -> tuple[bool, list]:
+    """(backend reachable, statistics of every declared stream), read from the stream backend now."""
+    from resources.event_stream import EventStreamUnavailable
+
+    try:
+        return True, [events.stats(definition.name) for definition in events.registry.list()]
+    except EventStreamUnavailable:
+        # The scrape still answers with every other figure; the gauge below says why streams are missing.
+        return False, []
+
+
 @metrics_router.get(
     "/metrics",
     response_class=Response,
@@ -171,6 +183,7 @@ async def prometheus_metrics(
     """Prometheus text: this gateway's request metrics plus platform-wide figures from the stores."""
     runs = await request.app.state.dagster.graphql(RUN_COUNTS_QUERY)
     figures = await anyio.to_thread.run_sync(store_figures)
+    streams_up, streams = await anyio.to_thread.run_sync(stream_figures, gateway_events(request).sync)
 
     scraped = CollectorRegistry(auto_describe=True)
 
@@ -206,7 +219,41 @@ async def prometheus_metrics(
                 for name, count in zip(("2xx", "3xx", "4xx", "5xx"), classes, strict=True):
                     persisted.add_metric([route, method, name], count or 0)
             yield persisted
+            yield GaugeMetricFamily(
+                "junction_event_stream_up",
+                "1 when the event stream backend answered this scrape.",
+                value=int(streams_up),
+            )
+            yield from stream_metric_families(streams)
 
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+def stream_metric_families(streams: list) -> list:
+    """Per-stream figures: retained and published events, dead-lettered, per-group pending and lag."""
+    retained = GaugeMetricFamily("junction_stream_events_retained", "Events retained.", labels=["stream"])
+    added = CounterMetricFamily(
+        "junction_stream_events_published",
+        "Events ever published (rate() gives the publish rate).",
+        labels=["stream"],
+    )
+    dead = GaugeMetricFamily(
+        "junction_stream_events_dead_lettered", "Events in the dead-letter stream.", labels=["stream"]
+    )
+    pending = GaugeMetricFamily(
+        "junction_stream_group_pending", "Events delivered and not acknowledged.", labels=["stream", "group"]
+    )
+    lag = GaugeMetricFamily(
+        "junction_stream_group_lag", "Events not yet delivered to the group.", labels=["stream", "group"]
+    )
+    for stats in streams:
+        retained.add_metric([stats.stream], stats.length)
+        added.add_metric([stats.stream], stats.events_added)
+        dead.add_metric([stats.stream], stats.dead_lettered)
+        for group in stats.groups:
+            pending.add_metric([stats.stream, group.name], group.pending)
+            if group.lag is not None:
+                lag.add_metric([stats.stream, group.name], group.lag)
+    return [retained, added, dead, pending, lag]

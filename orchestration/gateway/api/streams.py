@@ -1,0 +1,348 @@
+"""Event streams: list them with their statistics, publish events, read and replay pages of events.
+
+The endpoints use the resource's async API (`open_async`): natively on redis.asyncio when
+`JUNCTION_REDIS_URL` is set, in worker threads on the SQL backend. An unreachable Redis is a 503
+problem - nothing was published, nothing is dropped silently. Each publish call is one audit entry
+(with its counts and id range), however many events it carries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestration.gateway.api.common import record
+from orchestration.gateway.problems import FieldProblem, ProblemError, problem_responses
+from orchestration.gateway.security import requires
+from orchestration.kernel.principals import Principal
+from resources.event_stream import (
+    EventId,
+    EventsLost,
+    EventStreamUnavailable,
+    EventToPublish,
+    InvalidEventId,
+    StreamNotFound,
+)
+from resources.event_stream.aio import AsyncEventStream, open_async
+
+
+@asynccontextmanager
+async def close_event_streams(app: FastAPI) -> AsyncIterator[None]:
+    # Merged into the app's lifespan by `include_router`: the stream opened on first use is closed
+    # when the gateway stops.
+    yield
+    events = getattr(app.state, "event_streams", None)
+    if events is not None:
+        app.state.event_streams = None
+        await events.aclose()
+
+
+router = APIRouter(tags=["streams"], lifespan=close_event_streams)
+
+MAX_EVENTS_PER_CALL = 1000
+MAX_PAGE = 1000
+MAX_ID_MS = 2**53
+# An event id (`ms-seq` or `ms`) or an ISO 8601 date/time; the values are checked further in `_cursor`.
+CURSOR_PATTERN = r"^\s*(\d{1,16}(-\d{1,19})?|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:?\d{2})?)\s*$"
+_open_lock = threading.Lock()
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+class GroupStatsModel(BaseModel):
+    name: str
+    pending: int
+    last_delivered_id: str
+    lag: int | None = Field(description="Events not yet delivered to the group; null when unknown.")
+
+
+class StreamStatsModel(BaseModel):
+    stream: str
+    length: int = Field(description="Events retained now.")
+    events_added: int = Field(description="Events ever published.")
+    first_id: str | None
+    last_id: str | None
+    max_deleted_id: str = Field(description="The highest id retention removed.")
+    groups: list[GroupStatsModel]
+    dead_lettered: int
+
+
+class StreamSummary(BaseModel):
+    name: str
+    description: str
+    payload_schema: dict[str, Any] | None
+    retention: dict[str, int | None]
+    idempotency_window_seconds: int
+    origin: str
+    stats: StreamStatsModel
+
+
+class StreamsPage(BaseModel):
+    streams: list[StreamSummary]
+
+
+class EventToPublishModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = Field(description="The event, validated against the stream's payload schema.")
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="A repeat within the stream's idempotency window is a duplicate."
+    )
+
+
+class PublishItemResult(BaseModel):
+    index: int
+    status: Literal["accepted", "duplicate", "rejected"]
+    id: str | None = Field(default=None, description="The new id, or the original's for a duplicate.")
+    reason: str | None = Field(default=None, description="Why the event was rejected.")
+
+
+class PublishOutcome(BaseModel):
+    stream: str
+    accepted: int
+    duplicates: int
+    rejected: int
+    results: list[PublishItemResult]
+
+
+class EventModel(BaseModel):
+    stream: str
+    id: str
+    time: datetime
+    payload: Any
+
+
+class EventsPage(BaseModel):
+    stream: str
+    events: list[EventModel]
+    next: str | None = Field(
+        description="Pass as `from` to read the following page (the last id read, or the cursor given)."
+    )
+
+
+# --- the stream backend --------------------------------------------------------------------------------
+
+
+def gateway_events(request: Request) -> AsyncEventStream:
+    """The app's event stream, opened on first use (Redis when configured, else the platform store)."""
+    app = request.app
+    with _open_lock:
+        if getattr(app.state, "event_streams", None) is None:
+            from resources.event_stream import open_event_stream
+
+            settings = app.state.settings
+            app.state.event_streams = open_async(
+                open_event_stream(redis_url=settings.redis_url, store_url=settings.store_url)
+            )
+        return app.state.event_streams
+
+
+class StreamCalls:
+    """Turns the resource's errors into the gateway's problems."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, StreamNotFound):
+            raise ProblemError(404, f"no stream named {exc.stream!r}", slug="not-found") from None
+        if isinstance(exc, EventStreamUnavailable):
+            raise ProblemError(
+                503, str(exc), title="Event stream unavailable", slug="stream-unavailable"
+            ) from None
+        if isinstance(exc, EventsLost):
+            raise ProblemError(
+                410,
+                f"events {exc.from_id} .. {exc.to_id} of stream {exc.stream!r} were removed by retention "
+                f"before they were read; continue with from={exc.to_id} to accept the loss",
+                title="Events lost",
+                slug="events-lost",
+                field="query.from",
+            ) from None
+        return False
+
+
+def stats_model(stats) -> StreamStatsModel:
+    return StreamStatsModel.model_validate(stats.to_json())
+
+
+# --- endpoints ----------------------------------------------------------------------------------------
+
+
+@router.get("/streams", response_model=StreamsPage, responses=problem_responses(401, 403, 503))
+async def list_streams(
+    request: Request, _: Annotated[Principal, Depends(requires("events:read", read_only=True))]
+):
+    """Every declared stream with its definition and statistics."""
+    events = gateway_events(request)
+    with StreamCalls():
+        definitions = await anyio.to_thread.run_sync(events.sync.registry.list)
+        streams = []
+        for definition in definitions:
+            data = definition.to_json()
+            streams.append(
+                StreamSummary(
+                    name=definition.name,
+                    description=definition.description,
+                    payload_schema=definition.payload_schema,
+                    retention=data["retention"],
+                    idempotency_window_seconds=definition.idempotency_window_s,
+                    origin=definition.origin,
+                    stats=stats_model(await events.stats(definition.name)),
+                )
+            )
+    return StreamsPage(streams=streams)
+
+
+@router.get(
+    "/streams/{name}/stats",
+    response_model=StreamStatsModel,
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def stream_stats(
+    name: str,
+    request: Request,
+    _: Annotated[Principal, Depends(requires("events:read:{name}", read_only=True))],
+):
+    """Retained and published counts, first/last ids, consumer groups with lag and pending counts."""
+    with StreamCalls():
+        return stats_model(await gateway_events(request).stats(name))
+
+
+@router.post(
+    "/streams/{name}/events",
+    response_model=PublishOutcome,
+    status_code=201,
+    responses={
+        207: {
+            "model": PublishOutcome,
+            "description": "Some events were rejected (each with its reason); the others were stored.",
+        },
+        **problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
+    },
+)
+async def publish_events(
+    name: str,
+    body: Annotated[
+        EventToPublishModel | list[EventToPublishModel],
+        Body(description=f"One event, or an array of up to {MAX_EVENTS_PER_CALL}."),
+    ],
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("events:publish:{name}"))],
+):
+    """Publish one event or an array: 201 when every event was stored (or was a duplicate), 207 when
+    some were rejected, 422 (reasons per item) when all were."""
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise ProblemError(422, "send at least one event", slug="validation", field="body")
+    if len(items) > MAX_EVENTS_PER_CALL:
+        raise ProblemError(
+            422, f"at most {MAX_EVENTS_PER_CALL} events per call", slug="validation", field="body"
+        )
+    batch = [EventToPublish(item.payload, item.idempotency_key) for item in items]
+    with StreamCalls():
+        result = await gateway_events(request).publish_batch(name, batch)
+    outcome = PublishOutcome(
+        stream=name,
+        accepted=len(result.accepted),
+        duplicates=len(result.duplicates),
+        rejected=len(result.rejected),
+        results=[PublishItemResult(**item.to_json()) for item in result.results],
+    )
+    ids = [item.id for item in result.accepted]
+    await record(
+        "events.publish",
+        principal,
+        f"stream:{name}",
+        {
+            "accepted": outcome.accepted,
+            "duplicates": outcome.duplicates,
+            "rejected": outcome.rejected,
+            "first_id": ids[0] if ids else None,
+            "last_id": ids[-1] if ids else None,
+        },
+    )
+    if outcome.rejected == len(items):
+        prefix = "body" if isinstance(body, list) else None
+        errors = [
+            FieldProblem(
+                field=f"{prefix}[{item.index}].payload" if prefix else "body.payload",
+                message=item.reason or "rejected",
+                type="rejected",
+            )
+            for item in result.rejected
+        ]
+        raise ProblemError(
+            422,
+            "; ".join(f"{e.field}: {e.message}" for e in errors),
+            slug="validation",
+            field=errors[0].field,
+        )
+    status = 207 if outcome.rejected else 201
+    return JSONResponse(outcome.model_dump(mode="json"), status_code=status)
+
+
+@router.get(
+    "/streams/{name}/events",
+    response_model=EventsPage,
+    responses=problem_responses(401, 403, 404, 410, 422, 503),
+)
+async def read_events(
+    name: str,
+    request: Request,
+    _: Annotated[Principal, Depends(requires("events:read:{name}", read_only=True))],
+    from_: Annotated[
+        str | None,
+        Query(
+            alias="from",
+            max_length=100,
+            pattern=CURSOR_PATTERN,
+            description="An event id: the events after it (pass the previous page's `next`); or an "
+            "ISO 8601 time: the events published at or after it. Default: the oldest retained event.",
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+):
+    """A page of events in id order (read and replay); 410 names the range retention removed."""
+    after = _cursor(from_)
+    with StreamCalls():
+        events = await gateway_events(request).read(name, after, limit=limit)
+    return EventsPage(
+        stream=name,
+        events=[EventModel(**event.to_json()) for event in events],
+        next=events[-1].id if events else after,
+    )
+
+
+def _cursor(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if EventId.looks_like(text):
+        try:
+            parsed = EventId.parse(text)
+        except InvalidEventId:
+            parsed = None
+        # Far beyond any publish time, and beyond what the stores' 64-bit columns hold.
+        if parsed is not None and parsed.ms <= MAX_ID_MS:
+            return str(parsed)
+    else:
+        try:
+            return str(EventId.just_before(datetime.fromisoformat(text)))
+        except ValueError:
+            pass
+    raise ProblemError(
+        422,
+        f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time",
+        slug="validation",
+        field="query.from",
+    )

@@ -1,0 +1,22 @@
+"""The streaming sensors as `Definitions`: triggers declared in pipeline specs and platform happenings.
+
+Triggers written in Python are built with `sensors.event_triggers.StreamTrigger(...).sensor()` beside
+the job or assets they launch (under `assets/`, picked up like any analyst definition).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from sensors.event_triggers import event_trigger_sensors, pipeline_triggers
+from sensors.platform_events import platform_event_sensors
+
+
+def streaming_definitions(pipelines_dir: str | Path | None = None) -> dg.Definitions:
+    """Sensors of the pipelines' `triggers:` (a bad trigger fails the code location) and the
+    sensors publishing to `platform.runs` / `platform.assets`."""
+    return dg.Definitions(
+        sensors=[*event_trigger_sensors(pipeline_triggers(pipelines_dir)), *platform_event_sensors()]
+    )

@@ -1,0 +1,36 @@
+"""The stream endpoints and their Prometheus figures on a running platform (`junction dev`)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from support import bearer
+
+pytestmark = pytest.mark.slow
+
+ORDER = {"order_id": "live-1", "customer_id": "c-1", "amount": 10, "currency": "EUR"}
+
+
+def test_publish_read_and_scrape_on_the_running_platform(live_platform, admin_key):
+    with httpx.Client(
+        base_url=f"{live_platform.base_url}/gateway", headers=bearer(admin_key), timeout=30
+    ) as client:
+        declared = {stream["name"] for stream in client.get("/v1/streams").json()["streams"]}
+        assert {"orders", "platform.runs", "platform.assets"} <= declared
+
+        published = client.post("/v1/streams/orders/events", json={"payload": ORDER})
+        assert published.status_code == 201, published.text
+        event_id = published.json()["results"][0]["id"]
+        page = client.get("/v1/streams/orders/events", params={"limit": 1000}).json()
+        assert {"id": event_id, "payload": ORDER} in [
+            {"id": event["id"], "payload": event["payload"]} for event in page["events"]
+        ]
+
+        metrics = client.get("/metrics").text
+        assert "junction_event_stream_up 1.0" in metrics
+        retained = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('junction_stream_events_retained{stream="orders"}')
+        )
+        assert float(retained.rsplit(" ", 1)[1]) >= 1
