@@ -365,3 +365,27 @@ def resolve_timeout(request_id: str, *, engine: Engine | None = None) -> Approva
 
     info, _ = run_audited(resolve, engine=engine)
     return info
+
+
+def parse_form_text(request: ApprovalInfo, text: str) -> tuple[str, Any]:
+    """`name=value` from the command line, typed by the request's declared form input."""
+    name, separator, raw = text.partition("=")
+    if not separator:
+        raise ApprovalInvalid(f"{text!r} is not name=value")
+    declared = request.form_inputs.get(name)
+    if declared is None:
+        known = ", ".join(sorted(request.form_inputs)) or "none"
+        raise ApprovalInvalid(f"unknown form input {name!r} (declared: {known})")
+    kind = declared.get("type", "string")
+    try:
+        if kind == "integer":
+            return name, int(raw)
+        if kind == "number":
+            return name, float(raw)
+    except ValueError:
+        raise ApprovalInvalid(f"form input {name!r} must be of type {kind}, not {raw!r}") from None
+    if kind == "boolean":
+        if raw.lower() not in ("true", "false"):
+            raise ApprovalInvalid(f"form input {name!r} must be true or false, not {raw!r}")
+        return name, raw.lower() == "true"
+    return name, raw
