@@ -344,17 +344,23 @@ def decide(
     return info
 
 
+class _NotTimedOut(Exception):
+    """The request was decided (or its timeout moved) before the policy could apply."""
+
+
 def resolve_timeout(request_id: str, *, engine: Engine | None = None) -> ApprovalInfo:
-    """Apply the timeout policy to a request still pending past `timeout_at` (else leave it)."""
+    """Apply the timeout policy to a request still pending past `timeout_at`, audited; a request
+    decided in the meantime is returned as decided (the decision won the race)."""
 
     def resolve(session: Session) -> tuple[ApprovalInfo, AuditEvent]:
         row = session.get(ApprovalRequest, request_id, with_for_update=True)
         now = parking.utc_now()
-        if row.status == PENDING and row.timeout_at is not None and row.timeout_at <= now:
-            row.status = TIMEOUT_POLICIES[row.on_timeout]
-            row.resolution = "timeout"
-            row.decided_at = now
-            session.flush()
+        if row.status != PENDING or row.timeout_at is None or row.timeout_at > now:
+            raise _NotTimedOut
+        row.status = TIMEOUT_POLICIES[row.on_timeout]
+        row.resolution = "timeout"
+        row.decided_at = now
+        session.flush()
         return _info(session, row), AuditEvent(
             action="approval.timeout",
             actor=f"workflow:{row.workflow}",
@@ -363,7 +369,10 @@ def resolve_timeout(request_id: str, *, engine: Engine | None = None) -> Approva
             details={"execution_id": row.execution_id, "step": row.step_id, "status": row.status},
         )
 
-    info, _ = run_audited(resolve, engine=engine)
+    try:
+        info, _ = run_audited(resolve, engine=engine)
+    except _NotTimedOut:
+        return get_request(request_id, engine=engine)
     return info
 
 
