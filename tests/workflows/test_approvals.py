@@ -292,3 +292,44 @@ def test_cli_lists_approves_and_rejects(store_url, instance):
     ]
     as_json = runner.invoke(cli, ["approvals", "list", "--status", "all", "--json"])
     assert '"status": "rejected"' in as_json.output
+
+
+def test_a_decision_before_the_resume_wins_over_the_timeout(store_url, instance, monkeypatch):
+    clock = Clock(monkeypatch)
+    flow = Parking(instance, [purchase(on_timeout="fail")])
+    _, request = park(flow)
+    clock.advance(hours=3)
+    decide(request.id, "ann")
+    (resume,) = flow.tick()
+    assert flow.launch(resume).success
+    assert approvals.get_request(request.id).resolution == "decision"
+    assert audit.query(action="approval.timeout") == []
+
+
+def test_an_execution_parks_twice_and_resumes_each_time_once(store_url, instance, monkeypatch):
+    clock = Clock(monkeypatch)
+    spec = purchase()
+    spec["steps"] = [
+        counted_step("prepare"),
+        {"id": "cool_off", "type": "delay", "depends_on": ["prepare"], "config": {"duration": "30m"}},
+        {**spec["steps"][1], "depends_on": ["cool_off"]},
+        *spec["steps"][2:],
+    ]
+    flow = Parking(instance, [spec])
+    first = flow.start("purchase", tags=REQUESTER, amount=5000)
+    execution_id = flow.run_tags(first)["junction/execution_id"]
+    clock.advance(minutes=31)
+    (after_delay,) = flow.tick()
+    second = flow.launch(after_delay)
+    assert flow.run_tags(second)[parking.PARKED_STEP_TAG] == "sign_off"
+    assert flow.tick() == [], "now waiting for the approval"
+    request = approvals.request_for_step(execution_id, "sign_off")
+    decide(request.id, "bob")
+    (after_approval,) = flow.tick()
+    assert after_delay.run_key == f"resume:{execution_id}:cool_off"
+    assert after_approval.run_key == f"resume:{execution_id}:sign_off"
+    third = flow.launch(after_approval)
+    assert third.success and flow.tick() == []
+    assert workflow_scripts.CALLS == ["prepare", "place_order"]
+    assert flow.output_metadata(third, "cool_off")["restored"] == parking.RESTORED
+    assert len(flow.execution_runs(execution_id)) == 3
