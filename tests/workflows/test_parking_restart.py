@@ -1,10 +1,12 @@
-"""A parked execution survives a restart of the whole platform (`junction dev` as a user runs it):
-launched through the gateway, parked on an approval, platform stopped, approved from the CLI while
-it is down, platform started again: the resume sensor of the new daemon resumes it, once."""
+"""Parked executions survive a restart of the whole platform (`junction dev` as a user runs it):
+launched through the gateway, one parked on an approval and one on a delay, platform stopped, the
+approval decided from the CLI while it is down (and the delay's time passing), platform started
+again: the resume sensor of the new daemon resumes each of them, once."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -41,6 +43,21 @@ WORKFLOW = {
 }
 
 
+DELAY_WORKFLOW = {
+    "name": "restart_delay",
+    "inputs": {"wake": {"type": "string"}},
+    "steps": [
+        {"id": "pause", "type": "delay", "config": {"until": "{{ inputs.wake }}"}},
+        {
+            "id": "later",
+            "type": "conditional",
+            "depends_on": ["pause"],
+            "config": {"condition": {"field": "inputs.wake", "op": "exists"}},
+        },
+    ],
+}
+
+
 def execution_runs(dagster_home: Path, execution_id: str) -> list[dg.DagsterRun]:
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))
@@ -62,6 +79,7 @@ def test_an_approval_survives_a_platform_restart_and_resumes_once(
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     (workflows / "restart_approval.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    (workflows / "restart_delay.yaml").write_text(yaml.safe_dump(DELAY_WORKFLOW))
     home = tmp_path / "platform-home"
     environment = {"JUNCTION_HOME": str(home), "JUNCTION_WORKFLOWS_DIR": str(workflows)}
 
@@ -71,17 +89,28 @@ def test_an_approval_survives_a_platform_restart_and_resumes_once(
     with httpx.Client(
         base_url=f"{first_platform.base_url}/gateway", headers={"X-API-Key": key}, timeout=30
     ) as api:
+        # Late enough to pass only while the platform is down (checked below), early enough not to wait long.
+        wake_at = datetime.now(UTC) + timedelta(seconds=45)
+        wake = wake_at.isoformat()
+        delayed_run_id = api.post("/v1/jobs/restart_delay/runs", json={"run_config": {"wake": wake}}).json()[
+            "run_id"
+        ]
         run_id = api.post("/v1/jobs/restart_approval/runs", json={}).json()["run_id"]
-        parked = wait_for(
-            lambda: (run := api.get(f"/v1/runs/{run_id}").json())["status"] in ("SUCCESS", "FAILURE") and run,
-            180,
-            "the first run to end",
-        )
+
+        def ended(some_run_id: str):
+            run = api.get(f"/v1/runs/{some_run_id}").json()
+            return run["status"] in ("SUCCESS", "FAILURE") and run
+
+        parked = wait_for(lambda: ended(run_id), 180, "the approval's first run to end")
+        delayed = wait_for(lambda: ended(delayed_run_id), 180, "the delay's first run to end")
         (pending,) = api.get("/v1/approvals").json()["approvals"]
     assert parked["status"] == "SUCCESS" and parked["tags"]["junction/state"] == "waiting"
+    assert delayed["status"] == "SUCCESS" and delayed["tags"]["junction/state"] == "waiting"
     execution_id = parked["tags"]["junction/execution_id"]
+    delayed_execution_id = delayed["tags"]["junction/execution_id"]
     assert pending["execution_id"] == execution_id
     assert first_platform.stop() == 0
+    assert datetime.now(UTC) < wake_at, "the delay must still be pending when the platform stops"
 
     # Decided while the whole platform is down: the decision is a row in the store.
     monkeypatch.setenv("JUNCTION_HOME", str(home))
@@ -93,16 +122,21 @@ def test_an_approval_survives_a_platform_restart_and_resumes_once(
     second_platform.wait_ready()
     dagster_home = home / "dagster"
 
-    def resumed_and_finished():
-        runs = execution_runs(dagster_home, execution_id)
+    def resumed_and_finished(some_execution_id: str):
+        runs = execution_runs(dagster_home, some_execution_id)
         return len(runs) == 2 and runs[0].is_finished and runs
 
-    runs = wait_for(resumed_and_finished, 180, "the resumed run to finish")
-    resumed = runs[0]  # newest first
-    assert resumed.status == dg.DagsterRunStatus.SUCCESS
-    assert resumed.tags["dagster/run_key"] == f"resume:{execution_id}:sign_off"
-    assert resumed.tags["junction/resumed_from"] == run_id
-    # Another sensor interval later there is still exactly one resumed run.
+    for some_execution_id, parked_run_id, step in [
+        (execution_id, run_id, "sign_off"),
+        (delayed_execution_id, delayed_run_id, "pause"),
+    ]:
+        runs = wait_for(lambda: resumed_and_finished(some_execution_id), 180, f"{step} to resume")  # noqa: B023
+        resumed = runs[0]  # newest first
+        assert resumed.status == dg.DagsterRunStatus.SUCCESS
+        assert resumed.tags["dagster/run_key"] == f"resume:{some_execution_id}:{step}"
+        assert resumed.tags["junction/resumed_from"] == parked_run_id
+    # Another sensor interval later there is still exactly one resumed run of each.
     time.sleep(RESUME_INTERVAL_S + 2)
     assert len(execution_runs(dagster_home, execution_id)) == 2
+    assert len(execution_runs(dagster_home, delayed_execution_id)) == 2
     assert second_platform.stop() == 0
