@@ -20,6 +20,7 @@ COMMANDS = {
     "pipelines": "orchestration.cli.pipelines:pipelines",
     "events": "orchestration.cli.events:events",
     "workflows": "orchestration.cli.workflows:workflows",
+    "approvals": "orchestration.cli.approvals:approvals",
 }
 
 

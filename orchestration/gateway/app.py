@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
-from orchestration.gateway.api import analytics, audit, jobs, keys, runs, streams
+from orchestration.gateway.api import analytics, approvals, audit, jobs, keys, runs, streams
 from orchestration.gateway.dagster_client import DagsterClient
 from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
@@ -30,7 +30,15 @@ from orchestration.settings import JunctionSettings, get_settings
 # The base URL of the in-process Dagster app when it is reached through an ASGI transport.
 IN_PROCESS_DAGSTER_URL = "http://dagster.internal"
 logger = logging.getLogger("junction.gateway")
-V1_ROUTERS = [jobs.router, runs.router, audit.router, keys.router, analytics.router, streams.router]
+V1_ROUTERS = [
+    jobs.router,
+    runs.router,
+    audit.router,
+    keys.router,
+    analytics.router,
+    streams.router,
+    approvals.router,
+]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30
 DOCS_PATHS = ("/docs", "/redoc")

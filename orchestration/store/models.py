@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -208,3 +220,69 @@ class StreamPendingEvent(Base):
     consumer: Mapped[str] = mapped_column(String(200), nullable=False)
     delivered_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     deliveries: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+# --- Workflow parking (issue 6): checkpoints of parked executions, approval requests and decisions ---
+
+
+class WorkflowCheckpoint(Base):
+    """One workflow execution's checkpoint: its inputs and the states of the steps it completed.
+
+    `state` is `running` while a run of the execution works, `waiting` once a step parked it; the
+    resume sensor launches the next run when `wake_at` has passed and `parked_run_id` has finished.
+    """
+
+    __tablename__ = "workflow_checkpoints"
+
+    execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    inputs: Mapped[dict] = mapped_column(JSON, nullable=False)
+    step_outputs: Mapped[dict] = mapped_column(JSON, nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False, index=True)
+    parked_step: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    parked_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    wake_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class ApprovalRequest(Base):
+    """An Approval step's request: who may decide, how many must approve, and what happens on timeout."""
+
+    __tablename__ = "approval_requests"
+    __table_args__ = (UniqueConstraint("execution_id", "step_id", name="uq_approval_requests_step"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    execution_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    workflow: Mapped[str] = mapped_column(String(200), nullable=False)
+    step_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    message: Mapped[str] = mapped_column(Text, nullable=False)
+    approver_principals: Mapped[list] = mapped_column(JSON, nullable=False)
+    approver_groups: Mapped[list] = mapped_column(JSON, nullable=False)
+    required_approvals: Mapped[int] = mapped_column(Integer, nullable=False)
+    timeout_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    on_timeout: Mapped[str] = mapped_column(String(10), nullable=False)
+    form_inputs: Mapped[dict] = mapped_column(JSON, nullable=False)
+    forbid_self_approval: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    requester: Mapped[str] = mapped_column(String(200), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, index=True)
+    resolution: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ApprovalDecision(Base):
+    """One principal's decision on an approval request (at most one each)."""
+
+    __tablename__ = "approval_decisions"
+    __table_args__ = (UniqueConstraint("request_id", "principal", name="uq_approval_decisions_principal"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("approval_requests.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    principal: Mapped[str] = mapped_column(String(200), nullable=False)
+    decision: Mapped[str] = mapped_column(String(10), nullable=False)
+    comment: Mapped[str] = mapped_column(Text, nullable=False)
+    inputs: Mapped[dict] = mapped_column(JSON, nullable=False)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

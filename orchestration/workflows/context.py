@@ -6,7 +6,7 @@ The template and condition namespaces are the same mapping (`variables()`):
 - `steps.<id>.output`        the output of an upstream step (`steps.<id>.status` is `succeeded` or
                              `failed` — the latter only with `continue_on_failure`, and then the output
                              is `{error: {type, message}}`);
-- `execution.id`, `execution.workflow`   one execution may span several runs (parking, later slices);
+- `execution.id`, `execution.workflow`   one execution may span several runs (parking);
 - `run.id`                   this Dagster run;
 - `env.<NAME>`               only the environment variables the spec lists under `env`.
 """
@@ -45,6 +45,7 @@ class StepContext:
     deadline: float | None = None
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: Any = None
+    run_tags: Mapping[str, str] = field(default_factory=dict)
 
     def variables(self) -> dict[str, Any]:
         """The template/condition namespace (see the module doc)."""

@@ -25,8 +25,14 @@ process). `continue_on_failure`: once Dagster's retries are used up, the error b
 output (`{error: {type, message}}`, status `failed`), the run continues, and the run is tagged
 `junction/failed_steps`.
 
-Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs, in the
-parking slice, are launched with it); a fresh run without it gets its own run id, set by its first op.
+Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs are
+launched with it); a fresh run without it gets its own run id, set by its first op.
+
+Parking (`parking.py`): in a workflow with a parking step (Delay, Approval), each op saves its state
+in the execution's checkpoint when it completes, and first looks there: a step already completed in
+an earlier run of the execution returns its saved state at once ("restored from checkpoint" in its
+output metadata) instead of running again. A step raising `ParkStep` yields nothing, so the run ends
+successfully, tagged `junction/state=waiting`, with the steps after it skipped.
 """
 
 import json
@@ -38,6 +44,7 @@ from typing import Any
 
 import dagster as dg
 
+from orchestration.workflows import parking
 from orchestration.workflows.context import (
     EXECUTION_ID_TAG,
     FAILED_STEPS_TAG,
@@ -146,6 +153,27 @@ def metadata_value(value: Any) -> dg.MetadataValue:
     return dg.MetadataValue.text(json.dumps(value, default=str))
 
 
+def is_parkable(spec: WorkflowSpec) -> bool:
+    """Whether the workflow has a step that parks it (its steps are then checkpointed)."""
+    return any(STEP_TYPES[step.type].parks for step in spec.steps)
+
+
+def restore_from_checkpoint(
+    context: dg.OpExecutionContext, step_id: str, execution_id: str
+) -> dict[str, Any] | None:
+    """The step's saved `{state, output_name}` when an earlier run of the execution completed it.
+
+    In a resumed run, also tells the checkpoint the execution is running again (once it is, the
+    resume sensor no longer asks for it)."""
+    resumed_step = context.run.tags.get(parking.RESUMED_STEP_TAG)
+    if resumed_step is not None:
+        parking.begin_resumed_run(execution_id, resumed_step)
+    checkpoint = parking.get_checkpoint(execution_id)
+    if checkpoint is None:
+        return None
+    return checkpoint.step_outputs.get(step_id)
+
+
 def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     step_type = STEP_TYPES[step.type]
     policy = retry_policy(step)
@@ -153,6 +181,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     secret_names = step.config.secret_env_names()
     upstream_ids = [dependency.partition(".")[0] for dependency in step.depends_on]
     single_output = step_type.outputs == (DEFAULT_OUTPUT,)
+    checkpointed = is_parkable(spec)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[dg.Output]:
         import os
@@ -162,29 +191,66 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
         states: dict[str, Any] = {}
         for upstream_id in upstream_ids:
             states.update(inputs[upstream_id])
+        execution_id = execution_id_of(context)
+        workflow_inputs = dict(context.op_config or {})
+        secrets = [os.environ.get(name, "") for name in secret_names]
+        if checkpointed:
+            saved = restore_from_checkpoint(context, step.id, execution_id)
+            if saved is not None:
+                context.log.info(f"step {step.id!r} {parking.RESTORED}: not run again")
+                if saved["output_name"] is None:
+                    return
+                state = saved["state"]
+                yield dg.Output(
+                    {**states, step.id: state},
+                    output_name=saved["output_name"],
+                    metadata={
+                        "output": metadata_value(mask_secrets(state["output"], secrets)),
+                        "status": state["status"],
+                        "restored": parking.RESTORED,
+                    },
+                )
+                return
+
+        def save(state: dict[str, Any] | None, output_name: str | None) -> None:
+            if checkpointed:
+                parking.save_step_state(execution_id, spec.name, workflow_inputs, step.id, state, output_name)
+
         deadline = time.monotonic() + step.timeout_s if step.timeout_s else None
         step_context = StepContext(
             step_id=step.id,
             workflow=spec.name,
-            inputs=dict(context.op_config or {}),
+            inputs=workflow_inputs,
             steps=states,
-            execution_id=execution_id_of(context),
+            execution_id=execution_id,
             run_id=context.run_id,
             env_names=tuple(spec.env),
             deadline=deadline,
             resources={key: getattr(context.resources, key) for key in step_type.resource_keys},
             log=context.log,
+            run_tags=dict(context.run.tags),
         )
         if step.when is not None and not evaluate(parse_condition(step.when), step_context.variables()):
             context.log.info(
                 f"step {step.id!r} not run: its `when` condition is false; steps after it are skipped"
             )
+            save(None, None)
             return
         status = "succeeded"
         try:
             output = run_with_timeout(
                 lambda: step_type.run(step.config, step_context), step.timeout_s, step.id
             )
+        except parking.ParkStep as parked:
+            parking.park(execution_id, spec.name, workflow_inputs, step.id, context.run_id, parked.wake_at)
+            context.instance.add_run_tags(
+                context.run_id, {parking.STATE_TAG: parking.WAITING, parking.PARKED_STEP_TAG: step.id}
+            )
+            context.log.info(
+                f"step {step.id!r} parked the workflow ({parked.reason}); the run ends here and the "
+                "resume sensor starts the next one"
+            )
+            return
         except Exception as exc:
             if not step.continue_on_failure or context.retry_number < max_retries:
                 raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=True) from exc
@@ -192,16 +258,18 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             output = {"error": {"type": type(exc).__name__, "message": str(exc)}}
             status = "failed"
             record_failed_step(context, step.id)
-        secrets = [os.environ.get(name, "") for name in secret_names]
         output_name = DEFAULT_OUTPUT
         if status == "succeeded" and not single_output:
             output_name = output["branch"]
         elif status == "failed" and not single_output:
             # A branch that failed takes no branch: everything after it is skipped.
             context.log.warning(f"step {step.id!r} failed: no branch taken")
+            save({"output": output, "status": status}, None)
             return
+        state = {"output": output, "status": status}
+        save(state, output_name)
         yield dg.Output(
-            {**states, step.id: {"output": output, "status": status}},
+            {**states, step.id: state},
             output_name=output_name,
             metadata={"output": metadata_value(mask_secrets(output, secrets)), "status": status},
         )
@@ -214,9 +282,10 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             upstream_id: dg.In(description=f"states up to step {upstream_id}") for upstream_id in upstream_ids
         },
         outs={
-            # Optional where the step may yield nothing: a branch, or a `when` that can be false.
+            # Optional where the step may yield nothing: a branch, a `when` that can be false, a park.
             output: dg.Out(
-                is_required=single_output and step.when is None, description=f"{step.type} {output}"
+                is_required=single_output and step.when is None and not step_type.parks,
+                description=f"{step.type} {output}",
             )
             for output in step_type.outputs
         },
@@ -282,10 +351,16 @@ def build_schedules(spec: WorkflowSpec, job: dg.JobDefinition) -> list[dg.Schedu
 
 
 def workflow_definitions(directory: str | Path) -> dg.Definitions:
-    """The jobs and schedules of every workflow spec in `directory`; a bad spec raises `SpecError`."""
-    jobs, schedules = [], []
+    """The jobs and schedules of every workflow spec in `directory`, and the resume sensor of the
+    workflows that park; a bad spec raises `SpecError`."""
+    from orchestration.workflows.resume import resume_sensor
+
+    jobs, schedules, parkable = [], [], []
     for path, spec in load_workflows(workflow_files(directory)).items():
         job = build_job(spec, path)
         jobs.append(job)
         schedules.extend(build_schedules(spec, job))
-    return dg.Definitions(jobs=jobs, schedules=schedules)
+        if is_parkable(spec):
+            parkable.append(job)
+    sensors = [resume_sensor(parkable)] if parkable else []
+    return dg.Definitions(jobs=jobs, schedules=schedules, sensors=sensors)

@@ -303,7 +303,11 @@ def _check_step(
             for variable in sorted(variables):
                 if reason := reference_problem(variable, spec, upstream):
                     add(where, reason)
-    conditions = [(("config", name), getattr(config, name)) for name in sorted(config.condition_fields)]
+    conditions = [
+        (("config", name), getattr(config, name))
+        for name in sorted(config.condition_fields)
+        if getattr(config, name) is not None  # an optional condition left out
+    ]
     if getattr(step, "when", None) is not None:
         conditions.append((("when",), step.when))
     for where, condition in conditions:

@@ -24,6 +24,8 @@ FUZZ_SCOPES = [
     "events:read",
     # Publishing only to the shipped `orders` stream: a random stream name must get 403/404.
     "events:publish:orders",
+    "approvals:read",
+    "approvals:decide",
 ]
 MAX_EXAMPLES = 15
 # Operations whose inputs are checked beyond what a schema can say (Dagster validates run config
@@ -108,6 +110,7 @@ def test_every_operation_answers_2xx_to_a_valid_request(
     with httpx.Client(base_url=f"{live_platform.base_url}/gateway", headers=headers, timeout=30) as client:
         run_id = client.post("/v1/jobs/audit_log_verification/runs", json={}).json()["run_id"]
         client.post("/v1/keys", json={"name": "to-revoke", "scopes": ["runs:read"]})
+    to_approve, to_reject = (open_approval(live_platform, step) for step in ("approve_me", "reject_me"))
 
     valid = {
         ("GET", "/health"): {},
@@ -139,6 +142,12 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             "path_parameters": {"name": "orders"},
             "query": {"limit": 10},
         },
+        ("GET", "/v1/approvals"): {},
+        ("POST", "/v1/approvals/{request_id}/approve"): {
+            "path_parameters": {"request_id": to_approve},
+            "body": {"comment": "fine"},
+        },
+        ("POST", "/v1/approvals/{request_id}/reject"): {"path_parameters": {"request_id": to_reject}},
     }
     documented = {
         (method.upper(), path)
@@ -157,3 +166,27 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             continue
         response = case.call_and_validate(headers=headers)
         assert 200 <= response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
+
+
+def open_approval(live_platform, step_id: str) -> str:
+    """A pending approval request in the live platform's store that the fuzzing key may decide."""
+    from orchestration.store.db import get_engine
+    from orchestration.workflows import approvals
+
+    request = approvals.open_request(
+        execution_id=f"openapi-{step_id}",
+        workflow="openapi_check",
+        step_id=step_id,
+        message="Decided by the valid-request table",
+        approver_principals=["schemathesis"],
+        approver_groups=[],
+        required_approvals=1,
+        timeout_at=None,
+        on_timeout="reject",
+        form_inputs={},
+        forbid_self_approval=False,
+        requester="",
+        auto_approved=False,
+        engine=get_engine(f"sqlite:///{live_platform.home / 'platform.db'}"),
+    )
+    return request.id

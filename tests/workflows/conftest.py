@@ -12,6 +12,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
+# The in-process gateway on a real store, for deciding approvals through the API.
+from gateway.conftest import gateway, make_key  # noqa: F401 - fixtures shared with tests/gateway
+
 from orchestration.workflows.factory import build_job
 from orchestration.workflows.spec import parse_workflow
 

@@ -25,3 +25,12 @@ def sleepy(context, seconds: float = 5):
 
 def not_json(context):
     return {"when": object()}
+
+
+# Every call of `counted`, in order: the parking tests check which steps really ran in which run.
+CALLS: list[str] = []
+
+
+def counted(context, label: str):
+    CALLS.append(label)
+    return {"label": label, "run": context.run_id, "execution": context.execution_id}

@@ -52,7 +52,8 @@ class StepType:
     """A registered step type. `run(config, context)` returns the step's JSON-able output.
 
     A type with several `outputs` (a branch) returns an output carrying `branch`, the name of the one
-    output to yield; the others are not yielded, so Dagster skips what depends on them.
+    output to yield; the others are not yielded, so Dagster skips what depends on them. A type that
+    `parks` may raise `ParkStep` (see `parking.py`); its workflow's steps are checkpointed.
     """
 
     name: str
@@ -61,3 +62,4 @@ class StepType:
     run: Callable[[Any, StepContext], Any]
     outputs: tuple[str, ...] = (DEFAULT_OUTPUT,)
     resource_keys: frozenset[str] = frozenset()
+    parks: bool = False

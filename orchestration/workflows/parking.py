@@ -1,0 +1,173 @@
+"""Parking: a step that waits (Delay, Approval) ends its run instead of holding a worker.
+
+The run's steps save their states in the execution's checkpoint (`workflow_checkpoints`) as they
+complete. A parking step raises `ParkStep`: the factory marks the checkpoint `waiting` (with the
+parked step, the parked run and when to wake up), tags the run `junction/state=waiting` and yields
+nothing, so the run ends successfully with the steps after the parked one skipped. The resume sensor
+(`resume.py`) launches a fresh run of the same job once `wake_at` has passed; in that run every step
+found in the checkpoint returns its saved state at once, and execution continues after the parked
+step. An approval decided early moves `wake_at` to the decision's time.
+
+Nothing waits in memory: a parked execution is one row, so it survives a restart of the platform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from orchestration.store.db import session_scope
+from orchestration.store.models import WorkflowCheckpoint
+
+STATE_TAG = "junction/state"
+WAITING = "waiting"
+RUNNING = "running"
+PARKED_STEP_TAG = "junction/parked_step"
+RESUMED_FROM_TAG = "junction/resumed_from"
+RESUMED_STEP_TAG = "junction/resumed_step"
+RESTORED = "restored from checkpoint"
+
+
+class ParkStep(Exception):  # noqa: N818 - a signal to the factory, not an error
+    """Raised by a parking step: end the run here and wake the execution at `wake_at` (None: when an
+    outside event, such as an approval decision, sets it)."""
+
+    def __init__(self, reason: str, wake_at: datetime | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.wake_at = wake_at
+
+
+def utc_now() -> datetime:
+    """The clock of parking decisions (one function, so tests can move it forward)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    execution_id: str
+    workflow: str
+    inputs: dict[str, Any]
+    step_outputs: dict[str, Any]
+    state: str
+    parked_step: str | None
+    parked_run_id: str | None
+    wake_at: datetime | None
+
+    @property
+    def resume_run_key(self) -> str:
+        return f"resume:{self.execution_id}:{self.parked_step}"
+
+
+def _checkpoint(row: WorkflowCheckpoint) -> Checkpoint:
+    return Checkpoint(
+        execution_id=row.execution_id,
+        workflow=row.workflow,
+        inputs=dict(row.inputs),
+        step_outputs=dict(row.step_outputs),
+        state=row.state,
+        parked_step=row.parked_step,
+        parked_run_id=row.parked_run_id,
+        wake_at=row.wake_at,
+    )
+
+
+def _row(session: Session, execution_id: str, workflow: str, inputs: dict[str, Any]) -> WorkflowCheckpoint:
+    row = session.get(WorkflowCheckpoint, execution_id, with_for_update=True)
+    if row is None:
+        now = utc_now()
+        row = WorkflowCheckpoint(
+            execution_id=execution_id,
+            workflow=workflow,
+            inputs=inputs,
+            step_outputs={},
+            state=RUNNING,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+    return row
+
+
+def get_checkpoint(execution_id: str, *, engine: Engine | None = None) -> Checkpoint | None:
+    with session_scope(engine) as session:
+        row = session.get(WorkflowCheckpoint, execution_id)
+        return _checkpoint(row) if row is not None else None
+
+
+def save_step_state(
+    execution_id: str,
+    workflow: str,
+    inputs: dict[str, Any],
+    step_id: str,
+    state: dict[str, Any] | None,
+    output_name: str | None,
+    *,
+    engine: Engine | None = None,
+) -> None:
+    """Record a completed step (`output_name` None: it yielded nothing, its `when` was false)."""
+    with session_scope(engine, write_lock=True) as session:
+        row = _row(session, execution_id, workflow, inputs)
+        # A new dict: SQLAlchemy only notices a JSON column change when the value is replaced.
+        row.step_outputs = {**row.step_outputs, step_id: {"state": state, "output_name": output_name}}
+        row.updated_at = utc_now()
+
+
+def park(
+    execution_id: str,
+    workflow: str,
+    inputs: dict[str, Any],
+    step_id: str,
+    run_id: str,
+    wake_at: datetime | None,
+    *,
+    engine: Engine | None = None,
+) -> None:
+    with session_scope(engine, write_lock=True) as session:
+        row = _row(session, execution_id, workflow, inputs)
+        row.state = WAITING
+        row.parked_step = step_id
+        row.parked_run_id = run_id
+        row.wake_at = wake_at
+        row.updated_at = utc_now()
+
+
+def wake_now(session: Session, execution_id: str, step_id: str) -> None:
+    """Make a waiting execution due at once (an approval was decided), inside the caller's transaction."""
+    now = utc_now()
+    session.execute(
+        update(WorkflowCheckpoint)
+        .where(WorkflowCheckpoint.execution_id == execution_id)
+        .where(WorkflowCheckpoint.state == WAITING)
+        .where(WorkflowCheckpoint.parked_step == step_id)
+        .values(wake_at=now, updated_at=now)
+    )
+
+
+def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | None = None) -> None:
+    """The resumed run has started: the execution is no longer waiting, so the sensor stops asking."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(WorkflowCheckpoint)
+            .where(WorkflowCheckpoint.execution_id == execution_id)
+            .where(WorkflowCheckpoint.state == WAITING)
+            .where(WorkflowCheckpoint.parked_step == resumed_step)
+            .values(state=RUNNING, updated_at=utc_now())
+        )
+
+
+def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None = None) -> list[Checkpoint]:
+    """Waiting executions of `workflows` whose wake-up time has come, oldest first."""
+    statement = (
+        select(WorkflowCheckpoint)
+        .where(WorkflowCheckpoint.state == WAITING)
+        .where(WorkflowCheckpoint.wake_at <= now)
+        .where(WorkflowCheckpoint.workflow.in_(sorted(workflows)))
+        .order_by(WorkflowCheckpoint.wake_at)
+    )
+    with session_scope(engine) as session:
+        return [_checkpoint(row) for row in session.scalars(statement)]

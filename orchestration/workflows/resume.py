@@ -1,0 +1,63 @@
+"""The resume sensor: launches the next run of every parked execution whose time has come.
+
+Due means the checkpoint is `waiting`, its `wake_at` has passed (a Delay's time, an Approval's
+decision or timeout) and the run that parked it has finished (a run still busy with other branches
+must not race its successor). The sensor asks for a fresh run of the same job with the execution's
+inputs, tagged with the execution id and where it resumes from, under the run key
+`resume:{execution_id}:{step_id}`: Dagster launches at most one run per run key of a sensor, so
+however many ticks see the execution due before the resumed run marks it running, it resumes once.
+
+Only this sensor launches resumed runs; the gateway and the CLI only record decisions.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from orchestration.workflows import parking
+from orchestration.workflows.context import EXECUTION_ID_TAG
+
+RESUME_SENSOR_NAME = "workflow_resume"
+# How often the daemon evaluates the sensor: the resolution of delays and the latency of approvals.
+RESUME_INTERVAL_S = 15
+
+
+def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[dg.RunRequest]:
+    requests = []
+    for checkpoint in parking.due_checkpoints(parking.utc_now(), workflows):
+        parked_run = instance.get_run_by_id(checkpoint.parked_run_id) if checkpoint.parked_run_id else None
+        if parked_run is not None and not parked_run.is_finished:
+            continue
+        requests.append(
+            dg.RunRequest(
+                run_key=checkpoint.resume_run_key,
+                job_name=checkpoint.workflow,
+                run_config=checkpoint.inputs,
+                tags={
+                    EXECUTION_ID_TAG: checkpoint.execution_id,
+                    parking.RESUMED_FROM_TAG: checkpoint.parked_run_id or "",
+                    parking.RESUMED_STEP_TAG: checkpoint.parked_step or "",
+                },
+            )
+        )
+    return requests
+
+
+def resume_sensor(jobs: list[dg.JobDefinition]) -> dg.SensorDefinition:
+    """The sensor resuming the parked executions of `jobs` (the workflows with a parking step)."""
+    workflows = {job.name for job in jobs}
+
+    @dg.sensor(
+        name=RESUME_SENSOR_NAME,
+        jobs=jobs,
+        minimum_interval_seconds=RESUME_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Resumes parked workflow executions (delays due, approvals decided or timed out).",
+    )
+    def workflow_resume(context: dg.SensorEvaluationContext):
+        requests = resume_requests(context.instance, workflows)
+        if not requests:
+            return dg.SkipReason("no parked workflow execution is due")
+        return requests
+
+    return workflow_resume
