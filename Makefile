@@ -30,7 +30,8 @@ lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP) ## Run every benchmark in benchmarks/ (never part of `make test`)
+bench: $(STAMP) ## Run every benchmark in benchmarks/ (never part of `make test`; installs the peers, e.g. dlt)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script $(ARGS) || exit 1; done
 
 clean: ## Remove local state (.junction) and caches, keep .venv
