@@ -11,6 +11,7 @@ import dagster as dg
 
 import assets
 from assets.etl.factory import pipeline_definitions
+from assets.etl.spec import load_pipelines, pipeline_files
 from orchestration import platform_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
@@ -26,6 +27,9 @@ def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
         return dg.load_definitions_from_package_module(package)
 
 
+# Loaded once: the asset factory and the stream triggers both read the same specs.
+pipelines = load_pipelines(pipeline_files(get_settings().pipelines_dir))
+
 defs = dg.Definitions.merge(
     analyst_definitions(),
     platform_definitions.platform_definitions,
@@ -33,7 +37,7 @@ defs = dg.Definitions.merge(
     # every problem in the kernel's format.
     workflow_definitions(get_settings().workflows_dir),
     # ETL pipeline specs (`assets/pipelines/*.yaml`): staged + published assets, checks, job, schedule.
-    pipeline_definitions(get_settings().pipelines_dir),
+    pipeline_definitions(pipelines=pipelines),
     # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
-    streaming_definitions(get_settings().pipelines_dir),
+    streaming_definitions(pipelines=pipelines),
 )

@@ -6,17 +6,23 @@ the job or assets they launch (under `assets/`, picked up like any analyst defin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from sensors.event_triggers import event_trigger_sensors, pipeline_triggers
 from sensors.platform_events import platform_event_sensors
 
+if TYPE_CHECKING:
+    from assets.etl.spec import LoadedPipeline
 
-def streaming_definitions(pipelines_dir: str | Path | None = None) -> dg.Definitions:
+
+def streaming_definitions(
+    pipelines_dir: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
+) -> dg.Definitions:
     """Sensors of the pipelines' `triggers:` (a bad trigger fails the code location) and the
     sensors publishing to `platform.runs` / `platform.assets`."""
-    return dg.Definitions(
-        sensors=[*event_trigger_sensors(pipeline_triggers(pipelines_dir)), *platform_event_sensors()]
-    )
+    triggers = pipeline_triggers(pipelines_dir, pipelines=pipelines)
+    return dg.Definitions(sensors=[*event_trigger_sensors(triggers), *platform_event_sensors()])

@@ -37,13 +37,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from orchestration.kernel.conditions import Condition, evaluate, parse_condition
 from orchestration.kernel.spec_errors import SpecError, SpecProblem
 from resources.event_stream import Event, EventId, EventsLost, EventStream
+
+if TYPE_CHECKING:
+    from assets.etl.spec import LoadedPipeline
 
 STREAM_TAG = "junction/stream"
 FIRST_ID_TAG = "junction/events_first"
@@ -473,21 +476,23 @@ def event_trigger_sensors(
 # --- triggers declared in pipeline specs ---------------------------------------------------------------
 
 
-def pipeline_triggers(pipelines_dir: str | Path | None = None) -> list[StreamTrigger]:
+def pipeline_triggers(
+    pipelines_dir: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
+) -> list[StreamTrigger]:
     """The `triggers:` of every pipeline spec, each targeting the pipeline's asset group.
 
+    The specs come from `pipelines` when already loaded, else from `pipelines_dir` (default:
+    settings.pipelines_dir) with the ETL loader's own file rule.
     `max_events_per_run` makes count batches, `debounce_seconds` closed time windows of that length;
     the two together would make boundaries depend on both and are rejected at load.
     """
-    from assets.etl.spec import load_pipelines
+    from assets.etl.spec import load_pipelines, pipeline_files
 
-    files = None
-    if pipelines_dir is not None:
-        folder = Path(pipelines_dir)
-        files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
+    if pipelines is None:
+        pipelines = load_pipelines(pipeline_files(Path(pipelines_dir) if pipelines_dir is not None else None))
     triggers: list[StreamTrigger] = []
     problems: list[SpecProblem] = []
-    for name, pipeline in load_pipelines(files).items():
+    for name, pipeline in pipelines.items():
         group = pipeline.spec.group or name
         streams = [declared.stream for declared in pipeline.spec.triggers]
         for index, declared in enumerate(pipeline.spec.triggers):

@@ -20,6 +20,7 @@ Nothing here runs when the module is imported; `pipeline_definitions` is called 
 """
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,14 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
 
 
-def pipeline_definitions(directory: str | Path | None = None) -> dg.Definitions:
-    """Every pipeline spec in `directory` (default: settings.pipelines_dir); a bad spec raises `SpecError`."""
-    loaded = load_pipelines(pipeline_files(Path(directory) if directory is not None else None))
+def pipeline_definitions(
+    directory: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
+) -> dg.Definitions:
+    """Every pipeline spec in `directory` (default: settings.pipelines_dir), or the already `pipelines`
+    loaded (the code location loads them once for assets and triggers); a bad spec raises `SpecError`."""
+    loaded = pipelines if pipelines is not None else load_pipelines(pipeline_files(_folder(directory)))
     return dg.Definitions.merge(dg.Definitions(), *(build_pipeline(pipeline) for pipeline in loaded.values()))
+
+
+def _folder(directory: str | Path | None) -> Path | None:
+    return Path(directory) if directory is not None else None
