@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,23 +25,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the platform did not become ready")
+from support import free_port, platform_env, platform_ready, wait_for  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def tree_memory(pid: int) -> tuple[float, float, int]:
@@ -64,7 +46,7 @@ def start_and_measure(command: list[str], env: dict[str, str], port: int, ready)
         command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_until(lambda: ready(port))
+        wait_for(lambda: ready(port), process=process)
         ready_s = time.perf_counter() - started
         time.sleep(5)  # let the daemon's first loops and the code server settle before weighing
         rss, pss, count = tree_memory(process.pid)
@@ -75,15 +57,15 @@ def start_and_measure(command: list[str], env: dict[str, str], port: int, ready)
 
 
 def junction_ready(port: int) -> bool:
-    if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code != 200:
-        return False
-    health = httpx.get(f"http://127.0.0.1:{port}/gateway/health", timeout=5)
-    return health.status_code == 200 and "loaded:" in health.json()["services"]["code_locations"]["detail"]
+    return platform_ready(f"http://127.0.0.1:{port}")
 
 
 def dagster_dev_ready(port: int) -> bool:
     query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
-    response = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=5)
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=5)
+    except httpx.HTTPError:
+        return False
     entries = response.json()["data"]["workspaceOrError"]["locationEntries"]
     return bool(entries) and all(entry["loadStatus"] == "LOADED" for entry in entries)
 
@@ -96,7 +78,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
 
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_") and k != "DAGSTER_HOME"}
+    base_env = platform_env()
     junction = [sys.executable, "-m", "orchestration.cli", "dev", "--port"]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**base_env, "JUNCTION_HOME": str(Path(tmp) / "home")}

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,33 +24,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from support import free_port, pct, platform_env, platform_ready, wait_for  # noqa: E402
+
 from orchestration.gateway.dagster_client import LAUNCH_RUN_MUTATION  # noqa: E402
 
 JOB = "audit_log_verification"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(base: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            health = httpx.get(f"{base}/gateway/health", timeout=5)
-            if (
-                health.status_code == 200
-                and "loaded:" in health.json()["services"]["code_locations"]["detail"]
-            ):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("platform not ready")
 
 
 def started_at(client: httpx.Client, run_id: str, timeout_s: float = 120) -> float:
@@ -92,10 +68,6 @@ def measure(launch, dagster: httpx.Client, runs: int) -> tuple[list[float], list
     return to_start, request
 
 
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,7 +76,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = parser.parse_args()
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_") and k != "DAGSTER_HOME"}
+    env = platform_env()
     with tempfile.TemporaryDirectory() as tmp:
         env["JUNCTION_HOME"] = str(Path(tmp) / "home")
         port = free_port()
@@ -117,7 +89,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_ready(base)
+            wait_for(lambda: platform_ready(base), process=process, poll_s=0.2)
             key = (Path(tmp) / "home" / "admin.key").read_text().strip()
             with (
                 httpx.Client(base_url=f"{base}/gateway", headers={"X-API-Key": key}, timeout=60) as api,

@@ -26,8 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from support import free_port, pct, platform_env, platform_ready, wait_for  # noqa: E402  (benchmarks/ is on sys.path)
 
 # This process must not pick up a developer's platform settings (e.g. JUNCTION_REDIS_URL would
 # silently turn the SQL measurements into Redis ones): every URL below is passed explicitly.
@@ -104,16 +104,6 @@ def payload(index: int) -> dict:
         "placed_at": "2026-11-28T17:00:00Z",
         "items": ["sku-1", "sku-2"],
     }
-
-
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- throughput through the resource --------------------------------------------------------------
@@ -243,24 +233,6 @@ def redis_benchmark(count: int) -> tuple[float | None, str]:
 # --- event → run started latency ------------------------------------------------------------------
 
 
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"junction dev exited with {process.returncode}")
-        try:
-            health = httpx.get(f"{base}/gateway/health", timeout=5)
-            if (
-                health.status_code == 200
-                and "loaded:" in health.json()["services"]["code_locations"]["detail"]
-            ):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("platform not ready")
-
-
 def find_run(dagster: httpx.Client, event_id: str, timeout_s: float = 120) -> dict:
     """The run the trigger launched for `event_id`, once it has a start time."""
     variables = {"filter": {"tags": [{"key": "junction/events_first", "value": event_id}]}}
@@ -289,7 +261,7 @@ def wait_finished(dagster: httpx.Client, event_id: str, timeout_s: float = 120) 
 def measure_latency(count: int, gap_s: float) -> list[float]:
     from resources.event_stream import open_event_stream
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_") and k != "DAGSTER_HOME"}
+    env = platform_env()
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
         shutil.copytree(
@@ -325,7 +297,7 @@ def measure_latency(count: int, gap_s: float) -> list[float]:
             latencies: list[float] = []
             try:
                 print("  waiting for junction dev ...", file=sys.stderr)
-                wait_ready(base, process)
+                wait_for(lambda: platform_ready(base), process=process, poll_s=0.2)
                 store_url = f"sqlite:///{home / 'platform.db'}"
                 with (
                     open_event_stream(redis_url=None, store_url=store_url) as stream,
