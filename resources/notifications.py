@@ -453,7 +453,7 @@ class WebhookChannel(NotificationChannel):
             return answer
         status = response.status_code
         transient = status in (408, 429) or status >= 500
-        retry_after = _retry_after_seconds(response.headers.get("Retry-After")) if transient else None
+        retry_after = retry_after_seconds(response.headers.get("Retry-After")) if transient else None
         if retry_after is not None and retry_after > self.retry.max_backoff_s:
             reason = f"{answer} (asked to retry after {retry_after:g} s, more than max_backoff_s)"
             raise DeliveryFailure(reason, transient=False)
@@ -467,7 +467,7 @@ class WebhookChannel(NotificationChannel):
         return super().is_transient(exc)
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """`Retry-After` as seconds: either a number of seconds or an HTTP date."""
     if not value:
         return None

@@ -133,7 +133,7 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
 
     # One private helper of the notifications module, reused rather than copied: the same parsing of
     # `Retry-After` (seconds or an HTTP date) for every outgoing HTTP call of the platform.
-    from resources.notifications import _retry_after_seconds
+    from resources.notifications import retry_after_seconds
 
     url = context.render(config.url)
     if not url.startswith(("http://", "https://")):
@@ -182,7 +182,7 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
             )
             if response.status_code in RETRIED_STATUSES:
                 raise RetryableResponse(
-                    response.status_code, _retry_after_seconds(response.headers.get("Retry-After"))
+                    response.status_code, retry_after_seconds(response.headers.get("Retry-After"))
                 )
             return response
 
