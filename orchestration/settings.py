@@ -54,6 +54,16 @@ class JunctionSettings(BaseSettings):
         description="Named notification channels (secrets referenced by env-var name).",
     )
 
+    public_url: str = Field(
+        default="http://127.0.0.1:3000",
+        description="Where people reach the platform: the base of links in reports and notifications.",
+    )
+    secret_key_env: str = Field(
+        default="JUNCTION_SECRET_KEY",
+        description="NAME of the env var holding the key that signs links; unset: a key generated "
+        "once in $JUNCTION_HOME/secret.key.",
+    )
+
     # The gateway's request guards and security.
     gateway_max_body_bytes: int = Field(default=1_048_576, ge=1, description="Larger request bodies get 413.")
     gateway_cors_origins: list[str] = Field(
@@ -101,6 +111,13 @@ class JunctionSettings(BaseSettings):
             raise ValueError("must be a path such as /gateway (not the root: the Dagster UI lives there)")
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
     @field_validator("database_url", "redis_url")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
@@ -135,6 +152,10 @@ class JunctionSettings(BaseSettings):
     @property
     def admin_key_file(self) -> Path:
         return self.home_dir / "admin.key"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.home_dir / "secret.key"
 
 
 @lru_cache(maxsize=1)
