@@ -28,7 +28,8 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
-from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
+from assets.etl.drift import SchemaDriftError, SchemaDriftStep
+from assets.etl.loads import LOAD_ID_COLUMN, Target, load_steps, open_target
 from assets.etl.quarantine import Quarantine, RowCounts
 from assets.etl.runner import iter_pipeline
 from assets.etl.sources import open_source
@@ -86,10 +87,22 @@ def stage(
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
     load_id = source.identity().load_id
     quarantine, counts = Quarantine(), RowCounts()
+    after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
+    drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
 
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    try:
+        tables = list(iter_pipeline(spec, source, quarantine, counts, after))
+    except SchemaDriftError as exc:
+        # Nothing was staged: the target and the staging place stay as they were.
+        raise dg.Failure(
+            description=str(exc), metadata={"schema_drift": dg.MetadataValue.json(exc.drift.as_metadata())}
+        ) from None
+    if tables:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    else:  # nothing passed: an empty table of the target's columns (replace empties it, keeps its schema)
+        current = target.current_schema() if target is not None else None
+        table = current.empty_table() if current is not None else pa.table({})
     read_seconds = time.perf_counter() - started
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
@@ -128,8 +141,13 @@ def stage(
         "rows_per_second": _rate(counts.read, read_seconds + stage_seconds + report.seconds),
         "quality_score_checks": round(report.expectations_score, 4),
         "quality_score_rows": round(report.valid_rows_score, 4),
-        QUALITY_SUMMARY: dg.MetadataValue.md(summary_markdown(report, quarantine.count_by_reason())),
+        QUALITY_SUMMARY: dg.MetadataValue.md(
+            summary_markdown(report, quarantine.count_by_reason())
+            + ("" if drift is None else "\n\n" + drift.markdown())
+        ),
     }
+    if drift is not None:
+        metadata["schema_drift"] = dg.MetadataValue.json(drift.as_metadata())
     return metadata, report.outcomes
 
 
@@ -145,8 +163,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     }
     staged_key = dg.AssetKey(f"{name}_staged")
 
-    def open_pipeline_target() -> Target | None:
-        return None if spec.target is None else open_target(spec.target, target_base_dir())
+    def open_pipeline_target(run_id: str) -> Target | None:
+        return None if spec.target is None else open_target(spec.target, target_base_dir(), run_id)
 
     @dg.asset(
         key=staged_key,
@@ -162,7 +180,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         **common,
     )
     def staged(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        target = open_pipeline_target()
+        target = open_pipeline_target(context.run_id)
         try:
             metadata, outcomes = stage(pipeline, target, context.run_id, context.log)
         finally:
@@ -193,7 +211,10 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             **common,
         )
         def published(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-            target = open_pipeline_target()
+            # The rows staged by this run, or - when only the published asset is materialized - by
+            # the run of the latest staged materialization (staging places are per run).
+            staged_event = _staged_event(context, staged_key)
+            target = open_pipeline_target(staged_event.run_id if staged_event else context.run_id)
             assert target is not None
             try:
                 started = time.perf_counter()
@@ -219,14 +240,14 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
                 metadata["skipped"] = outcome.skipped_reason
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
-            staged_event = context.instance.get_latest_materialization_event(staged_key)
-            staged_schema = (
-                staged_event.asset_materialization.metadata.get("dagster/column_schema")
+            staged_metadata = (
+                staged_event.asset_materialization.metadata
                 if (staged_event and staged_event.asset_materialization)
-                else None
+                else {}
             )
-            if staged_schema is not None:
-                metadata["dagster/column_schema"] = staged_schema
+            for key in ("dagster/column_schema", "schema_drift"):
+                if key in staged_metadata:
+                    metadata[key] = staged_metadata[key]
             return dg.MaterializeResult(metadata=metadata)
 
         assets.append(published)
@@ -250,6 +271,17 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         else []
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
+
+
+def _staged_event(context: dg.AssetExecutionContext, staged_key: dg.AssetKey) -> dg.EventLogEntry | None:
+    """The staged asset's materialization in this run, else its latest one."""
+    for record in context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records:
+        entry = record.event_log_entry
+        if entry.asset_materialization and entry.asset_materialization.asset_key == staged_key:
+            return entry
+    return context.instance.get_latest_materialization_event(staged_key)
 
 
 def pipeline_definitions(

@@ -20,7 +20,7 @@ and `RowCounts.check` proves ``read == loaded + filtered + quarantined``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +77,13 @@ def iter_pipeline(
     source: Source,
     quarantine: Quarantine,
     counts: RowCounts,
+    after: Sequence[Step] = (),
 ) -> Iterator[pa.Table]:
-    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end)."""
-    steps = build_steps(spec.transforms)
+    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
+
+    `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
+    """
+    steps = [*build_steps(spec.transforms), *after]
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
         out = _run_steps(batch, steps, 0, quarantine, counts)
