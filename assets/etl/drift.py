@@ -69,7 +69,11 @@ def value_kind(data_type: pa.DataType) -> str:
 
 def _fits(incoming: str, current: str) -> bool:
     """Whether values of kind `incoming` go into a column of kind `current` without drift."""
-    return incoming == current or incoming == "null" or (incoming == "integer" and current in ("floating", "decimal"))
+    return (
+        incoming == current
+        or incoming == "null"
+        or (incoming == "integer" and current in ("floating", "decimal"))
+    )
 
 
 class SchemaDriftError(JunctionError):
@@ -193,7 +197,9 @@ class SchemaDriftStep(Step):
         for name in removed:
             self.drift.removed.setdefault(name, str(self.current[name]))
         for f in retyped:
-            self.drift.retyped.setdefault(f.name, {"target": str(self.current[f.name]), "incoming": str(f.type)})
+            self.drift.retyped.setdefault(
+                f.name, {"target": str(self.current[f.name]), "incoming": str(f.type)}
+            )
         if self.policy == "freeze" and (added or removed or retyped):
             raise SchemaDriftError(
                 f"{DRIFT_STEP}: the data's columns differ from {self.drift.target} and the contract says "
@@ -202,7 +208,9 @@ class SchemaDriftStep(Step):
             )
         drifted = {f.name for f in added} | {f.name for f in retyped}
         if self.policy == "discard_row" and drifted:
-            batch = self._quarantine_rows(batch, [f.name for f in table.schema if f.name in drifted], quarantine)
+            batch = self._quarantine_rows(
+                batch, [f.name for f in table.schema if f.name in drifted], quarantine
+            )
             table = batch.table
         if self.policy == "discard_value":
             for name in drifted:
@@ -254,5 +262,7 @@ class SchemaDriftStep(Step):
                 table = table.set_column(index, pa.field(name, data_type), _cast_or_null(column, data_type))
             elif self.stored_kind(column.type) != value_kind(data_type):
                 # A retyped column whose values were quarantined, dropped or moved to a variant.
-                table = table.set_column(index, pa.field(name, data_type), pa.nulls(table.num_rows, data_type))
+                table = table.set_column(
+                    index, pa.field(name, data_type), pa.nulls(table.num_rows, data_type)
+                )
         return table

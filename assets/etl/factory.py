@@ -28,10 +28,9 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
-from assets.etl.drift import SchemaDriftError, SchemaDriftStep
-from assets.etl.loads import LOAD_ID_COLUMN, Target, load_steps, open_target
-from assets.etl.quarantine import Quarantine, RowCounts
-from assets.etl.runner import iter_pipeline
+from assets.etl.drift import SchemaDriftError
+from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
+from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
@@ -85,24 +84,18 @@ def stage(
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
-    load_id = source.identity().load_id
-    quarantine, counts = Quarantine(), RowCounts()
-    after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
-    drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
 
     started = time.perf_counter()
     try:
-        tables = list(iter_pipeline(spec, source, quarantine, counts, after))
+        result = run_pipeline(pipeline, source=source, target=target)
     except SchemaDriftError as exc:
         # Nothing was staged: the target and the staging place stay as they were.
         raise dg.Failure(
             description=str(exc), metadata={"schema_drift": dg.MetadataValue.json(exc.drift.as_metadata())}
         ) from None
-    if tables:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    else:  # nothing passed: an empty table of the target's columns (replace empties it, keeps its schema)
-        current = target.current_schema() if target is not None else None
-        table = current.empty_table() if current is not None else pa.table({})
+    # With no rows left, the table has the target's columns: a replace empties it and keeps its schema.
+    table, quarantine, counts, drift = result.to_table(), result.quarantine, result.counts, result.drift
+    load_id = result.identity.load_id
     read_seconds = time.perf_counter() - started
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"

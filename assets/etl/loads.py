@@ -168,7 +168,9 @@ def _arrow_type(sql_type: Any, dialect: str) -> pa.DataType:
     if isinstance(sql_type, sa.SmallInteger):
         return pa.int16()
     if isinstance(sql_type, sa.Integer):
-        return pa.int32() if dialect == "postgresql" and not isinstance(sql_type, sa.BigInteger) else pa.int64()
+        return (
+            pa.int32() if dialect == "postgresql" and not isinstance(sql_type, sa.BigInteger) else pa.int64()
+        )
     if isinstance(sql_type, sa.Float):
         return pa.float64()
     if isinstance(sql_type, sa.Numeric):
@@ -341,7 +343,10 @@ class SqlTarget(Target):
         ]
         return [
             *(f"ALTER TABLE {target} ALTER COLUMN {self._quote(name)} SET NOT NULL" for name in not_null),
-            *(f"ALTER TABLE {target} ADD CONSTRAINT {self._quote(name)} {definition}" for name, definition in constraints),
+            *(
+                f"ALTER TABLE {target} ADD CONSTRAINT {self._quote(name)} {definition}"
+                for name, definition in constraints
+            ),
             *indexes,
         ]
 
@@ -547,7 +552,9 @@ class FileTarget(Target):
 
     @property
     def staged_path(self) -> Path:
-        return self.path.with_name(f"{self.path.name}{staging_token(self.run_id).replace('_', '.')}.staged.parquet")
+        return self.path.with_name(
+            f"{self.path.name}{staging_token(self.run_id).replace('_', '.')}.staged.parquet"
+        )
 
     def current_schema(self) -> pa.Schema | None:
         if not self.path.exists():
@@ -642,7 +649,9 @@ def _refuse_duplicate_keys_in(staged: pa.Table, keys: list[str], target: str) ->
     repeated = counted.filter(pc.greater(counted.column("count_all"), 1))
     if repeated.num_rows:
         first = repeated.slice(0, 1).to_pylist()[0]
-        raise JunctionError(_duplicate_key_message(target, keys, [first[key] for key in keys], first["count_all"]))
+        raise JunctionError(
+            _duplicate_key_message(target, keys, [first[key] for key in keys], first["count_all"])
+        )
 
 
 def load_steps(target: Target, drift_policy: str, mode: str, keys: list[str]) -> list[Step]:

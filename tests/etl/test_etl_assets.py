@@ -92,7 +92,9 @@ def target_of(folder: Path, run_id: str | None = None):
     """The pipeline's target; with `run_id`, as that run saw it (its staging place)."""
     from assets.etl.factory import target_base_dir
 
-    return open_target(load_pipelines([folder / "orders.yaml"])["orders"].spec.target, target_base_dir(), run_id)
+    return open_target(
+        load_pipelines([folder / "orders.yaml"])["orders"].spec.target, target_base_dir(), run_id
+    )
 
 
 def sorted_rows(table: pa.Table) -> list[dict]:
@@ -245,7 +247,9 @@ def test_file_targets_publish_atomically_and_idempotently(file_format: str, mode
     assert target.path.is_relative_to(pipelines_dir.parent / "junction-home")  # under JUNCTION_HOME
     assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
     assert target.read_quarantine().num_rows == 1
-    leftovers = [path.name for path in target.path.parent.iterdir() if path.name.endswith((".tmp", ".staged.parquet"))]
+    leftovers = [
+        path.name for path in target.path.parent.iterdir() if path.name.endswith((".tmp", ".staged.parquet"))
+    ]
     assert leftovers == []
 
 
