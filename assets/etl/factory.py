@@ -34,7 +34,14 @@ from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
-__all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "target_base_dir"]
+__all__ = [
+    "PIPELINE_TAG",
+    "asset_check_results",
+    "asset_check_specs",
+    "build_pipeline",
+    "pipeline_definitions",
+    "target_base_dir",
+]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
@@ -144,6 +151,28 @@ def stage(
     return metadata, report.outcomes
 
 
+def asset_check_specs(checks: list[QualityCheck], asset: dg.AssetKey | str) -> list[dg.AssetCheckSpec]:
+    """One Dagster check spec per rule and contract promise, blocking where the spec says so."""
+    return [
+        dg.AssetCheckSpec(check.name, asset=asset, description=check.description, blocking=check.blocking)
+        for check in checks
+    ]
+
+
+def asset_check_results(outcomes: list[CheckOutcome]) -> list[dg.AssetCheckResult]:
+    """The outcomes of `checks.validate` as Dagster check results (severity, sample bad values)."""
+    return [
+        dg.AssetCheckResult(
+            check_name=outcome.check.name,
+            passed=outcome.passed,
+            severity=_severity(outcome.check),
+            description=outcome.check.description,
+            metadata=outcome.metadata(),
+        )
+        for outcome in outcomes
+    ]
+
+
 def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     """The staged and published assets of one pipeline, its job and (when declared) its schedule."""
     spec, name = pipeline.spec, pipeline.name
@@ -164,12 +193,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
-        check_specs=[
-            dg.AssetCheckSpec(
-                check.name, asset=staged_key, description=check.description, blocking=check.blocking
-            )
-            for check in checks
-        ],
+        check_specs=asset_check_specs(checks, staged_key),
         **common,
     )
     def staged(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -179,19 +203,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         finally:
             if target is not None:
                 target.dispose()
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=outcome.check.name,
-                    passed=outcome.passed,
-                    severity=_severity(outcome.check),
-                    description=outcome.check.description,
-                    metadata=outcome.metadata(),
-                )
-                for outcome in outcomes
-            ],
-        )
+        return dg.MaterializeResult(metadata=metadata, check_results=asset_check_results(outcomes))
 
     assets: list[dg.AssetsDefinition] = [staged]
     if spec.target is not None:

@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 
 from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
+from assets.etl.sources import resolve_sqlite_url
 from assets.etl.spec import FileTargetSpec, SqlTargetSpec
 from assets.etl.transforms import DedupeLast, Step
 from orchestration.errors import ConfigurationError, JunctionError
@@ -186,7 +187,8 @@ def _arrow_type(sql_type: Any, dialect: str) -> pa.DataType:
 class SqlTarget(Target):
     """A table on PostgreSQL or SQLite (any SQLAlchemy URL of those two dialects)."""
 
-    def __init__(self, spec: SqlTargetSpec, run_id: str | None = None):
+    def __init__(self, spec: SqlTargetSpec, run_id: str | None = None, base_dir: Path | None = None):
+        """`base_dir`: where a relative SQLite database path in the URL lives (created if missing)."""
         import sqlalchemy as sa
 
         self.spec = spec
@@ -194,6 +196,10 @@ class SqlTarget(Target):
         url = spec.url if spec.url is not None else os.environ.get(spec.url_env or "")
         if not url:
             raise ConfigurationError(f"environment variable {spec.url_env} (the target's url_env) is not set")
+        resolved = resolve_sqlite_url(url, base_dir)
+        if resolved != url:
+            Path(sa.engine.make_url(resolved).database or "").parent.mkdir(parents=True, exist_ok=True)
+        url = resolved
         self.engine = sa.create_engine(url)
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("postgresql", "sqlite"):
@@ -675,10 +681,11 @@ def load_steps(target: Target, drift_policy: str, mode: str, keys: list[str]) ->
 
 
 def open_target(spec: SqlTargetSpec | FileTargetSpec, base_dir: Path, run_id: str | None = None) -> Target:
-    """The `Target` of a spec's `target:`; relative file paths resolve against `base_dir`.
+    """The `Target` of a spec's `target:`; relative file paths and SQLite database paths resolve
+    against `base_dir`.
 
     `run_id` names the staging place (one per run); without it, the target has one shared staging place.
     """
     if isinstance(spec, SqlTargetSpec):
-        return SqlTarget(spec, run_id)
+        return SqlTarget(spec, run_id, base_dir)
     return FileTarget(spec, base_dir, run_id)

@@ -146,13 +146,15 @@ def load_result(
     mode: str = "append",
     keys: list[str] | None = None,
     run_id: str,
+    table: pa.Table | None = None,
 ) -> PublishOutcome:
-    """Stage the result's rows, store its quarantine next to the target and publish, in that order.
+    """Stage the result's rows (or `table`, made from them), store its quarantine next to the target
+    and publish, in that order; the load id is the input's, so re-running an append adds nothing.
 
     For a plain `@asset` that checks the rows itself before loading; the pipeline assets split the
     same calls over a staged and a published asset so that blocking checks sit between them.
     """
     load_id = result.identity.load_id
-    target.stage(result.to_table(), load_id)
+    target.stage(result.to_table() if table is None else table, load_id)
     target.write_quarantine(result.quarantine, load_id, run_id)
     return target.publish(mode, keys or [])
