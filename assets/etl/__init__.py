@@ -12,6 +12,7 @@ Expectations outside a function; pyarrow and pydantic are cheap enough to import
 - `runner`: source + transforms -> clean Arrow tables, quarantine and counts (`run_pipeline`).
 - `checks`: rules and contract as Great Expectations expectations (kernel/schema where GX cannot),
   validated once per run over the staged rows; quality score and markdown summary.
+- `drift`: the contract's schema drift policy against the target's current schema (a transform step).
 - `loads`: staging and publishing into PostgreSQL/SQLite tables (COPY, executemany) and Parquet/CSV
   files: replace by swap, append by load id, merge by key; quarantine next to the target.
 - `factory`: `pipeline_definitions` turns every spec into a staged asset (with check specs), a published
