@@ -72,6 +72,7 @@ __all__ = [
 
 LOAD_ID_COLUMN = "_junction_load_id"
 RUN_ID_COLUMN = "_junction_run_id"
+POSTGRES_NAME_BYTES = 63
 MERGE_STEP = "load.merge"  # where duplicate keys of a merge are counted as filtered
 
 
@@ -210,6 +211,15 @@ class SqlTarget(Target):
         schema, _, table = spec.table.rpartition(".")
         self.schema, self.table = schema or None, table
         self.description = f"{self.kind} table {spec.table}"
+        longest = max(
+            len(self.staged_name.encode()), len(f"{table}_staged{staging_token('x' * 12)}".encode())
+        )
+        if self.dialect == "postgresql" and longest > POSTGRES_NAME_BYTES:
+            # PostgreSQL would cut the staging table's name, and two runs' names could meet again.
+            raise ConfigurationError(
+                f"target table {table!r} is too long: its staging tables add "
+                f"{longest - len(table.encode())} characters and PostgreSQL names hold {POSTGRES_NAME_BYTES} bytes"
+            )
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -349,3 +349,26 @@ def test_a_spec_without_target_is_a_checked_staged_asset_only(pipelines_dir: Pat
     assert staged["staged_in"].value == "memory (the spec has no target)"
     assert staged["rows_loaded"].value == 3
     assert len(result.get_asset_check_evaluations()) == 6
+
+
+def test_publishing_alone_takes_the_rows_staged_by_the_latest_staged_run(pipelines_dir: Path, tmp_path: Path):
+    """Staging places are per run: a later run of only the published asset finds the staged run's rows."""
+    write_pipeline(pipelines_dir, {"kind": "sql", "url": f"sqlite:///{tmp_path / 'w.db'}", "table": "orders"})
+    write_input(pipelines_dir, GOOD_ROWS)
+    definitions = build_pipeline(load_pipelines([pipelines_dir / "orders.yaml"])["orders"])
+    instance = dg.DagsterInstance.ephemeral()
+    staged_only = definitions.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey("orders_staged")}
+    )
+    staging_run = staged_only.execute_in_process(instance=instance)
+    assert staging_run.success
+    publish_only = definitions.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey("orders")}
+    )
+    assert publish_only.execute_in_process(instance=instance).success
+    target = target_of(pipelines_dir)
+    try:
+        assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
+        assert target_of(pipelines_dir, staging_run.run_id).read_staged() is None
+    finally:
+        target.dispose()

@@ -136,3 +136,30 @@ def test_two_runs_stage_in_their_own_places_and_publish_their_own_rows(url: str)
     finally:
         first.dispose()
         second.dispose()
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "csv"])
+def test_a_file_target_replaced_with_zero_rows_is_empty_with_its_columns(tmp_path: Path, file_format: str):
+    from assets.etl.loads import open_target
+    from assets.etl.spec import FileTargetSpec
+
+    target = open_target(
+        FileTargetSpec(kind="file", format=file_format, path=f"t.{file_format}"), tmp_path, "r"
+    )
+    load(target, ROWS, "replace")
+    _, outcome = load(
+        target, ROWS, "replace", transforms=[{"filter": {"field": "id", "op": "gt", "value": 9}}]
+    )
+    assert outcome.target_rows == 0 and target.path.exists()
+    assert target.current_schema().names == ["id", "amount", LOAD_ID_COLUMN]
+
+
+def test_a_postgres_table_name_too_long_for_its_staging_tables_is_refused():
+    from orchestration.errors import ConfigurationError
+
+    name = "t" * 50
+    with pytest.raises(ConfigurationError, match=f"target table '{name}' is too long"):
+        SqlTarget(
+            SqlTargetSpec(kind="sql", url="postgresql://nobody@127.0.0.1:1/none", table=name), run_id="r"
+        )
+    SqlTarget(SqlTargetSpec(kind="sql", url="postgresql://nobody@127.0.0.1:1/none", table="t" * 43)).dispose()
