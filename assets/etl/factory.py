@@ -2,13 +2,16 @@
 
 Shape (write-audit-publish):
 
-- ``<name>_staged`` runs the spec (source -> transforms), writes the clean rows to the target's staging
-  place (`Target.stage`), stores the quarantine next to the target and validates the staged rows once
+- ``<name>_staged`` runs the spec (source -> transforms -> the contract's drift policy against the
+  target's current schema, `drift.py`; a ``freeze`` violation fails the step before anything is staged,
+  with the drift as failure metadata), writes the clean rows to this run's staging place (`Target.stage`), stores the quarantine next to the target and validates the staged rows once
   (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
   the spec says so, and reports each as an `AssetCheckResult`. A failed blocking check fails this step
   after its materialization is recorded, so Dagster skips everything downstream.
 - ``<name>`` (the published asset, downstream of the staged one) moves the staged rows into the target
-  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key.
+  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key. It publishes
+  what this run staged or, when materialized on its own, what the latest staged materialization's run
+  staged (staging places are named per run, so concurrent runs never take each other's rows).
 - ``<name>_pipeline`` materializes both; ``<name>_schedule`` runs it on the spec's cron.
 
 Data never travels through an IO manager: both assets return `MaterializeResult`s and the rows live in
