@@ -28,9 +28,9 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
-from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
+from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target, target_base_dir
 from assets.etl.quarantine import Quarantine, RowCounts
-from assets.etl.runner import iter_pipeline
+from assets.etl.runner import input_identity, iter_pipeline, lookup_opener
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
@@ -39,13 +39,6 @@ __all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "target_bas
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
-
-
-def target_base_dir() -> Path:
-    """Relative file targets live under $JUNCTION_HOME, never inside the repository's spec folder."""
-    from orchestration.settings import get_settings
-
-    return get_settings().home_dir
 
 
 def _rate(rows: int, seconds: float) -> float:
@@ -83,12 +76,13 @@ def stage(
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
-    source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
-    load_id = source.identity().load_id
+    source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream)
+    open_lookup = lookup_opener(spec, pipeline.base_dir, pipeline.upstream)
+    load_id = input_identity(spec, source, open_lookup).load_id
     quarantine, counts = Quarantine(), RowCounts()
 
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
+    tables = list(iter_pipeline(spec, source, quarantine, counts, open_lookup))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     read_seconds = time.perf_counter() - started
     log.info(
@@ -105,7 +99,10 @@ def stage(
         f"({stage_seconds:.2f} s)"
     )
 
-    report = validate(table, quality_checks(spec), counts.read - counts.filtered_total)
+    # Rows merged into an aggregate's groups were not meant to be loaded one by one.
+    report = validate(
+        table, quality_checks(spec), counts.read - counts.filtered_total - counts.merged_into_groups
+    )
     log.info(
         f"ran {len(report.outcomes)} checks ({report.seconds:.2f} s): {report.expectations_score:.0%} passed"
     )
@@ -115,6 +112,11 @@ def stage(
         **counts.as_metadata(),
         "rows_filtered_by_step": dg.MetadataValue.json(counts.filtered),
         "rows_quarantined_by_step": dg.MetadataValue.json(counts.quarantined),
+        **(
+            {"aggregated_by_step": dg.MetadataValue.json(counts.aggregated)}  # {step: {input_rows, groups}}
+            if counts.aggregated
+            else {}
+        ),
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": column_schema(table.schema),
         "load_id": load_id,
@@ -150,6 +152,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
 
     @dg.asset(
         key=staged_key,
+        # Other pipelines' published assets it reads (source, enrich lookups): the lineage graph's edges.
+        deps=[dg.AssetKey(upstream) for upstream in pipeline.upstream],
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},

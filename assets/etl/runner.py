@@ -19,10 +19,12 @@ and `RowCounts.check` proves ``read == loaded + filtered + quarantined``.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -35,7 +37,9 @@ from orchestration.errors import JunctionError
 __all__ = [
     "ArrowTableSource",
     "PipelineResult",
+    "input_identity",
     "iter_pipeline",
+    "lookup_opener",
     "run_pipeline",
 ]  # ArrowTableSource re-exported
 
@@ -72,14 +76,33 @@ def _run_steps(
     return batch
 
 
+def lookup_opener(
+    spec: PipelineSpec, base_dir: Path, upstream: Mapping[str, LoadedPipeline] | None = None
+) -> Callable[[Any], Source]:
+    """How the spec's enrich steps open their lookups: like its source (same folder, same upstream)."""
+    return functools.partial(open_source, base_dir=base_dir, batch_size=spec.batch_size, upstream=upstream)
+
+
+def input_identity(spec: PipelineSpec, source: Source, open_lookup: Callable[[Any], Source]) -> InputIdentity:
+    """The source's identity, plus each enrich lookup's: a changed lookup changes the load id too."""
+    identity = source.identity()
+    lookups = [step.enrich.lookup for step in spec.transforms if step.enrich is not None]
+    if not lookups:
+        return identity
+    parts = [part for lookup in lookups for part in open_lookup(lookup).identity().parts]
+    return InputIdentity(identity.kind, (*identity.parts, ("lookups",), *parts))
+
+
 def iter_pipeline(
     spec: PipelineSpec,
     source: Source,
     quarantine: Quarantine,
     counts: RowCounts,
+    open_lookup: Callable[[Any], Source] | None = None,
 ) -> Iterator[pa.Table]:
-    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end)."""
-    steps = build_steps(spec.transforms)
+    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
+    `open_lookup` opens enrich lookups (default: relative to the working directory)."""
+    steps = build_steps(spec.transforms, open_lookup=open_lookup or lookup_opener(spec, Path.cwd()))
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
         out = _run_steps(batch, steps, 0, quarantine, counts)
@@ -106,15 +129,18 @@ def run_pipeline(
     source: Source | None = None,
 ) -> PipelineResult:
     """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`)."""
+    upstream: Mapping[str, LoadedPipeline] | None = None
     if isinstance(pipeline, LoadedPipeline):
-        spec, base_dir = pipeline.spec, base_dir or pipeline.base_dir
+        spec, base_dir, upstream = pipeline.spec, base_dir or pipeline.base_dir, pipeline.upstream
     else:
         spec = pipeline
+    base_dir = base_dir or Path.cwd()
     if source is None:
-        source = open_source(spec.source, base_dir or Path.cwd(), spec.batch_size)
-    identity = source.identity()
+        source = open_source(spec.source, base_dir, spec.batch_size, upstream)
+    open_lookup = lookup_opener(spec, base_dir, upstream)
+    identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
+    tables = list(iter_pipeline(spec, source, quarantine, counts, open_lookup))
     elapsed = time.perf_counter() - started
     return PipelineResult(tables, quarantine, counts, identity, {"read_and_transform": elapsed})

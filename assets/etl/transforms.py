@@ -37,7 +37,21 @@ python
     same kind. It may drop rows (counted as filtered; the remaining rows' positions are then unknown)
     but not add any.
 
-Enrich (lookup joins) and aggregate come with the next slice of the ETL issue.
+enrich
+    A lookup join (`pyarrow.Table.join`, left outer) against a file, SQL or another pipeline's
+    published asset, on key fields. The lookup is read once per run, on the first batch, and **held
+    in memory** (its null keys dropped: they match nothing); a key found twice in it fails the run
+    (``lookup_duplicates: error``) or keeps its first row (``first``). Only the keys and a row index
+    go through the join, and the rows are put back in their order, so positions stay aligned. The
+    lookup's key columns are cast to the data's key types (CSV lookups read as strings). Rows without
+    a match are kept (added columns null), dropped (counted as filtered) or quarantined with the
+    reason ``no match in <lookup> for key=…``. Null keys never match.
+aggregate
+    Group by fields with count/sum/mean/min/max/first/last (`pyarrow.Table.group_by`, single-threaded
+    so groups come in order of first appearance and first/last follow input order). It **holds its
+    whole input in memory** (only the fields it needs) until the input ends, then releases one row
+    per group; `RowCounts.aggregated` records N input rows -> G groups, and the N - G rows merged
+    into groups are the fourth term of the counts invariant.
 """
 
 from __future__ import annotations
@@ -47,15 +61,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.spec import (
+    AggregateStep,
     CleanseStep,
     CompiledCondition,
     CompiledExpression,
     DedupeStep,
+    EnrichStep,
     MapStep,
     PythonStep,
     TransformStep,
@@ -426,8 +443,204 @@ class PythonFunction(Step):
         return Batch(table, batch.source, unknown, unknown)
 
 
-def build_steps(transforms: list[TransformStep], prefix: str = "transforms") -> list[Step]:
-    """The steps of a spec's `transforms:` list, each named by its location (``transforms[2].cast``)."""
+# Opens an enrich step's lookup source (`sources.open_source` bound to the spec's folder and upstream).
+OpenLookup = Callable[[Any], Any]
+_MATCHED = "__junction_matched"
+
+
+class Enrich(Step):
+    def __init__(self, name: str, options: EnrichStep, open_lookup: OpenLookup | None):
+        super().__init__(name)
+        self.options = options
+        self.open_lookup = open_lookup
+        self.left_keys = list(options.on)
+        self.right_keys = [f"__junction_key_{index}" for index in range(len(options.on))]
+        self.lookup: pa.Table | None = None  # keys (internal names), added columns, match marker
+        self.lookup_name = ""
+        self.rows_read = 0
+
+    def _read_lookup(self) -> pa.Table:
+        if self.open_lookup is None:
+            raise TransformError(f"{self.name}: no way to open the lookup (run it through the runner)")
+        source = self.open_lookup(self.options.lookup)
+        self.lookup_name = source.description
+        problems = Quarantine()
+        tables = [batch.table for batch in source.read(problems)]
+        if len(problems):
+            raise TransformError(
+                f"{self.name}.lookup: {len(problems)} malformed record(s) in {self.lookup_name} "
+                f"(first: {next(iter(problems))}); a lookup must read cleanly"
+            )
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        self.rows_read = table.num_rows
+        keys = list(self.options.on.values())
+        missing = [name for name in [*keys, *(self.options.columns or [])] if name not in table.column_names]
+        if missing and table.num_rows:
+            raise TransformError(
+                f"{self.name}: the lookup {self.lookup_name} has no field {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(table.column_names)})"
+            )
+        if missing:  # an empty lookup: nothing matches
+            table = pa.table(
+                {name: pa.nulls(0) for name in dict.fromkeys([*keys, *(self.options.columns or [])])}
+            )
+        has_keys = pc.is_valid(table.column(keys[0]))
+        for key in keys[1:]:
+            has_keys = pc.and_(has_keys, pc.is_valid(table.column(key)))
+        table = table.filter(has_keys)
+        table = self._unique_keys(table, keys)
+        columns = self.options.columns or [name for name in table.column_names if name not in keys]
+        lookup = {internal: table.column(key) for internal, key in zip(self.right_keys, keys, strict=True)}
+        lookup.update({self.options.prefix + name: table.column(name) for name in columns})
+        lookup[_MATCHED] = pa.repeat(pa.scalar(True), table.num_rows)
+        return pa.table(lookup)
+
+    def _unique_keys(self, table: pa.Table, keys: list[str]) -> pa.Table:
+        if not table.num_rows:
+            return table
+        grouped = (
+            table.select(keys)
+            .append_column(_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            .group_by(keys, use_threads=False)
+            .aggregate([(_INDEX, "min"), ([], "count_all")])
+        )
+        if grouped.num_rows == table.num_rows:
+            return table
+        if self.options.lookup_duplicates == "first":
+            return table.take(_sorted_indices(grouped.column(f"{_INDEX}_min")))
+        repeated = grouped.filter(pc.greater(grouped.column("count_all"), 1))
+        examples = ", ".join(
+            f"{_key_text(row, keys)} ({row['count_all']} rows)" for row in repeated.slice(0, 3).to_pylist()
+        )
+        raise TransformError(
+            f"{self.name}: {repeated.num_rows} key(s) occur more than once in the lookup {self.lookup_name}, "
+            f"e.g. {examples}; make its keys unique or set lookup_duplicates: first"
+        )
+
+    def _lookup_for(self, table: pa.Table) -> pa.Table:
+        """The lookup with its keys cast to the data's key types (cached once they match)."""
+        if self.lookup is None:
+            self.lookup = self._read_lookup()
+        lookup = self.lookup
+        for left, right in zip(self.left_keys, self.right_keys, strict=True):
+            wanted = table.schema.field(left).type
+            current = lookup.schema.field(right).type
+            if current == wanted:
+                continue
+            try:
+                cast = pc.cast(lookup.column(right), wanted, safe=True)
+            except pa.ArrowException as exc:
+                raise TransformError(
+                    f"{self.name}.on.{left}: the lookup's key {self.options.on[left]} ({current}) does not "
+                    f"cast to the data's {wanted}: {exc}"
+                ) from None
+            lookup = lookup.set_column(lookup.column_names.index(right), right, cast)
+        self.lookup = lookup
+        return lookup
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.left_keys)
+        lookup = self._lookup_for(batch.table)
+        added = [name for name in lookup.column_names if name not in (*self.right_keys, _MATCHED)]
+        clashes = [name for name in added if name in batch.table.column_names]
+        if clashes:
+            raise TransformError(
+                f"{self.name}: the lookup's {', '.join(map(repr, clashes))} would replace a field of the "
+                "data; set a prefix or list the columns"
+            )
+        probe = batch.table.select(self.left_keys).append_column(
+            _INDEX, pa.array(np.arange(batch.num_rows, dtype=np.int64))
+        )
+        joined = probe.join(
+            lookup, keys=self.left_keys, right_keys=self.right_keys, join_type="left outer", use_threads=False
+        )
+        joined = joined.take(pc.sort_indices(joined.column(_INDEX)))  # the join does not keep row order
+        table = batch.table
+        for name in added:
+            table = table.append_column(name, joined.column(name))
+        matched = pc.fill_null(joined.column(_MATCHED), False).combine_chunks()
+        enriched = batch.with_table(table)
+        if self.options.unmatched == "keep":
+            return enriched
+        unmatched = pc.indices_nonzero(pc.invert(matched)).to_pylist()
+        if not unmatched:
+            return enriched
+        if self.options.unmatched == "drop":
+            counts.add_filtered(self.name, len(unmatched))
+        else:
+            keys = batch.table.select(self.left_keys).take(pa.array(unmatched, pa.int64())).to_pylist()
+            reasons = [
+                f"no match in {self.lookup_name} for key={_key_text(key, self.left_keys)}" for key in keys
+            ]
+            quarantine.add_rows(batch, unmatched, self.name, ",".join(self.left_keys), reasons)
+        return enriched.filter(matched)
+
+
+def _key_text(row: dict[str, Any], keys: list[str]) -> str:
+    values = [row[key] for key in keys]
+    return repr(values[0]) if len(values) == 1 else repr(tuple(values))
+
+
+class Aggregate(Step):
+    def __init__(self, name: str, options: AggregateStep):
+        super().__init__(name)
+        self.options = options
+        self.fields = list(
+            dict.fromkeys(
+                [
+                    *options.by,
+                    *(metric.field for metric in options.metrics.values() if metric.field is not None),
+                ]
+            )
+        )
+        self.held: list[pa.Table] = []
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.fields)
+        self.held.append(batch.table.select(self.fields))  # only what the groups need
+        return batch.take(pa.array([], pa.int64()))  # nothing goes on until the input ends
+
+    def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
+        if not self.held:
+            return []
+        try:
+            table = pa.concat_tables(self.held, promote_options="permissive")
+        except pa.ArrowException as exc:
+            raise TransformError(
+                f"{self.name}: the batches do not fit one table (cast the fields): {exc}"
+            ) from None
+        self.held = []
+        by = list(self.options.by)
+        aggregations: list[tuple[Any, ...]] = []
+        for metric in self.options.metrics.values():
+            if metric.fn == "count" and metric.field is None:
+                aggregations.append(([], "count_all"))
+            elif metric.fn == "count":
+                aggregations.append((metric.field, "count", pc.CountOptions(mode="only_valid")))
+            else:
+                aggregations.append((metric.field, metric.fn))
+        try:
+            grouped = table.group_by(by, use_threads=False).aggregate(aggregations)
+        except pa.ArrowNotImplementedError as exc:
+            kinds = ", ".join(f"{name} ({table.schema.field(name).type})" for name in self.fields)
+            raise TransformError(
+                f"{self.name}: a metric does not apply to its field's type: {exc} [{kinds}]"
+            ) from None
+        # pyarrow puts the keys first (older releases: last); the metrics keep their order.
+        first = len(by) if grouped.column_names[: len(by)] == by else 0
+        columns = {name: grouped.column(name) for name in by}
+        for offset, name in enumerate(self.options.metrics):
+            columns[name] = grouped.column(first + offset)
+        result = pa.table(columns)
+        counts.add_aggregated(self.name, table.num_rows, result.num_rows)
+        return [Batch.from_table(result, self.name)]
+
+
+def build_steps(
+    transforms: list[TransformStep], prefix: str = "transforms", open_lookup: OpenLookup | None = None
+) -> list[Step]:
+    """The steps of a spec's `transforms:` list, each named by its location (``transforms[2].cast``);
+    `open_lookup` opens enrich lookups (a spec's source section -> `sources.Source`)."""
     steps: list[Step] = []
     for index, transform in enumerate(transforms):
         kind, options = transform.kind, transform.options
@@ -449,6 +662,10 @@ def build_steps(transforms: list[TransformStep], prefix: str = "transforms") -> 
         elif kind == "dedupe":
             dedupe: DedupeStep = options
             steps.append((DedupeFirst if dedupe.keep == "first" else DedupeLast)(name, dedupe.keys))
+        elif kind == "enrich":
+            steps.append(Enrich(name, options, open_lookup))
+        elif kind == "aggregate":
+            steps.append(Aggregate(name, options))
         else:
             steps.append(PythonFunction(name, options))
     return steps
