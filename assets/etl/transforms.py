@@ -48,7 +48,7 @@ enrich
     reason ``no match in <lookup> for key=…``. Null keys never match.
 aggregate
     Group by fields with count/sum/mean/min/max/first/last (`pyarrow.Table.group_by`, single-threaded
-    so groups come in order of first appearance and first/last follow input order). It **holds its
+    so that first/last follow input order); groups come out in order of their first row. It **holds its
     whole input in memory** (only the fields it needs) until the input ends, then releases one row
     per group; `RowCounts.aggregated` records N input rows -> G groups, and the N - G rows merged
     into groups are the fourth term of the counts invariant.
@@ -445,21 +445,24 @@ class PythonFunction(Step):
 
 # Opens an enrich step's lookup source (`sources.open_source` bound to the spec's folder and upstream).
 OpenLookup = Callable[[Any], Any]
-_MATCHED = "__junction_matched"
+_LOOKUP_ROW = "__junction_lookup_row"
 
 
 class Enrich(Step):
+    """Only keys and row numbers go through the join (any column type can be added, and the payload
+    is not copied twice); the added columns are then taken from the lookup by its matched row."""
+
     def __init__(self, name: str, options: EnrichStep, open_lookup: OpenLookup | None):
         super().__init__(name)
         self.options = options
         self.open_lookup = open_lookup
         self.left_keys = list(options.on)
         self.right_keys = [f"__junction_key_{index}" for index in range(len(options.on))]
-        self.lookup: pa.Table | None = None  # keys (internal names), added columns, match marker
+        self.keys: pa.Table | None = None  # the lookup's keys (internal names) and row numbers
+        self.values: pa.Table | None = None  # the columns added, named with the prefix
         self.lookup_name = ""
-        self.rows_read = 0
 
-    def _read_lookup(self) -> pa.Table:
+    def _read_lookup(self) -> None:
         if self.open_lookup is None:
             raise TransformError(f"{self.name}: no way to open the lookup (run it through the runner)")
         source = self.open_lookup(self.options.lookup)
@@ -472,7 +475,6 @@ class Enrich(Step):
                 f"(first: {next(iter(problems))}); a lookup must read cleanly"
             )
         table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-        self.rows_read = table.num_rows
         keys = list(self.options.on.values())
         missing = [name for name in [*keys, *(self.options.columns or [])] if name not in table.column_names]
         if missing and table.num_rows:
@@ -480,20 +482,27 @@ class Enrich(Step):
                 f"{self.name}: the lookup {self.lookup_name} has no field {', '.join(map(repr, missing))} "
                 f"(it has {', '.join(table.column_names)})"
             )
-        if missing:  # an empty lookup: nothing matches
+        if missing and self.options.columns is None:
+            raise TransformError(
+                f"{self.name}: the lookup {self.lookup_name} is empty, so the fields it adds are unknown; "
+                "list them in columns"
+            )
+        if missing:  # an empty lookup: nothing matches, the listed columns come out null
             table = pa.table(
                 {name: pa.nulls(0) for name in dict.fromkeys([*keys, *(self.options.columns or [])])}
             )
         has_keys = pc.is_valid(table.column(keys[0]))
         for key in keys[1:]:
             has_keys = pc.and_(has_keys, pc.is_valid(table.column(key)))
-        table = table.filter(has_keys)
-        table = self._unique_keys(table, keys)
+        table = self._unique_keys(table.filter(has_keys), keys)
         columns = self.options.columns or [name for name in table.column_names if name not in keys]
-        lookup = {internal: table.column(key) for internal, key in zip(self.right_keys, keys, strict=True)}
-        lookup.update({self.options.prefix + name: table.column(name) for name in columns})
-        lookup[_MATCHED] = pa.repeat(pa.scalar(True), table.num_rows)
-        return pa.table(lookup)
+        self.values = pa.table({self.options.prefix + name: table.column(name) for name in columns})
+        self.keys = pa.table(
+            {
+                **{internal: table.column(key) for internal, key in zip(self.right_keys, keys, strict=True)},
+                _LOOKUP_ROW: pa.array(np.arange(table.num_rows, dtype=np.int64)),
+            }
+        )
 
     def _unique_keys(self, table: pa.Table, keys: list[str]) -> pa.Table:
         if not table.num_rows:
@@ -517,32 +526,33 @@ class Enrich(Step):
             f"e.g. {examples}; make its keys unique or set lookup_duplicates: first"
         )
 
-    def _lookup_for(self, table: pa.Table) -> pa.Table:
-        """The lookup with its keys cast to the data's key types (cached once they match)."""
-        if self.lookup is None:
-            self.lookup = self._read_lookup()
-        lookup = self.lookup
+    def _keys_for(self, table: pa.Table) -> pa.Table:
+        """The lookup's keys cast to the data's key types (CSV lookups are strings); cached once cast."""
+        if self.keys is None:
+            self._read_lookup()
+        keys = self.keys
+        assert keys is not None
         for left, right in zip(self.left_keys, self.right_keys, strict=True):
             wanted = table.schema.field(left).type
-            current = lookup.schema.field(right).type
+            current = keys.schema.field(right).type
             if current == wanted:
                 continue
             try:
-                cast = pc.cast(lookup.column(right), wanted, safe=True)
+                cast = pc.cast(keys.column(right), wanted, safe=True)
             except pa.ArrowException as exc:
                 raise TransformError(
                     f"{self.name}.on.{left}: the lookup's key {self.options.on[left]} ({current}) does not "
                     f"cast to the data's {wanted}: {exc}"
                 ) from None
-            lookup = lookup.set_column(lookup.column_names.index(right), right, cast)
-        self.lookup = lookup
-        return lookup
+            keys = keys.set_column(keys.column_names.index(right), right, cast)
+        self.keys = keys
+        return keys
 
     def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
         self.require(batch.table, self.left_keys)
-        lookup = self._lookup_for(batch.table)
-        added = [name for name in lookup.column_names if name not in (*self.right_keys, _MATCHED)]
-        clashes = [name for name in added if name in batch.table.column_names]
+        keys = self._keys_for(batch.table)
+        assert self.values is not None
+        clashes = [name for name in self.values.column_names if name in batch.table.column_names]
         if clashes:
             raise TransformError(
                 f"{self.name}: the lookup's {', '.join(map(repr, clashes))} would replace a field of the "
@@ -552,25 +562,24 @@ class Enrich(Step):
             _INDEX, pa.array(np.arange(batch.num_rows, dtype=np.int64))
         )
         joined = probe.join(
-            lookup, keys=self.left_keys, right_keys=self.right_keys, join_type="left outer", use_threads=False
+            keys, keys=self.left_keys, right_keys=self.right_keys, join_type="left outer", use_threads=False
         )
-        joined = joined.take(pc.sort_indices(joined.column(_INDEX)))  # the join does not keep row order
+        # The join does not keep row order; the lookup's keys are unique, so one row comes out per row.
+        lookup_rows = joined.column(_LOOKUP_ROW).take(pc.sort_indices(joined.column(_INDEX))).combine_chunks()
         table = batch.table
-        for name in added:
-            table = table.append_column(name, joined.column(name))
-        matched = pc.fill_null(joined.column(_MATCHED), False).combine_chunks()
+        for name, column in zip(self.values.column_names, self.values.take(lookup_rows).columns, strict=True):
+            table = table.append_column(name, column)
         enriched = batch.with_table(table)
-        if self.options.unmatched == "keep":
+        if self.options.unmatched == "keep" or lookup_rows.null_count == 0:
             return enriched
+        matched = pc.is_valid(lookup_rows)
         unmatched = pc.indices_nonzero(pc.invert(matched)).to_pylist()
-        if not unmatched:
-            return enriched
         if self.options.unmatched == "drop":
             counts.add_filtered(self.name, len(unmatched))
         else:
-            keys = batch.table.select(self.left_keys).take(pa.array(unmatched, pa.int64())).to_pylist()
+            rows = batch.table.select(self.left_keys).take(pa.array(unmatched, pa.int64())).to_pylist()
             reasons = [
-                f"no match in {self.lookup_name} for key={_key_text(key, self.left_keys)}" for key in keys
+                f"no match in {self.lookup_name} for key={_key_text(row, self.left_keys)}" for row in rows
             ]
             quarantine.add_rows(batch, unmatched, self.name, ",".join(self.left_keys), reasons)
         return enriched.filter(matched)
@@ -619,6 +628,9 @@ class Aggregate(Step):
                 aggregations.append((metric.field, "count", pc.CountOptions(mode="only_valid")))
             else:
                 aggregations.append((metric.field, metric.fn))
+        # Arrow's group order is its hash table's; the first row of each group orders them as the input.
+        aggregations.append((_INDEX, "min"))
+        table = table.append_column(_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
         try:
             grouped = table.group_by(by, use_threads=False).aggregate(aggregations)
         except pa.ArrowNotImplementedError as exc:
@@ -628,6 +640,7 @@ class Aggregate(Step):
             ) from None
         # pyarrow puts the keys first (older releases: last); the metrics keep their order.
         first = len(by) if grouped.column_names[: len(by)] == by else 0
+        grouped = grouped.take(pc.sort_indices(grouped.column(first + len(self.options.metrics))))
         columns = {name: grouped.column(name) for name in by}
         for offset, name in enumerate(self.options.metrics):
             columns[name] = grouped.column(first + offset)
