@@ -77,7 +77,14 @@ import pyarrow.parquet as pq
 
 from assets.etl.loads import LOAD_ID_COLUMN, FileTarget, target_base_dir
 from assets.etl.quarantine import Batch, Quarantine
-from assets.etl.spec import AssetSourceSpec, FileSourceSpec, LoadedPipeline, SqlSourceSpec, SqlTargetSpec
+from assets.etl.spec import (
+    AssetSourceSpec,
+    FileSourceSpec,
+    LoadedPipeline,
+    SqlSourceSpec,
+    SqlTargetSpec,
+    load_pipelines,
+)
 from orchestration.errors import ConfigurationError, JunctionError
 
 __all__ = [
@@ -1023,8 +1030,6 @@ def published_pipeline(
     name = spec.pipeline or spec.asset or ""
     if upstream is not None and name in upstream:
         return upstream[name]
-    from assets.etl.spec import load_pipelines
-
     pipelines = load_pipelines()
     if name not in pipelines:
         raise ConfigurationError(f"no pipeline named {name!r} publishes an asset to read")
