@@ -30,6 +30,7 @@ import pyarrow as pa
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
 from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
 from assets.etl.quarantine import Quarantine, RowCounts
+from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import iter_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
@@ -128,9 +129,21 @@ def stage(
         "rows_per_second": _rate(counts.read, read_seconds + stage_seconds + report.seconds),
         "quality_score_checks": round(report.expectations_score, 4),
         "quality_score_rows": round(report.valid_rows_score, 4),
+        "rows_valid": report.valid_rows,
+        QUARANTINE_BY_REASON: dg.MetadataValue.json(quarantine.reasons()),
         QUALITY_SUMMARY: dg.MetadataValue.md(summary_markdown(report, quarantine.count_by_reason())),
     }
     return metadata, report.outcomes
+
+
+def target_label(pipeline: LoadedPipeline) -> str:
+    """The target as the pipeline list shows it, from the spec alone (no connection, no credentials)."""
+    target = pipeline.spec.target
+    if target is None:
+        return "none (staged in memory)"
+    if target.kind == "file":
+        return f"{target.format} file {target.path}"
+    return f"{_target_kind(pipeline)} table {target.table}"
 
 
 def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
@@ -153,6 +166,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
+        # The gateway's pipeline list reads these through GraphQL.
+        metadata={"target": target_label(pipeline), "load_mode": spec.load.mode},
         check_specs=[
             dg.AssetCheckSpec(
                 check.name, asset=staged_key, description=check.description, blocking=check.blocking
@@ -168,6 +183,9 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         finally:
             if target is not None:
                 target.dispose()
+        # The Dagster UI cannot open local files: the HTML report is served by the gateway, and the
+        # link carries a token for this run because a browser has no API key.
+        metadata[QUALITY_REPORT] = dg.MetadataValue.url(report_url(name, context.run_id))
         return dg.MaterializeResult(
             metadata=metadata,
             check_results=[
@@ -176,7 +194,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
                     passed=outcome.passed,
                     severity=_severity(outcome.check),
                     description=outcome.check.description,
-                    metadata=outcome.metadata(),
+                    metadata={**outcome.metadata(), "blocking": outcome.check.blocking},
                 )
                 for outcome in outcomes
             ],
