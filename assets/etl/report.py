@@ -353,7 +353,8 @@ class HistoryRow:
     rows_loaded: int | None
     rows_filtered: int | None
     rows_quarantined: int | None
-    schema_changed: bool | None
+    schema_changed: bool | None  # columns added, removed or retyped since the run before
+    url: str | None = None  # the run's report, where the reader knows it
 
     @classmethod
     def from_metadata(
@@ -584,15 +585,9 @@ def history_chart(rows: list[HistoryRow]) -> str:
     return _svg(chart)
 
 
-def render_history_html(
-    pipeline: str, rows: list[HistoryRow], *, report_links: dict[str, str], older: str | None = None
-) -> str:
+def render_history_html(pipeline: str, rows: list[HistoryRow], *, older: str | None = None) -> str:
     """The history page: the score chart and one row per run (newest first) linking to its report."""
     template = _environment().get_template("history.html")
     return template.render(
-        pipeline=pipeline,
-        rows=rows,
-        chart=history_chart(rows) if rows else None,
-        report_links=report_links,
-        older=older,
+        pipeline=pipeline, rows=rows, chart=history_chart(rows) if rows else None, older=older
     )

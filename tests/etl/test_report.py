@@ -186,9 +186,9 @@ def test_the_report_of_real_runs_adds_up_matches_the_runs_and_renders_escaped(
     assert [row.run_id for row in history] == [second_id, first_id]
     assert [row.schema_changed for row in history] == [True, None]
     assert history[1].score_checks == report.score_checks and history[0].status == "FAILURE"
-    history_page = render_history_html(
-        "orders", history, report_links={row.run_id: f"/r/{row.run_id}" for row in history}
-    )
+    for row in history:
+        row.url = f"/r/{row.run_id}"
+    history_page = render_history_html("orders", history)
     assert history_page.count("<svg") == 1 and f'href="/r/{first_id}"' in history_page
     assert "<script" not in history_page
 

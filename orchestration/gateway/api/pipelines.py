@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from assets.etl.report import (
     QUALITY_REPORT,
@@ -30,6 +30,7 @@ from assets.etl.report import (
     staged_asset_name,
 )
 from orchestration.gateway.api.common import timestamp, ui_run_url
+from orchestration.gateway.api.jobs import RunBrief
 from orchestration.gateway.dagster_client import (
     asset_materializations,
     asset_nodes,
@@ -52,13 +53,6 @@ HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-
 HTML_RESPONSE = {"text/html": {"schema": {"type": "string"}}}
 
 
-class LastRun(BaseModel):
-    run_id: str
-    status: str
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
-
-
 class LastReport(BaseModel):
     run_id: str
     staged_at: datetime
@@ -73,7 +67,7 @@ class PipelineSummary(BaseModel):
     target: str | None
     load_mode: str | None
     job: str
-    last_run: LastRun | None = Field(
+    last_run: RunBrief | None = Field(
         description="The newest run tagged with the pipeline (it may not have staged)."
     )
     last_report: LastReport | None = Field(description="The newest run that staged the pipeline.")
@@ -83,59 +77,10 @@ class PipelineList(BaseModel):
     pipelines: list[PipelineSummary]
 
 
-class ReportRow(BaseModel):
-    run_id: str
-    status: str | None
-    staged_at: str
-    score_checks: float | None
-    score_rows: float | None
-    rows_read: int | None
-    rows_loaded: int | None
-    rows_filtered: int | None
-    rows_quarantined: int | None
-    schema_changed: bool | None = Field(description="Columns added, removed or retyped since the run before.")
-    url: str
-
-
 class ReportHistory(BaseModel):
     pipeline: str
-    reports: list[ReportRow] = Field(description="Newest first.")
+    reports: list[HistoryRow] = Field(description="One row per run that staged the pipeline, newest first.")
     next_cursor: str | None = Field(description="Pass as `before` for older runs; null on the last page.")
-
-
-class StageFigures(BaseModel):
-    name: str
-    seconds: float | None
-    rows: int | None
-    rows_per_second: float | None
-
-
-class QualityReportDocument(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    pipeline: str
-    run_id: str
-    status: str | None
-    started_at: str | None
-    ended_at: str | None
-    staged_at: str
-    score_checks: float
-    score_rows: float
-    counts: dict[str, int] = Field(description="read = loaded + filtered + quarantined; valid; published.")
-    counts_add_up: bool
-    rows_by_outcome: dict[str, int]
-    filtered_by_step: dict[str, int]
-    quarantine_by_reason: list[dict[str, Any]]
-    checks_total: int
-    checks_passed: int
-    failed_checks: list[dict[str, Any]] = Field(description="With sample bad values.")
-    schema_drift: dict[str, Any]
-    columns: list[dict[str, str]]
-    stages: list[StageFigures]
-    target: str | None
-    load_mode: str | None
-    skipped: str | None
-    links: dict[str, str]
 
 
 def wants_html(request: Request, *, default: bool) -> bool:
@@ -206,7 +151,7 @@ async def list_pipelines(
                 target=definition.get("target"),
                 load_mode=definition.get("load_mode"),
                 job=f"{name}_pipeline",
-                last_run=LastRun(
+                last_run=RunBrief(
                     run_id=latest_run["runId"],
                     status=latest_run["status"],
                     started_at=timestamp(latest_run["startTime"]),
@@ -264,21 +209,18 @@ async def report_history(
         for index, materialization in enumerate(materializations[:limit])
     ]
     next_cursor = materializations[limit - 1]["timestamp"] if len(materializations) > limit else None
-    links = {row.run_id: _report_link(request, name, row.run_id) for row in rows}
+    for row in rows:
+        row.url = _report_link(request, name, row.run_id)
     if wants_html(request, default=False):
         older = str(request.url.include_query_params(before=next_cursor)) if next_cursor else None
-        return html_page(render_history_html(name, rows, report_links=links, older=older))
-    return ReportHistory(
-        pipeline=name,
-        reports=[ReportRow(**row.__dict__, url=links[row.run_id]) for row in rows],
-        next_cursor=next_cursor,
-    )
+        return html_page(render_history_html(name, rows, older=older))
+    return ReportHistory(pipeline=name, reports=rows, next_cursor=next_cursor)
 
 
 @router.get(
     "/pipelines/{name}/reports/{run_id}",
     name="pipeline_report",
-    response_model=QualityReportDocument,
+    response_model=RunReport,
     responses={200: {"content": HTML_RESPONSE}, **problem_responses(401, 403, 404, 422, 503)},
 )
 async def pipeline_report(
@@ -310,8 +252,7 @@ async def pipeline_report(
     report.links["run in the Dagster UI"] = ui_run_url(request, run_id)
     if wants_html(request, default=True):
         return html_page(render_report_html(report))
-    document = report.to_json()
-    return QualityReportDocument(**document)
+    return report
 
 
 async def _facts(client, name: str, run: dict[str, Any]) -> RunFacts | None:
