@@ -141,7 +141,6 @@ async def list_pipelines(
     pipelines = []
     for name, node in sorted(nodes.items()):
         definition = plain_metadata_entries(node["metadataEntries"])
-        latest_run = latest_runs.get(name)
         latest = node["assetMaterializations"][0] if node["assetMaterializations"] else None
         staged = plain_metadata_entries(latest["metadataEntries"]) if latest else {}
         pipelines.append(
@@ -151,14 +150,7 @@ async def list_pipelines(
                 target=definition.get("target"),
                 load_mode=definition.get("load_mode"),
                 job=f"{name}_pipeline",
-                last_run=RunBrief(
-                    run_id=latest_run["runId"],
-                    status=latest_run["status"],
-                    started_at=timestamp(latest_run["startTime"]),
-                    ended_at=timestamp(latest_run["endTime"]),
-                )
-                if latest_run
-                else None,
+                last_run=RunBrief.from_graphql(latest_runs.get(name)),
                 last_report=LastReport(
                     run_id=latest["runId"],
                     staged_at=timestamp(int(latest["timestamp"]) / 1000),
