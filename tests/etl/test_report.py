@@ -195,8 +195,18 @@ def test_the_report_of_real_runs_adds_up_matches_the_runs_and_renders_escaped(
 
 def test_cli_report_prints_the_summary_and_writes_html_and_json(pipelines_dir: Path, tmp_path: Path):
     write_spec(pipelines_dir, {"kind": "file", "format": "parquet", "path": "warehouse/orders.parquet"})
-    instance, first_id, second_id = run_twice(pipelines_dir)
-    instance.dispose()
+    run_ids = []
+    for rows, exit_code in ((FIRST, 0), (SECOND, 1)):
+        write_input(pipelines_dir, rows)
+        ran = CliRunner().invoke(cli, ["pipelines", "run", "orders"])
+        assert ran.exit_code == exit_code, ran.output
+        run_ids.append(re.search(r"^run (\S+):", ran.stdout, re.MULTILINE).group(1))
+        # `pipelines run` prints the link to the run's report.
+        assert (
+            f"quality report: https://junction.example/gateway/v1/pipelines/orders/reports/{run_ids[-1]}?token="
+            in ran.stdout
+        )
+    first_id, second_id = run_ids
 
     newest = CliRunner().invoke(cli, ["pipelines", "report", "orders"])
     assert newest.exit_code == 0, newest.output
