@@ -136,6 +136,19 @@ def stage(
     return metadata, report.outcomes
 
 
+def report_link(name: str, context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """The run's quality report link as metadata (empty, with a warning, when no link can be signed).
+
+    The Dagster UI cannot open local files: the HTML report is served by the gateway, and the link
+    carries a token for this run because a browser has no API key.
+    """
+    try:
+        return {QUALITY_REPORT: dg.MetadataValue.url(report_url(name, context.run_id))}
+    except OSError as exc:  # the signing key file could not be created or read
+        context.log.warning(f"no quality report link: cannot sign it ({exc})")
+        return {}
+
+
 def target_label(pipeline: LoadedPipeline) -> str:
     """The target as the pipeline list shows it, from the spec alone (no connection, no credentials)."""
     target = pipeline.spec.target
@@ -183,9 +196,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         finally:
             if target is not None:
                 target.dispose()
-        # The Dagster UI cannot open local files: the HTML report is served by the gateway, and the
-        # link carries a token for this run because a browser has no API key.
-        metadata[QUALITY_REPORT] = dg.MetadataValue.url(report_url(name, context.run_id))
+        metadata.update(report_link(name, context))
         return dg.MaterializeResult(
             metadata=metadata,
             check_results=[
@@ -235,6 +246,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            metadata.update(report_link(name, context))
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
             staged_event = context.instance.get_latest_materialization_event(staged_key)

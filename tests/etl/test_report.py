@@ -165,6 +165,8 @@ def test_the_report_of_real_runs_adds_up_matches_the_runs_and_renders_escaped(
     )
     token = parse_qs(link.query)["token"][0]
     assert verify_permanent(REPORT_LINK_PURPOSE, token) == {"pipeline": "orders", "run_id": first_id}
+    # The published asset (what people open most in the UI) links to the same report.
+    assert first_facts.published[QUALITY_REPORT] == first_facts.staged[QUALITY_REPORT]
 
     # The second run: newest by default, failed on the blocking rule, a column added, nothing published.
     newest = RunReport.from_facts(newest_facts)
