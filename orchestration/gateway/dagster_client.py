@@ -391,3 +391,23 @@ async def latest_runs_by_tag(client: DagsterClient, key: str, values: list[str])
         if result["results"]:
             latest[value] = result["results"][0]
     return latest
+
+
+ASSET_NODE_TAGS_QUERY = """
+query AssetNodeTags($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) {
+    __typename
+    ... on AssetNode { tags { key value } }
+  }
+}
+"""
+
+
+async def asset_node_tags(client: DagsterClient, asset_path: list[str]) -> dict[str, str] | None:
+    """The definition tags of an asset, or None when no loaded code location defines it."""
+    node = (await client.graphql(ASSET_NODE_TAGS_QUERY, {"assetKey": {"path": asset_path}}))[
+        "assetNodeOrError"
+    ]
+    if node["__typename"] != "AssetNode":
+        return None
+    return {tag["key"]: tag["value"] for tag in node["tags"]}

@@ -33,6 +33,7 @@ from orchestration.gateway.api.common import timestamp, ui_run_url
 from orchestration.gateway.api.jobs import RunBrief
 from orchestration.gateway.dagster_client import (
     asset_materializations,
+    asset_node_tags,
     asset_nodes,
     latest_runs_by_tag,
     plain_metadata_entries,
@@ -111,11 +112,11 @@ def html_page(content: str) -> HTMLResponse:
     return HTMLResponse(content, headers={"content-security-policy": HTML_CSP})
 
 
-async def _pipeline_node(request: Request, name: str) -> dict[str, Any]:
-    for node in await asset_nodes(request.app.state.dagster):
-        if node["assetKey"]["path"] == [staged_asset_name(name)] and _pipeline_of(node) == name:
-            return node
-    raise ProblemError(404, f"no pipeline {name}", slug="not-found")
+async def _require_pipeline(request: Request, name: str) -> None:
+    """404 unless a loaded code location defines the pipeline's staged asset."""
+    tags = await asset_node_tags(request.app.state.dagster, [staged_asset_name(name)])
+    if tags is None or tags.get(PIPELINE_TAG) != name:
+        raise ProblemError(404, f"no pipeline {name}", slug="not-found")
 
 
 def _pipeline_of(node: dict[str, Any]) -> str | None:
@@ -181,7 +182,7 @@ async def report_history(
 ):
     """One row per run that staged the pipeline, newest first; an HTML page with the score chart when
     the client accepts text/html."""
-    await _pipeline_node(request, name)
+    await _require_pipeline(request, name)
     client = request.app.state.dagster
     # One more than the page tells whether there is a next page; one more again gives the last row's
     # predecessor, whose schema tells whether that row's schema changed.
@@ -233,7 +234,7 @@ async def pipeline_report(
     Open with an API key (scope `pipelines:read`) or with the `token` of the link in the run's
     materialization metadata in the Dagster UI, which is valid for this pipeline and run only."""
     client = request.app.state.dagster
-    await _pipeline_node(request, name)
+    await _require_pipeline(request, name)
     run = await run_with_events(client, run_id)
     if run is None:
         raise ProblemError(404, f"no run {run_id}", slug="not-found")
