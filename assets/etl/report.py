@@ -5,6 +5,11 @@ scores, seconds per stage, quarantine by reason, column schema, drift), the publ
 materialization's (rows published, publish seconds) and the run's asset check evaluations (one per
 rule and contract promise, with sample bad values). Nothing is copied into the platform store.
 
+Schema drift: a run that records `schema_drift` (JSON: ``added``/``removed`` as {column: type},
+``retyped`` as {column: {target, incoming}}, ``policy``...) is shown as recorded, in the report's
+shape (lists of {name, type} / {name, from, to}); otherwise the report compares the run's staged
+column schema with the previous run's.
+
 Two readers fill the same `RunFacts`: `facts_from_instance` (the CLI, through `DagsterInstance`) and
 the gateway (through Dagster's GraphQL API, `orchestration/gateway/api/pipelines.py`). `RunReport`
 derives every figure from those facts; `render_report_html` / `render_history_html` draw the pages
@@ -307,7 +312,7 @@ def _drift(
 ) -> dict[str, Any]:
     """The drift the run recorded, else the difference from the previous run's staged schema."""
     if isinstance(recorded, dict):
-        return {"source": "recorded by the run", **recorded}
+        return {"source": "recorded by the run", **recorded, **_drift_lists(recorded)}
     if previous is None:
         return {"source": "no previous run", "added": [], "removed": [], "retyped": []}
     before = {column["name"]: column["type"] for column in previous}
@@ -322,6 +327,26 @@ def _drift(
             if name in before and before[name] != now[name]
         ],
     }
+
+
+def _drift_lists(recorded: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Recorded drift in the report's shape; the factory records mappings (``added: {column: type}``,
+    ``retyped: {column: {target, incoming}}``), lists of entries pass as they are."""
+
+    def entries(kind: str) -> list[dict[str, Any]]:
+        value = recorded.get(kind) or []
+        if not isinstance(value, dict):
+            return [entry if isinstance(entry, dict) else {"name": str(entry)} for entry in value]
+        if kind != "retyped":
+            return [{"name": name, "type": str(kind_of)} for name, kind_of in value.items()]
+        return [
+            {"name": name, "from": types.get("target"), "to": types.get("incoming")}
+            if isinstance(types, dict)
+            else {"name": name, "from": None, "to": str(types)}
+            for name, types in value.items()
+        ]
+
+    return {kind: entries(kind) for kind in ("added", "removed", "retyped")}
 
 
 def _drift_text(drift: dict[str, Any]) -> str:

@@ -230,3 +230,28 @@ def test_cli_report_prints_the_summary_and_writes_html_and_json(pipelines_dir: P
     assert missing.exit_code == 1 and "no report of pipeline 'orders' for run nope" in missing.output
     unknown = CliRunner().invoke(cli, ["pipelines", "report", "nope"])
     assert unknown.exit_code == 1 and "no pipeline named 'nope'" in unknown.output
+
+
+def test_drift_recorded_by_the_run_wins_over_the_schema_comparison_and_renders(junction_home: Path):
+    """The factory's drift step records mappings; the report shows them in its own list shape."""
+    from assets.etl.report import RunFacts
+
+    recorded = {
+        "policy": "discard_value",
+        "added": {"channel": "string"},
+        "removed": {"note": "string"},
+        "retyped": {"amount": {"target": "double", "incoming": "string"}},
+        "values_discarded": 2,
+    }
+    staged = {"rows_read": 2, "rows_loaded": 2, "schema_drift": recorded, "dagster/column_schema": [{"name": "id", "type": "int64"}]}  # fmt: skip
+    facts = RunFacts("orders", "r1", "SUCCESS", None, None, 1.0, staged, None, [], previous_columns=[])
+    report = RunReport.from_facts(facts)
+    assert report.schema_drift["added"] == [{"name": "channel", "type": "string"}]
+    assert report.schema_drift["removed"] == [{"name": "note", "type": "string"}]
+    assert report.schema_drift["retyped"] == [{"name": "amount", "from": "double", "to": "string"}]
+    assert report.schema_drift["policy"] == "discard_value" and report.schema_drift["values_discarded"] == 2
+    assert (
+        "added channel string; removed note string; retyped amount double -> string" in report.summary_text()
+    )
+    page = render_report_html(report)
+    assert "(policy discard_value)" in page and "double → string" in page
