@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
-import dagster as dg
 import pytest
 import workflow_scripts
 import yaml
@@ -76,12 +75,6 @@ def mailbox(tmp_path, monkeypatch, store_url) -> Iterator[Mailbox]:
         yield box
     finally:
         controller.stop()
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
 
 
 @pytest.fixture(autouse=True)

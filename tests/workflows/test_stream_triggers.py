@@ -62,12 +62,6 @@ def orders_stream(request, store_url, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def instance():
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
-
-
 def definitions(tmp_path: Path, spec: dict[str, Any]) -> dg.Definitions:
     (tmp_path / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
     return workflow_definitions(tmp_path)

@@ -20,7 +20,7 @@ import anyio
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse
 
-from orchestration.gateway.problems import PROBLEM_MEDIA_TYPE
+from orchestration.gateway.problems import PROBLEM_MEDIA_TYPE, problem_responses
 from orchestration.workflows import approval_links, approvals
 from orchestration.workflows.approval_links import CheckedLink, LinkRefused
 
@@ -124,7 +124,8 @@ async def confirm_page(
 @router.post(
     "/approvals/{request_id}/confirm",
     response_class=HTMLResponse,
-    responses=_documented(403, 404, 409, 410),
+    # 400/413/415: the request guards' problem documents (a body too large, not a form).
+    responses={**problem_responses(400, 413, 415), **_documented(403, 404, 409, 410)},
 )
 async def confirm_decision(
     request: Request,
