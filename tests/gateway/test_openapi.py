@@ -38,6 +38,9 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/keys"),
     ("POST", "/v1/streams/{name}/events"),
     ("GET", "/v1/streams/{name}/events"),
+    # An e-mail approval link's token must be one the platform signed.
+    ("GET", "/v1/approvals/{request_id}/confirm"),
+    ("POST", "/v1/approvals/{request_id}/confirm"),
 }
 
 
@@ -114,7 +117,10 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         pipeline_run_id = client.post("/v1/jobs/flights_pipeline/runs", json={}).json()["run_id"]
         wait_for_run(client, pipeline_run_id)
         client.post("/v1/keys", json={"name": "to-revoke", "scopes": ["runs:read"]})
-    to_approve, to_reject = (open_approval(live_platform, step) for step in ("approve_me", "reject_me"))
+    to_approve, to_reject, by_link = (
+        open_approval(live_platform, step) for step in ("approve_me", "reject_me", "approve_by_link")
+    )
+    link_token = approval_link_token(live_platform, by_link)
 
     valid = {
         ("GET", "/health"): {},
@@ -158,6 +164,16 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             "path_parameters": {"name": "flights", "run_id": pipeline_run_id},
             "headers": {"Accept": "application/json"},
         },
+        # The confirm page (GET decides nothing), then its form (POST decides, as the link's approver).
+        ("GET", "/v1/approvals/{request_id}/confirm"): {
+            "path_parameters": {"request_id": by_link},
+            "query": {"token": link_token},
+        },
+        ("POST", "/v1/approvals/{request_id}/confirm"): {
+            "path_parameters": {"request_id": by_link},
+            "body": {"token": link_token, "comment": "by mail"},
+            "media_type": "application/x-www-form-urlencoded",
+        },
     }
     documented = {
         (method.upper(), path)
@@ -189,6 +205,17 @@ def wait_for_run(client: httpx.Client, run_id: str, timeout_s: float = 300) -> N
             return
         time.sleep(1)
     raise AssertionError(f"run {run_id} did not finish in {timeout_s} s")
+
+
+def approval_link_token(live_platform, request_id: str) -> str:
+    """An approve link's token, signed with the live platform's key (its `secret.key`)."""
+    from orchestration.kernel import signed_links
+    from orchestration.settings import JunctionSettings
+    from orchestration.workflows.approval_links import PURPOSE
+
+    settings = JunctionSettings(home=live_platform.home)
+    payload = {"request": request_id, "approver": "schemathesis", "decision": "approve"}
+    return signed_links.sign(PURPOSE, payload, settings=settings)
 
 
 def open_approval(live_platform, step_id: str) -> str:

@@ -34,3 +34,8 @@ CALLS: list[str] = []
 def counted(context, label: str):
     CALLS.append(label)
     return {"label": label, "run": context.run_id, "execution": context.execution_id}
+
+
+def echo(context, **arguments):
+    """The rendered arguments and what the step saw of its trigger and execution."""
+    return {"arguments": arguments, "execution": context.execution_id, "trigger": dict(context.trigger or {})}
