@@ -117,7 +117,8 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
     from orchestration.instance import prepare_dagster_home
     from orchestration.settings import PROJECT_ROOT
     from orchestration.store.bootstrap import migrate_store
-    from orchestration.workflows.context import EXECUTION_ID_TAG, FAILED_STEPS_TAG
+    from orchestration.workflows.context import FAILED_STEPS_TAG
+    from orchestration.workflows.launch import execution_tags
 
     specs = {spec.name: spec for spec in _specs().values()}
     if name not in specs:
@@ -145,7 +146,7 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
         job_def=job_def,
         run_id=run_id,
         run_config=inputs_config,
-        tags={**job_def.run_tags, EXECUTION_ID_TAG: run_id, "junction/launched_by": "cli"},
+        tags={**job_def.run_tags, **execution_tags(run_id, launched_by="cli")},
         job_code_origin=job.get_python_origin(),
     )
     click.echo(f"run {run_id} of workflow {name} (execution {run_id})")

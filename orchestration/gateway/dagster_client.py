@@ -206,3 +206,26 @@ async def terminate_run(client: DagsterClient, run_id: str) -> dict[str, Any]:
     if kind in ("RunNotFoundError", "TerminateRunFailure", "UnauthorizedError"):
         raise DagsterRequestError(kind, result.get("message", kind))
     raise DagsterUnavailable(result.get("message", "terminate failed"))
+
+
+RUNS_QUERY_TEMPLATE = """
+query Runs($filter: RunsFilter, $limit: Int) {
+  runsOrError(filter: $filter, limit: $limit) {
+    __typename
+    ... on Runs { results { %s } }
+    ... on InvalidPipelineRunsFilterError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+async def runs_with_tags(
+    client: DagsterClient, tags: dict[str, str], fields: str, limit: int
+) -> list[dict[str, Any]]:
+    """The newest `limit` runs carrying all of `tags`, each with the GraphQL `fields` asked for."""
+    variables = {"filter": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}, "limit": limit}
+    result = (await client.graphql(RUNS_QUERY_TEMPLATE % fields, variables))["runsOrError"]
+    if result["__typename"] != "Runs":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return result["results"]
