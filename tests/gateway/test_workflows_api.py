@@ -55,9 +55,13 @@ def test_launching_needs_the_workflows_launch_scope_of_that_workflow(client, mak
 
 def test_unknown_workflow_is_404_and_one_without_the_api_trigger_409(client, make_key):
     key = make_key("launcher", "workflows:launch")
-    assert_problem(client.post("/v1/workflows/nope/executions", json={}, headers=bearer(key)), 404, "not-found")
+    assert_problem(
+        client.post("/v1/workflows/nope/executions", json={}, headers=bearer(key)), 404, "not-found"
+    )
     body = assert_problem(
-        client.post("/v1/workflows/manual_only/executions", json={"inputs": {"order_id": "A"}}, headers=bearer(key)),
+        client.post(
+            "/v1/workflows/manual_only/executions", json={"inputs": {"order_id": "A"}}, headers=bearer(key)
+        ),
         409,
         "no-api-trigger",
     )
@@ -82,7 +86,9 @@ def test_unknown_workflow_is_404_and_one_without_the_api_trigger_409(client, mak
 )
 def test_inputs_are_checked_against_the_typed_inputs(client, make_key, inputs, field, message):
     key = make_key("launcher", "workflows:launch:launchable")
-    response = client.post("/v1/workflows/launchable/executions", json={"inputs": inputs}, headers=bearer(key))
+    response = client.post(
+        "/v1/workflows/launchable/executions", json={"inputs": inputs}, headers=bearer(key)
+    )
     body = assert_problem(response, 422)
     assert body["field"] == field
     assert message in body["errors"][0]["message"]
