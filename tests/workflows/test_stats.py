@@ -212,3 +212,30 @@ def test_the_cli_prints_statistics_and_executions(store_url, platform_instance, 
 
     result = runner.invoke(cli, ["workflows", "stats", "nope"])
     assert result.exit_code == 2 and "unknown workflow 'nope' (known: stats_flow)" in result.output
+
+
+def test_the_workflow_statistics_asset_holds_the_table(store_url, platform_instance, monkeypatch):
+    from orchestration.platform_definitions import workflow_statistics
+    from resources.platform_store import PlatformStoreResource
+
+    flow = Parking(platform_instance, [FLOW])
+    run_executions(flow, Clock(monkeypatch))
+    result = dg.materialize(
+        [workflow_statistics],
+        instance=platform_instance,
+        resources={"platform_store": PlatformStoreResource()},
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("workflow_statistics")[0].metadata
+    assert (metadata["workflows"].value, metadata["executions"].value, metadata["waiting"].value) == (1, 4, 1)
+    (row,) = metadata["by_workflow"].value.records
+    assert row.data["workflow"] == "stats_flow"
+    assert (row.data["executions"], row.data["succeeded"], row.data["failed"], row.data["waiting"]) == (
+        4,
+        2,
+        1,
+        1,
+    )
+    assert row.data["success_rate"] == pytest.approx(0.6667, abs=1e-4)
+    assert row.data["waiting_on"] == "pause (delay): 1"
+    assert row.data["step_failures"] == "flaky: 1" and row.data["step_retries"] == 2
