@@ -1,4 +1,5 @@
-"""`junction workflows`: list, validate and run the workflow specs (`JUNCTION_WORKFLOWS_DIR`).
+"""`junction workflows`: list, validate and run the workflow specs (`JUNCTION_WORKFLOWS_DIR`), and
+their statistics by execution (`stats`, `executions`; see `orchestration/workflows/stats.py`).
 
 `run` launches through the Dagster instance of the platform (`DAGSTER_HOME` or the generated one), so
 the run is recorded exactly like one from the UI and shows there; it runs in this process with the
