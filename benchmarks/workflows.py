@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from support import free_port, pct, platform_env, platform_ready, wait_for  # noqa: E402
+from support import pct, platform_env, running_platform  # noqa: E402
 
 from orchestration.instance import generated_dagster_yaml  # noqa: E402
 
@@ -485,23 +483,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             env = write_home(Path(tmp), database_url, args.max_concurrent_runs)
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            log(f"starting junction dev on {base} (PostgreSQL database {database}) ...")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "orchestration.cli", "dev", "--port", str(port)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_for(lambda: platform_ready(base), process=process, poll_s=0.5)
+            log(f"starting junction dev (PostgreSQL database {database}) ...")
+            with running_platform(env, ROOT) as (base, process):
                 key = (Path(tmp) / "home" / "admin.key").read_text().strip()
                 figures = run_benchmark(args, base, psutil.Process(process.pid), key)
-            finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=120)
     finally:
         drop_database(database)
     print_table(figures)
