@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -477,6 +478,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600, help="give up on a phase after this long")
     parser.add_argument("--json", type=Path, help="write the figures (flat, snake_case, units in names)")
     args = parser.parse_args()
+    # Stopped with SIGTERM: still stop the platform and drop the database (the `finally` blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     database = f"junction_bench_workflows_{os.getpid()}"
     database_url = create_database(database)
