@@ -197,7 +197,12 @@ def _report(name: str | None, limit: int):
     migrate_store()
     prepare_dagster_home()
     with DagsterInstance.get() as instance:
-        runs = stats.runs_from_instance(instance, name, limit=limit)
+        runs = stats.runs_from_instance(
+            instance,
+            name,
+            limit=limit,
+            progress=lambda done, total: click.echo(f"reading runs: {done}/{total}", err=True),
+        )
     return stats.build_report(runs, step_types, workflows=[name] if name else sorted(step_types))
 
 

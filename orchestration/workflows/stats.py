@@ -19,7 +19,7 @@ instance (CLI, the `workflow_statistics` platform asset) and the gateway's Graph
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -284,16 +284,23 @@ def workflow_stats(
 
 
 def runs_from_instance(
-    instance: dg.DagsterInstance, workflow: str | None = None, limit: int = DEFAULT_RUN_LIMIT
+    instance: dg.DagsterInstance,
+    workflow: str | None = None,
+    limit: int = DEFAULT_RUN_LIMIT,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[RunRecord]:
-    """The runs of `workflow` (every workflow when None), newest first, with their step stats."""
+    """The runs of `workflow` (every workflow when None), newest first, with their step stats;
+    `progress(done, total)` is called every few hundred runs (one event-log query each)."""
     import dagster as dg
 
     from orchestration.workflows.context import KIND_TAG
 
     tags = {WORKFLOW_TAG: workflow} if workflow else {KIND_TAG: "workflow"}
     records = []
-    for run_record in instance.get_run_records(filters=dg.RunsFilter(tags=tags), limit=limit):
+    run_records = instance.get_run_records(filters=dg.RunsFilter(tags=tags), limit=limit)
+    for index, run_record in enumerate(run_records):
+        if progress is not None and index and index % 250 == 0:
+            progress(index, len(run_records))
         run = run_record.dagster_run
         steps = tuple(
             StepRecord(
