@@ -28,6 +28,7 @@ from orchestration.gateway.api import (
     pipelines,
     runs,
     streams,
+    workflows,
 )
 from orchestration.gateway.dagster_client import DagsterClient
 from orchestration.gateway.guards import RequestGuards
@@ -50,6 +51,7 @@ V1_ROUTERS = [
     approvals.router,
     pipelines.router,
     approval_links.router,
+    workflows.router,
 ]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30

@@ -268,6 +268,17 @@ query RunStatuses($runIds: [String]) {
 }
 """
 
+RUNS_QUERY_TEMPLATE = """
+query Runs($filter: RunsFilter, $limit: Int) {
+  runsOrError(filter: $filter, limit: $limit) {
+    __typename
+    ... on Runs { results { %s } }
+    ... on InvalidPipelineRunsFilterError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
 RUN_EVENTS_QUERY = (
     """
 query RunReportEvents($runId: ID!, $after: String) {
@@ -411,3 +422,14 @@ async def asset_node_tags(client: DagsterClient, asset_path: list[str]) -> dict[
     if node["__typename"] != "AssetNode":
         return None
     return {tag["key"]: tag["value"] for tag in node["tags"]}
+
+
+async def runs_with_tags(
+    client: DagsterClient, tags: dict[str, str], fields: str, limit: int
+) -> list[dict[str, Any]]:
+    """The newest `limit` runs carrying all of `tags`, each with the GraphQL `fields` asked for."""
+    variables = {"filter": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}, "limit": limit}
+    result = (await client.graphql(RUNS_QUERY_TEMPLATE % fields, variables))["runsOrError"]
+    if result["__typename"] != "Runs":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return result["results"]

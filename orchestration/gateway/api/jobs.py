@@ -152,7 +152,7 @@ async def launch_job(
             409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous"
         )
     repository = matches[0]
-    run = await _launch(
+    run = await queue_run(
         request,
         principal,
         location=repository["location"],
@@ -196,7 +196,7 @@ async def materialize_assets(
             409, "the selection spans several code locations: launch one per location", slug="ambiguous"
         )
     (location, repository_name) = next(iter(owners))
-    run = await _launch(
+    run = await queue_run(
         request,
         principal,
         location=location,
@@ -210,7 +210,9 @@ async def materialize_assets(
     return run
 
 
-async def _launch(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+async def queue_run(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+    """Queue a run through Dagster's `launchRun` (the run queue), tagged with the caller as its
+    actor; Dagster's refusals become problems."""
     tags = run_tags(principal, params.pop("tags"))
     try:
         launched = await launch_run(request.app.state.dagster, tags=tags, **params)
