@@ -5,9 +5,11 @@ value that does not cast, plus padded/mixed-case strings, null tokens, duplicate
 orders) into a CSV file in a temp dir, writes a pipeline spec next to it (FileSource -> cast ->
 cleanse -> filter -> dedupe, 5 Great Expectations checks, a PostgreSQL target loaded by `replace`),
 and runs it the way the pipeline's assets do: `factory.stage` (read and transform through
-`runner.iter_pipeline`, stage by COPY, store the quarantine, validate with GX) and then
-`SqlTarget.publish` (swap the staging table into place). Each stage is timed from inside: the source
-and the transform steps are wrapped, nothing else is changed.
+`runner.iter_pipeline`; then stage by binary COPY and store the quarantine in a thread while GX
+validates the same rows in memory) and then `SqlTarget.publish` (swap the staging table into place).
+Each stage is timed from inside: the source and the transform steps are wrapped, nothing else is
+changed. Staging and validation overlap, so their times add up to more than their wall time; the
+table shows the overlap as a negative line, and end to end is wall time.
 
 Then, in the same process and into the same database, dlt loads the same clean Arrow table with its
 fastest PostgreSQL setting (`loader_file_format="csv"`, uncompressed files, COPY; `replace`), and
@@ -313,9 +315,15 @@ def run_junction(spec_path: Path, url: str) -> dict:
     clean = target.staged_table
     assert clean is not None
     timings["validate (GX)"] = Timing(metadata["seconds_validate"], clean.num_rows)
-    accounted = sum(timing.seconds for timing in timings.values())
+    # Staging (COPY + quarantine) runs in a thread beside the validation: the overlap is their summed
+    # times less the wall time of the two together, shown as a negative line so the table adds up.
+    side_by_side = sum(timings[name].seconds for name in ("stage (COPY)", "quarantine", "validate (GX)"))
+    overlap = side_by_side - metadata["seconds_stage_and_validate"]
+    accounted = sum(timing.seconds for timing in timings.values()) - overlap
     return {
         "timings": timings,
+        "overlap_s": overlap,
+        "stage_and_validate_s": metadata["seconds_stage_and_validate"],
         "unaccounted_s": total - accounted,
         "total_s": total,
         "metadata": metadata,
@@ -422,6 +430,7 @@ def main() -> None:
         print(
             f"{name:<30} {timing.rows_in:>10,} {timing.seconds:>8.3f} {rate(timing.rows_in, timing.seconds):>12,.0f}"
         )
+    print(f"{'(overlap: stage beside GX)':<30} {'':>10} {-junction['overlap_s']:>8.3f}")
     print(f"{'(concat, runner, metadata)':<30} {'':>10} {junction['unaccounted_s']:>8.3f}")
     print(
         f"{'junction end to end':<30} {rows_read:>10,} {junction['total_s']:>8.3f} {rate(rows_read, junction['total_s']):>12,.0f}"
@@ -468,6 +477,9 @@ def main() -> None:
                 for name in order
             },
             **{f"{name.split(' ')[0]}_s": round(timings[name].seconds, 3) for name in order},
+            "stage_and_validate_wall_s": round(junction["stage_and_validate_s"], 3),
+            "overlap_stage_validate_s": round(junction["overlap_s"], 3),
+            "unaccounted_s": round(junction["unaccounted_s"], 3),
             "end_to_end_s": round(junction["total_s"], 3),
             "end_to_end_rows_per_s": round(rate(rows_read, junction["total_s"]), 1),
             "junction_load_s": round(junction_load_s, 3),
