@@ -389,14 +389,13 @@ class DedupeFirst(Step):
         )
         key_type = firsts.schema.field(self.keys[0]).type
         if self.seen is None and len(self.keys) == 1 and pa.types.is_integer(key_type):
-            if self.seen_sorted is None:
-                self.seen_sorted, self.seen_type = np.array([], key_type.to_pandas_dtype()), key_type
-            if key_type == self.seen_type:
-                firsts = self._new_by_sorted_keys(firsts)
-                return self._keep(batch, firsts, counts)
-        if self.seen_sorted is not None:  # the key's type changed: go on with the general way
-            self.seen = pa.table({self.keys[0]: pa.array(self.seen_sorted, self.seen_type)})
-            self.seen_sorted = None
+            if self.seen_type is not None and key_type != self.seen_type:
+                raise TransformError(
+                    f"{self.name}: the key {self.keys[0]} is {key_type} here but was {self.seen_type} "
+                    "in earlier batches (cast it in a step before)"
+                )
+            self.seen_type = key_type
+            return self._keep(batch, self._new_by_sorted_keys(firsts), counts)
         if self.seen is not None and self.seen.num_rows:
             firsts = firsts.join(self.seen, self.keys, join_type="left anti", use_threads=False)
         new_keys = firsts.select(self.keys)
@@ -410,11 +409,10 @@ class DedupeFirst(Step):
     def _new_by_sorted_keys(self, firsts: pa.Table) -> pa.Table:
         """The first rows whose key is not seen yet; their keys join the seen ones. A null key never
         matches across batches, as in the hash join."""
-        assert self.seen_sorted is not None
         column = firsts.column(self.keys[0])
         valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
         keys = column.fill_null(0).to_numpy()
-        seen = self.seen_sorted
+        seen = self.seen_sorted if self.seen_sorted is not None else keys[:0]
         if len(seen):
             at = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
             new = ~(valid & (seen[at] == keys))
