@@ -198,18 +198,19 @@ def cast_valid(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, dict[in
             pass
         return why
 
-    def bisect(part: pa.Array, offset: int) -> None:
+    def bisect(part: pa.Array, offset: int) -> pa.Array | None:
         try:
-            pc.cast(part, target, safe=True)
+            return pc.cast(part, target, safe=True)
         except pa.ArrowInvalid:
             if len(part) == 1:
                 why = reason(values.slice(offset, 1))
                 if why is not None:
                     failures[offset] = why
-                return
+                return None
             middle = len(part) // 2
             bisect(part.slice(0, middle), offset)
             bisect(part.slice(middle), offset + middle)
+            return None
 
     suspects = _suspects(values, target)
     if suspects is not None:
@@ -228,7 +229,9 @@ def cast_valid(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, dict[in
                     zip(failing_indices.to_pylist(), [why_by_value[at] for at in positions], strict=True)
                 )
     values_left = values if suspects is None else pc.if_else(suspects, pa.scalar(None, values.type), values)
-    bisect(values_left, 0)
+    cast_left = bisect(values_left, 0)
+    if cast_left is not None and suspects is not None and len(failures) == pc.sum(suspects).as_py():
+        return cast_left, failures  # the suspects were exactly the failing values: already null
     mask = np.zeros(len(values), dtype=bool)
     mask[list(failures)] = True
     return pc.cast(pc.if_else(pa.array(mask), pa.scalar(None, values.type), values), target), failures
@@ -250,6 +253,16 @@ def _suspects(values: pa.Array, target: pa.DataType) -> pa.Array | None:
         pattern = _DATE_TEXT + "$"
     else:
         return None
+    if pattern is _INTEGER_TEXT:
+        # Plain digits match the pattern: only the rest (signs, junk) goes through RE2, ~6x slower.
+        digits = pc.fill_null(pc.ascii_is_decimal(values), False)
+        rest = pc.indices_nonzero(pc.invert(digits))
+        rest_wrong = pc.invert(
+            pc.fill_null(pc.match_substring_regex(values.take(rest), pattern=pattern), False)
+        )
+        wrong = np.zeros(len(values), dtype=bool)
+        wrong[rest.to_numpy()] = rest_wrong.to_numpy(zero_copy_only=False)
+        return pc.and_(pc.is_valid(values), pa.array(wrong))
     looks_right = pc.match_substring_regex(values, pattern=pattern)
     return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(looks_right, False)))
 
