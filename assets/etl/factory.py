@@ -2,13 +2,17 @@
 
 Shape (write-audit-publish):
 
-- ``<name>_staged`` runs the spec (source -> transforms), writes the clean rows to the target's staging
-  place (`Target.stage`) and stores the quarantine next to the target in a thread, while it validates
-  the same rows in memory once (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
+- ``<name>_staged`` runs the spec (source -> transforms -> the contract's drift policy against the
+  target's current schema, `drift.py`; a ``freeze`` violation fails the step before anything is staged,
+  with the drift as failure metadata), writes the clean rows to this run's staging place
+  (`Target.stage`) and stores the quarantine next to the target in a thread, while it validates the
+  same rows in memory once (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
   the spec says so, and reports each as an `AssetCheckResult`. A failed blocking check fails this step
   after its materialization is recorded, so Dagster skips everything downstream.
 - ``<name>`` (the published asset, downstream of the staged one) moves the staged rows into the target
-  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key.
+  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key. It publishes
+  what this run staged or, when materialized on its own, what the latest staged materialization's run
+  staged (staging places are named per run, so concurrent runs never take each other's rows).
 - ``<name>_pipeline`` materializes both; ``<name>_schedule`` runs it on the spec's cron.
 
 Data never travels through an IO manager: both assets return `MaterializeResult`s and the rows live in
@@ -29,13 +33,21 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
+from assets.etl.drift import SchemaDriftError
 from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
-from assets.etl.quarantine import Quarantine, RowCounts
-from assets.etl.runner import iter_pipeline
+from assets.etl.quarantine import Quarantine
+from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
-__all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "target_base_dir"]
+__all__ = [
+    "PIPELINE_TAG",
+    "asset_check_results",
+    "asset_check_specs",
+    "build_pipeline",
+    "pipeline_definitions",
+    "target_base_dir",
+]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
@@ -96,12 +108,18 @@ def stage(
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
-    load_id = source.identity().load_id
-    quarantine, counts = Quarantine(), RowCounts()
 
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    try:
+        result = run_pipeline(pipeline, source=source, target=target)
+    except SchemaDriftError as exc:
+        # Nothing was staged: the target and the staging place stay as they were.
+        raise dg.Failure(
+            description=str(exc), metadata={"schema_drift": dg.MetadataValue.json(exc.drift.as_metadata())}
+        ) from None
+    # With no rows left, the table has the target's columns: a replace empties it and keeps its schema.
+    table, quarantine, counts, drift = result.to_table(), result.quarantine, result.counts, result.drift
+    load_id = result.identity.load_id
     read_seconds = time.perf_counter() - started
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
@@ -144,9 +162,36 @@ def stage(
         "rows_per_second": _rate(counts.read, read_seconds + stage_and_validate_seconds),
         "quality_score_checks": round(report.expectations_score, 4),
         "quality_score_rows": round(report.valid_rows_score, 4),
-        QUALITY_SUMMARY: dg.MetadataValue.md(summary_markdown(report, quarantine.count_by_reason())),
+        QUALITY_SUMMARY: dg.MetadataValue.md(
+            summary_markdown(report, quarantine.count_by_reason())
+            + ("" if drift is None else "\n\n" + drift.markdown())
+        ),
     }
+    if drift is not None:
+        metadata["schema_drift"] = dg.MetadataValue.json(drift.as_metadata())
     return metadata, report.outcomes
+
+
+def asset_check_specs(checks: list[QualityCheck], asset: dg.AssetKey | str) -> list[dg.AssetCheckSpec]:
+    """One Dagster check spec per rule and contract promise, blocking where the spec says so."""
+    return [
+        dg.AssetCheckSpec(check.name, asset=asset, description=check.description, blocking=check.blocking)
+        for check in checks
+    ]
+
+
+def asset_check_results(outcomes: list[CheckOutcome]) -> list[dg.AssetCheckResult]:
+    """The outcomes of `checks.validate` as Dagster check results (severity, sample bad values)."""
+    return [
+        dg.AssetCheckResult(
+            check_name=outcome.check.name,
+            passed=outcome.passed,
+            severity=_severity(outcome.check),
+            description=outcome.check.description,
+            metadata=outcome.metadata(),
+        )
+        for outcome in outcomes
+    ]
 
 
 def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
@@ -161,42 +206,25 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     }
     staged_key = dg.AssetKey(f"{name}_staged")
 
-    def open_pipeline_target() -> Target | None:
-        return None if spec.target is None else open_target(spec.target, target_base_dir())
+    def open_pipeline_target(run_id: str) -> Target | None:
+        return None if spec.target is None else open_target(spec.target, target_base_dir(), run_id)
 
     @dg.asset(
         key=staged_key,
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
-        check_specs=[
-            dg.AssetCheckSpec(
-                check.name, asset=staged_key, description=check.description, blocking=check.blocking
-            )
-            for check in checks
-        ],
+        check_specs=asset_check_specs(checks, staged_key),
         **common,
     )
     def staged(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        target = open_pipeline_target()
+        target = open_pipeline_target(context.run_id)
         try:
             metadata, outcomes = stage(pipeline, target, context.run_id, context.log)
         finally:
             if target is not None:
                 target.dispose()
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=outcome.check.name,
-                    passed=outcome.passed,
-                    severity=_severity(outcome.check),
-                    description=outcome.check.description,
-                    metadata=outcome.metadata(),
-                )
-                for outcome in outcomes
-            ],
-        )
+        return dg.MaterializeResult(metadata=metadata, check_results=asset_check_results(outcomes))
 
     assets: list[dg.AssetsDefinition] = [staged]
     if spec.target is not None:
@@ -209,7 +237,10 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             **common,
         )
         def published(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-            target = open_pipeline_target()
+            # The rows staged by this run, or - when only the published asset is materialized - by
+            # the run of the latest staged materialization (staging places are per run).
+            staged_event = _staged_event(context, staged_key)
+            target = open_pipeline_target(staged_event.run_id if staged_event else context.run_id)
             assert target is not None
             try:
                 started = time.perf_counter()
@@ -235,14 +266,14 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
                 metadata["skipped"] = outcome.skipped_reason
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
-            staged_event = context.instance.get_latest_materialization_event(staged_key)
-            staged_schema = (
-                staged_event.asset_materialization.metadata.get("dagster/column_schema")
+            staged_metadata = (
+                staged_event.asset_materialization.metadata
                 if (staged_event and staged_event.asset_materialization)
-                else None
+                else {}
             )
-            if staged_schema is not None:
-                metadata["dagster/column_schema"] = staged_schema
+            for key in ("dagster/column_schema", "schema_drift"):
+                if key in staged_metadata:
+                    metadata[key] = staged_metadata[key]
             return dg.MaterializeResult(metadata=metadata)
 
         assets.append(published)
@@ -266,6 +297,17 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         else []
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
+
+
+def _staged_event(context: dg.AssetExecutionContext, staged_key: dg.AssetKey) -> dg.EventLogEntry | None:
+    """The staged asset's materialization in this run, else its latest one."""
+    for record in context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records:
+        entry = record.event_log_entry
+        if entry.asset_materialization and entry.asset_materialization.asset_key == staged_key:
+            return entry
+    return context.instance.get_latest_materialization_event(staged_key)
 
 
 def pipeline_definitions(

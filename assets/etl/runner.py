@@ -20,12 +20,14 @@ and `RowCounts.check` proves ``read == loaded + filtered + quarantined``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
+from assets.etl.drift import SchemaDrift, SchemaDriftStep
+from assets.etl.loads import PublishOutcome, Target, load_steps
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources import READ_STEP, ArrowTableSource, InputIdentity, Source, open_source
 from assets.etl.spec import LoadedPipeline, PipelineSpec
@@ -36,6 +38,7 @@ __all__ = [
     "ArrowTableSource",
     "PipelineResult",
     "iter_pipeline",
+    "load_result",
     "run_pipeline",
 ]  # ArrowTableSource re-exported
 
@@ -49,11 +52,13 @@ class PipelineResult:
     counts: RowCounts
     identity: InputIdentity
     seconds: dict[str, float] = field(default_factory=dict)
+    drift: SchemaDrift | None = None  # when run against a target that already exists
+    schema: pa.Schema | None = None  # of an empty result: the target's (see `to_table`)
 
     def to_table(self) -> pa.Table:
         """Every clean row in one table; batches whose inferred types differ are promoted (int -> double)."""
         if not self.tables:
-            return pa.table({})
+            return self.schema.empty_table() if self.schema is not None else pa.table({})
         try:
             return pa.concat_tables(self.tables, promote_options="permissive")
         except pa.ArrowException as exc:
@@ -77,9 +82,13 @@ def iter_pipeline(
     source: Source,
     quarantine: Quarantine,
     counts: RowCounts,
+    after: Sequence[Step] = (),
 ) -> Iterator[pa.Table]:
-    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end)."""
-    steps = build_steps(spec.transforms)
+    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
+
+    `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
+    """
+    steps = [*build_steps(spec.transforms), *after]
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
         out = _run_steps(batch, steps, 0, quarantine, counts)
@@ -104,8 +113,13 @@ def run_pipeline(
     *,
     base_dir: Path | None = None,
     source: Source | None = None,
+    target: Target | None = None,
 ) -> PipelineResult:
-    """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`)."""
+    """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`).
+
+    With a `target`, the load's steps run too: the contract's drift policy against the target's
+    current schema (`result.drift`) and, for a merge, one row per key (the last).
+    """
     if isinstance(pipeline, LoadedPipeline):
         spec, base_dir = pipeline.spec, base_dir or pipeline.base_dir
     else:
@@ -114,7 +128,33 @@ def run_pipeline(
         source = open_source(spec.source, base_dir or Path.cwd(), spec.batch_size)
     identity = source.identity()
     quarantine, counts = Quarantine(), RowCounts()
+    after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
+    tables = list(iter_pipeline(spec, source, quarantine, counts, after))
     elapsed = time.perf_counter() - started
-    return PipelineResult(tables, quarantine, counts, identity, {"read_and_transform": elapsed})
+    drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
+    schema = target.current_schema() if target is not None and not tables else None
+    return PipelineResult(
+        tables, quarantine, counts, identity, {"read_and_transform": elapsed}, drift, schema
+    )
+
+
+def load_result(
+    result: PipelineResult,
+    target: Target,
+    *,
+    mode: str = "append",
+    keys: list[str] | None = None,
+    run_id: str,
+    table: pa.Table | None = None,
+) -> PublishOutcome:
+    """Stage the result's rows (or `table`, made from them), store its quarantine next to the target
+    and publish, in that order; the load id is the input's, so re-running an append adds nothing.
+
+    For a plain `@asset` that checks the rows itself before loading; the pipeline assets split the
+    same calls over a staged and a published asset so that blocking checks sit between them.
+    """
+    load_id = result.identity.load_id
+    target.stage(result.to_table() if table is None else table, load_id)
+    target.write_quarantine(result.quarantine, load_id, run_id)
+    return target.publish(mode, keys or [])

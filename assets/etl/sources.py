@@ -852,6 +852,25 @@ class ArrowTableSource(Source):
 # --- SQL ----------------------------------------------------------------------------------------------
 
 
+def resolve_sqlite_url(url: str, base_dir: Path | None) -> str:
+    """A relative SQLite database path in `url` made absolute against `base_dir`, as relative file
+    paths are (a source's against its spec's folder, a target's against $JUNCTION_HOME); any other URL
+    (another database, ``:memory:``, an absolute path, a ``file:`` URI) is returned as it is."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if (
+        base_dir is None
+        or parsed.get_backend_name() != "sqlite"
+        or database in ("", ":memory:")
+        or database.startswith("file:")
+        or Path(database).is_absolute()
+    ):
+        return url
+    return parsed.set(database=str(Path(base_dir) / database)).render_as_string(hide_password=False)
+
+
 class SqlSource(Source):
     """A table or parameterized query through SQLAlchemy, streamed with a server-side cursor.
 
@@ -859,9 +878,10 @@ class SqlSource(Source):
     cursor, so memory is bounded by `batch_size` rows whatever the result's size.
     """
 
-    def __init__(self, spec: SqlSourceSpec, batch_size: int):
+    def __init__(self, spec: SqlSourceSpec, batch_size: int, base_dir: Path | None = None):
         self.spec = spec
         self.batch_size = batch_size
+        self.base_dir = base_dir
 
     @property
     def description(self) -> str:
@@ -869,13 +889,13 @@ class SqlSource(Source):
 
     def url(self) -> str:
         if self.spec.url is not None:
-            return self.spec.url
+            return resolve_sqlite_url(self.spec.url, self.base_dir)
         value = os.environ.get(self.spec.url_env or "")
         if not value:
             raise ConfigurationError(
                 f"environment variable {self.spec.url_env} (the source's url_env) is not set"
             )
-        return value
+        return resolve_sqlite_url(value, self.base_dir)
 
     def identity(self) -> InputIdentity:
         from sqlalchemy.engine import make_url
@@ -920,7 +940,8 @@ class SqlSource(Source):
 
 
 def open_source(spec: FileSourceSpec | SqlSourceSpec, base_dir: Path, batch_size: int) -> Source:
-    """The `Source` for a spec's `source:` section; relative file paths resolve against `base_dir`."""
+    """The `Source` for a spec's `source:` section; relative file paths (and relative SQLite database
+    paths in a SQL source's URL) resolve against `base_dir`."""
     if isinstance(spec, FileSourceSpec):
         return FileSource(spec, base_dir, batch_size)
-    return SqlSource(spec, batch_size)
+    return SqlSource(spec, batch_size, base_dir)

@@ -274,7 +274,11 @@ class SqlSourceSpec(StrictModel):
 
     kind: Literal["sql"]
     url_env: str | None = Field(default=None, description="NAME of the env var holding the SQLAlchemy URL")
-    url: str | None = Field(default=None, description="A URL without secrets (e.g. sqlite:///data.db)")
+    url: str | None = Field(
+        default=None,
+        description="A URL without secrets (e.g. sqlite:///data.db; a relative SQLite path is relative "
+        "to the spec's folder)",
+    )
     table: str | None = None
     query: str | None = Field(default=None, description="SQL with :named parameters")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -429,8 +433,11 @@ class ColumnContract(StrictModel):
 class SchemaContract(StrictModel):
     drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = Field(
         default="evolve",
-        description="Columns added/removed/retyped against the previous run: evolve the target, "
-        "freeze (fail the run), discard_row (quarantine rows with new columns), discard_value (drop them)",
+        description="Columns added/removed/retyped against the target's current schema (the previous "
+        "run's result): evolve the target (a retyped column's values go to <name>__v_<kind>), freeze "
+        "(fail the run before staging), discard_row (quarantine rows holding values in new or retyped "
+        "columns), discard_value (drop those values, keep the rows). Removed columns are null in new rows "
+        "except under freeze. See assets/etl/drift.py",
     )
     columns: dict[FieldName, ColumnContract] = Field(default_factory=dict)
 
@@ -438,7 +445,9 @@ class SchemaContract(StrictModel):
 class SqlTargetSpec(StrictModel):
     kind: Literal["sql"]
     url_env: str | None = None
-    url: str | None = None
+    url: str | None = Field(
+        default=None, description="A relative SQLite path is relative to $JUNCTION_HOME (created if missing)"
+    )
     table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")]
 
     @model_validator(mode="after")
