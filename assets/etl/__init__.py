@@ -6,8 +6,9 @@ walks `assets/`), so none of them defines Dagster objects at module level or imp
 Expectations outside a function; pyarrow and pydantic are cheap enough to import eagerly.
 
 - `spec`: the pydantic model of a pipeline spec and its loader (`load_pipelines`).
-- `sources`: file sources (CSV, JSON, JSON Lines, XML, Parquet) and the SQL source, all behind `Source`.
-- `transforms`: select/rename/map/cast/cleanse/derive/filter/dedupe/python steps over Arrow.
+- `sources`: file sources (CSV, JSON, JSON Lines, XML, Parquet), the SQL source and other pipelines'
+  published assets, all behind `Source`.
+- `transforms`: select/rename/map/cast/cleanse/derive/filter/dedupe/enrich/aggregate/python steps over Arrow.
 - `quarantine`: rejected records with their source position, and the per-run row counts.
 - `runner`: source + transforms -> clean Arrow tables, quarantine and counts (`run_pipeline`).
 - `checks`: rules and contract as Great Expectations expectations (kernel/schema where GX cannot),

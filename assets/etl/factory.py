@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
 from assets.etl.drift import SchemaDriftError
-from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
+from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target, target_base_dir
 from assets.etl.quarantine import Quarantine
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
@@ -52,13 +52,6 @@ __all__ = [
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
-
-
-def target_base_dir() -> Path:
-    """Relative file targets live under $JUNCTION_HOME, never inside the repository's spec folder."""
-    from orchestration.settings import get_settings
-
-    return get_settings().home_dir
 
 
 def _rate(rows: int, seconds: float) -> float:
@@ -107,7 +100,7 @@ def stage(
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
-    source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
+    source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream)
 
     started = time.perf_counter()
     try:
@@ -119,7 +112,7 @@ def stage(
         ) from None
     # With no rows left, the table has the target's columns: a replace empties it and keeps its schema.
     table, quarantine, counts, drift = result.to_table(), result.quarantine, result.counts, result.drift
-    load_id = result.identity.load_id
+    load_id, step_reports = result.identity.load_id, result.step_reports
     read_seconds = time.perf_counter() - started
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
@@ -131,7 +124,10 @@ def stage(
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="junction-stage") as pool:
         staging = pool.submit(_stage_rows, target, table, quarantine, load_id, run_id)
-        report = validate(table, quality_checks(spec), counts.read - counts.filtered_total)
+        # Rows merged into an aggregate's groups were not meant to be loaded one by one.
+        report = validate(
+            table, quality_checks(spec), counts.read - counts.filtered_total - counts.merged_into_groups
+        )
         stage_seconds = staging.result()
     stage_and_validate_seconds = time.perf_counter() - started
     log.info(
@@ -148,6 +144,13 @@ def stage(
         **counts.as_metadata(),
         "rows_filtered_by_step": dg.MetadataValue.json(counts.filtered),
         "rows_quarantined_by_step": dg.MetadataValue.json(counts.quarantined),
+        **(
+            {"aggregated_by_step": dg.MetadataValue.json(counts.aggregated)}  # {step: {input_rows, groups}}
+            if counts.aggregated
+            else {}
+        ),
+        # What steps report beyond the counts; enrich: the lookup, its rows, rows matched and not.
+        **({"step_reports": dg.MetadataValue.json(step_reports)} if step_reports else {}),
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": column_schema(table.schema),
         "load_id": load_id,
@@ -211,6 +214,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
 
     @dg.asset(
         key=staged_key,
+        # Other pipelines' published assets it reads (source, enrich lookups): the lineage graph's edges.
+        deps=[dg.AssetKey(upstream) for upstream in pipeline.upstream],
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},

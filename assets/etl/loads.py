@@ -71,6 +71,7 @@ __all__ = [
     "Target",
     "load_steps",
     "open_target",
+    "target_base_dir",
 ]
 
 LOAD_ID_COLUMN = "_junction_load_id"
@@ -86,6 +87,13 @@ class PublishOutcome:
     rows_published: int
     target_rows: int
     skipped_reason: str | None = None
+
+
+def target_base_dir() -> Path:
+    """Relative file targets live under $JUNCTION_HOME, never inside the repository's spec folder."""
+    from orchestration.settings import get_settings
+
+    return get_settings().home_dir
 
 
 def with_load_id(table: pa.Table, load_id: str) -> pa.Table:

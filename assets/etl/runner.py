@@ -19,10 +19,12 @@ and `RowCounts.check` proves ``read == loaded + filtered + quarantined``.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -37,8 +39,10 @@ from orchestration.errors import JunctionError
 __all__ = [
     "ArrowTableSource",
     "PipelineResult",
+    "input_identity",
     "iter_pipeline",
     "load_result",
+    "lookup_opener",
     "run_pipeline",
 ]  # ArrowTableSource re-exported
 
@@ -54,6 +58,7 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
     drift: SchemaDrift | None = None  # when run against a target that already exists
     schema: pa.Schema | None = None  # of an empty result: the target's (see `to_table`)
+    step_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # enrich: lookup and matches
 
     def to_table(self) -> pa.Table:
         """Every clean row in one table; batches whose inferred types differ are promoted (int -> double)."""
@@ -77,18 +82,43 @@ def _run_steps(
     return batch
 
 
+def lookup_opener(
+    spec: PipelineSpec, base_dir: Path, upstream: Mapping[str, LoadedPipeline] | None = None
+) -> Callable[[Any], Source]:
+    """How the spec's enrich steps open their lookups: like its source (same folder, same upstream)."""
+    return functools.partial(open_source, base_dir=base_dir, batch_size=spec.batch_size, upstream=upstream)
+
+
+def input_identity(spec: PipelineSpec, source: Source, open_lookup: Callable[[Any], Source]) -> InputIdentity:
+    """The source's identity, plus each enrich lookup's: a changed lookup changes the load id too."""
+    identity = source.identity()
+    lookups = [step.enrich.lookup for step in spec.transforms if step.enrich is not None]
+    if not lookups:
+        return identity
+    parts = [part for lookup in lookups for part in open_lookup(lookup).identity().parts]
+    return InputIdentity(identity.kind, (*identity.parts, ("lookups",), *parts))
+
+
 def iter_pipeline(
     spec: PipelineSpec,
     source: Source,
     quarantine: Quarantine,
     counts: RowCounts,
+    *,
     after: Sequence[Step] = (),
+    open_lookup: Callable[[Any], Source] | None = None,
+    step_reports: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
 
     `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
+    `open_lookup` opens enrich lookups (default: relative to the working directory); `step_reports`,
+    when given, receives what steps report about themselves at the end (enrich: lookup and matches).
     """
-    steps = [*build_steps(spec.transforms), *after]
+    steps = [
+        *build_steps(spec.transforms, open_lookup=open_lookup or lookup_opener(spec, Path.cwd())),
+        *after,
+    ]
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
         out = _run_steps(batch, steps, 0, quarantine, counts)
@@ -106,6 +136,8 @@ def iter_pipeline(
     counts.read += by_step.get(READ_STEP, 0)
     counts.quarantined = by_step
     counts.check()
+    if step_reports is not None:
+        step_reports.update({step.name: report for step in steps if (report := step.report()) is not None})
 
 
 def run_pipeline(
@@ -120,22 +152,30 @@ def run_pipeline(
     With a `target`, the load's steps run too: the contract's drift policy against the target's
     current schema (`result.drift`) and, for a merge, one row per key (the last).
     """
+    upstream: Mapping[str, LoadedPipeline] | None = None
     if isinstance(pipeline, LoadedPipeline):
-        spec, base_dir = pipeline.spec, base_dir or pipeline.base_dir
+        spec, base_dir, upstream = pipeline.spec, base_dir or pipeline.base_dir, pipeline.upstream
     else:
         spec = pipeline
+    base_dir = base_dir or Path.cwd()
     if source is None:
-        source = open_source(spec.source, base_dir or Path.cwd(), spec.batch_size)
-    identity = source.identity()
+        source = open_source(spec.source, base_dir, spec.batch_size, upstream)
+    open_lookup = lookup_opener(spec, base_dir, upstream)
+    identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
     after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts, after))
+    step_reports: dict[str, dict[str, Any]] = {}
+    tables = list(
+        iter_pipeline(
+            spec, source, quarantine, counts, after=after, open_lookup=open_lookup, step_reports=step_reports
+        )
+    )
     elapsed = time.perf_counter() - started
     drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
     schema = target.current_schema() if target is not None and not tables else None
     return PipelineResult(
-        tables, quarantine, counts, identity, {"read_and_transform": elapsed}, drift, schema
+        tables, quarantine, counts, identity, {"read_and_transform": elapsed}, drift, schema, step_reports
     )
 
 

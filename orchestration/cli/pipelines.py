@@ -31,7 +31,14 @@ def list_pipelines() -> None:
         return
     for name, pipeline in sorted(loaded.items()):
         spec = pipeline.spec
-        source = f"{spec.source.kind}:{getattr(spec.source, 'path', None) or spec.source.table or 'query'}"
+        where = (
+            getattr(spec.source, "path", None)
+            or getattr(spec.source, "table", None)
+            or getattr(spec.source, "pipeline", None)
+            or getattr(spec.source, "asset", None)
+            or "query"
+        )
+        source = f"{spec.source.kind}:{where}"
         target = (
             f"{spec.target.kind}:{getattr(spec.target, 'table', None) or spec.target.path}"
             if spec.target
