@@ -18,6 +18,8 @@ Expectations outside a function; pyarrow and pydantic are cheap enough to import
   files: replace by swap, append by load id, merge by key; quarantine next to the target.
 - `factory`: `pipeline_definitions` turns every spec into a staged asset (with check specs), a published
   asset, a job and a schedule; merged in `orchestration/definitions.py`.
+- `report`: the quality report of a run, built from what Dagster recorded (metadata, check
+  evaluations); text, JSON and a self-contained HTML page (Jinja2 and pygal, imported when drawing).
 """
 
 from __future__ import annotations

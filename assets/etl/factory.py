@@ -36,6 +36,7 @@ from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summar
 from assets.etl.drift import SchemaDriftError
 from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target, target_base_dir
 from assets.etl.quarantine import Quarantine
+from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
@@ -165,6 +166,8 @@ def stage(
         "rows_per_second": _rate(counts.read, read_seconds + stage_and_validate_seconds),
         "quality_score_checks": round(report.expectations_score, 4),
         "quality_score_rows": round(report.valid_rows_score, 4),
+        "rows_valid": report.valid_rows,
+        QUARANTINE_BY_REASON: dg.MetadataValue.json(quarantine.reasons()),
         QUALITY_SUMMARY: dg.MetadataValue.md(
             summary_markdown(report, quarantine.count_by_reason())
             + ("" if drift is None else "\n\n" + drift.markdown())
@@ -191,10 +194,33 @@ def asset_check_results(outcomes: list[CheckOutcome]) -> list[dg.AssetCheckResul
             passed=outcome.passed,
             severity=_severity(outcome.check),
             description=outcome.check.description,
-            metadata=outcome.metadata(),
+            metadata={**outcome.metadata(), "blocking": outcome.check.blocking},
         )
         for outcome in outcomes
     ]
+
+
+def report_link(name: str, context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """The run's quality report link as metadata (empty, with a warning, when no link can be signed).
+
+    The Dagster UI cannot open local files: the HTML report is served by the gateway, and the link
+    carries a token for this run because a browser has no API key.
+    """
+    try:
+        return {QUALITY_REPORT: dg.MetadataValue.url(report_url(name, context.run_id))}
+    except OSError as exc:  # the signing key file could not be created or read
+        context.log.warning(f"no quality report link: cannot sign it ({exc})")
+        return {}
+
+
+def target_label(pipeline: LoadedPipeline) -> str:
+    """The target as the pipeline list shows it, from the spec alone (no connection, no credentials)."""
+    target = pipeline.spec.target
+    if target is None:
+        return "none (staged in memory)"
+    if target.kind == "file":
+        return f"{target.format} file {target.path}"
+    return f"{_target_kind(pipeline)} table {target.table}"
 
 
 def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
@@ -219,6 +245,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
+        # The gateway's pipeline list reads these through GraphQL.
+        metadata={"target": target_label(pipeline), "load_mode": spec.load.mode},
         check_specs=asset_check_specs(checks, staged_key),
         **common,
     )
@@ -229,6 +257,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         finally:
             if target is not None:
                 target.dispose()
+        metadata.update(report_link(name, context))
         return dg.MaterializeResult(metadata=metadata, check_results=asset_check_results(outcomes))
 
     assets: list[dg.AssetsDefinition] = [staged]
@@ -269,6 +298,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            metadata.update(report_link(name, context))
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
             staged_metadata = (

@@ -157,6 +157,23 @@ class Quarantine:
         """(step, field) -> count: the quarantine summary of the quality report."""
         return dict(Counter((record.step, record.field) for record in self._records))
 
+    def reasons(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The quarantine by (step, field), largest first, each with its first reason as an example.
+
+        Reasons name the rejected value, so they are grouped by where the rows were rejected; the
+        quality report shows at most `limit` groups (the counts by step stay complete).
+        """
+        counts: Counter[tuple[str, str | None]] = Counter()
+        examples: dict[tuple[str, str | None], str] = {}
+        for record in self._records:
+            key = (record.step, record.field)
+            counts[key] += 1
+            examples.setdefault(key, record.reason)
+        return [
+            {"step": step, "field": field_name, "rows": rows, "example": examples[(step, field_name)]}
+            for (step, field_name), rows in counts.most_common(limit)
+        ]
+
     def to_table(self) -> pa.Table:
         return pa.Table.from_pylist([record.__dict__ for record in self._records], schema=QUARANTINE_SCHEMA)
 
