@@ -31,8 +31,11 @@ rows stay where they are, for inspection. Quarantined records go next to the tar
 (``<table>_quarantine`` or ``<stem>_quarantine.parquet``) with the load id and run id; re-running
 the same input replaces that input's quarantine rather than adding to it.
 
-Bulk paths: PostgreSQL gets the rows through ``COPY … FROM STDIN (FORMAT csv)`` (psycopg2
-`copy_expert`) from an in-memory CSV written by Arrow; SQLite through `executemany`. File targets
+Bulk paths: PostgreSQL's staging table gets the rows by binary COPY straight from Arrow (the ADBC
+PostgreSQL driver) when every column has a binary form equal to its SQL type (integers but int8,
+float64, text, booleans, dates, timestamps to the microsecond), else - and for the quarantine -
+through ``COPY … FROM STDIN (FORMAT csv)`` (psycopg2 `copy_expert`) from an in-memory CSV written by
+Arrow; SQLite through `executemany`. File targets
 are read back and rewritten whole for append and merge (Arrow, in memory), then written to a temp
 file in the target's folder and renamed over the target (atomic on one file system).
 """
@@ -267,12 +270,15 @@ class SqlTarget(Target):
 
         return sa.inspect(connection).has_table(table, schema=self.schema)
 
+    def _create_sql(self, table: str, schema: pa.Schema, *, if_not_exists: bool = False) -> str:
+        columns = ", ".join(f"{self._quote(f.name)} {_sql_type(f.type, self.dialect)}" for f in schema)
+        guard = "IF NOT EXISTS " if if_not_exists else ""
+        return f"CREATE TABLE {guard}{self._qualified(table)} ({columns})"
+
     def _create(self, connection: Any, table: str, schema: pa.Schema, *, if_not_exists: bool = False) -> None:
         import sqlalchemy as sa
 
-        columns = ", ".join(f"{self._quote(f.name)} {_sql_type(f.type, self.dialect)}" for f in schema)
-        guard = "IF NOT EXISTS " if if_not_exists else ""
-        connection.execute(sa.text(f"CREATE TABLE {guard}{self._qualified(table)} ({columns})"))
+        connection.execute(sa.text(self._create_sql(table, schema, if_not_exists=if_not_exists)))
 
     def _insert(self, connection: Any, table: str, rows: pa.Table) -> None:
         """Bulk insert inside the connection's transaction: COPY on PostgreSQL, executemany on SQLite."""
@@ -304,10 +310,26 @@ class SqlTarget(Target):
         import sqlalchemy as sa
 
         staged = with_load_id(table, load_id)
+        if self.dialect == "postgresql" and all(_binary_copy_fits(field.type) for field in staged.schema):
+            self._stage_by_binary_copy(staged)
+            return
         with self.engine.begin() as connection:
             connection.execute(sa.text(f"DROP TABLE IF EXISTS {self._qualified(self.staged_name)}"))
             self._create(connection, self.staged_name, staged.schema)
             self._insert(connection, self.staged_name, staged)
+
+    def _stage_by_binary_copy(self, staged: pa.Table) -> None:
+        """Drop, create and fill the staging table in one transaction, the rows sent by the ADBC
+        PostgreSQL driver as binary COPY straight from Arrow: nothing is formatted as text by us or
+        parsed by the server, and the driver streams while the server writes."""
+        import adbc_driver_postgresql.dbapi as adbc
+
+        uri = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with adbc.connect(uri) as connection, connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {self._qualified(self.staged_name)}")
+            cursor.execute(self._create_sql(self.staged_name, staged.schema))
+            cursor.adbc_ingest(self.staged_name, staged, mode="append", db_schema_name=self.schema)
+            connection.commit()
 
     def _staged_columns(self, connection: Any) -> list[str]:
         import sqlalchemy as sa
@@ -510,6 +532,19 @@ class SqlTarget(Target):
 
     def read_quarantine(self) -> pa.Table | None:
         return self._read(self.quarantine_name)
+
+
+def _binary_copy_fits(data_type: pa.DataType) -> bool:
+    """Whether the ADBC driver's binary COPY form of `data_type` is exactly the PostgreSQL type that
+    `_sql_type` declares for it (binary COPY converts nothing); other tables go by CSV COPY."""
+    if pa.types.is_timestamp(data_type):
+        return data_type.unit in ("s", "ms", "us")  # nanoseconds would be cut, not rounded
+    return (
+        pa.types.is_boolean(data_type)
+        or data_type in (pa.int16(), pa.int32(), pa.int64(), pa.float64(), pa.date32())
+        or pa.types.is_string(data_type)
+        or pa.types.is_large_string(data_type)
+    )
 
 
 def _duplicate_key_message(target: str, keys: list[str], values: Any, count: int) -> str:

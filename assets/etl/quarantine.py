@@ -105,8 +105,12 @@ class QuarantinedRecord:
         return f"{self.source} {where}: {self.step}: {what}{self.reason}"
 
 
+# One encoder for every record: `json.dumps` with options builds a new one per call.
+_ROW_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def _row_as_json(row: dict[str, Any]) -> str:
-    return json.dumps(row, default=str, ensure_ascii=False)
+    return _ROW_ENCODER.encode(row)
 
 
 class Quarantine:

@@ -11,10 +11,11 @@ select, rename, map
 cast
     `pyarrow.compute.cast` with Arrow's safe checks (no overflow, truncation or unparseable text).
     When a column does not cast as a whole, the failing rows are found vectorised: values that do not
-    look like a number (an RE2 test over the column) are tried one by one, and the rest is bisected -
-    cast halves until the failing values are isolated - so a batch with k bad values costs about
-    k·log(n) small casts, and a clean batch exactly one. Failing rows are quarantined with the field
-    and Arrow's reason; the rest of the batch goes on.
+    look like the target (an RE2 test over the column for numbers, timestamps and dates) are tried
+    once per distinct value, and the rest is bisected - cast halves until the failing values are
+    isolated - so a batch with k bad values costs about k·log(n) small casts, and a clean batch
+    exactly one. Failing rows are quarantined with the field and Arrow's reason (a row once, for the
+    first field that fails); the rest of the batch goes on, filtered once per batch.
 cleanse
     Per string field, in this order: trim, null tokens -> null, regex replacements (RE2, ``\\1`` for
     groups), case; then `defaults` fill the nulls of any field.
@@ -86,6 +87,11 @@ __all__ = ["Step", "TransformError", "build_steps", "cast_column"]
 # Arrow's text-to-number parsing; values not matching are tried one at a time (see `cast_column`).
 _INTEGER_TEXT = r"^[+-]?[0-9]+$"
 _FLOAT_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^(?i:[+-]?(inf|infinity|nan))$"
+# The ISO 8601 shapes Arrow's text-to-timestamp cast accepts (a zone only for zoned targets).
+_DATE_TEXT = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+_TIMESTAMP_TEXT = _DATE_TEXT + r"([T ]([01][0-9]|2[0-3])(:[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?)?)?"
+_ZONE_TEXT = r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)"
+_MOST_TRIED_ONE_BY_ONE = 1_000  # distinct suspect values; more and the column is bisected instead
 _INDEX = "__junction_index"
 
 
@@ -174,7 +180,14 @@ class MapValues(Step):
 
 def cast_column(values: pa.Array, target: pa.DataType) -> tuple[pa.Array | None, dict[int, str]]:
     """Arrow's safe cast of a column: (cast values, {}) when every value casts, else
-    (None, {index: reason}) for the failing values; the caller drops those rows and casts again."""
+    (None, {index: reason}) for the failing values (`cast_valid` also gives the rest cast)."""
+    cast, failures = cast_valid(values, target)
+    return (None, failures) if failures else (cast, {})
+
+
+def cast_valid(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, dict[int, str]]:
+    """Arrow's safe cast of a column with every failing value null in the result, and
+    {index: reason} for the failing values. A clean column costs one cast."""
     if values.type == target:
         return values, {}
     try:
@@ -184,45 +197,92 @@ def cast_column(values: pa.Array, target: pa.DataType) -> tuple[pa.Array | None,
     except pa.ArrowInvalid:
         pass
     failures: dict[int, str] = {}
-    suspects = _suspects(values, target)
+    # Equal values fail alike: each distinct value is tried once (bad values tend to repeat: "N/A").
+    reasons: dict[Any, str | None] = {}
 
-    def try_one(index: int) -> None:
+    def reason(one: pa.Array) -> str | None:
+        plain = one[0].as_py()
         try:
-            pc.cast(values.slice(index, 1), target, safe=True)
+            if plain in reasons:
+                return reasons[plain]
+        except TypeError:  # unhashable (a struct's dict): not remembered
+            pass
+        try:
+            pc.cast(one, target, safe=True)
+            why = None
         except pa.ArrowInvalid as exc:
-            failures[index] = f"cannot cast {values[index].as_py()!r} to {target}: {exc}"
-
-    def bisect(part: pa.Array, offset: int) -> None:
+            why = f"cannot cast {plain!r} to {target}: {exc}"
         try:
-            pc.cast(part, target, safe=True)
+            reasons[plain] = why
+        except TypeError:
+            pass
+        return why
+
+    def bisect(part: pa.Array, offset: int) -> pa.Array | None:
+        try:
+            return pc.cast(part, target, safe=True)
         except pa.ArrowInvalid:
             if len(part) == 1:
-                try_one(offset)
-                return
+                why = reason(values.slice(offset, 1))
+                if why is not None:
+                    failures[offset] = why
+                return None
             middle = len(part) // 2
             bisect(part.slice(0, middle), offset)
             bisect(part.slice(middle), offset + middle)
+            return None
 
+    suspects = _suspects(values, target)
     if suspects is not None:
-        for index in pc.indices_nonzero(suspects).to_pylist():
-            try_one(index)
-        values_left = pc.if_else(suspects, pa.scalar(None, values.type), values)
-    else:
-        values_left = values
-    bisect(values_left, 0)
-    return None, failures
+        suspect_indices = pc.indices_nonzero(suspects)
+        distinct = pc.unique(values.take(suspect_indices))
+        if len(distinct) > max(_MOST_TRIED_ONE_BY_ONE, len(values) // 10):
+            suspects = None  # the test does not fit this column's text: bisect it all
+        else:
+            why_by_value = [reason(distinct.slice(at, 1)) for at in range(len(distinct))]
+            failing_values = distinct.filter(pa.array([why is not None for why in why_by_value], pa.bool_()))
+            if len(failing_values):
+                failing = pc.and_(suspects, pc.is_in(values, value_set=failing_values))
+                failing_indices = pc.indices_nonzero(failing)
+                positions = pc.index_in(values.take(failing_indices), value_set=distinct).to_pylist()
+                failures.update(
+                    zip(failing_indices.to_pylist(), [why_by_value[at] for at in positions], strict=True)
+                )
+    values_left = values if suspects is None else pc.if_else(suspects, pa.scalar(None, values.type), values)
+    cast_left = bisect(values_left, 0)
+    if cast_left is not None and suspects is not None and len(failures) == pc.sum(suspects).as_py():
+        return cast_left, failures  # the suspects were exactly the failing values: already null
+    mask = np.zeros(len(values), dtype=bool)
+    mask[list(failures)] = True
+    return pc.cast(pc.if_else(pa.array(mask), pa.scalar(None, values.type), values), target), failures
 
 
 def _suspects(values: pa.Array, target: pa.DataType) -> pa.Array | None:
-    """Text values that do not look like the target number type (None: no cheap test applies)."""
+    """Text values that do not look like the target type (None: no cheap test applies). Only a
+    shortcut: suspects are tried one distinct value at a time, the rest bisected, so a pattern that
+    is too strict or too loose costs time, never a wrong answer."""
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return None
     if pa.types.is_integer(target):
         pattern = _INTEGER_TEXT
     elif pa.types.is_floating(target):
         pattern = _FLOAT_TEXT
+    elif pa.types.is_timestamp(target):
+        pattern = _TIMESTAMP_TEXT + (_ZONE_TEXT if target.tz else "") + "$"
+    elif pa.types.is_date(target):
+        pattern = _DATE_TEXT + "$"
     else:
         return None
+    if pattern is _INTEGER_TEXT:
+        # Plain digits match the pattern: only the rest (signs, junk) goes through RE2, ~6x slower.
+        digits = pc.fill_null(pc.ascii_is_decimal(values), False)
+        rest = pc.indices_nonzero(pc.invert(digits))
+        rest_wrong = pc.invert(
+            pc.fill_null(pc.match_substring_regex(values.take(rest), pattern=pattern), False)
+        )
+        wrong = np.zeros(len(values), dtype=bool)
+        wrong[rest.to_numpy()] = rest_wrong.to_numpy(zero_copy_only=False)
+        return pc.and_(pc.is_valid(values), pa.array(wrong))
     looks_right = pc.match_substring_regex(values, pattern=pattern)
     return pc.and_(pc.is_valid(values), pc.invert(pc.fill_null(looks_right, False)))
 
@@ -234,20 +294,25 @@ class Cast(Step):
 
     def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
         self.require(batch.table, list(self.types))
+        # Every field is cast over the whole batch and the rejected rows leave in one filter at the
+        # end; a row is quarantined once, for the first field (in spec order) that does not cast.
+        table = batch.table
+        rejected = np.zeros(batch.num_rows, dtype=bool)
         for field, target in self.types.items():
-            column = batch.table.column(field).combine_chunks()
             try:
-                cast, failures = cast_column(column, target)
+                cast, failures = cast_valid(table.column(field).combine_chunks(), target)
             except TransformError as exc:
                 raise TransformError(f"{self.name}.{field}: {exc}") from None
-            if failures:
-                indices = sorted(failures)
-                quarantine.add_rows(batch, indices, self.name, field, [failures[index] for index in indices])
-                keep = pc.invert(pc.is_in(pa.array(range(batch.num_rows)), value_set=pa.array(indices)))
-                batch = batch.filter(keep)
-                cast, _ = cast_column(batch.table.column(field).combine_chunks(), target)
-            batch = batch.with_table(_set_column(batch.table, field, cast))
-        return batch
+            new = [index for index in sorted(failures) if not rejected[index]]
+            if new:
+                # The record shows the fields cast so far, as the rows are when this field fails.
+                quarantine.add_rows(
+                    batch.with_table(table), new, self.name, field, [failures[index] for index in new]
+                )
+                rejected[new] = True
+            table = _set_column(table, field, cast)
+        batch = batch.with_table(table)
+        return batch.filter(pa.array(~rejected)) if rejected.any() else batch
 
 
 class Cleanse(Step):
@@ -341,16 +406,29 @@ class DedupeFirst(Step):
         super().__init__(name)
         self.keys = keys
         self.seen: pa.Table | None = None  # the keys of every row passed on so far
+        # One integer key: the keys seen as a sorted numpy array, probed by binary search, so a batch
+        # costs O(b log n) instead of a hash join that rebuilds its table of all n keys seen.
+        self.seen_sorted: np.ndarray | None = None
+        self.seen_type: pa.DataType | None = None
 
     def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
         self.require(batch.table, self.keys)
         indexed = batch.table.select(self.keys).append_column(
-            _INDEX, pa.array(range(batch.num_rows), pa.int64())
+            _INDEX, pa.array(np.arange(batch.num_rows, dtype=np.int64))
         )
         firsts = indexed.group_by(self.keys, use_threads=False).aggregate([(_INDEX, "min")])
         firsts = firsts.rename_columns(
             [_INDEX if name == f"{_INDEX}_min" else name for name in firsts.column_names]
         )
+        key_type = firsts.schema.field(self.keys[0]).type
+        if self.seen is None and len(self.keys) == 1 and pa.types.is_integer(key_type):
+            if self.seen_type is not None and key_type != self.seen_type:
+                raise TransformError(
+                    f"{self.name}: the key {self.keys[0]} is {key_type} here but was {self.seen_type} "
+                    "in earlier batches (cast it in a step before)"
+                )
+            self.seen_type = key_type
+            return self._keep(batch, self._new_by_sorted_keys(firsts), counts)
         if self.seen is not None and self.seen.num_rows:
             firsts = firsts.join(self.seen, self.keys, join_type="left anti", use_threads=False)
         new_keys = firsts.select(self.keys)
@@ -359,6 +437,24 @@ class DedupeFirst(Step):
             if self.seen is None
             else pa.concat_tables([self.seen, new_keys], promote_options="permissive")
         )
+        return self._keep(batch, firsts, counts)
+
+    def _new_by_sorted_keys(self, firsts: pa.Table) -> pa.Table:
+        """The first rows whose key is not seen yet; their keys join the seen ones. A null key never
+        matches across batches, as in the hash join."""
+        column = firsts.column(self.keys[0])
+        valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+        keys = column.fill_null(0).to_numpy()
+        seen = self.seen_sorted if self.seen_sorted is not None else keys[:0]
+        if len(seen):
+            at = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+            new = ~(valid & (seen[at] == keys))
+            firsts, keys, valid = firsts.filter(pa.array(new)), keys[new], valid[new]
+        # Two sorted runs: the stable sort (timsort) merges them in linear time.
+        self.seen_sorted = np.sort(np.concatenate([seen, keys[valid]]), kind="stable")
+        return firsts
+
+    def _keep(self, batch: Batch, firsts: pa.Table, counts: RowCounts) -> Batch:
         kept = batch.take(_sorted_indices(firsts.column(_INDEX)))
         counts.add_filtered(self.name, batch.num_rows - kept.num_rows)
         return kept
