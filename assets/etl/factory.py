@@ -34,11 +34,16 @@ from assets.etl.runner import iter_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
-__all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "target_base_dir"]
+__all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "pipeline_job_name", "target_base_dir"]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
+
+
+def pipeline_job_name(name: str) -> str:
+    """The job materializing a pipeline's assets (workflow Sync steps launch it by this name)."""
+    return f"{name}_pipeline"
 
 
 def target_base_dir() -> Path:
@@ -232,7 +237,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         assets.append(published)
 
     job = dg.define_asset_job(
-        f"{name}_pipeline",
+        pipeline_job_name(name),
         selection=dg.AssetSelection.assets(*assets),
         description=spec.description,
         tags={PIPELINE_TAG: name, KIND_TAG: "pipeline"},

@@ -46,6 +46,9 @@ class StepContext:
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: Any = None
     run_tags: Mapping[str, str] = field(default_factory=dict)
+    # The Dagster op context, for the steps that talk to the instance (Sync launches a run); None
+    # outside a Dagster run (a compensation's context is built the same way).
+    op_context: Any = None
 
     def variables(self) -> dict[str, Any]:
         """The template/condition namespace (see the module doc)."""

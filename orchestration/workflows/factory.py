@@ -229,6 +229,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             resources={key: getattr(context.resources, key) for key in step_type.resource_keys},
             log=context.log,
             run_tags=dict(context.run.tags),
+            op_context=context,
         )
         if step.when is not None and not evaluate(parse_condition(step.when), step_context.variables()):
             context.log.info(
@@ -242,7 +243,15 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 lambda: step_type.run(step.config, step_context), step.timeout_s, step.id
             )
         except parking.ParkStep as parked:
-            parking.park(execution_id, spec.name, workflow_inputs, step.id, context.run_id, parked.wake_at)
+            parking.park(
+                execution_id,
+                spec.name,
+                workflow_inputs,
+                step.id,
+                context.run_id,
+                parked.wake_at,
+                waiting_on_run_id=parked.waiting_on_run_id,
+            )
             context.instance.add_run_tags(
                 context.run_id, {parking.STATE_TAG: parking.WAITING, parking.PARKED_STEP_TAG: step.id}
             )

@@ -1,7 +1,8 @@
 """The resume sensor: launches the next run of every parked execution whose time has come.
 
 Due means the checkpoint is `waiting`, its `wake_at` has passed (a Delay's time, an Approval's
-decision or timeout) and the run that parked it has finished (a run still busy with other branches
+decision or timeout) or the run it waits on (a Sync step's child run) has finished, and the run that
+parked it has finished (a run still busy with other branches
 must not race its successor). The sensor asks for a fresh run of the same job with the execution's
 inputs, tagged with the execution id and where it resumes from, under the run key
 `resume:{execution_id}:{step_id}`: Dagster launches at most one run per run key of a sensor, so
@@ -28,6 +29,12 @@ def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[d
         parked_run = instance.get_run_by_id(checkpoint.parked_run_id) if checkpoint.parked_run_id else None
         if parked_run is not None and not parked_run.is_finished:
             continue
+        if checkpoint.waiting_on_run_id is not None:
+            # A Sync step's child run: resume once it has finished (a run deleted meanwhile counts
+            # as finished; the step then reports it missing).
+            child = instance.get_run_by_id(checkpoint.waiting_on_run_id)
+            if child is not None and not child.is_finished:
+                continue
         requests.append(
             dg.RunRequest(
                 run_key=checkpoint.resume_run_key,
@@ -52,7 +59,8 @@ def resume_sensor(jobs: list[dg.JobDefinition]) -> dg.SensorDefinition:
         jobs=jobs,
         minimum_interval_seconds=RESUME_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Resumes parked workflow executions (delays due, approvals decided or timed out).",
+        description="Resumes parked workflow executions (delays due, approvals decided or timed out, "
+        "sync child runs finished).",
     )
     def workflow_resume(context: dg.SensorEvaluationContext):
         requests = resume_requests(context.instance, workflows)
