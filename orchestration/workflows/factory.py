@@ -28,7 +28,7 @@ output (`{error: {type, message}}`, status `failed`), the run continues, and the
 Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs are
 launched with it); a fresh run without it gets its own run id, set by its first op.
 
-Parking (`parking.py`): in a workflow with a parking step (Delay, Approval), each op saves its state
+Checkpoints (`parking.py`): in a workflow with a parking step (Delay, Approval, Sync) or compensations, each op saves its state
 in the execution's checkpoint when it completes, and first looks there: a step already completed in
 an earlier run of the execution returns its saved state at once ("restored from checkpoint" in its
 output metadata) instead of running again. A step raising `ParkStep` yields nothing, so the run ends
@@ -158,6 +158,14 @@ def is_parkable(spec: WorkflowSpec) -> bool:
     return any(STEP_TYPES[step.type].parks for step in spec.steps)
 
 
+def is_checkpointed(spec: WorkflowSpec) -> bool:
+    """Whether the workflow's steps save their states: to resume after parking, and to compensate
+    (a compensation sees its step's output, and runs in the reverse order of completion)."""
+    from orchestration.workflows.compensation import has_compensations
+
+    return is_parkable(spec) or has_compensations(spec)
+
+
 def restore_from_checkpoint(
     context: dg.OpExecutionContext, step_id: str, execution_id: str
 ) -> dict[str, Any] | None:
@@ -181,7 +189,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     secret_names = step.config.secret_env_names()
     upstream_ids = [dependency.partition(".")[0] for dependency in step.depends_on]
     single_output = step_type.outputs == (DEFAULT_OUTPUT,)
-    checkpointed = is_parkable(spec)
+    checkpointed = is_checkpointed(spec)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[dg.Output]:
         import os
@@ -360,16 +368,26 @@ def build_schedules(spec: WorkflowSpec, job: dg.JobDefinition) -> list[dg.Schedu
 
 
 def workflow_definitions(directory: str | Path) -> dg.Definitions:
-    """The jobs and schedules of every workflow spec in `directory`, and the resume sensor of the
-    workflows that park; a bad spec raises `SpecError`."""
+    """The jobs and schedules of every workflow spec in `directory`, the resume sensor of the
+    workflows that park, and the compensation jobs and failure sensor of the workflows that declare
+    compensations or on-failure notifications; a bad spec raises `SpecError`."""
+    from orchestration.workflows.compensation import build_compensation_job, failure_sensor, has_compensations
     from orchestration.workflows.resume import resume_sensor
 
     jobs, schedules, parkable = [], [], []
+    compensation_jobs, watched, watched_specs = [], [], {}
     for path, spec in load_workflows(workflow_files(directory)).items():
         job = build_job(spec, path)
         jobs.append(job)
         schedules.extend(build_schedules(spec, job))
         if is_parkable(spec):
             parkable.append(job)
+        if has_compensations(spec):
+            compensation_jobs.append(build_compensation_job(spec))
+        if has_compensations(spec) or spec.on_failure:
+            watched.append(job)
+            watched_specs[spec.name] = spec
     sensors = [resume_sensor(parkable)] if parkable else []
-    return dg.Definitions(jobs=jobs, schedules=schedules, sensors=sensors)
+    if watched:
+        sensors.append(failure_sensor(watched_specs, watched, compensation_jobs))
+    return dg.Definitions(jobs=[*jobs, *compensation_jobs], schedules=schedules, sensors=sensors)
