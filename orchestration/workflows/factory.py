@@ -18,6 +18,9 @@ itself finishes without an output and Dagster skips its downstream steps. Dagste
 op whose input is missing, so a step with a false `when` shows as succeeded-without-output, and its
 dependants as skipped.
 
+Context snapshot (`snapshot.py`): each op records its step's state in the run's `workflow_context`
+resource, whose teardown attaches the whole context (secrets masked) to the run as one engine event.
+
 Failures: the step's `retry` becomes the op's `RetryPolicy`; `timeout_s` is enforced here (Dagster
 has no per-op timeout) by running the step in a daemon thread and failing the op when the time is
 up (a Python thread cannot be killed; the abandoned thread ends with its own timeouts or the
@@ -53,6 +56,7 @@ from orchestration.workflows.context import (
     StepContext,
     mask_secrets,
 )
+from orchestration.workflows.snapshot import SNAPSHOT_RESOURCE_KEY, context_snapshot_resource
 from orchestration.workflows.spec import WorkflowSpec, load_workflows, workflow_files
 from orchestration.workflows.steps import DEFAULT_OUTPUT, STEP_TYPES
 
@@ -202,6 +206,8 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
         execution_id = execution_id_of(context)
         workflow_inputs = dict(context.op_config or {})
         secrets = [os.environ.get(name, "") for name in secret_names]
+        snapshot = getattr(context.resources, SNAPSHOT_RESOURCE_KEY)
+        snapshot.inputs = workflow_inputs
         if checkpointed:
             saved = restore_from_checkpoint(context, step.id, execution_id)
             if saved is not None:
@@ -209,6 +215,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 if saved["output_name"] is None:
                     return
                 state = saved["state"]
+                snapshot.record(step.id, state, secrets)
                 yield dg.Output(
                     {**states, step.id: state},
                     output_name=saved["output_name"],
@@ -267,9 +274,12 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 f"step {step.id!r} parked the workflow ({parked.reason}); the run ends here and the "
                 "resume sensor starts the next one"
             )
+            snapshot.record(step.id, {"output": None, "status": "waiting", "reason": parked.reason}, secrets)
             return
         except Exception as exc:
             if not step.continue_on_failure or context.retry_number < max_retries:
+                error = {"type": type(exc).__name__, "message": str(exc)}
+                snapshot.record(step.id, {"output": {"error": error}, "status": "failed"}, secrets)
                 raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=True) from exc
             context.log.warning(f"step {step.id!r} failed; continuing (continue_on_failure): {exc}")
             output = {"error": {"type": type(exc).__name__, "message": str(exc)}}
@@ -282,9 +292,11 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             # A branch that failed takes no branch: everything after it is skipped.
             context.log.warning(f"step {step.id!r} failed: no branch taken")
             save({"output": output, "status": status}, None)
+            snapshot.record(step.id, {"output": output, "status": status}, secrets)
             return
         state = {"output": output, "status": status}
         save(state, output_name)
+        snapshot.record(step.id, state, secrets)
         yield dg.Output(
             {**states, step.id: state},
             output_name=output_name,
@@ -307,7 +319,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             for output in step_type.outputs
         },
         config_schema=dg.Permissive(),
-        required_resource_keys=set(step_type.resource_keys),
+        required_resource_keys={*step_type.resource_keys, SNAPSHOT_RESOURCE_KEY},
         tags={"junction/step_type": step.type},
         retry_policy=policy,
     )
@@ -330,7 +342,7 @@ def build_job(spec: WorkflowSpec, source: Path | None = None) -> dg.JobDefinitio
         config_schema=inputs_config_schema(spec),
     )
     resource_keys = {key for step in spec.steps for key in STEP_TYPES[step.type].resource_keys}
-    resources: dict[str, Any] = {}
+    resources: dict[str, Any] = {SNAPSHOT_RESOURCE_KEY: context_snapshot_resource}
     if "notifications" in resource_keys:
         from resources.notifications import NotificationsResource
 
