@@ -247,3 +247,26 @@ def test_on_failure_templates_are_checked_at_load_time():
     assert "on_failure[0].body: 'steps.reserve.output': on_failure cannot read step outputs" in str(
         raised.value
     )
+
+
+def test_the_shipped_examples_have_their_compensation_job_sensors_and_schedule():
+    from orchestration.settings import PROJECT_ROOT
+
+    definitions = workflow_definitions(PROJECT_ROOT / "orchestration" / "workflows")
+    compensation = definitions.resolve_job_def("order_approval_compensate")
+    assert set(compensation.nodes[0].definition.output_dict) == {"release_hold", "tell_finance_rolled_back"}
+    assert "notifications" in compensation.resource_defs
+    failures = definitions.resolve_sensor_def(FAILURE_SENSOR_NAME)
+    assert failures.default_status == dg.DefaultSensorStatus.RUNNING
+    resume = definitions.resolve_sensor_def(RESUME_SENSOR_NAME)
+    assert {target.job_name for target in resume.targets} >= {"order_approval", "nightly_flights_report"}
+    schedule = definitions.resolve_schedule_def("nightly_flights_report_schedule")
+    assert schedule.cron_schedule == "0 5 * * *"
+    job = definitions.resolve_job_def("order_approval")
+    assert {node.name for node in job.nodes} == {
+        "lookup_order",
+        "has_amount",
+        "sign_off",
+        "refresh_flights",
+        "notify_finance",
+    }
