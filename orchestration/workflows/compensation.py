@@ -81,7 +81,7 @@ def _metadata_value(value: Any) -> dg.MetadataValue:
 
 def build_compensation_job(spec: WorkflowSpec) -> dg.JobDefinition:
     """`<workflow>_compensate`: one op running the planned compensations (see the module doc)."""
-    from orchestration.workflows.factory import run_with_timeout
+    from orchestration.workflows.factory import op_definition_name, run_with_timeout
 
     compensations = {c.id: (step, c) for step in spec.steps for c in step.compensate}
     resource_keys = {key for _, c in compensations.values() for key in STEP_TYPES[c.type].resource_keys}
@@ -143,7 +143,7 @@ def build_compensation_job(spec: WorkflowSpec) -> dg.JobDefinition:
 
     op = dg.OpDefinition(
         compute_fn=compute,
-        name=COMPENSATE_OP,
+        name=op_definition_name(compensation_job_name(spec.name), COMPENSATE_OP),
         description=f"Undo the completed steps of a failed {spec.name} execution, last completed first.",
         config_schema={
             "execution_id": dg.Field(str, description="The failed execution."),
@@ -164,6 +164,7 @@ def build_compensation_job(spec: WorkflowSpec) -> dg.JobDefinition:
         name=compensation_job_name(spec.name),
         description=f"Compensation of the {spec.name} workflow: launched by the {FAILURE_SENSOR_NAME} sensor.",
         node_defs=[op],
+        dependencies={dg.NodeInvocation(op.name, alias=COMPENSATE_OP): {}},
     ).to_job(
         resource_defs=resources,
         executor_def=dg.in_process_executor,

@@ -1,6 +1,7 @@
 """The workflow job factory: each `WorkflowSpec` becomes a Dagster job (and schedules for its crons).
 
-Shape: one op per step, named by the step id and described by its description; one op input per
+Shape: one op per step, named by the step id (its definition by `<workflow>__<step>`, unique in the
+code location) and described by its description; one op input per
 `depends_on` entry, named after the upstream step, wired to that step's output (`result`, or a
 conditional's `then` / `otherwise`). Dagster skips an op when an input's upstream output was not
 yielded, so a conditional's branch not taken, and everything after it, shows as skipped.
@@ -305,7 +306,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
 
     return dg.OpDefinition(
         compute_fn=compute,
-        name=step.id,
+        name=op_definition_name(spec.name, step.id),
         description=step.description or step_type.description,
         ins={
             upstream_id: dg.In(description=f"states up to step {upstream_id}") for upstream_id in upstream_ids
@@ -325,10 +326,17 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     )
 
 
+def op_definition_name(workflow: str, node: str) -> str:
+    """Op definitions must have names unique in the code location, and two workflows may both have a
+    step `lookup`: the definition is named `<workflow>__<step>`, the node in the job (what the UI,
+    the run config and the step keys show) by the step id alone."""
+    return f"{workflow}__{node}"
+
+
 def build_job(spec: WorkflowSpec, source: Path | None = None) -> dg.JobDefinition:
     ops = [step_op(spec, step) for step in spec.steps]
     dependencies = {
-        step.id: {
+        dg.NodeInvocation(op_definition_name(spec.name, step.id), alias=step.id): {
             dependency.partition(".")[0]: dg.DependencyDefinition(
                 dependency.partition(".")[0], dependency.partition(".")[2] or DEFAULT_OUTPUT
             )

@@ -21,7 +21,6 @@ from orchestration.workflows.steps.base import DEFAULT_OUTPUT, StepConfig, StepT
 STEP_TYPES: dict[str, StepType] = {
     module.STEP_TYPE.name: module.STEP_TYPE
     for module in (
-        sync,
         notification,
         transformation,
         conditional,
@@ -29,6 +28,7 @@ STEP_TYPES: dict[str, StepType] = {
         custom_script,
         delay,
         approval,
+        sync,
     )
 }
 
