@@ -153,6 +153,8 @@ def child_result(instance: Any, run: Any) -> dict[str, Any]:
 
 
 def sync(config: SyncConfig, context: StepContext) -> dict[str, Any]:
+    import dagster as dg
+
     from orchestration.workflows.parking import ParkStep
 
     instance = context.op_context.instance
@@ -161,6 +163,9 @@ def sync(config: SyncConfig, context: StepContext) -> dict[str, Any]:
         child = launch_child(config, context)
         if context.log is not None:
             context.log.info(f"launched child run {child.run_id} ({child.job_name}) through the run queue")
+    elif child.status == dg.DagsterRunStatus.NOT_STARTED:
+        # Created but never queued (the worker died in between): queue it now rather than wait forever.
+        child = instance.submit_run(child.run_id, workspace=None)
     if not child.is_finished:
         raise ParkStep(
             f"waiting for child run {child.run_id} ({child.job_name})", None, waiting_on_run_id=child.run_id
