@@ -37,7 +37,21 @@ python
     same kind. It may drop rows (counted as filtered; the remaining rows' positions are then unknown)
     but not add any.
 
-Enrich (lookup joins) and aggregate come with the next slice of the ETL issue.
+enrich
+    A lookup join (`pyarrow.Table.join`, left outer) against a file, SQL or another pipeline's
+    published asset, on key fields. The lookup is read once per run, on the first batch, and **held
+    in memory** (its null keys dropped: they match nothing); a key found twice in it fails the run
+    (``lookup_duplicates: error``) or keeps its first row (``first``). Only the keys and a row index
+    go through the join, and the rows are put back in their order, so positions stay aligned. The
+    lookup's key columns are cast to the data's key types (CSV lookups read as strings). Rows without
+    a match are kept (added columns null), dropped (counted as filtered) or quarantined with the
+    reason ``no match in <lookup> for key=…``. Null keys never match.
+aggregate
+    Group by fields with count/sum/mean/min/max/first/last (`pyarrow.Table.group_by`, single-threaded
+    so that first/last follow input order); groups come out in order of their first row. It **holds its
+    whole input in memory** (only the fields it needs) until the input ends, then releases one row
+    per group; `RowCounts.aggregated` records N input rows -> G groups, and the N - G rows merged
+    into groups are the fourth term of the counts invariant.
 """
 
 from __future__ import annotations
@@ -47,15 +61,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.spec import (
+    AggregateStep,
     CleanseStep,
     CompiledCondition,
     CompiledExpression,
     DedupeStep,
+    EnrichStep,
     MapStep,
     PythonStep,
     TransformStep,
@@ -87,6 +104,10 @@ class Step(ABC):
 
     def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
         return []
+
+    def report(self) -> dict[str, Any] | None:
+        """What the step has to say about its run beyond the counts (run metadata), if anything."""
+        return None
 
     def require(self, table: pa.Table, fields: list[str]) -> None:
         missing = [name for name in fields if name not in table.column_names]
@@ -426,8 +447,233 @@ class PythonFunction(Step):
         return Batch(table, batch.source, unknown, unknown)
 
 
-def build_steps(transforms: list[TransformStep], prefix: str = "transforms") -> list[Step]:
-    """The steps of a spec's `transforms:` list, each named by its location (``transforms[2].cast``)."""
+# Opens an enrich step's lookup source (`sources.open_source` bound to the spec's folder and upstream).
+OpenLookup = Callable[[Any], Any]
+_LOOKUP_ROW = "__junction_lookup_row"
+
+
+class Enrich(Step):
+    """Only keys and row numbers go through the join (any column type can be added, and the payload
+    is not copied twice); the added columns are then taken from the lookup by its matched row."""
+
+    def __init__(self, name: str, options: EnrichStep, open_lookup: OpenLookup | None):
+        super().__init__(name)
+        self.options = options
+        self.open_lookup = open_lookup
+        self.left_keys = list(options.on)
+        self.right_keys = [f"__junction_key_{index}" for index in range(len(options.on))]
+        self.keys: pa.Table | None = None  # the lookup's keys (internal names) and row numbers
+        self.values: pa.Table | None = None  # the columns added, named with the prefix
+        self.lookup_name = ""
+        self.lookup_rows = 0
+        self.matched = self.unmatched = 0
+
+    def report(self) -> dict[str, Any] | None:
+        if self.keys is None:
+            return None  # no row reached the step: the lookup was never read
+        return {
+            "lookup": self.lookup_name,
+            "lookup_rows": self.lookup_rows,
+            "matched": self.matched,
+            "unmatched": self.unmatched,
+            "unmatched_rows": self.options.unmatched,
+        }
+
+    def _read_lookup(self) -> None:
+        if self.open_lookup is None:
+            raise TransformError(f"{self.name}: no way to open the lookup (run it through the runner)")
+        source = self.open_lookup(self.options.lookup)
+        self.lookup_name = source.description
+        problems = Quarantine()
+        tables = [batch.table for batch in source.read(problems)]
+        if len(problems):
+            raise TransformError(
+                f"{self.name}.lookup: {len(problems)} malformed record(s) in {self.lookup_name} "
+                f"(first: {next(iter(problems))}); a lookup must read cleanly"
+            )
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        self.lookup_rows = table.num_rows
+        keys = list(self.options.on.values())
+        missing = [name for name in [*keys, *(self.options.columns or [])] if name not in table.column_names]
+        if missing and table.num_rows:
+            raise TransformError(
+                f"{self.name}: the lookup {self.lookup_name} has no field {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(table.column_names)})"
+            )
+        if missing and self.options.columns is None:
+            raise TransformError(
+                f"{self.name}: the lookup {self.lookup_name} is empty, so the fields it adds are unknown; "
+                "list them in columns"
+            )
+        if missing:  # an empty lookup: nothing matches, the listed columns come out null
+            table = pa.table(
+                {name: pa.nulls(0) for name in dict.fromkeys([*keys, *(self.options.columns or [])])}
+            )
+        has_keys = pc.is_valid(table.column(keys[0]))
+        for key in keys[1:]:
+            has_keys = pc.and_(has_keys, pc.is_valid(table.column(key)))
+        table = self._unique_keys(table.filter(has_keys), keys)
+        columns = self.options.columns or [name for name in table.column_names if name not in keys]
+        self.values = pa.table({self.options.prefix + name: table.column(name) for name in columns})
+        self.keys = pa.table(
+            {
+                **{internal: table.column(key) for internal, key in zip(self.right_keys, keys, strict=True)},
+                _LOOKUP_ROW: pa.array(np.arange(table.num_rows, dtype=np.int64)),
+            }
+        )
+
+    def _unique_keys(self, table: pa.Table, keys: list[str]) -> pa.Table:
+        if not table.num_rows:
+            return table
+        grouped = (
+            table.select(keys)
+            .append_column(_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            .group_by(keys, use_threads=False)
+            .aggregate([(_INDEX, "min"), ([], "count_all")])
+        )
+        if grouped.num_rows == table.num_rows:
+            return table
+        if self.options.lookup_duplicates == "first":
+            return table.take(_sorted_indices(grouped.column(f"{_INDEX}_min")))
+        repeated = grouped.filter(pc.greater(grouped.column("count_all"), 1))
+        examples = ", ".join(
+            f"{_key_text(row, keys)} ({row['count_all']} rows)" for row in repeated.slice(0, 3).to_pylist()
+        )
+        raise TransformError(
+            f"{self.name}: {repeated.num_rows} key(s) occur more than once in the lookup {self.lookup_name}, "
+            f"e.g. {examples}; make its keys unique or set lookup_duplicates: first"
+        )
+
+    def _keys_for(self, table: pa.Table) -> pa.Table:
+        """The lookup's keys cast to the data's key types (CSV lookups are strings); cached once cast."""
+        if self.keys is None:
+            self._read_lookup()
+        keys = self.keys
+        assert keys is not None
+        for left, right in zip(self.left_keys, self.right_keys, strict=True):
+            wanted = table.schema.field(left).type
+            current = keys.schema.field(right).type
+            if current == wanted:
+                continue
+            try:
+                cast = pc.cast(keys.column(right), wanted, safe=True)
+            except pa.ArrowException as exc:
+                raise TransformError(
+                    f"{self.name}.on.{left}: the lookup's key {self.options.on[left]} ({current}) does not "
+                    f"cast to the data's {wanted}: {exc}"
+                ) from None
+            keys = keys.set_column(keys.column_names.index(right), right, cast)
+        self.keys = keys
+        return keys
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.left_keys)
+        keys = self._keys_for(batch.table)
+        assert self.values is not None
+        clashes = [name for name in self.values.column_names if name in batch.table.column_names]
+        if clashes:
+            raise TransformError(
+                f"{self.name}: the lookup's {', '.join(map(repr, clashes))} would replace a field of the "
+                "data; set a prefix or list the columns"
+            )
+        probe = batch.table.select(self.left_keys).append_column(
+            _INDEX, pa.array(np.arange(batch.num_rows, dtype=np.int64))
+        )
+        joined = probe.join(
+            keys, keys=self.left_keys, right_keys=self.right_keys, join_type="left outer", use_threads=False
+        )
+        # The join does not keep row order; the lookup's keys are unique, so one row comes out per row.
+        lookup_rows = joined.column(_LOOKUP_ROW).take(pc.sort_indices(joined.column(_INDEX))).combine_chunks()
+        table = batch.table
+        for name, column in zip(self.values.column_names, self.values.take(lookup_rows).columns, strict=True):
+            table = table.append_column(name, column)
+        enriched = batch.with_table(table)
+        self.matched += batch.num_rows - lookup_rows.null_count
+        self.unmatched += lookup_rows.null_count
+        if self.options.unmatched == "keep" or lookup_rows.null_count == 0:
+            return enriched
+        matched = pc.is_valid(lookup_rows)
+        unmatched = pc.indices_nonzero(pc.invert(matched)).to_pylist()
+        if self.options.unmatched == "drop":
+            counts.add_filtered(self.name, len(unmatched))
+        else:
+            rows = batch.table.select(self.left_keys).take(pa.array(unmatched, pa.int64())).to_pylist()
+            reasons = [
+                f"no match in {self.lookup_name} for key={_key_text(row, self.left_keys)}" for row in rows
+            ]
+            quarantine.add_rows(batch, unmatched, self.name, ",".join(self.left_keys), reasons)
+        return enriched.filter(matched)
+
+
+def _key_text(row: dict[str, Any], keys: list[str]) -> str:
+    values = [row[key] for key in keys]
+    return repr(values[0]) if len(values) == 1 else repr(tuple(values))
+
+
+class Aggregate(Step):
+    def __init__(self, name: str, options: AggregateStep):
+        super().__init__(name)
+        self.options = options
+        self.fields = list(
+            dict.fromkeys(
+                [
+                    *options.by,
+                    *(metric.field for metric in options.metrics.values() if metric.field is not None),
+                ]
+            )
+        )
+        self.held: list[pa.Table] = []
+
+    def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
+        self.require(batch.table, self.fields)
+        self.held.append(batch.table.select(self.fields))  # only what the groups need
+        return batch.take(pa.array([], pa.int64()))  # nothing goes on until the input ends
+
+    def finish(self, quarantine: Quarantine, counts: RowCounts) -> list[Batch]:
+        if not self.held:
+            return []
+        try:
+            table = pa.concat_tables(self.held, promote_options="permissive")
+        except pa.ArrowException as exc:
+            raise TransformError(
+                f"{self.name}: the batches do not fit one table (cast the fields): {exc}"
+            ) from None
+        self.held = []
+        by = list(self.options.by)
+        aggregations: list[tuple[Any, ...]] = []
+        for metric in self.options.metrics.values():
+            if metric.fn == "count" and metric.field is None:
+                aggregations.append(([], "count_all"))
+            elif metric.fn == "count":
+                aggregations.append((metric.field, "count", pc.CountOptions(mode="only_valid")))
+            else:
+                aggregations.append((metric.field, metric.fn))
+        # Arrow's group order is its hash table's; the first row of each group orders them as the input.
+        aggregations.append((_INDEX, "min"))
+        table = table.append_column(_INDEX, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        try:
+            grouped = table.group_by(by, use_threads=False).aggregate(aggregations)
+        except pa.ArrowNotImplementedError as exc:
+            kinds = ", ".join(f"{name} ({table.schema.field(name).type})" for name in self.fields)
+            raise TransformError(
+                f"{self.name}: a metric does not apply to its field's type: {exc} [{kinds}]"
+            ) from None
+        # pyarrow puts the keys first (older releases: last); the metrics keep their order.
+        first = len(by) if grouped.column_names[: len(by)] == by else 0
+        grouped = grouped.take(pc.sort_indices(grouped.column(first + len(self.options.metrics))))
+        columns = {name: grouped.column(name) for name in by}
+        for offset, name in enumerate(self.options.metrics):
+            columns[name] = grouped.column(first + offset)
+        result = pa.table(columns)
+        counts.add_aggregated(self.name, table.num_rows, result.num_rows)
+        return [Batch.from_table(result, self.name)]
+
+
+def build_steps(
+    transforms: list[TransformStep], prefix: str = "transforms", open_lookup: OpenLookup | None = None
+) -> list[Step]:
+    """The steps of a spec's `transforms:` list, each named by its location (``transforms[2].cast``);
+    `open_lookup` opens enrich lookups (a spec's source section -> `sources.Source`)."""
     steps: list[Step] = []
     for index, transform in enumerate(transforms):
         kind, options = transform.kind, transform.options
@@ -449,6 +695,10 @@ def build_steps(transforms: list[TransformStep], prefix: str = "transforms") -> 
         elif kind == "dedupe":
             dedupe: DedupeStep = options
             steps.append((DedupeFirst if dedupe.keep == "first" else DedupeLast)(name, dedupe.keys))
+        elif kind == "enrich":
+            steps.append(Enrich(name, options, open_lookup))
+        elif kind == "aggregate":
+            steps.append(Aggregate(name, options))
         else:
             steps.append(PythonFunction(name, options))
     return steps

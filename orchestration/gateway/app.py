@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
-from orchestration.gateway.api import analytics, approvals, audit, jobs, keys, runs, streams
+from orchestration.gateway.api import analytics, approvals, audit, jobs, keys, pipelines, runs, streams
 from orchestration.gateway.dagster_client import DagsterClient
 from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
@@ -38,6 +38,7 @@ V1_ROUTERS = [
     analytics.router,
     streams.router,
     approvals.router,
+    pipelines.router,
 ]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30

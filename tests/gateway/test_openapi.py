@@ -26,6 +26,7 @@ FUZZ_SCOPES = [
     "events:publish:orders",
     "approvals:read",
     "approvals:decide",
+    "pipelines:read",
 ]
 MAX_EXAMPLES = 15
 # Operations whose inputs are checked beyond what a schema can say (Dagster validates run config
@@ -109,6 +110,9 @@ def test_every_operation_answers_2xx_to_a_valid_request(
     headers = {"Authorization": f"Bearer {fuzz_key}"}
     with httpx.Client(base_url=f"{live_platform.base_url}/gateway", headers=headers, timeout=30) as client:
         run_id = client.post("/v1/jobs/audit_log_verification/runs", json={}).json()["run_id"]
+        # A report needs a pipeline run that staged: the shipped flights pipeline (~336k rows).
+        pipeline_run_id = client.post("/v1/jobs/flights_pipeline/runs", json={}).json()["run_id"]
+        wait_for_run(client, pipeline_run_id)
         client.post("/v1/keys", json={"name": "to-revoke", "scopes": ["runs:read"]})
     to_approve, to_reject = (open_approval(live_platform, step) for step in ("approve_me", "reject_me"))
 
@@ -148,6 +152,12 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             "body": {"comment": "fine"},
         },
         ("POST", "/v1/approvals/{request_id}/reject"): {"path_parameters": {"request_id": to_reject}},
+        ("GET", "/v1/pipelines"): {},
+        ("GET", "/v1/pipelines/{name}/reports"): {"path_parameters": {"name": "flights"}},
+        ("GET", "/v1/pipelines/{name}/reports/{run_id}"): {
+            "path_parameters": {"name": "flights", "run_id": pipeline_run_id},
+            "headers": {"Accept": "application/json"},
+        },
     }
     documented = {
         (method.upper(), path)
@@ -166,6 +176,19 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             continue
         response = case.call_and_validate(headers=headers)
         assert 200 <= response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
+
+
+def wait_for_run(client: httpx.Client, run_id: str, timeout_s: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/runs/{run_id}").json()["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            assert status == "SUCCESS", f"run {run_id} ended {status}"
+            return
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} did not finish in {timeout_s} s")
 
 
 def open_approval(live_platform, step_id: str) -> str:

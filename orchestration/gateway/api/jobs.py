@@ -28,6 +28,18 @@ class RunBrief(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
 
+    @classmethod
+    def from_graphql(cls, run: dict[str, Any] | None) -> RunBrief | None:
+        """From a GraphQL run with runId, status, startTime and endTime (None stays None)."""
+        if run is None:
+            return None
+        return cls(
+            run_id=run["runId"],
+            status=run["status"],
+            started_at=timestamp(run["startTime"]),
+            ended_at=timestamp(run["endTime"]),
+        )
+
 
 class JobSummary(BaseModel):
     name: str
@@ -97,14 +109,7 @@ async def list_jobs(
                     location=repository["location"],
                     repository=repository["name"],
                     description=job["description"],
-                    latest_run=RunBrief(
-                        run_id=latest["runId"],
-                        status=latest["status"],
-                        started_at=timestamp(latest["startTime"]),
-                        ended_at=timestamp(latest["endTime"]),
-                    )
-                    if latest
-                    else None,
+                    latest_run=RunBrief.from_graphql(latest),
                 )
             )
         for group in repository["assetGroups"]:
