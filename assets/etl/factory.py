@@ -47,12 +47,18 @@ __all__ = [
     "asset_check_specs",
     "build_pipeline",
     "pipeline_definitions",
+    "pipeline_job_name",
     "target_base_dir",
 ]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
+
+
+def pipeline_job_name(name: str) -> str:
+    """The job materializing a pipeline's assets (workflow Sync steps launch it by this name)."""
+    return f"{name}_pipeline"
 
 
 def _rate(rows: int, seconds: float) -> float:
@@ -314,7 +320,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         assets.append(published)
 
     job = dg.define_asset_job(
-        f"{name}_pipeline",
+        pipeline_job_name(name),
         selection=dg.AssetSelection.assets(*assets),
         description=spec.description,
         tags={PIPELINE_TAG: name, KIND_TAG: "pipeline"},

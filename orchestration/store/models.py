@@ -229,7 +229,8 @@ class WorkflowCheckpoint(Base):
     """One workflow execution's checkpoint: its inputs and the states of the steps it completed.
 
     `state` is `running` while a run of the execution works, `waiting` once a step parked it; the
-    resume sensor launches the next run when `wake_at` has passed and `parked_run_id` has finished.
+    resume sensor launches the next run when `wake_at` has passed (or `waiting_on_run_id` has
+    finished) and `parked_run_id` has finished.
     """
 
     __tablename__ = "workflow_checkpoints"
@@ -241,6 +242,8 @@ class WorkflowCheckpoint(Base):
     state: Mapped[str] = mapped_column(String(20), nullable=False, index=True)
     parked_step: Mapped[str | None] = mapped_column(String(200), nullable=True)
     parked_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A run the parked step waits for (a Sync step's child run); the sensor resumes once it finished.
+    waiting_on_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     wake_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

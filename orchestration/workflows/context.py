@@ -52,8 +52,9 @@ class StepContext:
     log: Any = None
     run_tags: Mapping[str, str] = field(default_factory=dict)
     trigger: Mapping[str, Any] | None = None
-    # The op's Dagster context, for steps that drive Dagster machinery themselves (Pipes).
-    dagster_context: Any = None
+    # The Dagster op context, for the steps that drive Dagster themselves (Sync launches a run, a
+    # Custom Script opens a Pipes session); None outside a Dagster run (a compensation's context).
+    op_context: Any = None
     events: list[Any] = field(default_factory=list)
     output_metadata: dict[str, Any] = field(default_factory=dict)
 

@@ -1,6 +1,7 @@
 """The workflow job factory: each `WorkflowSpec` becomes a Dagster job (and schedules for its crons).
 
-Shape: one op per step, named by the step id and described by its description; one op input per
+Shape: one op per step, named by the step id (its definition by `<workflow>__<step>`, unique in the
+code location) and described by its description; one op input per
 `depends_on` entry, named after the upstream step, wired to that step's output (`result`, or a
 conditional's `then` / `otherwise`). Dagster skips an op when an input's upstream output was not
 yielded, so a conditional's branch not taken, and everything after it, shows as skipped.
@@ -18,6 +19,9 @@ itself finishes without an output and Dagster skips its downstream steps. Dagste
 op whose input is missing, so a step with a false `when` shows as succeeded-without-output, and its
 dependants as skipped.
 
+Context snapshot (`snapshot.py`): each op records its step's state in the run's `workflow_context`
+resource, whose teardown attaches the whole context (secrets masked) to the run as one engine event.
+
 Failures: the step's `retry` becomes the op's `RetryPolicy`; `timeout_s` is enforced here (Dagster
 has no per-op timeout) by running the step in a daemon thread and failing the op when the time is
 up (a Python thread cannot be killed; the abandoned thread ends with its own timeouts or the
@@ -32,7 +36,7 @@ by a stream trigger (`triggers.py`) reads its event once and offers it to every 
 Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs are
 launched with it); a fresh run without it gets its own run id, set by its first op.
 
-Parking (`parking.py`): in a workflow with a parking step (Delay, Approval), each op saves its state
+Checkpoints (`parking.py`): in a workflow with a parking step (Delay, Approval, Sync) or compensations, each op saves its state
 in the execution's checkpoint when it completes, and first looks there: a step already completed in
 an earlier run of the execution returns its saved state at once ("restored from checkpoint" in its
 output metadata) instead of running again. A step raising `ParkStep` yields nothing, so the run ends
@@ -57,6 +61,7 @@ from orchestration.workflows.context import (
     StepContext,
     mask_secrets,
 )
+from orchestration.workflows.snapshot import SNAPSHOT_RESOURCE_KEY, context_snapshot_resource
 from orchestration.workflows.spec import WorkflowSpec, load_workflows, workflow_files
 from orchestration.workflows.steps import DEFAULT_OUTPUT, STEP_TYPES
 from orchestration.workflows.triggers import stream_triggers, trigger_of
@@ -163,6 +168,14 @@ def is_parkable(spec: WorkflowSpec) -> bool:
     return any(STEP_TYPES[step.type].parks for step in spec.steps)
 
 
+def is_checkpointed(spec: WorkflowSpec) -> bool:
+    """Whether the workflow's steps save their states: to resume after parking, and to compensate
+    (a compensation sees its step's output, and runs in the reverse order of completion)."""
+    from orchestration.workflows.compensation import has_compensations
+
+    return is_parkable(spec) or has_compensations(spec)
+
+
 def restore_from_checkpoint(
     context: dg.OpExecutionContext, step_id: str, execution_id: str
 ) -> dict[str, Any] | None:
@@ -186,7 +199,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
     secret_names = step.config.secret_env_names()
     upstream_ids = [dependency.partition(".")[0] for dependency in step.depends_on]
     single_output = step_type.outputs == (DEFAULT_OUTPUT,)
-    checkpointed = is_parkable(spec)
+    checkpointed = is_checkpointed(spec)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[dg.Output]:
         import os
@@ -199,6 +212,8 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
         execution_id = execution_id_of(context)
         workflow_inputs = dict(context.op_config or {})
         secrets = [os.environ.get(name, "") for name in secret_names]
+        snapshot = getattr(context.resources, SNAPSHOT_RESOURCE_KEY)
+        snapshot.inputs = workflow_inputs
         if checkpointed:
             saved = restore_from_checkpoint(context, step.id, execution_id)
             if saved is not None:
@@ -206,6 +221,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 if saved["output_name"] is None:
                     return
                 state = saved["state"]
+                snapshot.record(step.id, state, secrets)
                 yield dg.Output(
                     {**states, step.id: state},
                     output_name=saved["output_name"],
@@ -235,7 +251,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             log=context.log,
             run_tags=dict(context.run.tags),
             trigger=trigger_of(context),
-            dagster_context=context,
+            op_context=context,
         )
         if step.when is not None and not evaluate(parse_condition(step.when), step_context.variables()):
             context.log.info(
@@ -249,7 +265,15 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 lambda: step_type.run(step.config, step_context), step.timeout_s, step.id
             )
         except parking.ParkStep as parked:
-            parking.park(execution_id, spec.name, workflow_inputs, step.id, context.run_id, parked.wake_at)
+            parking.park(
+                execution_id,
+                spec.name,
+                workflow_inputs,
+                step.id,
+                context.run_id,
+                parked.wake_at,
+                waiting_on_run_id=parked.waiting_on_run_id,
+            )
             context.instance.add_run_tags(
                 context.run_id, {parking.STATE_TAG: parking.WAITING, parking.PARKED_STEP_TAG: step.id}
             )
@@ -257,9 +281,12 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 f"step {step.id!r} parked the workflow ({parked.reason}); the run ends here and the "
                 "resume sensor starts the next one"
             )
+            snapshot.record(step.id, {"output": None, "status": "waiting", "reason": parked.reason}, secrets)
             return
         except Exception as exc:
             if not step.continue_on_failure or context.retry_number < max_retries:
+                error = {"type": type(exc).__name__, "message": str(exc)}
+                snapshot.record(step.id, {"output": {"error": error}, "status": "failed"}, secrets)
                 raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=True) from exc
             context.log.warning(f"step {step.id!r} failed; continuing (continue_on_failure): {exc}")
             output = {"error": {"type": type(exc).__name__, "message": str(exc)}}
@@ -272,9 +299,11 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             # A branch that failed takes no branch: everything after it is skipped.
             context.log.warning(f"step {step.id!r} failed: no branch taken")
             save({"output": output, "status": status}, None)
+            snapshot.record(step.id, {"output": output, "status": status}, secrets)
             return
         state = {"output": output, "status": status}
         save(state, output_name)
+        snapshot.record(step.id, state, secrets)
         # What the step handed back for the UI (a Pipes program's materializations and metadata).
         yield from step_context.events
         yield dg.Output(
@@ -289,7 +318,7 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
 
     return dg.OpDefinition(
         compute_fn=compute,
-        name=step.id,
+        name=op_definition_name(spec.name, step.id),
         description=step.description or step_type.description,
         ins={
             upstream_id: dg.In(description=f"states up to step {upstream_id}") for upstream_id in upstream_ids
@@ -303,16 +332,23 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             for output in step_type.outputs
         },
         config_schema=dg.Permissive(),
-        required_resource_keys=set(step_type.resource_keys),
+        required_resource_keys={*step_type.resource_keys, SNAPSHOT_RESOURCE_KEY},
         tags={"junction/step_type": step.type},
         retry_policy=policy,
     )
 
 
+def op_definition_name(workflow: str, node: str) -> str:
+    """Op definitions must have names unique in the code location, and two workflows may both have a
+    step `lookup`: the definition is named `<workflow>__<step>`, the node in the job (what the UI,
+    the run config and the step keys show) by the step id alone."""
+    return f"{workflow}__{node}"
+
+
 def build_job(spec: WorkflowSpec, source: Path | None = None) -> dg.JobDefinition:
     ops = [step_op(spec, step) for step in spec.steps]
     dependencies = {
-        step.id: {
+        dg.NodeInvocation(op_definition_name(spec.name, step.id), alias=step.id): {
             dependency.partition(".")[0]: dg.DependencyDefinition(
                 dependency.partition(".")[0], dependency.partition(".")[2] or DEFAULT_OUTPUT
             )
@@ -326,7 +362,7 @@ def build_job(spec: WorkflowSpec, source: Path | None = None) -> dg.JobDefinitio
         config_schema=inputs_config_schema(spec),
     )
     resource_keys = {key for step in spec.steps for key in STEP_TYPES[step.type].resource_keys}
-    resources: dict[str, Any] = {}
+    resources: dict[str, Any] = {SNAPSHOT_RESOURCE_KEY: context_snapshot_resource}
     if "notifications" in resource_keys:
         from resources.notifications import NotificationsResource
 
@@ -365,11 +401,15 @@ def build_schedules(spec: WorkflowSpec, job: dg.JobDefinition) -> list[dg.Schedu
 
 def workflow_definitions(directory: str | Path) -> dg.Definitions:
     """The jobs and schedules of every workflow spec in `directory`, the sensors of their stream
-    triggers, and the resume sensor of the workflows that park; a bad spec raises `SpecError`."""
+    triggers, the resume sensor of the workflows that park, and the compensation jobs and failure
+    sensor of the workflows that declare compensations or on-failure notifications; a bad spec raises
+    `SpecError`."""
+    from orchestration.workflows.compensation import build_compensation_job, failure_sensor, has_compensations
     from orchestration.workflows.resume import resume_sensor
     from sensors.event_triggers import event_trigger_sensors
 
     jobs, schedules, parkable, triggers = [], [], [], []
+    compensation_jobs, watched, watched_specs = [], [], {}
     for path, spec in load_workflows(workflow_files(directory)).items():
         job = build_job(spec, path)
         jobs.append(job)
@@ -377,6 +417,13 @@ def workflow_definitions(directory: str | Path) -> dg.Definitions:
         triggers.extend(stream_triggers(spec, job))
         if is_parkable(spec):
             parkable.append(job)
+        if has_compensations(spec):
+            compensation_jobs.append(build_compensation_job(spec))
+        if has_compensations(spec) or spec.on_failure:
+            watched.append(job)
+            watched_specs[spec.name] = spec
     sensors = [resume_sensor(parkable)] if parkable else []
     sensors.extend(event_trigger_sensors(triggers))
-    return dg.Definitions(jobs=jobs, schedules=schedules, sensors=sensors)
+    if watched:
+        sensors.append(failure_sensor(watched_specs, watched, compensation_jobs))
+    return dg.Definitions(jobs=[*jobs, *compensation_jobs], schedules=schedules, sensors=sensors)

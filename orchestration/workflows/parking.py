@@ -6,7 +6,8 @@ parked step, the parked run and when to wake up), tags the run `junction/state=w
 nothing, so the run ends successfully with the steps after the parked one skipped. The resume sensor
 (`resume.py`) launches a fresh run of the same job once `wake_at` has passed; in that run every step
 found in the checkpoint returns its saved state at once, and execution continues after the parked
-step. An approval decided early moves `wake_at` to the decision's time.
+step. An approval decided early moves `wake_at` to the decision's time; a Sync step parks on its child
+run (`waiting_on_run_id`), and the sensor resumes once that run has finished.
 
 Nothing waits in memory: a parked execution is one row, so it survives a restart of the platform.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestration.store.db import session_scope
@@ -34,12 +35,14 @@ RESTORED = "restored from checkpoint"
 
 class ParkStep(Exception):  # noqa: N818 - a signal to the factory, not an error
     """Raised by a parking step: end the run here and wake the execution at `wake_at` (None: when an
-    outside event, such as an approval decision, sets it)."""
+    outside event, such as an approval decision, sets it), or once the run `waiting_on_run_id` (a Sync
+    step's child run) has finished."""
 
-    def __init__(self, reason: str, wake_at: datetime | None):
+    def __init__(self, reason: str, wake_at: datetime | None, waiting_on_run_id: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.wake_at = wake_at
+        self.waiting_on_run_id = waiting_on_run_id
 
 
 def utc_now() -> datetime:
@@ -57,6 +60,7 @@ class Checkpoint:
     parked_step: str | None
     parked_run_id: str | None
     wake_at: datetime | None
+    waiting_on_run_id: str | None = None
 
     @property
     def resume_run_key(self) -> str:
@@ -73,6 +77,7 @@ def _checkpoint(row: WorkflowCheckpoint) -> Checkpoint:
         parked_step=row.parked_step,
         parked_run_id=row.parked_run_id,
         wake_at=row.wake_at,
+        waiting_on_run_id=row.waiting_on_run_id,
     )
 
 
@@ -109,11 +114,15 @@ def save_step_state(
     *,
     engine: Engine | None = None,
 ) -> None:
-    """Record a completed step (`output_name` None: it yielded nothing, its `when` was false)."""
+    """Record a completed step (`output_name` None: it yielded nothing, its `when` was false).
+
+    `completed` numbers the steps in the order they completed, across the runs of the execution:
+    compensations run in the reverse of it."""
     with session_scope(engine, write_lock=True) as session:
         row = _row(session, execution_id, workflow, inputs)
+        entry = {"state": state, "output_name": output_name, "completed": len(row.step_outputs) + 1}
         # A new dict: SQLAlchemy only notices a JSON column change when the value is replaced.
-        row.step_outputs = {**row.step_outputs, step_id: {"state": state, "output_name": output_name}}
+        row.step_outputs = {**row.step_outputs, step_id: entry}
         row.updated_at = utc_now()
 
 
@@ -125,6 +134,7 @@ def park(
     run_id: str,
     wake_at: datetime | None,
     *,
+    waiting_on_run_id: str | None = None,
     engine: Engine | None = None,
 ) -> None:
     with session_scope(engine, write_lock=True) as session:
@@ -133,6 +143,7 @@ def park(
         row.parked_step = step_id
         row.parked_run_id = run_id
         row.wake_at = wake_at
+        row.waiting_on_run_id = waiting_on_run_id
         row.updated_at = utc_now()
 
 
@@ -161,13 +172,14 @@ def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | 
 
 
 def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None = None) -> list[Checkpoint]:
-    """Waiting executions of `workflows` whose wake-up time has come, oldest first."""
+    """Waiting executions of `workflows` whose wake-up time has come, oldest first, and those waiting
+    on a run (the caller checks whether that run has finished)."""
     statement = (
         select(WorkflowCheckpoint)
         .where(WorkflowCheckpoint.state == WAITING)
-        .where(WorkflowCheckpoint.wake_at <= now)
+        .where(or_(WorkflowCheckpoint.wake_at <= now, WorkflowCheckpoint.waiting_on_run_id.is_not(None)))
         .where(WorkflowCheckpoint.workflow.in_(sorted(workflows)))
-        .order_by(WorkflowCheckpoint.wake_at)
+        .order_by(WorkflowCheckpoint.updated_at)
     )
     with session_scope(engine) as session:
         return [_checkpoint(row) for row in session.scalars(statement)]

@@ -1,7 +1,8 @@
 """The resume sensor: launches the next run of every parked execution whose time has come.
 
 Due means the checkpoint is `waiting`, its `wake_at` has passed (a Delay's time, an Approval's
-decision or timeout) and the run that parked it has finished (a run still busy with other branches
+decision or timeout) or the run it waits on (a Sync step's child run) has finished, and the run that
+parked it has finished (a run still busy with other branches
 must not race its successor). The sensor asks for a fresh run of the same job with the execution's
 inputs, tagged with the execution id and where it resumes from, under the run key
 `resume:{execution_id}:{step_id}`: Dagster launches at most one run per run key of a sensor, so
@@ -34,6 +35,12 @@ def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[d
         event_tags = {
             key: value for key, value in (parked_run.tags if parked_run else {}).items() if key in EVENT_TAGS
         }
+        if checkpoint.waiting_on_run_id is not None:
+            # A Sync step's child run: resume once it has finished (a run deleted meanwhile counts
+            # as finished; the step then reports it missing).
+            child = instance.get_run_by_id(checkpoint.waiting_on_run_id)
+            if child is not None and not child.is_finished:
+                continue
         requests.append(
             dg.RunRequest(
                 run_key=checkpoint.resume_run_key,
@@ -59,7 +66,8 @@ def resume_sensor(jobs: list[dg.JobDefinition]) -> dg.SensorDefinition:
         jobs=jobs,
         minimum_interval_seconds=RESUME_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Resumes parked workflow executions (delays due, approvals decided or timed out).",
+        description="Resumes parked workflow executions (delays due, approvals decided or timed out, "
+        "sync child runs finished).",
     )
     def workflow_resume(context: dg.SensorEvaluationContext):
         requests = resume_requests(context.instance, workflows)

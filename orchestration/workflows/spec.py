@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, read_yaml, validate_spec
 from orchestration.workflows.steps import DEFAULT_OUTPUT, STEP_TYPES, StepConfig
+from orchestration.workflows.steps.notification import NotificationConfig
 
 IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 INPUT_TYPES: dict[str, tuple[type, ...]] = {
@@ -136,7 +137,9 @@ class StepBase(_Model):
     timeout_s: float | None = Field(default=None, gt=0, description="Enforced by the step itself.")
     continue_on_failure: bool = False
     compensate: list[CompensationStep] = Field(
-        default_factory=list, description="Run, in a later slice, if the workflow fails after this step."
+        default_factory=list,
+        description="Steps run by a compensation run if the workflow fails after this step completed "
+        "(compensations run in the reverse order of their steps' completion).",
     )
 
 
@@ -150,7 +153,7 @@ def _step_model(type_name: str, config_model: type[StepConfig], base: type[BaseM
 
 
 class CompensationBase(_Model):
-    """A compensating action: a step without edges, run in reverse order of completion (later slice)."""
+    """A compensating action: a step without edges, run in reverse order of completion (`compensation.py`)."""
 
     id: str = Field(pattern=IDENTIFIER)
     description: str = ""
@@ -183,6 +186,11 @@ class WorkflowSpec(_Model):
     )
     triggers: list[Trigger] = Field(default_factory=lambda: [ManualTrigger(type="manual")])
     steps: list[Step] = Field(min_length=1)
+    on_failure: list[NotificationConfig] = Field(
+        default_factory=list,
+        description="Notifications sent when a run of the workflow fails (templates over inputs, "
+        "execution, run, env and failure.run_id / failure.message / failure.steps).",
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -415,6 +423,7 @@ def workflow_problems(spec: WorkflowSpec) -> list[SpecProblem]:
                     upstream[step.id] | {step.id},
                 )
             )
+    problems.extend(_on_failure_problems(spec))
     launched_without_inputs = [t.type for t in spec.triggers if t.type in ("schedule", "stream")]
     if launched_without_inputs:
         kind = "scheduled" if launched_without_inputs[0] == "schedule" else "stream-triggered"
@@ -437,6 +446,45 @@ def _trigger_filter_problems(spec: WorkflowSpec) -> list[SpecProblem]:
                 parse_condition(trigger.filter)
             except SpecError as exc:
                 problems.extend(exc.within(("triggers", index, "filter")).problems)
+    return problems
+
+
+FAILURE_VARIABLES = ("run_id", "message", "steps")
+
+
+def _on_failure_problems(spec: WorkflowSpec) -> list[SpecProblem]:
+    """An on-failure notification sees the inputs, the execution, the failed run, env and `failure`;
+    no step outputs (which steps completed depends on where the run failed)."""
+    from orchestration.kernel.templates import is_template, referenced_variables
+
+    problems: list[SpecProblem] = []
+    for index, notification in enumerate(spec.on_failure):
+        raw = notification.model_dump(mode="python")
+        for field_name, value in raw.items():
+            if field_name in notification.not_templates:
+                continue
+            for where, text in _template_strings(value, ("on_failure", index, field_name)):
+                if not is_template(text):
+                    continue
+                try:
+                    variables = referenced_variables(text)
+                except SpecError as exc:
+                    problems.extend(exc.within(where).problems)
+                    continue
+                for variable in sorted(variables):
+                    parts = _parts(variable)
+                    if parts[0] == "failure":
+                        if len(parts) > 1 and parts[1] not in FAILURE_VARIABLES:
+                            reason = f"unknown variable '{variable}' (failure.{', failure.'.join(FAILURE_VARIABLES)})"
+                            problems.append(SpecProblem(format_location(where), reason))
+                    elif parts[0] == "steps":
+                        problems.append(
+                            SpecProblem(
+                                format_location(where), f"'{variable}': on_failure cannot read step outputs"
+                            )
+                        )
+                    elif reason := reference_problem(variable, spec, set()):
+                        problems.append(SpecProblem(format_location(where), reason))
     return problems
 
 

@@ -81,7 +81,8 @@ def test_job_shape_ops_edges_retry_config_tags_and_schedule():
         job.graph.node_named("numbers").definition.description == "The order's positive lines, with totals."
     )
     edges = {
-        (invocation.name, dependency.output, dependency.node)
+        # The node is the step id; its definition is named <workflow>__<step> (unique in the location).
+        (invocation.alias, dependency.output, dependency.node)
         for invocation, inputs in job.graph.dependencies.items()
         for dependency in inputs.values()
     }

@@ -134,7 +134,7 @@ def run_program(config: CustomScriptConfig, context: StepContext) -> dict[str, A
 
     import dagster as dg
 
-    if context.dagster_context is None:
+    if context.op_context is None:
         raise JunctionError("a command step needs the op's Dagster context (it runs only inside a run)")
     command = [str(part) for part in context.render(config.command)]
     if command[0] == "python":
@@ -154,7 +154,7 @@ def run_program(config: CustomScriptConfig, context: StepContext) -> dict[str, A
     if remaining is not None:
         timeout = max(min(timeout, remaining - STEP_TIMEOUT_MARGIN_S), 0.01)
     with dg.open_pipes_session(
-        context=context.dagster_context,
+        context=context.op_context,
         context_injector=dg.PipesTempFileContextInjector(),
         message_reader=dg.PipesTempFileMessageReader(),
         extras=extras,

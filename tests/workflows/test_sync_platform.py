@@ -1,0 +1,86 @@
+"""The Sync step on the real platform (`junction dev`: code server, daemon, run queue): launched through
+the gateway, the workflow queues its child run and parks; the daemon runs the child; the resume sensor
+resumes the workflow, whose Sync step exposes the child's counts. One child run, one resumed run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+import yaml
+from test_sync import PIPELINE, ROWS
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW = {
+    "name": "platform_sync",
+    "steps": [
+        {"id": "load", "type": "sync", "config": {"pipeline": "orders"}},
+        {
+            "id": "enough",
+            "type": "conditional",
+            "depends_on": ["load"],
+            "config": {"condition": {"field": "steps.load.output.loaded", "op": "gte", "value": 2}},
+        },
+    ],
+}
+
+
+def execution_runs(dagster_home: Path, execution_id: str) -> list[dg.DagsterRun]:
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sync_through_the_daemon_and_the_run_queue(start_platform, tmp_path):
+    pipelines, workflows = tmp_path / "pipelines", tmp_path / "workflows"
+    pipelines.mkdir()
+    workflows.mkdir()
+    (pipelines / "orders.yaml").write_text(yaml.safe_dump(PIPELINE))
+    (pipelines / "orders.csv").write_text("\n".join(ROWS) + "\n")
+    (workflows / "platform_sync.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    home = tmp_path / "platform-home"
+    platform = start_platform(
+        {
+            "JUNCTION_HOME": str(home),
+            "JUNCTION_WORKFLOWS_DIR": str(workflows),
+            "JUNCTION_PIPELINES_DIR": str(pipelines),
+        }
+    )
+    platform.wait_ready()
+    key = (home / "admin.key").read_text().strip()
+    with httpx.Client(base_url=f"{platform.base_url}/gateway", headers={"X-API-Key": key}, timeout=30) as api:
+        run_id = api.post("/v1/jobs/platform_sync/runs", json={}).json()["run_id"]
+    dagster_home = home / "dagster"
+
+    def all_three_finished():
+        runs = execution_runs(dagster_home, run_id)
+        return len(runs) == 3 and all(run.is_finished for run in runs) and runs
+
+    resumed, child, first = wait_for(all_three_finished, 300, "parent, child and resumed run")  # newest first
+    assert first.run_id == run_id and first.tags["junction/state"] == "waiting"
+    assert child.job_name == "orders_pipeline" and child.status == dg.DagsterRunStatus.SUCCESS
+    assert child.tags["junction/parent_run"] == run_id
+    assert resumed.status == dg.DagsterRunStatus.SUCCESS
+    assert resumed.tags["dagster/run_key"] == f"resume:{run_id}:load"
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        outputs = {
+            record.dagster_event.step_key: record.dagster_event.step_output_data
+            for record in instance.all_logs(resumed.run_id, of_type=dg.DagsterEventType.STEP_OUTPUT)
+        }
+    assert outputs["load"].metadata["output"].value["loaded"] == 2
+    assert outputs["load"].metadata["output"].value["run_id"] == child.run_id
+    assert outputs["enough"].output_name == "then"
+    assert platform.stop() == 0
