@@ -32,6 +32,7 @@ use their own run-key namespace, `replay:{replay_id}:...`, so they deliberately 
 from __future__ import annotations
 
 import json
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from assets.etl.spec import DEFAULT_TRIGGER_INTERVAL_S
 from orchestration.kernel.conditions import Condition, evaluate, parse_condition
 from orchestration.kernel.spec_errors import SpecError, SpecProblem
 from resources.event_stream import Event, EventId, EventsLost, EventStream
@@ -299,7 +301,8 @@ class StreamTrigger:
     target: RunTarget
     mode: Mode = field(default_factory=EachEvent)
     condition: Any = None  # the kernel condition as written (YAML/JSON); parsed once below
-    minimum_interval_seconds: int = 30
+    # Dagster's default (30 s) would add up to half a minute to every event; the daemon loops every ~5 s.
+    minimum_interval_seconds: int = DEFAULT_TRIGGER_INTERVAL_S
     max_events_per_tick: int = DEFAULT_MAX_EVENTS_PER_TICK
     max_runs_per_tick: int = DEFAULT_MAX_RUNS_PER_TICK
     tick_budget_seconds: float = DEFAULT_TICK_BUDGET_S
@@ -476,6 +479,11 @@ def event_trigger_sensors(
 # --- triggers declared in pipeline specs ---------------------------------------------------------------
 
 
+def trigger_sensor_name(pipeline: str, stream: str) -> str:
+    """`orders_etl_on_platform_runs` for stream `platform.runs`: Dagster names allow only [A-Za-z0-9_]."""
+    return f"{pipeline}_on_{re.sub(r'[^A-Za-z0-9_]', '_', stream)}"
+
+
 def pipeline_triggers(
     pipelines_dir: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
 ) -> list[StreamTrigger]:
@@ -494,7 +502,7 @@ def pipeline_triggers(
     problems: list[SpecProblem] = []
     for name, pipeline in pipelines.items():
         group = pipeline.spec.group or name
-        streams = [declared.stream for declared in pipeline.spec.triggers]
+        names = [trigger_sensor_name(name, declared.stream) for declared in pipeline.spec.triggers]
         for index, declared in enumerate(pipeline.spec.triggers):
             if declared.max_events_per_run and declared.debounce_seconds:
                 problems.append(
@@ -512,13 +520,13 @@ def pipeline_triggers(
                 mode = TimeWindows(declared.debounce_seconds)
             triggers.append(
                 StreamTrigger(
-                    # The index only where one pipeline has several triggers on the same stream.
-                    name=f"{name}_on_{declared.stream}"
-                    + (f"_{index}" if streams.count(declared.stream) > 1 else ""),
+                    # The index only where several triggers of one pipeline would share a name.
+                    name=names[index] + (f"_{index}" if names.count(names[index]) > 1 else ""),
                     stream=declared.stream,
                     target=AssetSelectionTarget(dg.AssetSelection.groups(group), name=f"pipeline {name}"),
                     mode=mode,
                     condition=declared.condition.source if declared.condition is not None else None,
+                    minimum_interval_seconds=declared.minimum_interval_seconds,
                     tags={"junction/pipeline": name},
                 )
             )

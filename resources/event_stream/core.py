@@ -20,6 +20,8 @@ from orchestration.errors import ConfigurationError, JunctionError
 # Larger than any sequence number either backend hands out; the seq of a "just before" cursor.
 MAX_SEQ = 2**63 - 1
 DEAD_LETTER_SUFFIX = ":dead-letter"
+# A declared stream's name (the registry and the pipeline spec's `triggers:` check it).
+STREAM_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,149}$"
 _ID_TEXT = re.compile(r"^\d+(-\d+)?$")
 
 

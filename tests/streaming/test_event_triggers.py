@@ -316,13 +316,29 @@ triggers:
   - stream: refunds
     debounce_seconds: 300
   - stream: returns
+    minimum_interval_seconds: 2
+  - stream: platform.runs
+    condition: {field: status, op: eq, value: failed}
+  - stream: platform_runs
 """
 
 
 def test_pipeline_spec_triggers_become_sensors(tmp_path):
     (tmp_path / "sales.yaml").write_text(PIPELINE)
     triggers = {t.name: t for t in pipeline_triggers(tmp_path)}
-    assert set(triggers) == {"sales_on_orders", "sales_on_refunds", "sales_on_returns"}
+    # Dotted stream names give valid Dagster names; two triggers that would share one get their index.
+    assert set(triggers) == {
+        "sales_on_orders",
+        "sales_on_refunds",
+        "sales_on_returns",
+        "sales_on_platform_runs_3",
+        "sales_on_platform_runs_4",
+    }
+    assert triggers["sales_on_platform_runs_3"].stream == "platform.runs"
+    assert triggers["sales_on_platform_runs_4"].stream == "platform_runs"
+    sensors = {sensor.name: sensor for sensor in event_trigger_sensors(list(triggers.values()))}
+    assert sensors["sales_on_returns"].minimum_interval_seconds == 2
+    assert sensors["sales_on_orders"].minimum_interval_seconds == 5, "the documented default"
     orders_trigger = triggers["sales_on_orders"]
     assert orders_trigger.mode == CountBatches(50)
     assert orders_trigger.condition == {"field": "amount", "op": "gt", "value": 100}
@@ -333,6 +349,29 @@ def test_pipeline_spec_triggers_become_sensors(tmp_path):
         orders_trigger.run_request(EventRange("k", "orders", "1-0", "1-0", 1)).tags["junction/pipeline"]
         == "sales"
     )
+
+
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("minimum_interval_seconds", 0, "greater than or equal to 1"),
+        ("stream", "Platform Runs", "should match pattern"),
+    ],
+)
+def test_bad_trigger_options_fail_at_load_naming_the_field(tmp_path, field, value, reason):
+    (tmp_path / "sales.yaml").write_text(
+        "source: {format: csv, path: orders.csv}\n"
+        f"triggers:\n  - stream: orders\n    {field}: {value!r}\n".replace(
+            "stream: orders\n    stream", "stream"
+        )
+    )
+    with pytest.raises(SpecError, match=rf"sales.yaml: triggers\[0\]\.{field}: .*{reason}"):
+        pipeline_triggers(tmp_path)
+
+
+def test_python_triggers_default_to_a_short_interval():
+    assert trigger().sensor().minimum_interval_seconds == 5
+    assert trigger(minimum_interval_seconds=1).sensor().minimum_interval_seconds == 1
 
 
 def test_a_trigger_cannot_both_count_and_window(tmp_path):
