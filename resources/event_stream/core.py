@@ -7,6 +7,7 @@ primitives each backend provides (`_append`, `_read_page`, `_wait_for_new`, grou
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from abc import ABC, abstractmethod
@@ -483,15 +484,15 @@ def check_nothing_lost(stream: str, after: EventId | None, page: Page) -> None:
         raise EventsLost(stream, str(after.next()), str(page.max_deleted))
 
 
-def encode_payload(payload: Any) -> str:
-    import json
+# One encoder for every payload: `json.dumps` with options builds a new encoder per call (~2 µs).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def encode_payload(payload: Any) -> str:
+    return _ENCODER.encode(payload)
 
 
 def decode_payload(text: str | bytes) -> Any:
-    import json
-
     return json.loads(text)
 
 

@@ -6,9 +6,10 @@ window). The braces are a Redis Cluster hash tag: a stream and its keys live in 
 Lua scripts below may touch them together.
 
 - Ids are Redis's own `ms-seq`, in the order Redis appended them.
-- Publishing pipelines `XADD`; with an idempotency key the check, the `XADD` and the key's
-  `SET PX` run in one Lua script, so a crash can never store the key without the event or the event
-  twice.
+- Publishing runs one Lua script per batch (`PUBLISH_BATCH`, the payloads as one JSON array): the
+  `XADD`s and, for an event with an idempotency key, the key's check and `SET PX` run atomically in
+  it, so a crash can never store the key without the event or the event twice; and redis-py, whose
+  per-command packing and reply parsing bound a pipeline of `XADD`s, handles one command per batch.
 - Retention: Redis 7.0 records only `XDEL` in `max-deleted-entry-id`, not what `XTRIM` or
   `XADD MAXLEN` removed, so gap detection could not tell trimmed events from events never published.
   The pipeline therefore ends with one `TRIM` script that trims itself and records the highest
@@ -83,13 +84,33 @@ local function max_removed(info, marker_key)
 end
 """
 
-# KEYS: stream, idempotency key. ARGV: payload, window ms.
-PUBLISH_ONCE = """
-local existing = redis.call('GET', KEYS[2])
-if existing then return {'duplicate', existing} end
-local id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1])
-redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
-return {'accepted', id}
+# KEYS: stream, then the batch's idempotency keys. ARGV: window ms, a JSON array of the payloads'
+# JSON texts, a JSON array giving each event's idempotency key as an index into KEYS (0: none; ''
+# when no event has one). One call per batch: redis-py packs three arguments and parses one reply
+# instead of a command per event, which is what bounds a pipeline of XADDs. Returns one string:
+# per event `a<id>` (accepted) or `d<id>` (duplicate: the original's id), space-separated.
+PUBLISH_BATCH = """
+local payloads = cjson.decode(ARGV[2])
+local keyed = nil
+if ARGV[3] ~= '' then keyed = cjson.decode(ARGV[3]) end
+local out = {}
+for i, payload in ipairs(payloads) do
+  local k = 0
+  if keyed then k = keyed[i] end
+  if k > 0 then
+    local existing = redis.call('GET', KEYS[k])
+    if existing then
+      out[i] = 'd' .. existing
+    else
+      local id = redis.call('XADD', KEYS[1], '*', 'payload', payload)
+      redis.call('SET', KEYS[k], id, 'PX', ARGV[1])
+      out[i] = 'a' .. id
+    end
+  else
+    out[i] = 'a' .. redis.call('XADD', KEYS[1], '*', 'payload', payload)
+  end
+end
+return table.concat(out, ' ')
 """
 
 # KEYS: stream, trimmed marker. ARGV: max count ('' = none), slack, min id ('' = none).
@@ -161,6 +182,8 @@ return 1
 
 # Events beyond max_count tolerated before the publish pipeline trims (like MAXLEN ~'s macro nodes).
 TRIM_SLACK = 100
+# Events per PUBLISH_BATCH call: the script holds Redis for about a millisecond per thousand.
+SCRIPT_BATCH = 1000
 
 
 def redacted_url(url: str) -> str:
@@ -235,31 +258,42 @@ def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int
 
 
 def queue_append(
-    pipe, publish_once, trim_script, definition: StreamDefinition, events: list[ValidEvent]
+    pipe, publish_batch, trim_script, definition: StreamDefinition, events: list[ValidEvent]
 ) -> None:
-    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same)."""
+    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same):
+    one PUBLISH_BATCH call per `SCRIPT_BATCH` events, then the retention trim."""
     key = stream_key(definition.name)
     window_ms = definition.idempotency_window_s * 1000
     run_script = script_on(pipe)
-    for event in events:
-        if event.idempotency_key:
-            run_script(
-                publish_once,
-                [key, idempotency_key(definition.name, event.idempotency_key)],
-                [event.encoded, window_ms],
-            )
-        else:
-            pipe.xadd(key, {"payload": event.encoded})
+    for start in range(0, len(events), SCRIPT_BATCH):
+        chunk = events[start : start + SCRIPT_BATCH]
+        keys = [key]
+        positions = []
+        for event in chunk:
+            if event.idempotency_key:
+                keys.append(idempotency_key(definition.name, event.idempotency_key))
+                positions.append(len(keys))
+            else:
+                positions.append(0)
+        run_script(
+            publish_batch,
+            keys,
+            [
+                window_ms,
+                encode_payload([event.encoded for event in chunk]),
+                encode_payload(positions) if len(keys) > 1 else "",
+            ],
+        )
     queue_trim(run_script, trim_script, definition, TRIM_SLACK)
 
 
 def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
+    """The events' results from the pipeline's replies (one per script call; a trailing TRIM reply)."""
     results = []
-    for event, reply in zip(events, replies, strict=False):  # a trailing TRIM reply is not an event's
-        if isinstance(reply, list):
-            results.append(PublishResult(event.index, reply[0], id=reply[1]))
-        else:
-            results.append(PublishResult(event.index, "accepted", id=reply))
+    for start, reply in zip(range(0, len(events), SCRIPT_BATCH), replies, strict=False):
+        for event, outcome in zip(events[start : start + SCRIPT_BATCH], reply.split(" "), strict=True):
+            status = "accepted" if outcome[0] == "a" else "duplicate"
+            results.append(PublishResult(event.index, status, id=outcome[1:]))
     return results
 
 
@@ -291,7 +325,7 @@ class RedisEventStream(EventStream):
         # RESP2 pinned: the Lua replies and XINFO shapes parsed here are RESP2's. No socket timeout:
         # blocking reads hold the connection for up to block_ms.
         self.client = redis.Redis.from_url(url, decode_responses=True, protocol=2, socket_connect_timeout=3)
-        self._publish_once = self.client.register_script(PUBLISH_ONCE)
+        self._publish_batch = self.client.register_script(PUBLISH_BATCH)
         self._read_page_script = self.client.register_script(READ_PAGE)
         self._read_group_script = self.client.register_script(READ_GROUP)
         self._dead_letter_script = self.client.register_script(DEAD_LETTER)
@@ -308,7 +342,7 @@ class RedisEventStream(EventStream):
     @_unavailable
     def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
         pipe = self.client.pipeline(transaction=False)
-        queue_append(pipe, self._publish_once, self._trim_script, definition, events)
+        queue_append(pipe, self._publish_batch, self._trim_script, definition, events)
         return append_results(events, pipe.execute())
 
     # -- reading ---------------------------------------------------------------------------------
