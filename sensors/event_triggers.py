@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dagster as dg
 
@@ -56,6 +56,8 @@ LAST_ID_TAG = "junction/events_last"
 COUNT_TAG = "junction/events_count"
 TRIGGER_TAG = "junction/trigger"
 REPLAY_TAG = "junction/replay"
+# The sensor metadata entry describing a trigger (stream, mode, filter, how its runs are launched).
+TRIGGER_METADATA = "junction/trigger"
 
 DEFAULT_MAX_EVENTS_PER_TICK = 5_000
 DEFAULT_MAX_RUNS_PER_TICK = 500
@@ -134,6 +136,18 @@ class RunTarget(ABC):
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         """The request that launches a run for `events` (run key, tags, run config)."""
 
+    def launch_metadata(self) -> dict[str, Any]:
+        """How a run is launched from outside the sensor (a replay through the gateway), recorded in
+        the sensor's metadata: `kind` "job" (the sensor's job) or "assets" (its asset selection), and
+        `config_op`, the op that receives `EventRangeConfig` (or None). Empty: not replayable."""
+        return {}
+
+
+class LaunchedJob(NamedTuple):
+    """A job known by name only (a replay rebuilds its trigger from the sensor's metadata)."""
+
+    name: str
+
 
 def _op_config(op_name: str | None, config: dict[str, Any]) -> dict[str, Any]:
     return {"ops": {op_name: {"config": config}}} if op_name else {}
@@ -152,6 +166,9 @@ class JobTarget(RunTarget):
 
     def sensor_arguments(self) -> dict[str, Any]:
         return {"job": self.job}
+
+    def launch_metadata(self) -> dict[str, Any]:
+        return {"kind": "job", "config_op": self.config_op}
 
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         return dg.RunRequest(
@@ -175,6 +192,9 @@ class AssetSelectionTarget(RunTarget):
 
     def sensor_arguments(self) -> dict[str, Any]:
         return {"target": self.selection}
+
+    def launch_metadata(self) -> dict[str, Any]:
+        return {"kind": "assets", "config_op": self.config_asset}
 
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         return dg.RunRequest(
@@ -454,7 +474,42 @@ class StreamTrigger:
             minimum_interval_seconds=self.minimum_interval_seconds,
             description=f"Runs {self.target.label} on events of stream {self.stream!r} ({self.describe_mode()}).",
             default_status=self.default_status,
+            metadata={TRIGGER_METADATA: dg.MetadataValue.json(self.metadata())},
             **self.target.sensor_arguments(),
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What the sensor's metadata records (shown in the UI; the gateway rebuilds replays from it)."""
+        mode: dict[str, Any] = {"kind": "each"}
+        if isinstance(self.mode, CountBatches):
+            mode = {"kind": "count", "size": self.mode.size}
+        elif isinstance(self.mode, TimeWindows):
+            mode = {"kind": "window", "seconds": self.mode.seconds, "grace_seconds": self.mode.grace_seconds}
+        return {
+            "stream": self.stream,
+            "mode": mode,
+            "condition": self.condition,
+            "target": self.target.launch_metadata(),
+            "tags": dict(self.tags),
+        }
+
+    @classmethod
+    def from_metadata(cls, name: str, metadata: Mapping[str, Any], job_name: str) -> StreamTrigger:
+        """The trigger as recorded by `metadata()`, launching `job_name` (for replays outside the sensor)."""
+        mode_data = metadata["mode"]
+        mode: Mode = EachEvent()
+        if mode_data["kind"] == "count":
+            mode = CountBatches(mode_data["size"])
+        elif mode_data["kind"] == "window":
+            mode = TimeWindows(mode_data["seconds"], mode_data["grace_seconds"])
+        target = metadata.get("target") or {}
+        return cls(
+            name=name,
+            stream=metadata["stream"],
+            target=JobTarget(LaunchedJob(job_name), config_op=target.get("config_op")),
+            mode=mode,
+            condition=metadata.get("condition"),
+            tags=metadata.get("tags") or {},
         )
 
     def describe_mode(self) -> str:

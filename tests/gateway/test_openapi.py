@@ -24,6 +24,7 @@ FUZZ_SCOPES = [
     "events:read",
     # Publishing only to the shipped `orders` stream: a random stream name must get 403/404.
     "events:publish:orders",
+    "events:replay:orders",
     "approvals:read",
     "approvals:decide",
 ]
@@ -37,6 +38,7 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/keys"),
     ("POST", "/v1/streams/{name}/events"),
     ("GET", "/v1/streams/{name}/events"),
+    ("POST", "/v1/streams/{name}/replays"),
 }
 
 
@@ -141,6 +143,11 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/streams/{name}/events"): {
             "path_parameters": {"name": "orders"},
             "query": {"limit": 10},
+        },
+        # The shipped example trigger over a range before any event: a replay of nothing (201, no run).
+        ("POST", "/v1/streams/{name}/replays"): {
+            "path_parameters": {"name": "orders"},
+            "body": {"trigger": "order_summaries_on_orders", "from": "0-1", "to": "0-2"},
         },
         ("GET", "/v1/approvals"): {},
         ("POST", "/v1/approvals/{request_id}/approve"): {

@@ -22,6 +22,7 @@ from sensors.event_triggers import (
     FIRST_ID_TAG,
     LAST_ID_TAG,
     STREAM_TAG,
+    TRIGGER_METADATA,
     AssetSelectionTarget,
     CountBatches,
     EachEvent,
@@ -236,6 +237,26 @@ def test_replays_have_their_own_run_key_namespace(orders):
     requests = trigger().replay_run_requests(orders, ids[1], ids[2], replay_id="r1")
     assert [r.run_key for r in requests] == [f"replay:r1:evt:orders:{i}" for i in ids[1:]]
     assert requests[0].tags["junction/replay"] == "r1"
+
+
+@pytest.mark.parametrize("mode", [EachEvent(), CountBatches(2), TimeWindows(60, grace_seconds=1.5)])
+def test_the_sensor_metadata_rebuilds_the_trigger_for_replays(orders, mode):
+    condition = {"field": "n", "op": "gt", "value": 0}
+    original = trigger(mode, condition=condition, tags={"team": "sales"})
+    recorded = original.sensor().metadata[TRIGGER_METADATA].data
+    assert recorded["stream"] == "orders" and recorded["target"] == {
+        "kind": "job",
+        "config_op": "handle_orders",
+    }
+    rebuilt = StreamTrigger.from_metadata(original.name, recorded, "orders_job")
+    assert rebuilt.mode == mode
+    ids = publish(orders, *({"n": n} for n in range(5)))
+    expected = original.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    got = rebuilt.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    assert [(r.run_key, r.run_config, r.tags) for r in got] == [
+        (r.run_key, r.run_config, r.tags) for r in expected
+    ]
+    assert rebuilt.target.job.name == "orders_job"
 
 
 def test_a_triggered_run_reads_its_events(orders, instance, monkeypatch):

@@ -5,7 +5,8 @@ trigger that makes one run per 2 events of the dotted stream `e2e.orders`, evalu
 Each run reads its id range from the stream and writes the ids it read to a file. After the runs
 exist, the sensor's cursor is set back (GraphQL `setSensorCursor`) - what a daemon that died between
 launching the runs and saving its cursor leaves behind -, and the next ticks request the same run
-keys again: Dagster's run-key dedup keeps one run per batch.
+keys again: Dagster's run-key dedup keeps one run per batch. Finally the gateway replays the first
+two batches as new runs (`POST /v1/streams/{name}/replays`), once per replay id.
 """
 
 from __future__ import annotations
@@ -199,3 +200,29 @@ def test_the_daemon_launches_one_run_per_batch_even_after_a_lost_cursor(start_pl
         assert keys == sorted(f"batch:e2e.orders:{first}" for first in (ids[0], ids[2], ids[4])), keys
         errors = [t["error"] for t in ticks(dagster) if t["error"]]
         assert not errors, errors
+
+        # A replay through the gateway: the same batches again, as new runs under their own keys.
+        admin = {"Authorization": f"Bearer {(platform.home / 'admin.key').read_text().strip()}"}
+        body = {"trigger": SENSOR, "from": ids[0], "to": ids[3], "replay_id": "r1"}
+        replayed = dagster.post("/gateway/v1/streams/e2e.orders/replays", json=body, headers=admin)
+        assert replayed.status_code == 201, replayed.text
+        replay_runs = replayed.json()["runs"]
+        assert [(r["run_key"], r["first_id"], r["last_id"], r["launched"]) for r in replay_runs] == [
+            (f"replay:r1:batch:e2e.orders:{ids[0]}", ids[0], ids[1], True),
+            (f"replay:r1:batch:e2e.orders:{ids[2]}", ids[2], ids[3], True),
+        ]
+        again = dagster.post("/gateway/v1/streams/e2e.orders/replays", json=body, headers=admin).json()
+        assert [(r["run_id"], r["launched"]) for r in again["runs"]] == [
+            (r["run_id"], False) for r in replay_runs
+        ], "the same replay id launches nothing new"
+        runs = wait_for(
+            lambda: (r := sensor_runs(dagster)) and finished(r, 5) and r, 120, "the replays", platform
+        )
+        assert len(runs) == 5
+        for run in replay_runs:
+            handled = json.loads((platform.home / "handled" / f"{run['run_id']}.json").read_text())
+            assert handled == [run["first_id"], run["last_id"]]
+        wrong = dagster.post(
+            "/gateway/v1/streams/orders/replays", json={**body, "replay_id": None}, headers=admin
+        )
+        assert wrong.status_code in (404, 422), wrong.text

@@ -147,7 +147,7 @@ async def launch_job(
             409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous"
         )
     repository = matches[0]
-    run = await _launch(
+    run = await launch_tagged_run(
         request,
         principal,
         location=repository["location"],
@@ -191,7 +191,7 @@ async def materialize_assets(
             409, "the selection spans several code locations: launch one per location", slug="ambiguous"
         )
     (location, repository_name) = next(iter(owners))
-    run = await _launch(
+    run = await launch_tagged_run(
         request,
         principal,
         location=location,
@@ -205,7 +205,8 @@ async def materialize_assets(
     return run
 
 
-async def _launch(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+async def launch_tagged_run(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+    """Queue a run tagged with its actor; Dagster's refusals become problems (404, 409, 422)."""
     tags = run_tags(principal, params.pop("tags"))
     try:
         launched = await launch_run(request.app.state.dagster, tags=tags, **params)
