@@ -137,6 +137,9 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+RATE_WINDOWS_S = (60, 300)
+
+
 # --- values -----------------------------------------------------------------------------------------
 
 
@@ -241,6 +244,10 @@ class StreamStats:
     max_deleted_id: str
     groups: list[GroupStats]
     dead_lettered: int
+    # Events per second published over the last minute / five minutes (to ~10 s on Redis, which counts
+    # in 10 s buckets; on SQL, the retained events whose id falls in the window).
+    rate_1m: float = 0.0
+    rate_5m: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)

@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from resources.event_stream.core import (
+    RATE_WINDOWS_S,
     ZERO_ID,
     ClaimResult,
     Event,
@@ -84,9 +85,9 @@ local function max_removed(info, marker_key)
 end
 """
 
-# KEYS: stream, then the batch's idempotency keys. ARGV: window ms, a JSON array of the payloads'
-# JSON texts, a JSON array giving each event's idempotency key as an index into KEYS (0: none; ''
-# when no event has one). One call per batch: redis-py packs three arguments and parses one reply
+# KEYS: stream, the current publish-rate bucket, then the batch's idempotency keys. ARGV: window ms,
+# a JSON array of the payloads' JSON texts, a JSON array giving each event's idempotency key as an
+# index into KEYS (0: none; '' when no event has one), the bucket's lifetime in ms. One call per batch: redis-py packs three arguments and parses one reply
 # instead of a command per event, which is what bounds a pipeline of XADDs. Returns one string:
 # per event `a<id>` (accepted) or `d<id>` (duplicate: the original's id), space-separated.
 PUBLISH_BATCH = """
@@ -109,6 +110,14 @@ for i, payload in ipairs(payloads) do
   else
     out[i] = 'a' .. redis.call('XADD', KEYS[1], '*', 'payload', payload)
   end
+end
+local added = 0
+for _, outcome in ipairs(out) do
+  if string.sub(outcome, 1, 1) == 'a' then added = added + 1 end
+end
+if added > 0 then
+  redis.call('INCRBY', KEYS[2], added)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return table.concat(out, ' ')
 """
@@ -182,6 +191,8 @@ return 1
 
 # Events beyond max_count tolerated before the publish pipeline trims (like MAXLEN ~'s macro nodes).
 TRIM_SLACK = 100
+# Publish rates are counted per bucket of this many seconds (one INCRBY per publish call).
+RATE_BUCKET_S = 10
 # Events per PUBLISH_BATCH call: the script holds Redis for about a millisecond per thousand.
 SCRIPT_BATCH = 1000
 
@@ -209,6 +220,26 @@ def _unavailable(method):
 
 def stream_key(stream: str) -> str:
     return f"junction:events:{{{stream}}}"
+
+
+def rate_bucket_key(stream: str, bucket: int) -> str:
+    """Events published in the `RATE_BUCKET_S` seconds starting at `bucket * RATE_BUCKET_S`."""
+    return f"junction:events:{{{stream}}}:added:{bucket}"
+
+
+def publish_rates(stream: str, counts_of) -> tuple[float, ...]:
+    """Events/s over each of `RATE_WINDOWS_S`, from the buckets' counts (`counts_of(keys)`)."""
+    now_s = now_ms() / 1000
+    current = int(now_s // RATE_BUCKET_S)
+    into_current = now_s - current * RATE_BUCKET_S
+    buckets = max(RATE_WINDOWS_S) // RATE_BUCKET_S
+    counts = counts_of([rate_bucket_key(stream, current - back) for back in range(buckets)])
+    rates = []
+    for window in RATE_WINDOWS_S:
+        n = window // RATE_BUCKET_S  # the current bucket and the n - 1 before it
+        total = sum(int(count or 0) for count in counts[:n])
+        rates.append(round(total / ((n - 1) * RATE_BUCKET_S + into_current), 3))
+    return tuple(rates)
 
 
 def trimmed_marker(stream: str) -> str:
@@ -267,7 +298,7 @@ def queue_append(
     run_script = script_on(pipe)
     for start in range(0, len(events), SCRIPT_BATCH):
         chunk = events[start : start + SCRIPT_BATCH]
-        keys = [key]
+        keys = [key, rate_bucket_key(definition.name, now_ms() // 1000 // RATE_BUCKET_S)]
         positions = []
         for event in chunk:
             if event.idempotency_key:
@@ -281,7 +312,8 @@ def queue_append(
             [
                 window_ms,
                 encode_payload([event.encoded for event in chunk]),
-                encode_payload(positions) if len(keys) > 1 else "",
+                encode_payload(positions) if len(keys) > 2 else "",
+                (max(RATE_WINDOWS_S) + 2 * RATE_BUCKET_S) * 1000,
             ],
         )
     queue_trim(run_script, trim_script, definition, TRIM_SLACK)
@@ -492,6 +524,7 @@ class RedisEventStream(EventStream):
             max_deleted_id=str(max(EventId.parse(info["max-deleted-entry-id"]), EventId.parse(trimmed))),
             groups=groups,
             dead_lettered=self.client.xlen(stream_key(dead_letter_stream(stream))),
+            **dict(zip(("rate_1m", "rate_5m"), publish_rates(stream, self.client.mget), strict=True)),
         )
 
     @_unavailable

@@ -74,6 +74,8 @@ class StreamStatsModel(BaseModel):
     max_deleted_id: str = Field(description="The highest id retention removed.")
     groups: list[GroupStatsModel]
     dead_lettered: int
+    rate_1m: float = Field(description="Events per second published over the last minute.")
+    rate_5m: float = Field(description="Events per second published over the last five minutes.")
 
 
 class StreamSummary(BaseModel):
