@@ -28,7 +28,7 @@ import dagster as dg
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from support import bearer, free_port
+from support import bearer, free_port, wait_until
 
 from orchestration.gateway.app import create_gateway_app
 from orchestration.kernel.principals import create_api_key
@@ -162,14 +162,6 @@ def handle_orders(config: EventRangeConfig) -> None: ...
 @dg.job
 def orders_job() -> None:
     handle_orders()
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def tick(sensor: dg.SensorDefinition, instance, cursor: str | None):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +112,7 @@ def ticks(client: httpx.Client) -> list[dict]:
 
 
 def wait_for(condition, timeout_s: float, what: str, platform):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}\n{platform.log()[-3000:]}")
+    return wait_until(condition, timeout_s, what, poll_s=0.25, detail=lambda: platform.log()[-3000:])
 
 
 def finished(runs: list[dict], count: int) -> bool:
@@ -151,7 +146,7 @@ def test_the_daemon_launches_one_run_per_batch_even_after_a_lost_cursor(start_pl
     platform = start_platform(
         {"JUNCTION_STREAMS_DIR": str(streams)}, args=("--workspace", str(tmp_path / "workspace.yaml"))
     )
-    platform.wait_ready()
+    platform.wait_ready(timeout_s=300)  # generous: the machine running the tests may be shared
     store_url = f"sqlite:///{platform.home / 'platform.db'}"
 
     with (

@@ -326,28 +326,7 @@ async def read_events(
 
 
 def _cursor(value: str | None) -> str | None:
-    if value is None:
-        return None
-    text = value.strip()
-    if EventId.looks_like(text):
-        try:
-            parsed = EventId.parse(text)
-        except InvalidEventId:
-            parsed = None
-        # Far beyond any publish time, and beyond what the stores' 64-bit columns hold.
-        if parsed is not None and parsed.ms <= MAX_ID_MS:
-            return str(parsed)
-    else:
-        try:
-            return str(EventId.just_before(datetime.fromisoformat(text)))
-        except ValueError:
-            pass
-    raise ProblemError(
-        422,
-        f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time",
-        slug="validation",
-        field="query.from",
-    )
+    return None if value is None else _position(value, "query.from", "after")
 
 
 # --- replays as new runs --------------------------------------------------------------------------------
@@ -475,8 +454,8 @@ async def replay_as_runs(
     from orchestration.gateway.api.jobs import launch_tagged_run
 
     trigger, location, repository, selection = await trigger_sensor(request, name, body.trigger)
-    first = _position(body.from_, "body.from", last=False)
-    last = _position(body.to, "body.to", last=True)
+    first = _position(body.from_, "body.from", "first")
+    last = _position(body.to, "body.to", "last")
     replay_id = body.replay_id or uuid.uuid4().hex[:12]
     events = gateway_events(request)
     with StreamCalls():
@@ -531,14 +510,16 @@ async def replay_as_runs(
     return ReplayOutcome(stream=name, trigger=body.trigger, replay_id=replay_id, runs=runs)
 
 
-def _position(value: str, field: str, *, last: bool) -> str:
-    """An inclusive bound of a replay: an event id as is, a time as the first/last id it can hold."""
+def _position(value: str, field: str, kind: Literal["after", "first", "last"]) -> str:
+    """An event id, or the id an ISO 8601 time stands for: the cursor just before it (`after`), or the
+    first or last id an event published at that time can have (a replay's inclusive bounds)."""
     text = value.strip()
     if EventId.looks_like(text):
         try:
             parsed = EventId.parse(text)
         except InvalidEventId:
             parsed = None
+        # Far beyond any publish time, and beyond what the stores' 64-bit columns hold.
         if parsed is not None and parsed.ms <= MAX_ID_MS:
             return str(parsed)
     else:
@@ -547,7 +528,10 @@ def _position(value: str, field: str, *, last: bool) -> str:
         except ValueError:
             pass
         else:
-            return str(EventId.last_at(moment) if last else EventId.just_before(moment).next())
+            if kind == "last":
+                return str(EventId.last_at(moment))
+            before = EventId.just_before(moment)
+            return str(before.next() if kind == "first" else before)
     raise ProblemError(
         422, f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time", slug="validation", field=field
     )
