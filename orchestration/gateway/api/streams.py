@@ -438,7 +438,7 @@ ASSET_JOB = "__ASSET_JOB"
     "/streams/{name}/replays",
     response_model=ReplayOutcome,
     status_code=201,
-    responses=problem_responses(400, 401, 403, 404, 410, 413, 415, 422, 503),
+    responses=problem_responses(400, 401, 403, 404, 409, 410, 413, 415, 422, 503),
 )
 async def replay_as_runs(
     name: str,
