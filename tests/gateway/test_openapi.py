@@ -25,6 +25,7 @@ FUZZ_SCOPES = [
     # Publishing only to the shipped `orders` stream: a random stream name must get 403/404.
     "events:publish:orders",
     "events:replay:orders",
+    "events:manage:fuzz-declared",
     "approvals:read",
     "approvals:decide",
 ]
@@ -39,6 +40,7 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/streams/{name}/events"),
     ("GET", "/v1/streams/{name}/events"),
     ("POST", "/v1/streams/{name}/replays"),
+    ("PUT", "/v1/streams/{name}"),
 }
 
 
@@ -130,6 +132,10 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/analytics/requests/history"): {},
         ("GET", "/v1/streams"): {},
         ("GET", "/v1/streams/{name}/stats"): {"path_parameters": {"name": "orders"}},
+        ("PUT", "/v1/streams/{name}"): {
+            "path_parameters": {"name": "fuzz-declared"},
+            "body": {"payload_schema": {"type": "object"}, "retention": {"max_age": "1d"}},
+        },
         ("POST", "/v1/streams/{name}/events"): {
             "path_parameters": {"name": "orders"},
             "body": [

@@ -535,3 +535,65 @@ def _position(value: str, field: str, kind: Literal["after", "first", "last"]) -
     raise ProblemError(
         422, f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time", slug="validation", field=field
     )
+
+
+# --- declaring streams ------------------------------------------------------------------------------------
+
+
+class StreamDeclaration(BaseModel):
+    """A stream's declaration, as in a YAML file of the streams folder (the name is the path's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(default="", max_length=2000)
+    payload_schema: dict[str, Any] | None = Field(default=None, description="JSON Schema of each payload.")
+    retention: dict[str, int | str | None] = Field(
+        default_factory=dict, description='{"max_count": 1000000, "max_age": "30d"}: either or both.'
+    )
+    idempotency_window: int | str = Field(default="24h", description="Seconds, or 15m / 12h / 7d / 2w.")
+
+
+class StreamDefinitionModel(BaseModel):
+    name: str
+    description: str
+    payload_schema: dict[str, Any] | None
+    retention: dict[str, int | None]
+    idempotency_window_seconds: int
+    origin: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@router.put(
+    "/streams/{name}",
+    response_model=StreamDefinitionModel,
+    responses=problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
+)
+async def declare_stream(
+    name: str,
+    body: StreamDeclaration,
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("events:manage:{name}"))],
+):
+    """Declare the stream or change its description, schema and retention (its events stay). A later
+    sync of the streams folder overwrites a stream that is also declared there."""
+    from pydantic import ValidationError
+
+    from resources.event_stream import StreamSpec
+
+    try:
+        spec = StreamSpec.model_validate({"name": name, **body.model_dump(exclude_unset=True)})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        field = "path.name" if where == "name" else f"body.{where}"
+        raise ProblemError(422, f"{field}: {error['msg']}", slug="validation", field=field) from None
+    events = gateway_events(request)
+    definition = await anyio.to_thread.run_sync(lambda: events.sync.registry.upsert(spec, origin="api"))
+    await record(
+        "stream.declare",
+        principal,
+        f"stream:{name}",
+        {"retention": definition.to_json()["retention"], "schema": definition.payload_schema is not None},
+    )
+    return StreamDefinitionModel.model_validate(definition.to_json())
