@@ -1,4 +1,5 @@
-"""Event streams: list them with their statistics, publish events, read and replay pages of events.
+"""Event streams: list and declare them, their statistics, publish events, read and replay pages of
+events, and replay a stream trigger's batches as new runs.
 
 The endpoints use the resource's async API (`open_async`): natively on redis.asyncio when
 `JUNCTION_REDIS_URL` is set, in worker threads on the SQL backend. An unreachable Redis is a 503
