@@ -168,7 +168,13 @@ class AsyncRedisEventStream(AsyncEventStream):
         definition = await self._definition(stream)
         rejected, valid = validate_batch(definition, events)
         appended = []
-        if valid:
+        if valid and not self._backend.needs_pipeline(definition, valid):
+            # One script call, sent at once (a coroutine here): no pipeline, no SCRIPT EXISTS.
+            [call] = self._backend.queue_append(
+                self.client, self._publish_batch, self._trim_script, definition, valid
+            )
+            appended = self._backend.append_results(valid, [await self._call(call)])
+        elif valid:
             pipe = self.client.pipeline(transaction=False)
             self._backend.queue_append(pipe, self._publish_batch, self._trim_script, definition, valid)
             appended = self._backend.append_results(valid, await self._call(pipe.execute()))

@@ -290,12 +290,14 @@ def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int
 
 def queue_append(
     pipe, publish_batch, trim_script, definition: StreamDefinition, events: list[ValidEvent]
-) -> None:
+) -> list:
     """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same):
-    one PUBLISH_BATCH call per `SCRIPT_BATCH` events, then the retention trim."""
+    one PUBLISH_BATCH call per `SCRIPT_BATCH` events, then the retention trim. Given a client rather
+    than a pipeline, the calls run at once and their replies are returned."""
     key = stream_key(definition.name)
     window_ms = definition.idempotency_window_s * 1000
     run_script = script_on(pipe)
+    replies = []
     for start in range(0, len(events), SCRIPT_BATCH):
         chunk = events[start : start + SCRIPT_BATCH]
         keys = [key, rate_bucket_key(definition.name, now_ms() // 1000 // RATE_BUCKET_S)]
@@ -306,7 +308,7 @@ def queue_append(
                 positions.append(len(keys))
             else:
                 positions.append(0)
-        run_script(
+        reply = run_script(
             publish_batch,
             keys,
             [
@@ -316,7 +318,18 @@ def queue_append(
                 (max(RATE_WINDOWS_S) + 2 * RATE_BUCKET_S) * 1000,
             ],
         )
+        replies.append(reply)
     queue_trim(run_script, trim_script, definition, TRIM_SLACK)
+    return replies
+
+
+def needs_pipeline(definition: StreamDefinition, events: list[ValidEvent]) -> bool:
+    """More than one command to send (several script calls, or a retention trim after them)?
+
+    A single call goes straight to the client: a pipeline holding scripts first asks the server
+    whether it knows them (`SCRIPT EXISTS`), a second round trip for every one-event publish.
+    """
+    return len(events) > SCRIPT_BATCH or bool(definition.max_count or definition.max_age_s)
 
 
 def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
@@ -373,6 +386,9 @@ class RedisEventStream(EventStream):
 
     @_unavailable
     def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
+        if not needs_pipeline(definition, events):
+            replies = queue_append(self.client, self._publish_batch, self._trim_script, definition, events)
+            return append_results(events, replies)
         pipe = self.client.pipeline(transaction=False)
         queue_append(pipe, self._publish_batch, self._trim_script, definition, events)
         return append_results(events, pipe.execute())
