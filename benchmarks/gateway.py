@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from support import free_port, pct, platform_env, platform_ready, wait_for  # noqa: E402
+from support import pct, platform_env, running_platform  # noqa: E402
 
 from orchestration.gateway.dagster_client import LAUNCH_RUN_MUTATION  # noqa: E402
 
@@ -79,17 +77,7 @@ def main() -> None:
     env = platform_env()
     with tempfile.TemporaryDirectory() as tmp:
         env["JUNCTION_HOME"] = str(Path(tmp) / "home")
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "orchestration.cli", "dev", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(lambda: platform_ready(base), process=process, poll_s=0.2)
+        with running_platform(env, ROOT) as (base, _):
             key = (Path(tmp) / "home" / "admin.key").read_text().strip()
             with (
                 httpx.Client(base_url=f"{base}/gateway", headers={"X-API-Key": key}, timeout=60) as api,
@@ -121,9 +109,6 @@ def main() -> None:
                 api_start, api_request = measure(via_api, dagster, args.runs)
                 print("through Dagster's GraphQL (peer) ...", file=sys.stderr)
                 gql_start, gql_request = measure(via_graphql, dagster, args.runs)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
 
     rows = [
         ("gateway API", api_start, api_request),

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -51,3 +56,23 @@ def wait_for(
             return
         time.sleep(poll_s)
     raise TimeoutError("the platform did not become ready")
+
+
+@contextmanager
+def running_platform(env: dict[str, str], cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`junction dev` started with `env` on a free port, once ready: (base URL, process); SIGTERM after."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "dev", "--port", str(port)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: platform_ready(base), process=process, poll_s=0.2)
+        yield base, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)

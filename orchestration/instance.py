@@ -38,7 +38,12 @@ def generated_dagster_yaml(dagster_home: Path) -> dict:
             "runs": {
                 "max_concurrent_runs": DEFAULT_MAX_CONCURRENT_RUNS,
                 # The platform's own maintenance runs (tagged junction/kind=platform) go one at a time.
-                "tag_concurrency_limits": [{"key": "junction/kind", "value": "platform", "limit": 1}],
+                # Runs of one ETL pipeline (tagged junction/pipeline=<name>) go one at a time: their
+                # staging places are per run, but two publishes of one target would race.
+                "tag_concurrency_limits": [
+                    {"key": "junction/kind", "value": "platform", "limit": 1},
+                    {"key": "junction/pipeline", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+                ],
             }
         },
         "run_monitoring": {

@@ -121,7 +121,7 @@ class EventRange:
 
 
 class RunTarget(ABC):
-    """What a triggered run launches. The workflow issue adds its own target beside these two."""
+    """What a triggered run launches: a job, an asset selection, or a workflow (`WorkflowTarget`)."""
 
     @property
     @abstractmethod
@@ -201,6 +201,38 @@ class AssetSelectionTarget(RunTarget):
             run_key=events.run_key,
             run_config=_op_config(self.config_asset, events.config(condition_source)),
             tags=tags,
+        )
+
+
+@dataclass(frozen=True)
+class WorkflowTarget(RunTarget):
+    """Launch a workflow's job (`orchestration/workflows/`): one run is one new execution.
+
+    The run config is the workflow's inputs (their defaults unless `inputs` sets some); the run reads
+    its event itself from the range tags (`orchestration/workflows/triggers.py`). The execution id is
+    derived from the run key, so a request re-emitted after a crash carries the same one.
+    """
+
+    job: Any  # the workflow's JobDefinition
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"workflow {self.job.name}"
+
+    def sensor_arguments(self) -> dict[str, Any]:
+        return {"job": self.job}
+
+    def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
+        import uuid
+
+        from orchestration.workflows.context import EXECUTION_ID_TAG
+
+        execution_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"junction:{self.job.name}:{events.run_key}"))
+        return dg.RunRequest(
+            run_key=events.run_key,
+            run_config=dict(self.inputs),
+            tags={**tags, EXECUTION_ID_TAG: execution_id},
         )
 
 

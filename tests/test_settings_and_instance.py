@@ -135,3 +135,20 @@ def test_analyst_modules_are_discovered_without_editing_definitions(tmp_path: Pa
     definitions = analyst_definitions(analyst_package)
     assert definitions.resolve_assets_def("daily_revenue")
     assert definitions.resolve_job_def("revenue_job")
+
+
+def test_the_run_queue_holds_a_second_run_of_the_same_pipeline(junction_home: Path):
+    """Dagster's own tag limits, with the instance's config: one run per pipeline, others unaffected."""
+    from dagster import DagsterInstance, DagsterRun
+    from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+    from orchestration.instance import prepare_dagster_home
+
+    with DagsterInstance.from_config(str(prepare_dagster_home())) as instance:
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    running = DagsterRun(job_name="orders_pipeline", tags={"junction/pipeline": "orders"})
+    counter = TagConcurrencyLimitsCounter(limits, [running])
+    assert counter.is_blocked(DagsterRun(job_name="orders_pipeline", tags={"junction/pipeline": "orders"}))
+    assert not counter.is_blocked(
+        DagsterRun(job_name="flights_pipeline", tags={"junction/pipeline": "flights"})
+    )

@@ -2,8 +2,9 @@
 
 `quality_checks(spec)` lists the checks without importing anything heavy (the factory declares them as
 Dagster `check_specs` when the code location loads). `validate(table, checks, ...)` runs them over the
-staged rows: the Arrow table is converted to pandas once and validated by one GX `ValidationDefinition`
-in an ephemeral context, so each expectation reads the same in-memory frame, never the staging table.
+staged rows: the columns the expectations read are converted to pandas once and validated by one GX
+`ValidationDefinition` in an ephemeral context, so each expectation reads the same in-memory frame,
+never the staging table (which the factory fills in a thread meanwhile).
 
 What runs where:
 
@@ -330,7 +331,10 @@ def _run_great_expectations(table: pa.Table, checks: list[QualityCheck]) -> dict
     validation = context.validation_definitions.add(
         gx.ValidationDefinition(name="junction_validation", data=batch_definition, suite=suite)
     )
-    frame = table.to_pandas()
+    # Only the columns the expectations read go to pandas (the conversion is most of the cost); the
+    # frame keeps the table's row positions, so failing-row indexes stay indexes into the table.
+    columns = list(dict.fromkeys(check.column for check in checks if check.column is not None))
+    frame = table.select(columns).to_pandas()
     # COMPLETE gives every failing row's index: the valid-row share needs them.
     result = validation.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
     outcomes: dict[str, CheckOutcome] = {}

@@ -2,13 +2,17 @@
 
 Shape (write-audit-publish):
 
-- ``<name>_staged`` runs the spec (source -> transforms), writes the clean rows to the target's staging
-  place (`Target.stage`), stores the quarantine next to the target and validates the staged rows once
-  (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
+- ``<name>_staged`` runs the spec (source -> transforms -> the contract's drift policy against the
+  target's current schema, `drift.py`; a ``freeze`` violation fails the step before anything is staged,
+  with the drift as failure metadata), writes the clean rows to this run's staging place
+  (`Target.stage`) and stores the quarantine next to the target in a thread, while it validates the
+  same rows in memory once (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
   the spec says so, and reports each as an `AssetCheckResult`. A failed blocking check fails this step
   after its materialization is recorded, so Dagster skips everything downstream.
 - ``<name>`` (the published asset, downstream of the staged one) moves the staged rows into the target
-  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key.
+  in one transaction (`Target.publish`): swap, insert with a load id, or merge by key. It publishes
+  what this run staged or, when materialized on its own, what the latest staged materialization's run
+  staged (staging places are named per run, so concurrent runs never take each other's rows).
 - ``<name>_pipeline`` materializes both; ``<name>_schedule`` runs it on the spec's cron.
 
 Data never travels through an IO manager: both assets return `MaterializeResult`s and the rows live in
@@ -21,6 +25,7 @@ Nothing here runs when the module is imported; `pipeline_definitions` is called 
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +33,26 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
-from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target
-from assets.etl.quarantine import Quarantine, RowCounts
-from assets.etl.runner import iter_pipeline
+from assets.etl.drift import SchemaDriftError
+from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target, target_base_dir
+from assets.etl.quarantine import Quarantine
+from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
+from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
-__all__ = ["PIPELINE_TAG", "build_pipeline", "pipeline_definitions", "target_base_dir"]
+__all__ = [
+    "PIPELINE_TAG",
+    "asset_check_results",
+    "asset_check_specs",
+    "build_pipeline",
+    "pipeline_definitions",
+    "target_base_dir",
+]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
-
-
-def target_base_dir() -> Path:
-    """Relative file targets live under $JUNCTION_HOME, never inside the repository's spec folder."""
-    from orchestration.settings import get_settings
-
-    return get_settings().home_dir
 
 
 def _rate(rows: int, seconds: float) -> float:
@@ -78,36 +85,59 @@ def _target_kind(pipeline: LoadedPipeline) -> str:
     return "postgres" if url.startswith("postgres") else "sqlite" if url.startswith("sqlite") else "sql"
 
 
+def _stage_rows(
+    target: Target | None, table: pa.Table, quarantine: Quarantine, load_id: str, run_id: str
+) -> float:
+    """Stage the clean rows and store the quarantine; the seconds it took."""
+    started = time.perf_counter()
+    if target is not None:
+        target.stage(table, load_id)
+        target.write_quarantine(quarantine, load_id, run_id)
+    return time.perf_counter() - started
+
+
 def stage(
     pipeline: LoadedPipeline, target: Target | None, run_id: str, log: Any
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
-    source = open_source(spec.source, pipeline.base_dir, spec.batch_size)
-    load_id = source.identity().load_id
-    quarantine, counts = Quarantine(), RowCounts()
+    source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream)
 
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    try:
+        result = run_pipeline(pipeline, source=source, target=target)
+    except SchemaDriftError as exc:
+        # Nothing was staged: the target and the staging place stay as they were.
+        raise dg.Failure(
+            description=str(exc), metadata={"schema_drift": dg.MetadataValue.json(exc.drift.as_metadata())}
+        ) from None
+    # With no rows left, the table has the target's columns: a replace empties it and keeps its schema.
+    table, quarantine, counts, drift = result.to_table(), result.quarantine, result.counts, result.drift
+    load_id, step_reports = result.identity.load_id, result.step_reports
     read_seconds = time.perf_counter() - started
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )
 
+    # The COPY into the staging place runs in a thread beside the checks, which read the in-memory
+    # table, never the staging table: the driver (without the GIL) and the database write while GX
+    # computes. The blocking decision is unchanged: nothing is published before both have finished.
     started = time.perf_counter()
-    if target is not None:
-        target.stage(table, load_id)
-        target.write_quarantine(quarantine, load_id, run_id)
-    stage_seconds = time.perf_counter() - started
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="junction-stage") as pool:
+        staging = pool.submit(_stage_rows, target, table, quarantine, load_id, run_id)
+        # Rows merged into an aggregate's groups were not meant to be loaded one by one.
+        report = validate(
+            table, quality_checks(spec), counts.read - counts.filtered_total - counts.merged_into_groups
+        )
+        stage_seconds = staging.result()
+    stage_and_validate_seconds = time.perf_counter() - started
     log.info(
         f"staged {table.num_rows:,} rows for {target.description if target else 'no target'} "
         f"({stage_seconds:.2f} s)"
     )
-
-    report = validate(table, quality_checks(spec), counts.read - counts.filtered_total)
     log.info(
-        f"ran {len(report.outcomes)} checks ({report.seconds:.2f} s): {report.expectations_score:.0%} passed"
+        f"ran {len(report.outcomes)} checks ({report.seconds:.2f} s, beside the staging): "
+        f"{report.expectations_score:.0%} passed"
     )
 
     counts.check()
@@ -115,6 +145,13 @@ def stage(
         **counts.as_metadata(),
         "rows_filtered_by_step": dg.MetadataValue.json(counts.filtered),
         "rows_quarantined_by_step": dg.MetadataValue.json(counts.quarantined),
+        **(
+            {"aggregated_by_step": dg.MetadataValue.json(counts.aggregated)}  # {step: {input_rows, groups}}
+            if counts.aggregated
+            else {}
+        ),
+        # What steps report beyond the counts; enrich: the lookup, its rows, rows matched and not.
+        **({"step_reports": dg.MetadataValue.json(step_reports)} if step_reports else {}),
         "dagster/row_count": table.num_rows,
         "dagster/column_schema": column_schema(table.schema),
         "load_id": load_id,
@@ -122,15 +159,68 @@ def stage(
         "seconds_read_and_transform": round(read_seconds, 3),
         "seconds_stage": round(stage_seconds, 3),
         "seconds_validate": round(report.seconds, 3),
+        "seconds_stage_and_validate": round(stage_and_validate_seconds, 3),
         "rows_per_second_read_and_transform": _rate(counts.read, read_seconds),
         "rows_per_second_stage": _rate(table.num_rows, stage_seconds),
         "rows_per_second_validate": _rate(table.num_rows, report.seconds),
-        "rows_per_second": _rate(counts.read, read_seconds + stage_seconds + report.seconds),
+        "rows_per_second": _rate(counts.read, read_seconds + stage_and_validate_seconds),
         "quality_score_checks": round(report.expectations_score, 4),
         "quality_score_rows": round(report.valid_rows_score, 4),
-        QUALITY_SUMMARY: dg.MetadataValue.md(summary_markdown(report, quarantine.count_by_reason())),
+        "rows_valid": report.valid_rows,
+        QUARANTINE_BY_REASON: dg.MetadataValue.json(quarantine.reasons()),
+        QUALITY_SUMMARY: dg.MetadataValue.md(
+            summary_markdown(report, quarantine.count_by_reason())
+            + ("" if drift is None else "\n\n" + drift.markdown())
+        ),
     }
+    if drift is not None:
+        metadata["schema_drift"] = dg.MetadataValue.json(drift.as_metadata())
     return metadata, report.outcomes
+
+
+def asset_check_specs(checks: list[QualityCheck], asset: dg.AssetKey | str) -> list[dg.AssetCheckSpec]:
+    """One Dagster check spec per rule and contract promise, blocking where the spec says so."""
+    return [
+        dg.AssetCheckSpec(check.name, asset=asset, description=check.description, blocking=check.blocking)
+        for check in checks
+    ]
+
+
+def asset_check_results(outcomes: list[CheckOutcome]) -> list[dg.AssetCheckResult]:
+    """The outcomes of `checks.validate` as Dagster check results (severity, sample bad values)."""
+    return [
+        dg.AssetCheckResult(
+            check_name=outcome.check.name,
+            passed=outcome.passed,
+            severity=_severity(outcome.check),
+            description=outcome.check.description,
+            metadata={**outcome.metadata(), "blocking": outcome.check.blocking},
+        )
+        for outcome in outcomes
+    ]
+
+
+def report_link(name: str, context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """The run's quality report link as metadata (empty, with a warning, when no link can be signed).
+
+    The Dagster UI cannot open local files: the HTML report is served by the gateway, and the link
+    carries a token for this run because a browser has no API key.
+    """
+    try:
+        return {QUALITY_REPORT: dg.MetadataValue.url(report_url(name, context.run_id))}
+    except OSError as exc:  # the signing key file could not be created or read
+        context.log.warning(f"no quality report link: cannot sign it ({exc})")
+        return {}
+
+
+def target_label(pipeline: LoadedPipeline) -> str:
+    """The target as the pipeline list shows it, from the spec alone (no connection, no credentials)."""
+    target = pipeline.spec.target
+    if target is None:
+        return "none (staged in memory)"
+    if target.kind == "file":
+        return f"{target.format} file {target.path}"
+    return f"{_target_kind(pipeline)} table {target.table}"
 
 
 def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
@@ -145,42 +235,30 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     }
     staged_key = dg.AssetKey(f"{name}_staged")
 
-    def open_pipeline_target() -> Target | None:
-        return None if spec.target is None else open_target(spec.target, target_base_dir())
+    def open_pipeline_target(run_id: str) -> Target | None:
+        return None if spec.target is None else open_target(spec.target, target_base_dir(), run_id)
 
     @dg.asset(
         key=staged_key,
+        # Other pipelines' published assets it reads (source, enrich lookups): the lineage graph's edges.
+        deps=[dg.AssetKey(upstream) for upstream in pipeline.upstream],
         description=f"{spec.description or name}: clean rows staged for checks before publishing "
         f"({pipeline.file.name})",
         kinds={"arrow", "great_expectations"},
-        check_specs=[
-            dg.AssetCheckSpec(
-                check.name, asset=staged_key, description=check.description, blocking=check.blocking
-            )
-            for check in checks
-        ],
+        # The gateway's pipeline list reads these through GraphQL.
+        metadata={"target": target_label(pipeline), "load_mode": spec.load.mode},
+        check_specs=asset_check_specs(checks, staged_key),
         **common,
     )
     def staged(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        target = open_pipeline_target()
+        target = open_pipeline_target(context.run_id)
         try:
             metadata, outcomes = stage(pipeline, target, context.run_id, context.log)
         finally:
             if target is not None:
                 target.dispose()
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=outcome.check.name,
-                    passed=outcome.passed,
-                    severity=_severity(outcome.check),
-                    description=outcome.check.description,
-                    metadata=outcome.metadata(),
-                )
-                for outcome in outcomes
-            ],
-        )
+        metadata.update(report_link(name, context))
+        return dg.MaterializeResult(metadata=metadata, check_results=asset_check_results(outcomes))
 
     assets: list[dg.AssetsDefinition] = [staged]
     if spec.target is not None:
@@ -193,7 +271,10 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             **common,
         )
         def published(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-            target = open_pipeline_target()
+            # The rows staged by this run, or - when only the published asset is materialized - by
+            # the run of the latest staged materialization (staging places are per run).
+            staged_event = _staged_event(context, staged_key)
+            target = open_pipeline_target(staged_event.run_id if staged_event else context.run_id)
             assert target is not None
             try:
                 started = time.perf_counter()
@@ -217,16 +298,17 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            metadata.update(report_link(name, context))
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
-            staged_event = context.instance.get_latest_materialization_event(staged_key)
-            staged_schema = (
-                staged_event.asset_materialization.metadata.get("dagster/column_schema")
+            staged_metadata = (
+                staged_event.asset_materialization.metadata
                 if (staged_event and staged_event.asset_materialization)
-                else None
+                else {}
             )
-            if staged_schema is not None:
-                metadata["dagster/column_schema"] = staged_schema
+            for key in ("dagster/column_schema", "schema_drift"):
+                if key in staged_metadata:
+                    metadata[key] = staged_metadata[key]
             return dg.MaterializeResult(metadata=metadata)
 
         assets.append(published)
@@ -250,6 +332,17 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         else []
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
+
+
+def _staged_event(context: dg.AssetExecutionContext, staged_key: dg.AssetKey) -> dg.EventLogEntry | None:
+    """The staged asset's materialization in this run, else its latest one."""
+    for record in context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records:
+        entry = record.event_log_entry
+        if entry.asset_materialization and entry.asset_materialization.asset_key == staged_key:
+            return entry
+    return context.instance.get_latest_materialization_event(staged_key)
 
 
 def pipeline_definitions(

@@ -3,24 +3,39 @@
 A load happens in two steps, one per Dagster asset:
 
 1. `Target.stage(table, load_id)` writes the run's clean rows to a staging place next to the target
-   (the table ``<table>_staged``, or the file ``<target>.staged.parquet``), replacing what an earlier
-   run left there. Every staged row carries the run's load id in `LOAD_ID_COLUMN`.
+   (the table ``<table>_staged_<run>``, or the file ``<target>.<run>.staged.parquet``, where ``<run>``
+   is the start of the Dagster run id the target was opened for), replacing what an earlier attempt of
+   the same run left there. Two runs of one pipeline at once therefore never share a staging place.
+   Every staged row carries the run's load id in `LOAD_ID_COLUMN`.
 2. `Target.publish(mode, keys)` moves the staged rows into the target in one transaction and consumes
-   the staging place:
+   the staging place. Columns the staged rows have and the target lacks (``contract.drift: evolve``)
+   are added to the target first, in the same transaction; target columns the staged rows lack get
+   nulls.
 
-   - ``replace``: the staging table is swapped into place (drop + rename), the staged file renamed;
+   - ``replace``: a new target is the staging table renamed (or the staged file). An existing table is
+     kept with its indexes, constraints and grants: on PostgreSQL the staging table is swapped in
+     (drop + rename) and the old table's indexes, constraints (primary key, unique, check, foreign
+     keys) and NOT NULL columns are recreated on it; on SQLite, whose constraints live in the CREATE
+     TABLE statement, the rows are replaced (DELETE + INSERT). Zero staged rows empty the target and
+     keep its schema. A table other tables' foreign keys or views depend on cannot be dropped:
+     PostgreSQL refuses, and the publish fails with its message, leaving the target as it was.
    - ``append``: skipped when the target already holds the staged load id (re-running the same input
      does not duplicate), else the staged rows are inserted;
    - ``merge``: ``INSERT … ON CONFLICT (keys) DO UPDATE`` (a unique index on the keys is created if
-     missing); the staged rows must be unique by key (a ``dedupe`` step does that).
+     missing). The staged rows must be unique by key: pipelines make them so (the last row of a key
+     wins, the others are counted as filtered at ``load.merge``); staged rows holding a key twice are
+     refused with an error naming the key on both databases.
 
 When a blocking check fails, step 2 never runs: the target stays exactly as it was and the staged
 rows stay where they are, for inspection. Quarantined records go next to the target
 (``<table>_quarantine`` or ``<stem>_quarantine.parquet``) with the load id and run id; re-running
 the same input replaces that input's quarantine rather than adding to it.
 
-Bulk paths: PostgreSQL gets the rows through ``COPY … FROM STDIN (FORMAT csv)`` (psycopg2
-`copy_expert`) from an in-memory CSV written by Arrow; SQLite through `executemany`. File targets
+Bulk paths: PostgreSQL's staging table gets the rows by binary COPY straight from Arrow (the ADBC
+PostgreSQL driver) when every column has a binary form equal to its SQL type (integers but int8,
+float64, text, booleans, dates, timestamps to the microsecond), else - and for the quarantine -
+through ``COPY … FROM STDIN (FORMAT csv)`` (psycopg2 `copy_expert`) from an in-memory CSV written by
+Arrow; SQLite through `executemany`. File targets
 are read back and rewritten whole for append and merge (Arrow, in memory), then written to a temp
 file in the target's folder and renamed over the target (atomic on one file system).
 """
@@ -40,21 +55,29 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
+from assets.etl.sources import resolve_sqlite_url
 from assets.etl.spec import FileTargetSpec, SqlTargetSpec
+from assets.etl.transforms import DedupeLast, Step
 from orchestration.errors import ConfigurationError, JunctionError
 
 __all__ = [
     "LOAD_ID_COLUMN",
+    "MERGE_STEP",
     "FileTarget",
     "PublishOutcome",
     "SqlTarget",
     "Target",
+    "load_steps",
     "open_target",
+    "target_base_dir",
 ]
 
 LOAD_ID_COLUMN = "_junction_load_id"
 RUN_ID_COLUMN = "_junction_run_id"
+POSTGRES_NAME_BYTES = 63
+MERGE_STEP = "load.merge"  # where duplicate keys of a merge are counted as filtered
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,13 @@ class PublishOutcome:
     rows_published: int
     target_rows: int
     skipped_reason: str | None = None
+
+
+def target_base_dir() -> Path:
+    """Relative file targets live under $JUNCTION_HOME, never inside the repository's spec folder."""
+    from orchestration.settings import get_settings
+
+    return get_settings().home_dir
 
 
 def with_load_id(table: pa.Table, load_id: str) -> pa.Table:
@@ -87,6 +117,10 @@ class Target(ABC):
     def dispose(self) -> None:
         """Release connections."""
 
+    def current_schema(self) -> pa.Schema | None:
+        """The target's columns as Arrow types (what the previous run left), or None before the first."""
+        return None
+
     @abstractmethod
     def stage(self, table: pa.Table, load_id: str) -> None: ...
 
@@ -99,6 +133,10 @@ class Target(ABC):
     @abstractmethod
     def read(self) -> pa.Table:
         """The target's rows (tests and reports; small targets)."""
+
+    def stored_kind(self, data_type: pa.DataType) -> str:
+        """The kind of value (`drift.value_kind`) a column of this type holds once written here."""
+        return value_kind(data_type)
 
     @abstractmethod
     def read_staged(self) -> pa.Table | None:
@@ -129,16 +167,51 @@ def _sql_type(data_type: pa.DataType, dialect: str) -> str:
     return "TEXT"  # strings, and on SQLite timestamps and dates as ISO text
 
 
+def staging_token(run_id: str | None) -> str:
+    """The part of a staging place's name that is the run's: ``_`` + 12 hex digits of its id."""
+    return "" if not run_id else "_" + run_id.replace("-", "")[:12]
+
+
+def _arrow_type(sql_type: Any, dialect: str) -> pa.DataType:
+    """A reflected column type as the Arrow type that writes back into it (the reverse of `_sql_type`)."""
+    import sqlalchemy as sa
+
+    if isinstance(sql_type, sa.Boolean):
+        return pa.bool_()
+    if isinstance(sql_type, sa.SmallInteger):
+        return pa.int16()
+    if isinstance(sql_type, sa.Integer):
+        return (
+            pa.int32() if dialect == "postgresql" and not isinstance(sql_type, sa.BigInteger) else pa.int64()
+        )
+    if isinstance(sql_type, sa.Float):
+        return pa.float64()
+    if isinstance(sql_type, sa.Numeric):
+        precision, scale = sql_type.precision or 38, sql_type.scale or 0
+        return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+    if isinstance(sql_type, sa.DateTime):
+        return pa.timestamp("us", "UTC" if sql_type.timezone else None)
+    if isinstance(sql_type, sa.Date):
+        return pa.date32()
+    return pa.string()
+
+
 class SqlTarget(Target):
     """A table on PostgreSQL or SQLite (any SQLAlchemy URL of those two dialects)."""
 
-    def __init__(self, spec: SqlTargetSpec):
+    def __init__(self, spec: SqlTargetSpec, run_id: str | None = None, base_dir: Path | None = None):
+        """`base_dir`: where a relative SQLite database path in the URL lives (created if missing)."""
         import sqlalchemy as sa
 
         self.spec = spec
+        self.run_id = run_id
         url = spec.url if spec.url is not None else os.environ.get(spec.url_env or "")
         if not url:
             raise ConfigurationError(f"environment variable {spec.url_env} (the target's url_env) is not set")
+        resolved = resolve_sqlite_url(url, base_dir)
+        if resolved != url:
+            Path(sa.engine.make_url(resolved).database or "").parent.mkdir(parents=True, exist_ok=True)
+        url = resolved
         self.engine = sa.create_engine(url)
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("postgresql", "sqlite"):
@@ -149,6 +222,15 @@ class SqlTarget(Target):
         schema, _, table = spec.table.rpartition(".")
         self.schema, self.table = schema or None, table
         self.description = f"{self.kind} table {spec.table}"
+        longest = max(
+            len(self.staged_name.encode()), len(f"{table}_staged{staging_token('x' * 12)}".encode())
+        )
+        if self.dialect == "postgresql" and longest > POSTGRES_NAME_BYTES:
+            # PostgreSQL would cut the staging table's name, and two runs' names could meet again.
+            raise ConfigurationError(
+                f"target table {table!r} is too long: its staging tables add "
+                f"{longest - len(table.encode())} characters and PostgreSQL names hold {POSTGRES_NAME_BYTES} bytes"
+            )
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -161,7 +243,23 @@ class SqlTarget(Target):
 
     @property
     def staged_name(self) -> str:
-        return f"{self.table}_staged"
+        return f"{self.table}_staged{staging_token(self.run_id)}"
+
+    def current_schema(self) -> pa.Schema | None:
+        import sqlalchemy as sa
+
+        with self.engine.connect() as connection:
+            if not self._exists(connection, self.table):
+                return None
+            columns = sa.inspect(connection).get_columns(self.table, self.schema)
+        return pa.schema([pa.field(c["name"], _arrow_type(c["type"], self.dialect)) for c in columns])
+
+    def stored_kind(self, data_type: pa.DataType) -> str:
+        """The kind of value a column of this type holds once stored (SQLite stores times as text)."""
+        kind = value_kind(data_type)
+        if self.dialect == "sqlite" and kind in ("timestamp", "date", "time"):
+            return "string"
+        return kind
 
     @property
     def quarantine_name(self) -> str:
@@ -172,12 +270,15 @@ class SqlTarget(Target):
 
         return sa.inspect(connection).has_table(table, schema=self.schema)
 
+    def _create_sql(self, table: str, schema: pa.Schema, *, if_not_exists: bool = False) -> str:
+        columns = ", ".join(f"{self._quote(f.name)} {_sql_type(f.type, self.dialect)}" for f in schema)
+        guard = "IF NOT EXISTS " if if_not_exists else ""
+        return f"CREATE TABLE {guard}{self._qualified(table)} ({columns})"
+
     def _create(self, connection: Any, table: str, schema: pa.Schema, *, if_not_exists: bool = False) -> None:
         import sqlalchemy as sa
 
-        columns = ", ".join(f"{self._quote(f.name)} {_sql_type(f.type, self.dialect)}" for f in schema)
-        guard = "IF NOT EXISTS " if if_not_exists else ""
-        connection.execute(sa.text(f"CREATE TABLE {guard}{self._qualified(table)} ({columns})"))
+        connection.execute(sa.text(self._create_sql(table, schema, if_not_exists=if_not_exists)))
 
     def _insert(self, connection: Any, table: str, rows: pa.Table) -> None:
         """Bulk insert inside the connection's transaction: COPY on PostgreSQL, executemany on SQLite."""
@@ -209,10 +310,26 @@ class SqlTarget(Target):
         import sqlalchemy as sa
 
         staged = with_load_id(table, load_id)
+        if self.dialect == "postgresql" and all(_binary_copy_fits(field.type) for field in staged.schema):
+            self._stage_by_binary_copy(staged)
+            return
         with self.engine.begin() as connection:
             connection.execute(sa.text(f"DROP TABLE IF EXISTS {self._qualified(self.staged_name)}"))
             self._create(connection, self.staged_name, staged.schema)
             self._insert(connection, self.staged_name, staged)
+
+    def _stage_by_binary_copy(self, staged: pa.Table) -> None:
+        """Drop, create and fill the staging table in one transaction, the rows sent by the ADBC
+        PostgreSQL driver as binary COPY straight from Arrow: nothing is formatted as text by us or
+        parsed by the server, and the driver streams while the server writes."""
+        import adbc_driver_postgresql.dbapi as adbc
+
+        uri = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with adbc.connect(uri) as connection, connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {self._qualified(self.staged_name)}")
+            cursor.execute(self._create_sql(self.staged_name, staged.schema))
+            cursor.adbc_ingest(self.staged_name, staged, mode="append", db_schema_name=self.schema)
+            connection.commit()
 
     def _staged_columns(self, connection: Any) -> list[str]:
         import sqlalchemy as sa
@@ -228,6 +345,91 @@ class SqlTarget(Target):
             sa.text(f"SELECT COUNT(*) FROM {self._qualified(table)} {where}"), params
         ).scalar_one()
 
+    def _add_missing_columns(self, connection: Any, columns: list[str]) -> None:
+        """Columns the staged rows bring and the target lacks (schema evolution), with the staged types."""
+        import sqlalchemy as sa
+
+        inspector = sa.inspect(connection)
+        present = {column["name"] for column in inspector.get_columns(self.table, self.schema)}
+        for column in inspector.get_columns(self.staged_name, self.schema):
+            if column["name"] not in present:
+                type_sql = column["type"].compile(dialect=self.engine.dialect)
+                connection.execute(
+                    sa.text(
+                        f"ALTER TABLE {self._qualified(self.table)} "
+                        f"ADD COLUMN {self._quote(column['name'])} {type_sql}"
+                    )
+                )
+
+    def _table_definitions(self, connection: Any) -> list[str]:
+        """PostgreSQL: the statements that recreate the target's indexes, constraints and NOT NULLs."""
+        import sqlalchemy as sa
+
+        target = self._qualified(self.table)
+        found = {"table": target}
+        indexes = connection.execute(
+            sa.text(
+                "SELECT pg_get_indexdef(ix.indexrelid) FROM pg_index ix "
+                "WHERE ix.indrelid = CAST(:table AS regclass) AND NOT EXISTS "
+                "(SELECT 1 FROM pg_constraint c WHERE c.conindid = ix.indexrelid AND c.contype IN ('p', 'u', 'x'))"
+            ),
+            found,
+        ).scalars()
+        constraints = connection.execute(
+            sa.text(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = CAST(:table AS regclass) AND contype IN ('p', 'u', 'c', 'x', 'f') ORDER BY contype"
+            ),
+            found,
+        ).all()
+        not_null = [
+            column["name"]
+            for column in sa.inspect(connection).get_columns(self.table, self.schema)
+            if not column["nullable"]
+        ]
+        return [
+            *(f"ALTER TABLE {target} ALTER COLUMN {self._quote(name)} SET NOT NULL" for name in not_null),
+            *(
+                f"ALTER TABLE {target} ADD CONSTRAINT {self._quote(name)} {definition}"
+                for name, definition in constraints
+            ),
+            *indexes,
+        ]
+
+    def _replace(self, connection: Any, columns: list[str], staged_rows: int) -> PublishOutcome:
+        import sqlalchemy as sa
+
+        target, staged = self._qualified(self.table), self._qualified(self.staged_name)
+        if not self._exists(connection, self.table):
+            connection.execute(sa.text(f"ALTER TABLE {staged} RENAME TO {self._quote(self.table)}"))
+            return PublishOutcome(staged_rows, staged_rows)
+        if self.dialect == "postgresql":
+            definitions = self._table_definitions(connection)
+            connection.execute(sa.text(f"DROP TABLE {target}"))
+            connection.execute(sa.text(f"ALTER TABLE {staged} RENAME TO {self._quote(self.table)}"))
+            for statement in definitions:
+                connection.execute(sa.text(statement))
+        else:
+            self._add_missing_columns(connection, columns)
+            names = ", ".join(self._quote(name) for name in columns)
+            connection.execute(sa.text(f"DELETE FROM {target}"))
+            connection.execute(sa.text(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}"))
+            connection.execute(sa.text(f"DROP TABLE {staged}"))
+        return PublishOutcome(staged_rows, staged_rows)
+
+    def _refuse_duplicate_keys(self, connection: Any, keys: list[str]) -> None:
+        import sqlalchemy as sa
+
+        key_list = ", ".join(self._quote(key) for key in keys)
+        duplicate = connection.execute(
+            sa.text(
+                f"SELECT {key_list}, COUNT(*) FROM {self._qualified(self.staged_name)} "
+                f"GROUP BY {key_list} HAVING COUNT(*) > 1 LIMIT 1"
+            )
+        ).first()
+        if duplicate is not None:
+            raise JunctionError(_duplicate_key_message(self.description, keys, duplicate[:-1], duplicate[-1]))
+
     def publish(self, mode: str, keys: list[str]) -> PublishOutcome:
         import sqlalchemy as sa
 
@@ -241,11 +443,10 @@ class SqlTarget(Target):
             columns = self._staged_columns(connection)
             names = ", ".join(self._quote(name) for name in columns)
             if mode == "replace":
-                connection.execute(sa.text(f"DROP TABLE IF EXISTS {target}"))
-                connection.execute(sa.text(f"ALTER TABLE {staged} RENAME TO {self._quote(self.table)}"))
-                return PublishOutcome(staged_rows, staged_rows)
+                return self._replace(connection, columns, staged_rows)
             if not self._exists(connection, self.table):
                 connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT * FROM {staged} WHERE 1 = 0"))
+            self._add_missing_columns(connection, columns)
             if mode == "append":
                 load_ids = (
                     connection.execute(
@@ -269,6 +470,7 @@ class SqlTarget(Target):
                     )
                 connection.execute(sa.text(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}"))
             elif mode == "merge":
+                self._refuse_duplicate_keys(connection, keys)
                 key_list = ", ".join(self._quote(key) for key in keys)
                 index = self._quote(f"{self.table}_merge_keys")
                 connection.execute(
@@ -332,6 +534,27 @@ class SqlTarget(Target):
         return self._read(self.quarantine_name)
 
 
+def _binary_copy_fits(data_type: pa.DataType) -> bool:
+    """Whether the ADBC driver's binary COPY form of `data_type` is exactly the PostgreSQL type that
+    `_sql_type` declares for it (binary COPY converts nothing); other tables go by CSV COPY."""
+    if pa.types.is_timestamp(data_type):
+        return data_type.unit in ("s", "ms", "us")  # nanoseconds would be cut, not rounded
+    return (
+        pa.types.is_boolean(data_type)
+        or data_type in (pa.int16(), pa.int32(), pa.int64(), pa.float64(), pa.date32())
+        or pa.types.is_string(data_type)
+        or pa.types.is_large_string(data_type)
+    )
+
+
+def _duplicate_key_message(target: str, keys: list[str], values: Any, count: int) -> str:
+    shown = ", ".join(f"{key}={value!r}" for key, value in zip(keys, values, strict=True))
+    return (
+        f"merge into {target}: the staged rows hold the key ({shown}) {count} times; a merge needs one row "
+        "per key (pipelines keep the last row of each key)"
+    )
+
+
 def _utc_wall_time(table: pa.Table) -> pa.Table:
     """Zoned timestamp columns as naive ones holding the same UTC instants (Arrow stores UTC)."""
     for index, field in enumerate(table.schema):
@@ -375,8 +598,9 @@ def _sqlite_values(column: pa.ChunkedArray) -> list[Any]:
 class FileTarget(Target):
     """A Parquet or CSV file; staged as Parquet next to it, published by an atomic rename."""
 
-    def __init__(self, spec: FileTargetSpec, base_dir: Path):
+    def __init__(self, spec: FileTargetSpec, base_dir: Path, run_id: str | None = None):
         self.spec = spec
+        self.run_id = run_id
         path = Path(spec.path).expanduser()
         self.path = path if path.is_absolute() else Path(base_dir) / path
         self.kind = spec.format
@@ -387,7 +611,17 @@ class FileTarget(Target):
 
     @property
     def staged_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".staged.parquet")
+        return self.path.with_name(
+            f"{self.path.name}{staging_token(self.run_id).replace('_', '.')}.staged.parquet"
+        )
+
+    def current_schema(self) -> pa.Schema | None:
+        if not self.path.exists():
+            return None
+        if self.spec.format == "csv":
+            with pa_csv.open_csv(self.path) as reader:  # types inferred from the first block
+                return reader.schema
+        return pq.read_schema(self.path)
 
     @property
     def quarantine_path(self) -> Path:
@@ -440,6 +674,7 @@ class FileTarget(Target):
                 return PublishOutcome(0, current.num_rows, f"load id {load_ids[0]} is already in the target")
             result = pa.concat_tables([current, staged], promote_options="permissive")
         elif mode == "merge":
+            _refuse_duplicate_keys_in(staged, keys, self.description)
             kept = current.join(staged.select(keys), keys=keys, join_type="left anti")
             result = pa.concat_tables([kept, staged], promote_options="permissive")
         else:
@@ -468,8 +703,42 @@ class FileTarget(Target):
         return pq.read_table(self.quarantine_path) if self.quarantine_path.exists() else None
 
 
-def open_target(spec: SqlTargetSpec | FileTargetSpec, base_dir: Path) -> Target:
-    """The `Target` of a spec's `target:`; relative file paths resolve against `base_dir`."""
+def _refuse_duplicate_keys_in(staged: pa.Table, keys: list[str], target: str) -> None:
+    counted = staged.group_by(keys).aggregate([([], "count_all")])
+    repeated = counted.filter(pc.greater(counted.column("count_all"), 1))
+    if repeated.num_rows:
+        first = repeated.slice(0, 1).to_pylist()[0]
+        raise JunctionError(
+            _duplicate_key_message(target, keys, [first[key] for key in keys], first["count_all"])
+        )
+
+
+def load_steps(target: Target, drift_policy: str, mode: str, keys: list[str]) -> list[Step]:
+    """The steps a load adds after the spec's transforms: the drift policy against the target's current
+    schema (none before the first run) and, for merge, keeping the last row of each key."""
+    steps: list[Step] = []
+    current = target.current_schema()
+    if current is not None:
+        steps.append(
+            SchemaDriftStep(
+                drift_policy,
+                current,
+                target.description,
+                stored_kind=target.stored_kind,
+                ignored=(LOAD_ID_COLUMN,),
+            )
+        )
+    if mode == "merge":
+        steps.append(DedupeLast(MERGE_STEP, keys))
+    return steps
+
+
+def open_target(spec: SqlTargetSpec | FileTargetSpec, base_dir: Path, run_id: str | None = None) -> Target:
+    """The `Target` of a spec's `target:`; relative file paths and SQLite database paths resolve
+    against `base_dir`.
+
+    `run_id` names the staging place (one per run); without it, the target has one shared staging place.
+    """
     if isinstance(spec, SqlTargetSpec):
-        return SqlTarget(spec)
-    return FileTarget(spec, base_dir)
+        return SqlTarget(spec, run_id, base_dir)
+    return FileTarget(spec, base_dir, run_id)

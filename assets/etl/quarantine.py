@@ -8,7 +8,9 @@ positions aligned with the rows, so a value that fails a cast three steps later 
 Counts: every record a source yields, malformed ones included, is *read*; it then ends up exactly once
 as *loaded* (in the output), *filtered* (dropped on purpose: a filter condition, a duplicate) or
 *quarantined* (rejected with a reason). ``read == loaded + filtered + quarantined`` is checked by
-`RowCounts.check` at the end of every run.
+`RowCounts.check` at the end of every run. An ``aggregate`` step turns its N input rows into G groups:
+the G groups go on (and may be loaded) and the other N - G rows are *merged into groups*, a fourth
+term of the sum, recorded per step with N and G.
 """
 
 from __future__ import annotations
@@ -103,8 +105,12 @@ class QuarantinedRecord:
         return f"{self.source} {where}: {self.step}: {what}{self.reason}"
 
 
+# One encoder for every record: `json.dumps` with options builds a new one per call.
+_ROW_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def _row_as_json(row: dict[str, Any]) -> str:
-    return json.dumps(row, default=str, ensure_ascii=False)
+    return _ROW_ENCODER.encode(row)
 
 
 class Quarantine:
@@ -151,6 +157,23 @@ class Quarantine:
         """(step, field) -> count: the quarantine summary of the quality report."""
         return dict(Counter((record.step, record.field) for record in self._records))
 
+    def reasons(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The quarantine by (step, field), largest first, each with its first reason as an example.
+
+        Reasons name the rejected value, so they are grouped by where the rows were rejected; the
+        quality report shows at most `limit` groups (the counts by step stay complete).
+        """
+        counts: Counter[tuple[str, str | None]] = Counter()
+        examples: dict[tuple[str, str | None], str] = {}
+        for record in self._records:
+            key = (record.step, record.field)
+            counts[key] += 1
+            examples.setdefault(key, record.reason)
+        return [
+            {"step": step, "field": field_name, "rows": rows, "example": examples[(step, field_name)]}
+            for (step, field_name), rows in counts.most_common(limit)
+        ]
+
     def to_table(self) -> pa.Table:
         return pa.Table.from_pylist([record.__dict__ for record in self._records], schema=QUARANTINE_SCHEMA)
 
@@ -167,10 +190,19 @@ class RowCounts:
     loaded: int = 0
     filtered: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, int] = field(default_factory=dict)
+    # Per aggregate step: {"input_rows": N, "groups": G}; N - G rows were merged into the groups.
+    aggregated: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def filtered_total(self) -> int:
         return sum(self.filtered.values())
+
+    @property
+    def merged_into_groups(self) -> int:
+        return sum(step["input_rows"] - step["groups"] for step in self.aggregated.values())
+
+    def add_aggregated(self, step: str, input_rows: int, groups: int) -> None:
+        self.aggregated[step] = {"input_rows": input_rows, "groups": groups}
 
     @property
     def quarantined_total(self) -> int:
@@ -181,18 +213,22 @@ class RowCounts:
             self.filtered[step] = self.filtered.get(step, 0) + count
 
     def check(self) -> RowCounts:
-        accounted = self.loaded + self.filtered_total + self.quarantined_total
+        accounted = self.loaded + self.filtered_total + self.quarantined_total + self.merged_into_groups
         if self.read != accounted:
+            merged = f" + merged into groups ({self.merged_into_groups})" if self.aggregated else ""
             raise CountsInvariantError(
                 f"rows read ({self.read}) != loaded ({self.loaded}) + filtered ({self.filtered_total}) "
-                f"+ quarantined ({self.quarantined_total})"
+                f"+ quarantined ({self.quarantined_total}){merged}"
             )
         return self
 
     def as_metadata(self) -> dict[str, int]:
-        return {
+        counts = {
             "rows_read": self.read,
             "rows_loaded": self.loaded,
             "rows_filtered": self.filtered_total,
             "rows_quarantined": self.quarantined_total,
         }
+        if self.aggregated:
+            counts["rows_merged_into_groups"] = self.merged_into_groups
+        return counts

@@ -19,13 +19,17 @@ and `RowCounts.check` proves ``read == loaded + filtered + quarantined``.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
+from assets.etl.drift import SchemaDrift, SchemaDriftStep
+from assets.etl.loads import PublishOutcome, Target, load_steps
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources import READ_STEP, ArrowTableSource, InputIdentity, Source, open_source
 from assets.etl.spec import LoadedPipeline, PipelineSpec
@@ -35,7 +39,10 @@ from orchestration.errors import JunctionError
 __all__ = [
     "ArrowTableSource",
     "PipelineResult",
+    "input_identity",
     "iter_pipeline",
+    "load_result",
+    "lookup_opener",
     "run_pipeline",
 ]  # ArrowTableSource re-exported
 
@@ -49,11 +56,14 @@ class PipelineResult:
     counts: RowCounts
     identity: InputIdentity
     seconds: dict[str, float] = field(default_factory=dict)
+    drift: SchemaDrift | None = None  # when run against a target that already exists
+    schema: pa.Schema | None = None  # of an empty result: the target's (see `to_table`)
+    step_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # enrich: lookup and matches
 
     def to_table(self) -> pa.Table:
         """Every clean row in one table; batches whose inferred types differ are promoted (int -> double)."""
         if not self.tables:
-            return pa.table({})
+            return self.schema.empty_table() if self.schema is not None else pa.table({})
         try:
             return pa.concat_tables(self.tables, promote_options="permissive")
         except pa.ArrowException as exc:
@@ -72,14 +82,43 @@ def _run_steps(
     return batch
 
 
+def lookup_opener(
+    spec: PipelineSpec, base_dir: Path, upstream: Mapping[str, LoadedPipeline] | None = None
+) -> Callable[[Any], Source]:
+    """How the spec's enrich steps open their lookups: like its source (same folder, same upstream)."""
+    return functools.partial(open_source, base_dir=base_dir, batch_size=spec.batch_size, upstream=upstream)
+
+
+def input_identity(spec: PipelineSpec, source: Source, open_lookup: Callable[[Any], Source]) -> InputIdentity:
+    """The source's identity, plus each enrich lookup's: a changed lookup changes the load id too."""
+    identity = source.identity()
+    lookups = [step.enrich.lookup for step in spec.transforms if step.enrich is not None]
+    if not lookups:
+        return identity
+    parts = [part for lookup in lookups for part in open_lookup(lookup).identity().parts]
+    return InputIdentity(identity.kind, (*identity.parts, ("lookups",), *parts))
+
+
 def iter_pipeline(
     spec: PipelineSpec,
     source: Source,
     quarantine: Quarantine,
     counts: RowCounts,
+    *,
+    after: Sequence[Step] = (),
+    open_lookup: Callable[[Any], Source] | None = None,
+    step_reports: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[pa.Table]:
-    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end)."""
-    steps = build_steps(spec.transforms)
+    """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
+
+    `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
+    `open_lookup` opens enrich lookups (default: relative to the working directory); `step_reports`,
+    when given, receives what steps report about themselves at the end (enrich: lookup and matches).
+    """
+    steps = [
+        *build_steps(spec.transforms, open_lookup=open_lookup or lookup_opener(spec, Path.cwd())),
+        *after,
+    ]
     for batch in source.read(quarantine):
         counts.read += batch.num_rows
         out = _run_steps(batch, steps, 0, quarantine, counts)
@@ -97,6 +136,8 @@ def iter_pipeline(
     counts.read += by_step.get(READ_STEP, 0)
     counts.quarantined = by_step
     counts.check()
+    if step_reports is not None:
+        step_reports.update({step.name: report for step in steps if (report := step.report()) is not None})
 
 
 def run_pipeline(
@@ -104,17 +145,56 @@ def run_pipeline(
     *,
     base_dir: Path | None = None,
     source: Source | None = None,
+    target: Target | None = None,
 ) -> PipelineResult:
-    """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`)."""
+    """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`).
+
+    With a `target`, the load's steps run too: the contract's drift policy against the target's
+    current schema (`result.drift`) and, for a merge, one row per key (the last).
+    """
+    upstream: Mapping[str, LoadedPipeline] | None = None
     if isinstance(pipeline, LoadedPipeline):
-        spec, base_dir = pipeline.spec, base_dir or pipeline.base_dir
+        spec, base_dir, upstream = pipeline.spec, base_dir or pipeline.base_dir, pipeline.upstream
     else:
         spec = pipeline
+    base_dir = base_dir or Path.cwd()
     if source is None:
-        source = open_source(spec.source, base_dir or Path.cwd(), spec.batch_size)
-    identity = source.identity()
+        source = open_source(spec.source, base_dir, spec.batch_size, upstream)
+    open_lookup = lookup_opener(spec, base_dir, upstream)
+    identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
+    after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
     started = time.perf_counter()
-    tables = list(iter_pipeline(spec, source, quarantine, counts))
+    step_reports: dict[str, dict[str, Any]] = {}
+    tables = list(
+        iter_pipeline(
+            spec, source, quarantine, counts, after=after, open_lookup=open_lookup, step_reports=step_reports
+        )
+    )
     elapsed = time.perf_counter() - started
-    return PipelineResult(tables, quarantine, counts, identity, {"read_and_transform": elapsed})
+    drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
+    schema = target.current_schema() if target is not None and not tables else None
+    return PipelineResult(
+        tables, quarantine, counts, identity, {"read_and_transform": elapsed}, drift, schema, step_reports
+    )
+
+
+def load_result(
+    result: PipelineResult,
+    target: Target,
+    *,
+    mode: str = "append",
+    keys: list[str] | None = None,
+    run_id: str,
+    table: pa.Table | None = None,
+) -> PublishOutcome:
+    """Stage the result's rows (or `table`, made from them), store its quarantine next to the target
+    and publish, in that order; the load id is the input's, so re-running an append adds nothing.
+
+    For a plain `@asset` that checks the rows itself before loading; the pipeline assets split the
+    same calls over a staged and a published asset so that blocking checks sit between them.
+    """
+    load_id = result.identity.load_id
+    target.stage(result.to_table() if table is None else table, load_id)
+    target.write_quarantine(result.quarantine, load_id, run_id)
+    return target.publish(mode, keys or [])

@@ -38,6 +38,14 @@ record and restarts at the next record element. The file is held in memory.
 
 Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches`.
 
+Other assets
+------------
+`AssetSource` reads another pipeline's published output where that pipeline published it: a SQL
+target streamed like a SQL source, a Parquet target in row batches, a CSV target like a CSV source
+(columns as strings: cast them). The publisher's load id column is dropped. Its identity is the
+file's (path, size, mtime) or, for a table, the load ids the table holds, so re-running on an
+unchanged upstream gives the same load id and a new publish gives a new one.
+
 Compressed files: ``.gz`` and ``.bz2`` through Arrow's streams, ``.zip`` (one member) through the
 stdlib's `zipfile`, which Arrow does not read.
 """
@@ -54,7 +62,7 @@ import os
 import re
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,10 +76,25 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from assets.etl.quarantine import Batch, Quarantine
-from assets.etl.spec import FileSourceSpec, SqlSourceSpec
+from assets.etl.spec import (
+    AssetSourceSpec,
+    FileSourceSpec,
+    LoadedPipeline,
+    SqlSourceSpec,
+    SqlTargetSpec,
+    load_pipelines,
+)
 from orchestration.errors import ConfigurationError, JunctionError
 
-__all__ = ["ArrowTableSource", "FileSource", "InputIdentity", "Source", "SqlSource", "open_source"]
+__all__ = [
+    "ArrowTableSource",
+    "AssetSource",
+    "FileSource",
+    "InputIdentity",
+    "Source",
+    "SqlSource",
+    "open_source",
+]
 
 READ_STEP = "read"
 READ_BLOCK_BYTES = 1 << 20
@@ -852,6 +875,25 @@ class ArrowTableSource(Source):
 # --- SQL ----------------------------------------------------------------------------------------------
 
 
+def resolve_sqlite_url(url: str, base_dir: Path | None) -> str:
+    """A relative SQLite database path in `url` made absolute against `base_dir`, as relative file
+    paths are (a source's against its spec's folder, a target's against $JUNCTION_HOME); any other URL
+    (another database, ``:memory:``, an absolute path, a ``file:`` URI) is returned as it is."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if (
+        base_dir is None
+        or parsed.get_backend_name() != "sqlite"
+        or database in ("", ":memory:")
+        or database.startswith("file:")
+        or Path(database).is_absolute()
+    ):
+        return url
+    return parsed.set(database=str(Path(base_dir) / database)).render_as_string(hide_password=False)
+
+
 class SqlSource(Source):
     """A table or parameterized query through SQLAlchemy, streamed with a server-side cursor.
 
@@ -859,9 +901,10 @@ class SqlSource(Source):
     cursor, so memory is bounded by `batch_size` rows whatever the result's size.
     """
 
-    def __init__(self, spec: SqlSourceSpec, batch_size: int):
+    def __init__(self, spec: SqlSourceSpec, batch_size: int, base_dir: Path | None = None):
         self.spec = spec
         self.batch_size = batch_size
+        self.base_dir = base_dir
 
     @property
     def description(self) -> str:
@@ -869,13 +912,13 @@ class SqlSource(Source):
 
     def url(self) -> str:
         if self.spec.url is not None:
-            return self.spec.url
+            return resolve_sqlite_url(self.spec.url, self.base_dir)
         value = os.environ.get(self.spec.url_env or "")
         if not value:
             raise ConfigurationError(
                 f"environment variable {self.spec.url_env} (the source's url_env) is not set"
             )
-        return value
+        return resolve_sqlite_url(value, self.base_dir)
 
     def identity(self) -> InputIdentity:
         from sqlalchemy.engine import make_url
@@ -919,8 +962,117 @@ class SqlSource(Source):
             engine.dispose()
 
 
-def open_source(spec: FileSourceSpec | SqlSourceSpec, base_dir: Path, batch_size: int) -> Source:
-    """The `Source` for a spec's `source:` section; relative file paths resolve against `base_dir`."""
+# --- other pipelines' published assets ----------------------------------------------------------------
+
+
+class AssetSource(Source):
+    """Another pipeline's published output, read in chunks from where that pipeline published it."""
+
+    def __init__(self, upstream: LoadedPipeline, batch_size: int):
+        # Imported here: `loads` resolves SQLite URLs with this module, so this module cannot import it first.
+        from assets.etl.loads import FileTarget, target_base_dir
+
+        target = upstream.spec.target
+        if target is None:
+            raise ConfigurationError(
+                f"pipeline {upstream.name!r} has no target: it publishes nothing to read"
+            )
+        self.upstream = upstream
+        self.inner: FileSource | SqlSource
+        self.path: Path | None = None
+        if isinstance(target, SqlTargetSpec):
+            self.table = target.table
+            self.inner = SqlSource(
+                SqlSourceSpec(kind="sql", url=target.url, url_env=target.url_env, table=target.table),
+                batch_size,
+                target_base_dir(),  # a relative SQLite target lives where the upstream published it
+            )
+        else:
+            self.path = FileTarget(target, target_base_dir()).path
+            self.inner = FileSource(
+                FileSourceSpec(format=target.format, path=str(self.path)), self.path.parent, batch_size
+            )
+
+    @property
+    def description(self) -> str:
+        return f"asset {self.upstream.name}"
+
+    def _not_published(self, where: str) -> JunctionError:
+        return JunctionError(
+            f"pipeline {self.upstream.name!r} has not published yet ({where} does not exist): "
+            f"materialize the asset {self.upstream.name} first"
+        )
+
+    def identity(self) -> InputIdentity:
+        if self.path is not None:
+            if not self.path.exists():
+                raise self._not_published(str(self.path))
+            return InputIdentity("asset", ((self.upstream.name,), *self.inner.identity().parts))
+        return InputIdentity("asset", ((self.upstream.name,), *self.inner.identity().parts, self._load_ids()))
+
+    def _load_ids(self) -> tuple[str, ...]:
+        """The load ids the published table holds: they change with every publish that changes it."""
+        import sqlalchemy as sa
+
+        from assets.etl.loads import LOAD_ID_COLUMN
+
+        assert isinstance(self.inner, SqlSource)
+        engine = sa.create_engine(self.inner.url())
+        quote = engine.dialect.identifier_preparer.quote
+        schema, _, name = self.table.rpartition(".")
+        qualified = f"{quote(schema)}.{quote(name)}" if schema else quote(name)
+        try:
+            with engine.connect() as connection:
+                if not sa.inspect(connection).has_table(name, schema=schema or None):
+                    raise self._not_published(f"table {self.table}")
+                columns = {
+                    column["name"] for column in sa.inspect(connection).get_columns(name, schema or None)
+                }
+                if LOAD_ID_COLUMN not in columns:
+                    return ()
+                ids = connection.execute(sa.text(f"SELECT DISTINCT {quote(LOAD_ID_COLUMN)} FROM {qualified}"))
+                return tuple(sorted(str(value) for value in ids.scalars()))
+        finally:
+            engine.dispose()
+
+    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        if self.path is not None and not self.path.exists():
+            raise self._not_published(str(self.path))
+        if self.path is None:
+            self._load_ids()  # a clear error when the table was never published
+        from assets.etl.loads import LOAD_ID_COLUMN
+
+        for batch in self.inner.read(quarantine):
+            table = batch.table
+            if LOAD_ID_COLUMN in table.column_names:
+                table = table.drop_columns([LOAD_ID_COLUMN])
+            yield Batch(table, self.description, batch.lines, batch.rows)
+
+
+def published_pipeline(
+    spec: AssetSourceSpec, upstream: Mapping[str, LoadedPipeline] | None
+) -> LoadedPipeline:
+    """The pipeline an asset source names: from the loader's `upstream`, else from the spec folder
+    (an analyst's spec built in Python)."""
+    name = spec.pipeline or spec.asset or ""
+    if upstream is not None and name in upstream:
+        return upstream[name]
+    pipelines = load_pipelines()
+    if name not in pipelines:
+        raise ConfigurationError(f"no pipeline named {name!r} publishes an asset to read")
+    return pipelines[name]
+
+
+def open_source(
+    spec: FileSourceSpec | SqlSourceSpec | AssetSourceSpec,
+    base_dir: Path,
+    batch_size: int,
+    upstream: Mapping[str, LoadedPipeline] | None = None,
+) -> Source:
+    """The `Source` for a spec's `source:` section (or an enrich lookup); relative file paths resolve
+    against `base_dir`, other pipelines' assets through `upstream` (`LoadedPipeline.upstream`)."""
     if isinstance(spec, FileSourceSpec):
         return FileSource(spec, base_dir, batch_size)
-    return SqlSource(spec, batch_size)
+    if isinstance(spec, AssetSourceSpec):
+        return AssetSource(published_pipeline(spec, upstream), batch_size)
+    return SqlSource(spec, batch_size, base_dir)

@@ -12,8 +12,9 @@ problems are reported together with every other problem of every file, in the ke
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,12 +38,16 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from orchestration.kernel.conditions import Condition, compile_regex, parse_condition
 from orchestration.kernel.expressions import Expression, parse_expression
-from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
+from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, load_specs
 from resources.event_stream.core import STREAM_NAME_PATTERN
 
 __all__ = [
+    "AGGREGATE_FUNCTIONS",
+    "AggregateStep",
+    "AssetSourceSpec",
     "CompiledCondition",
     "CompiledExpression",
+    "EnrichStep",
     "FileSourceSpec",
     "LoadedPipeline",
     "PipelineSpec",
@@ -277,7 +282,11 @@ class SqlSourceSpec(StrictModel):
 
     kind: Literal["sql"]
     url_env: str | None = Field(default=None, description="NAME of the env var holding the SQLAlchemy URL")
-    url: str | None = Field(default=None, description="A URL without secrets (e.g. sqlite:///data.db)")
+    url: str | None = Field(
+        default=None,
+        description="A URL without secrets (e.g. sqlite:///data.db; a relative SQLite path is relative "
+        "to the spec's folder)",
+    )
     table: str | None = None
     query: str | None = Field(default=None, description="SQL with :named parameters")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -317,9 +326,35 @@ def _tagged(models: dict[str, type[BaseModel]], default: str | None) -> PlainVal
     return PlainValidator(validate, json_schema_input_type=union)
 
 
+class AssetSourceSpec(StrictModel):
+    """Another pipeline's published output, read in chunks where that pipeline published it (its SQL
+    table or file). The staged asset depends on that published asset, so the lineage graph shows it."""
+
+    kind: Literal["asset"]
+    pipeline: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        default=None, description="The pipeline whose published asset is read"
+    )
+    asset: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Or the published asset's key (parts joined with /); a pipeline publishes the key <name>",
+    )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> AssetSourceSpec:
+        if (self.pipeline is None) == (self.asset is None):
+            raise ValueError("give exactly one of pipeline and asset")
+        return self
+
+    @property
+    def field(self) -> str:
+        """The field holding the reference: where a problem with it is reported."""
+        return "pipeline" if self.pipeline is not None else "asset"
+
+
 SourceSpec = Annotated[
-    FileSourceSpec | SqlSourceSpec,
-    _tagged({"file": FileSourceSpec, "sql": SqlSourceSpec}, default="file"),
+    FileSourceSpec | SqlSourceSpec | AssetSourceSpec,
+    _tagged({"file": FileSourceSpec, "sql": SqlSourceSpec, "asset": AssetSourceSpec}, default="file"),
     PlainSerializer(lambda model: model.model_dump(by_alias=True)),
 ]
 
@@ -363,7 +398,116 @@ class PythonStep(StrictModel):
     frame: Literal["arrow", "pandas"] = "arrow"
 
 
-TRANSFORM_KINDS = ("select", "rename", "map", "cast", "cleanse", "derive", "filter", "dedupe", "python")
+class EnrichStep(StrictModel):
+    """A lookup join: each row gets the lookup's columns for its key (a left join, one match at most).
+
+    The lookup (a file, SQL table/query or another pipeline's asset) is read once per run and held
+    in memory; it should be small next to the data (reference tables: airlines, airports, customers).
+    """
+
+    lookup: SourceSpec
+    on: dict[FieldName, FieldName] | list[FieldName] = Field(
+        description="Key fields: {field: lookup_field}, or a list of fields named alike in both",
+    )
+    columns: list[FieldName] | None = Field(
+        default=None, min_length=1, description="Lookup columns to add (default: all but its keys)"
+    )
+    prefix: str = Field(default="", description="Prepended to the added columns' names")
+    unmatched: Literal["keep", "drop", "quarantine"] = Field(
+        default="keep",
+        description="Rows without a match: keep (added columns null), drop (counted as filtered), "
+        "quarantine (with the key in the reason)",
+    )
+    lookup_duplicates: Literal["error", "first"] = Field(
+        default="error",
+        description="A key found more than once in the lookup: fail the run (error) or use its first row",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads the bare key `on` as the boolean true.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if key is True else key): value for key, value in data.items()}
+        return data
+
+    @field_validator("on")
+    @classmethod
+    def _keys_as_mapping(cls, value: dict[str, str] | list[str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one key field")
+        if isinstance(value, list):
+            if len(set(value)) != len(value):
+                raise ValueError("a key field is named twice")
+            return {name: name for name in value}
+        return value
+
+    @property
+    def added_columns(self) -> list[str] | None:
+        """The names the step adds (None when `columns` is not given: the lookup decides)."""
+        return None if self.columns is None else [self.prefix + name for name in self.columns]
+
+
+AGGREGATE_FUNCTIONS = ("count", "sum", "mean", "min", "max", "first", "last")
+
+
+def _check_aggregate_function(value: str) -> str:
+    if value not in AGGREGATE_FUNCTIONS:
+        raise ValueError(f"unknown function {value!r}; use one of {', '.join(AGGREGATE_FUNCTIONS)}")
+    return value
+
+
+class AggregateMetric(StrictModel):
+    fn: Annotated[
+        str,
+        AfterValidator(_check_aggregate_function),
+        WithJsonSchema({"enum": list(AGGREGATE_FUNCTIONS)}),
+    ] = Field(description="count (rows, or non-null values of `field`), sum, mean, min, max, first, last")
+    field: FieldName | None = Field(default=None, description="The aggregated field (count: optional)")
+
+    @model_validator(mode="after")
+    def _field_unless_count(self) -> AggregateMetric:
+        if self.field is None and self.fn != "count":
+            raise ValueError(f"{self.fn} needs a field")
+        return self
+
+
+class AggregateStep(StrictModel):
+    """Group by fields and compute metrics per group; the groups replace the rows.
+
+    Holds its whole input in memory: every row reaching this step is kept until the input ends,
+    then grouped at once (pyarrow's hash aggregation). first/last are the first/last non-null value in
+    input order. Nulls are skipped by sum/mean/min/max; count without a field counts rows.
+    """
+
+    by: list[FieldName] = Field(min_length=1, description="The grouping fields")
+    metrics: dict[FieldName, AggregateMetric] = Field(
+        min_length=1, description="New field -> {fn, field}, e.g. mean_delay: {fn: mean, field: dep_delay}"
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> AggregateStep:
+        if len(set(self.by)) != len(self.by):
+            raise ValueError("by names a field twice")
+        clashes = [name for name in self.metrics if name in self.by]
+        if clashes:
+            raise ValueError(f"metric {clashes[0]!r} has the name of a grouping field")
+        return self
+
+
+TRANSFORM_KINDS = (
+    "select",
+    "rename",
+    "map",
+    "cast",
+    "cleanse",
+    "derive",
+    "filter",
+    "dedupe",
+    "enrich",
+    "aggregate",
+    "python",
+)
 
 
 class TransformStep(StrictModel):
@@ -377,6 +521,10 @@ class TransformStep(StrictModel):
     derive: dict[FieldName, ExpressionField] | None = Field(default=None, min_length=1)
     filter: ConditionField | None = Field(default=None, description="Keep the rows matching the condition")
     dedupe: DedupeStep | None = None
+    enrich: EnrichStep | None = None
+    aggregate: AggregateStep | None = Field(
+        default=None, description="Group and compute metrics; holds its whole input in memory"
+    )
     python: PythonStep | None = None
 
     @model_validator(mode="before")
@@ -432,8 +580,11 @@ class ColumnContract(StrictModel):
 class SchemaContract(StrictModel):
     drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = Field(
         default="evolve",
-        description="Columns added/removed/retyped against the previous run: evolve the target, "
-        "freeze (fail the run), discard_row (quarantine rows with new columns), discard_value (drop them)",
+        description="Columns added/removed/retyped against the target's current schema (the previous "
+        "run's result): evolve the target (a retyped column's values go to <name>__v_<kind>), freeze "
+        "(fail the run before staging), discard_row (quarantine rows holding values in new or retyped "
+        "columns), discard_value (drop those values, keep the rows). Removed columns are null in new rows "
+        "except under freeze. See assets/etl/drift.py",
     )
     columns: dict[FieldName, ColumnContract] = Field(default_factory=dict)
 
@@ -441,7 +592,9 @@ class SchemaContract(StrictModel):
 class SqlTargetSpec(StrictModel):
     kind: Literal["sql"]
     url_env: str | None = None
-    url: str | None = None
+    url: str | None = Field(
+        default=None, description="A relative SQLite path is relative to $JUNCTION_HOME (created if missing)"
+    )
     table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")]
 
     @model_validator(mode="after")
@@ -545,6 +698,112 @@ class PipelineSpec(StrictModel):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
+    @model_validator(mode="after")
+    def _known_field_references(self) -> PipelineSpec:
+        problems = field_reference_problems(self)
+        if problems:
+            raise ValidationError.from_exception_data(
+                "fields",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("fields", "{reason}", {"reason": reason}),
+                        loc=location,
+                        input=None,
+                    )
+                    for location, reason in problems
+                ],
+            )
+        return self
+
+
+# --- field references ---------------------------------------------------------------------------------
+
+Location = tuple[str | int, ...]
+
+
+def field_reference_problems(spec: PipelineSpec) -> list[tuple[Location, str]]:
+    """References to fields that cannot exist at their step, where the fields are known at load time.
+
+    A source's fields are known only once read, so checking starts after a step that decides them
+    (select, aggregate) and follows rename, map, derive and enrich (with listed columns); a python
+    step or an enrich taking all lookup columns makes them unknown again. Merge keys and contract
+    columns are checked against the fields the transforms end with.
+    """
+    problems: list[tuple[Location, str]] = []
+    known: list[str] | None = None
+
+    def check(location: Location, names: Iterable[str]) -> None:
+        if known is None:
+            return
+        for name in names:
+            if name not in known:
+                problems.append((location, f"no field {name!r} here (the fields are {', '.join(known)})"))
+
+    for index, step in enumerate(spec.transforms):
+        at: Location = ("transforms", index, step.kind)
+        options = step.options
+        if step.kind == "select":
+            for offset, name in enumerate(options):
+                check((*at, offset), [name])
+            known = list(options)
+        elif step.kind == "rename":
+            for name in options:
+                check((*at, name), [name])
+            known = None if known is None else [options.get(name, name) for name in known]
+        elif step.kind == "map":
+            check((*at, "field"), [options.field])
+            if known is not None and options.to and options.to not in known:
+                known = [*known, options.to]
+        elif step.kind == "cast":
+            for name in options:
+                check((*at, name), [name])
+        elif step.kind == "cleanse":
+            for offset, name in enumerate(options.fields or []):
+                check((*at, "fields", offset), [name])
+        elif step.kind == "derive":
+            known = None if known is None else [*known, *(name for name in options if name not in known)]
+        elif step.kind == "dedupe":
+            for offset, name in enumerate(options.keys):
+                check((*at, "keys", offset), [name])
+        elif step.kind == "enrich":
+            for name in options.on:
+                check((*at, "on", name), [name])
+            added = options.added_columns
+            if added is None:
+                known = None
+            elif known is not None:
+                for name in added:
+                    if name in known:
+                        problems.append(
+                            ((*at, "columns"), f"{name!r} is a field already; set a prefix (or select)")
+                        )
+                known = [*known, *added]
+        elif step.kind == "aggregate":
+            for offset, name in enumerate(options.by):
+                check((*at, "by", offset), [name])
+            for metric, definition in options.metrics.items():
+                if definition.field is not None:
+                    check((*at, "metrics", metric, "field"), [definition.field])
+            known = [*options.by, *options.metrics]
+        elif step.kind == "python":
+            known = None
+    for offset, name in enumerate(spec.load.keys):
+        check(("load", "keys", offset), [name])
+    for name in spec.contract.columns:
+        check(("contract", "columns", name), [name])
+    return problems
+
+
+def asset_references(spec: PipelineSpec) -> list[tuple[Location, AssetSourceSpec]]:
+    """Where the spec reads another pipeline's published asset: its source, its enrich lookups."""
+    found: list[tuple[Location, AssetSourceSpec]] = []
+    if isinstance(spec.source, AssetSourceSpec):
+        found.append((("source",), spec.source))
+    for index, step in enumerate(spec.transforms):
+        if step.enrich is not None and isinstance(step.enrich.lookup, AssetSourceSpec):
+            found.append((("transforms", index, "enrich", "lookup"), step.enrich.lookup))
+    return found
+
 
 # --- loading ------------------------------------------------------------------------------------------
 
@@ -556,6 +815,10 @@ class LoadedPipeline:
     name: str
     spec: PipelineSpec
     file: Path
+    # The pipelines whose published assets this one reads (source, enrich lookups), by name.
+    upstream: Mapping[str, LoadedPipeline] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def base_dir(self) -> Path:
@@ -592,7 +855,109 @@ def load_pipelines(files: Iterable[Path] | None = None) -> dict[str, LoadedPipel
             loaded[name] = LoadedPipeline(name, spec, path)
     if problems:
         raise SpecError(problems)
-    return loaded
+    return _resolve_upstream(loaded)
+
+
+def _published_by(reference: AssetSourceSpec, candidates: Mapping[str, LoadedPipeline]) -> tuple[str, str]:
+    """(pipeline name, problem or ""): which pipeline publishes what `reference` names."""
+    if reference.pipeline is not None:
+        name = reference.pipeline
+        if name not in candidates:
+            known = ", ".join(sorted(candidates)) or "none"
+            return name, f"no pipeline named {name!r} (pipelines: {known})"
+    else:
+        name = reference.asset or ""
+        if name not in candidates:
+            staged_of = name.removesuffix("_staged")
+            if name != staged_of and staged_of in candidates:
+                return name, (
+                    f"{name!r} is the staged asset of pipeline {staged_of!r}; read its published "
+                    f"asset {staged_of!r}"
+                )
+            published = ", ".join(sorted(n for n, p in candidates.items() if p.spec.target)) or "none"
+            return name, f"no pipeline publishes the asset {name!r} (published assets: {published})"
+    if candidates[name].spec.target is None:
+        return name, f"pipeline {name!r} has no target, so it publishes nothing to read"
+    return name, ""
+
+
+def _beside(file: Path, loaded: Mapping[str, LoadedPipeline]) -> dict[str, LoadedPipeline]:
+    """The valid specs in `file`'s folder that were not loaded: what a reference may name when only
+    some files are loaded (`junction pipelines validate FILE`). Their own problems are theirs."""
+    taken = {pipeline.file.resolve() for pipeline in loaded.values()}
+    found: dict[str, LoadedPipeline] = {}
+    for path in pipeline_files(file.parent):
+        if path.resolve() in taken:
+            continue
+        try:
+            spec = load_specs([path], PipelineSpec)[path]
+        except SpecError:
+            continue
+        found.setdefault(spec.name or path.stem, LoadedPipeline(spec.name or path.stem, spec, path))
+    return found
+
+
+def _resolve_upstream(loaded: dict[str, LoadedPipeline]) -> dict[str, LoadedPipeline]:
+    """Tie every asset reference to the pipeline publishing it; unknown names and cycles are problems."""
+    problems: list[SpecProblem] = []
+    candidates: dict[str, LoadedPipeline] = dict(loaded)
+    looked_beside: set[Path] = set()
+    edges: dict[str, list[tuple[str, Location, AssetSourceSpec]]] = {}
+    for name, pipeline in loaded.items():
+        for location, reference in asset_references(pipeline.spec):
+            if (
+                reference.pipeline or reference.asset
+            ) not in candidates and pipeline.base_dir not in looked_beside:
+                looked_beside.add(pipeline.base_dir)
+                for other, found in _beside(pipeline.file, candidates).items():
+                    candidates.setdefault(other, found)
+            upstream, problem = _published_by(reference, candidates)
+            if problem:
+                problems.append(
+                    SpecProblem(format_location((*location, reference.field)), problem, str(pipeline.file))
+                )
+            else:
+                edges.setdefault(name, []).append((upstream, location, reference))
+    problems.extend(_cycle_problems(loaded, edges))
+    if problems:
+        raise SpecError(problems)
+    return {
+        name: dataclasses.replace(
+            pipeline, upstream={upstream: candidates[upstream] for upstream, _, _ in edges.get(name, [])}
+        )
+        for name, pipeline in loaded.items()
+    }
+
+
+def _cycle_problems(
+    loaded: Mapping[str, LoadedPipeline], edges: Mapping[str, list[tuple[str, Location, AssetSourceSpec]]]
+) -> list[SpecProblem]:
+    """One problem per cycle of pipelines reading each other, at the reference that closes it."""
+    problems: list[SpecProblem] = []
+    seen_cycles: set[frozenset[str]] = set()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for upstream, location, reference in edges.get(name, []):
+            if upstream in path:
+                cycle = [*path[path.index(upstream) :], upstream]
+                if frozenset(cycle) not in seen_cycles:
+                    seen_cycles.add(frozenset(cycle))
+                    problems.append(
+                        SpecProblem(
+                            format_location((*location, reference.field)),
+                            f"pipelines read each other in a cycle: {' -> '.join(cycle)}",
+                            str(loaded[name].file),
+                        )
+                    )
+            elif upstream not in done:
+                visit(upstream, [*path, upstream])
+        done.add(name)
+
+    for name in sorted(edges):
+        if name not in done:
+            visit(name, [name])
+    return problems
 
 
 def json_schema() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `run NAME` materializes the pipeline's staged and published assets through the Dagster instance
 (`prepare_dagster_home`, then `DagsterInstance.get()`), so the run is recorded like one launched from
-the UI. `report` arrives with the HTML quality report.
+the UI, and prints the quality summary and the report link. `report NAME` reads the same instance and
+prints (or writes as HTML / JSON) the quality report of the newest run, or of `--run-id`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ def list_pipelines() -> None:
         return
     for name, pipeline in sorted(loaded.items()):
         spec = pipeline.spec
-        source = f"{spec.source.kind}:{getattr(spec.source, 'path', None) or spec.source.table or 'query'}"
+        where = (
+            getattr(spec.source, "path", None)
+            or getattr(spec.source, "table", None)
+            or getattr(spec.source, "pipeline", None)
+            or getattr(spec.source, "asset", None)
+            or "query"
+        )
+        source = f"{spec.source.kind}:{where}"
         target = (
             f"{spec.target.kind}:{getattr(spec.target, 'table', None) or spec.target.path}"
             if spec.target
@@ -73,6 +81,7 @@ def run(name: str) -> None:
     import dagster as dg
 
     from assets.etl.factory import PIPELINE_TAG, QUALITY_SUMMARY, build_pipeline
+    from assets.etl.report import QUALITY_REPORT
     from assets.etl.spec import load_pipelines
     from orchestration.instance import prepare_dagster_home
 
@@ -92,6 +101,9 @@ def run(name: str) -> None:
         summary = materialization.metadata.get(QUALITY_SUMMARY)
         if summary is not None:
             click.echo(summary.value)
+        link = materialization.metadata.get(QUALITY_REPORT)
+        if link is not None:
+            click.echo(f"quality report: {link.value}")
     failed_blocking = [
         evaluation.check_name
         for evaluation in result.get_asset_check_evaluations()
@@ -104,3 +116,49 @@ def run(name: str) -> None:
         )
     if not result.success:
         raise click.ClickException(f"run {result.run_id} failed; see its logs in the Dagster UI")
+
+
+@pipelines.command()
+@click.argument("name")
+@click.option("--run-id", help="The run to report on (default: the newest run that staged the pipeline).")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write the HTML report (self-contained, charts inline) to this file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a summary.")
+def report(name: str, run_id: str | None, output: Path | None, as_json: bool) -> None:
+    """Print the quality report of pipeline NAME's newest run (or --run-id), from the Dagster instance."""
+    import dagster as dg
+
+    from assets.etl.report import (
+        QUALITY_REPORT,
+        RunReport,
+        facts_from_instance,
+        render_report_html,
+        report_url,
+    )
+    from assets.etl.spec import load_pipelines
+    from orchestration.instance import prepare_dagster_home
+
+    loaded = load_pipelines()
+    if name not in loaded:
+        known = ", ".join(sorted(loaded)) or "none"
+        raise click.ClickException(f"no pipeline named {name!r} (known: {known})")
+    prepare_dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        facts = facts_from_instance(instance, name, run_id)
+    if facts is None:
+        which = f"for run {run_id}" if run_id else "yet: no run has staged it"
+        raise click.ClickException(f"no report of pipeline {name!r} {which}")
+    quality_report = RunReport.from_facts(facts)
+    quality_report.links["quality report"] = facts.staged.get(QUALITY_REPORT) or report_url(
+        name, facts.run_id
+    )
+    if output is not None:
+        output.write_text(render_report_html(quality_report), encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+    if as_json:
+        click.echo(json.dumps(quality_report.to_json(), indent=2, default=str))
+    else:
+        click.echo(quality_report.summary_text())

@@ -1,4 +1,5 @@
-"""`junction workflows`: list, validate and run the workflow specs (`JUNCTION_WORKFLOWS_DIR`).
+"""`junction workflows`: list, validate and run the workflow specs (`JUNCTION_WORKFLOWS_DIR`), and
+their statistics by execution (`stats`, `executions`; see `orchestration/workflows/stats.py`).
 
 `run` launches through the Dagster instance of the platform (`DAGSTER_HOME` or the generated one), so
 the run is recorded exactly like one from the UI and shows there; it runs in this process with the
@@ -117,7 +118,8 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
     from orchestration.instance import prepare_dagster_home
     from orchestration.settings import PROJECT_ROOT
     from orchestration.store.bootstrap import migrate_store
-    from orchestration.workflows.context import EXECUTION_ID_TAG, FAILED_STEPS_TAG
+    from orchestration.workflows.context import FAILED_STEPS_TAG
+    from orchestration.workflows.launch import execution_tags
 
     specs = {spec.name: spec for spec in _specs().values()}
     if name not in specs:
@@ -145,7 +147,7 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
         job_def=job_def,
         run_id=run_id,
         run_config=inputs_config,
-        tags={**job_def.run_tags, EXECUTION_ID_TAG: run_id, "junction/launched_by": "cli"},
+        tags={**job_def.run_tags, **execution_tags(run_id, launched_by="cli")},
         job_code_origin=job.get_python_origin(),
     )
     click.echo(f"run {run_id} of workflow {name} (execution {run_id})")
@@ -177,3 +179,135 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
     click.echo(f"run {run_id}: {status}{suffix}")
     if status != "SUCCESS":
         raise click.exceptions.Exit(1)
+
+
+def _report(name: str | None, limit: int):
+    """Statistics read from the platform's Dagster instance and store (as the gateway computes them)."""
+    from dagster import DagsterInstance
+
+    from orchestration.instance import prepare_dagster_home
+    from orchestration.settings import get_settings
+    from orchestration.store.bootstrap import migrate_store
+    from orchestration.workflows import stats
+
+    step_types = stats.step_types_of(get_settings().workflows_dir)
+    if name is not None and name not in step_types:
+        known = ", ".join(sorted(step_types)) or "none"
+        raise click.BadParameter(f"unknown workflow {name!r} (known: {known})", param_hint="NAME")
+    migrate_store()
+    prepare_dagster_home()
+    with DagsterInstance.get() as instance:
+        runs = stats.runs_from_instance(
+            instance,
+            name,
+            limit=limit,
+            progress=lambda done, total: click.echo(f"reading runs: {done}/{total}", err=True),
+        )
+    return stats.build_report(runs, step_types, workflows=[name] if name else sorted(step_types))
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+RUN_LIMIT_OPTION = click.option(
+    "--limit", default=5000, show_default=True, help="Read at most this many of the newest runs."
+)
+
+
+@workflows.command()
+@click.argument("name", required=False)
+@RUN_LIMIT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def stats(name: str | None, limit: int, as_json: bool) -> None:
+    """Statistics per workflow, by execution (not by run): outcomes, durations, waiting, step failures.
+
+    Wall time runs from an execution's first run start to its last run end (parked time included);
+    active time is the sum of its runs' durations. With NAME, also its steps and what it waits on."""
+    report = _report(name, limit)
+    if as_json:
+        click.echo(json.dumps([item.to_json() for item in report.stats.values()], indent=2))
+        return
+    rows = [
+        (
+            item.workflow,
+            str(item.executions),
+            str(item.by_status["succeeded"]),
+            str(item.by_status["failed"] + item.by_status["canceled"]),
+            str(item.by_status["running"]),
+            str(item.waiting),
+            "-" if item.success_rate is None else f"{item.success_rate * 100:.1f}%",
+            f"{_seconds(item.wall_p50_s)} / {_seconds(item.wall_p95_s)}",
+            f"{_seconds(item.active_p50_s)} / {_seconds(item.active_p95_s)}",
+        )
+        for item in report.stats.values()
+    ]
+    if not rows:
+        click.echo("no workflows")
+        return
+    headers = ("workflow", "executions", "ok", "failed", "running", "waiting", "success", "wall p50/p95 s")
+    click.echo(render_table((*headers, "active p50/p95 s"), rows))
+    if name is None:
+        return
+    item = report.stats[name]
+    if item.waiting_on:
+        click.echo("\nwaiting on")
+        click.echo(
+            render_table(
+                ("step", "type", "executions"),
+                [(wait.step_id, wait.kind, str(wait.executions)) for wait in item.waiting_on],
+            )
+        )
+    if item.steps:
+        click.echo("\nsteps")
+        click.echo(
+            render_table(
+                ("step", "failures", "failed, continued", "retries"),
+                [
+                    (step.step_id, str(step.failures), str(step.failed_and_continued), str(step.retries))
+                    for step in item.steps
+                ],
+            )
+        )
+
+
+@workflows.command()
+@click.argument("name")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["running", "waiting", "succeeded", "failed", "canceled"]),
+    help="Only executions with this status (repeatable).",
+)
+@RUN_LIMIT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def executions(name: str, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """The executions of workflow NAME, newest first: one line each (status, runs, times, waiting on)."""
+    found = [
+        execution
+        for execution in _report(name, limit).executions[name]
+        if not statuses or execution.status in statuses
+    ]
+    if as_json:
+        for execution in found:
+            click.echo(json.dumps(execution.to_json()))
+        return
+    if not found:
+        click.echo("no executions")
+        return
+    rows = [
+        (
+            execution.execution_id,
+            execution.status,
+            str(execution.runs),
+            execution.started_at.strftime("%Y-%m-%d %H:%M:%S") if execution.started_at else "-",
+            _seconds(execution.wall_s),
+            _seconds(execution.active_s),
+            f"{execution.waiting.step_id} ({execution.waiting.kind})" if execution.waiting else "",
+            ",".join(execution.failed_steps),
+        )
+        for execution in found
+    ]
+    headers = ("execution", "status", "runs", "started (UTC)", "wall s", "active s", "waiting on")
+    click.echo(render_table((*headers, "failed steps"), rows))

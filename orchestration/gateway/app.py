@@ -18,7 +18,18 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
-from orchestration.gateway.api import analytics, approvals, audit, jobs, keys, runs, streams
+from orchestration.gateway.api import (
+    analytics,
+    approval_links,
+    approvals,
+    audit,
+    jobs,
+    keys,
+    pipelines,
+    runs,
+    streams,
+    workflows,
+)
 from orchestration.gateway.dagster_client import DagsterClient
 from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
@@ -38,6 +49,9 @@ V1_ROUTERS = [
     analytics.router,
     streams.router,
     approvals.router,
+    pipelines.router,
+    approval_links.router,
+    workflows.router,
 ]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30
@@ -123,6 +137,7 @@ def create_gateway_app(
         allow_networks=settings.gateway_allow_ips,
         deny_networks=settings.gateway_deny_ips,
         docs_paths=DOCS_PATHS,
+        form_paths=approval_links.FORM_PATHS,
     )
     app.add_middleware(RecordRequests, stats=request_stats)  # outermost: sees guard refusals too
     return app

@@ -206,3 +206,230 @@ async def terminate_run(client: DagsterClient, run_id: str) -> dict[str, Any]:
     if kind in ("RunNotFoundError", "TerminateRunFailure", "UnauthorizedError"):
         raise DagsterRequestError(kind, result.get("message", kind))
     raise DagsterUnavailable(result.get("message", "terminate failed"))
+
+
+# --- pipelines and their quality reports (assets/etl/report.py builds the report from these) ---------
+
+METADATA_ENTRY_FRAGMENT = """
+fragment Entry on MetadataEntry {
+  __typename label
+  ... on IntMetadataEntry { intValue intRepr }
+  ... on FloatMetadataEntry { floatValue }
+  ... on TextMetadataEntry { text }
+  ... on JsonMetadataEntry { jsonString }
+  ... on MarkdownMetadataEntry { mdStr }
+  ... on UrlMetadataEntry { url }
+  ... on BoolMetadataEntry { boolValue }
+  ... on PathMetadataEntry { path }
+  ... on TimestampMetadataEntry { timestamp }
+  ... on TableSchemaMetadataEntry { schema { columns { name type } } }
+}
+"""
+
+PIPELINE_ASSETS_QUERY = (
+    """
+query PipelineAssets {
+  assetNodes {
+    assetKey { path }
+    groupName
+    tags { key value }
+    metadataEntries { ...Entry }
+    assetMaterializations(limit: 1) { runId timestamp metadataEntries { ...Entry } }
+  }
+}
+"""
+    + METADATA_ENTRY_FRAGMENT
+)
+
+STAGED_MATERIALIZATIONS_QUERY = (
+    """
+query StagedMaterializations($assetKey: AssetKeyInput!, $before: String, $limit: Int) {
+  assetOrError(assetKey: $assetKey) {
+    __typename
+    ... on Asset {
+      assetMaterializations(beforeTimestampMillis: $before, limit: $limit) {
+        runId timestamp metadataEntries { ...Entry }
+      }
+    }
+  }
+}
+"""
+    + METADATA_ENTRY_FRAGMENT
+)
+
+RUN_STATUSES_QUERY = """
+query RunStatuses($runIds: [String]) {
+  runsOrError(filter: {runIds: $runIds}) {
+    __typename
+    ... on Runs { results { runId status startTime endTime } }
+    ... on InvalidPipelineRunsFilterError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUNS_QUERY_TEMPLATE = """
+query Runs($filter: RunsFilter, $limit: Int) {
+  runsOrError(filter: $filter, limit: $limit) {
+    __typename
+    ... on Runs { results { %s } }
+    ... on InvalidPipelineRunsFilterError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUN_EVENTS_QUERY = (
+    """
+query RunReportEvents($runId: ID!, $after: String) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run {
+      runId status startTime endTime
+      eventConnection(afterCursor: $after, limit: 1000) {
+        cursor hasMore
+        events {
+          __typename
+          ... on MaterializationEvent { assetKey { path } timestamp metadataEntries { ...Entry } }
+          ... on AssetCheckEvaluationEvent {
+            evaluation { checkName success severity description assetKey { path } metadataEntries { ...Entry } }
+          }
+        }
+      }
+    }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+    + METADATA_ENTRY_FRAGMENT
+)
+
+
+def plain_metadata_entries(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """GraphQL metadata entries as plain values, as `assets.etl.report.plain_metadata` gives them."""
+    import json
+
+    plain: dict[str, Any] = {}
+    for entry in entries:
+        kind = entry["__typename"]
+        if kind == "IntMetadataEntry":
+            value = entry["intValue"] if entry["intValue"] is not None else int(entry["intRepr"])
+        elif kind == "FloatMetadataEntry":
+            value = entry["floatValue"]
+        elif kind == "JsonMetadataEntry":
+            value = json.loads(entry["jsonString"])
+        elif kind == "TableSchemaMetadataEntry":
+            value = [{"name": c["name"], "type": c["type"]} for c in entry["schema"]["columns"]]
+        else:
+            value = next(
+                (
+                    entry[name]
+                    for name in ("text", "mdStr", "url", "boolValue", "path", "timestamp")
+                    if name in entry
+                ),
+                None,
+            )
+        plain[entry["label"]] = value
+    return plain
+
+
+async def asset_nodes(client: DagsterClient) -> list[dict[str, Any]]:
+    return (await client.graphql(PIPELINE_ASSETS_QUERY))["assetNodes"]
+
+
+async def asset_materializations(
+    client: DagsterClient, asset_path: list[str], *, limit: int, before_ms: str | None = None
+) -> list[dict[str, Any]]:
+    """An asset's materializations, newest first, before a timestamp (ms) when given."""
+    data = await client.graphql(
+        STAGED_MATERIALIZATIONS_QUERY, {"assetKey": {"path": asset_path}, "before": before_ms, "limit": limit}
+    )
+    asset = data["assetOrError"]
+    return asset["assetMaterializations"] if asset["__typename"] == "Asset" else []
+
+
+async def run_statuses(client: DagsterClient, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    if not run_ids:
+        return {}
+    result = (await client.graphql(RUN_STATUSES_QUERY, {"runIds": run_ids}))["runsOrError"]
+    if result["__typename"] != "Runs":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return {run["runId"]: run for run in result["results"]}
+
+
+async def run_with_events(client: DagsterClient, run_id: str) -> dict[str, Any] | None:
+    """A run with its materializations and asset check evaluations (every page of its event log)."""
+    run: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        result = (await client.graphql(RUN_EVENTS_QUERY, {"runId": run_id, "after": after}))["runOrError"]
+        if result["__typename"] == "RunNotFoundError":
+            return None
+        if result["__typename"] != "Run":
+            raise DagsterUnavailable(result.get("message", "run lookup failed"))
+        run = run or result
+        connection = result["eventConnection"]
+        events.extend(event for event in connection["events"] if len(event) > 1)
+        if not connection["hasMore"]:
+            break
+        after = connection["cursor"]
+    return {**run, "events": events}
+
+
+async def latest_runs_by_tag(client: DagsterClient, key: str, values: list[str]) -> dict[str, dict[str, Any]]:
+    """The newest run tagged `key=value` for each value, in one request (one aliased field each).
+
+    A job's own `runs` field would miss runs launched outside a code location (`junction pipelines
+    run` executes in process): those carry no repository tag, but they carry the job's tags.
+    """
+    if not values:
+        return {}
+    fields = "\n".join(
+        f"  r{index}: runsOrError(filter: {{tags: [{{key: $key, value: $v{index}}}]}}, limit: 1) {{"
+        " __typename ... on Runs { results { runId status startTime endTime } } ... on PythonError { message } }"
+        for index in range(len(values))
+    )
+    declarations = ", ".join(["$key: String!", *(f"$v{index}: String!" for index in range(len(values)))])
+    variables: dict[str, Any] = {"key": key, **{f"v{index}": value for index, value in enumerate(values)}}
+    data = await client.graphql(f"query LatestRuns({declarations}) {{\n{fields}\n}}", variables)
+    latest: dict[str, dict[str, Any]] = {}
+    for index, value in enumerate(values):
+        result = data[f"r{index}"]
+        if result["__typename"] != "Runs":
+            raise DagsterUnavailable(result.get("message", "run lookup failed"))
+        if result["results"]:
+            latest[value] = result["results"][0]
+    return latest
+
+
+ASSET_NODE_TAGS_QUERY = """
+query AssetNodeTags($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) {
+    __typename
+    ... on AssetNode { tags { key value } }
+  }
+}
+"""
+
+
+async def asset_node_tags(client: DagsterClient, asset_path: list[str]) -> dict[str, str] | None:
+    """The definition tags of an asset, or None when no loaded code location defines it."""
+    node = (await client.graphql(ASSET_NODE_TAGS_QUERY, {"assetKey": {"path": asset_path}}))[
+        "assetNodeOrError"
+    ]
+    if node["__typename"] != "AssetNode":
+        return None
+    return {tag["key"]: tag["value"] for tag in node["tags"]}
+
+
+async def runs_with_tags(
+    client: DagsterClient, tags: dict[str, str], fields: str, limit: int
+) -> list[dict[str, Any]]:
+    """The newest `limit` runs carrying all of `tags`, each with the GraphQL `fields` asked for."""
+    variables = {"filter": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}, "limit": limit}
+    result = (await client.graphql(RUNS_QUERY_TEMPLATE % fields, variables))["runsOrError"]
+    if result["__typename"] != "Runs":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return result["results"]

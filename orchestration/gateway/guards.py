@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,8 +31,15 @@ DOCS_CSP = (
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def _is_json(content_type: str) -> bool:
-    media_type = content_type.split(";", 1)[0].strip().lower()
+    media_type = _media_type(content_type)
     return media_type == "application/json" or media_type.endswith("+json")
 
 
@@ -58,12 +66,15 @@ class RequestGuards:
         allow_networks: Iterable[str] = (),
         deny_networks: Iterable[str] = (),
         docs_paths: Iterable[str] = (),
+        form_paths: str | None = None,
     ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
         self.deny = [ipaddress.ip_network(n, strict=False) for n in deny_networks]
         self.docs_paths = set(docs_paths)
+        # Paths (a regex) whose POST is an HTML form, such as the confirm page of an e-mail link.
+        self.form_paths = re.compile(form_paths) if form_paths else None
 
     def client_allowed(self, host: str | None) -> bool:
         if not self.allow and not self.deny:
@@ -111,7 +122,12 @@ class RequestGuards:
         has_body = (declared_length not in (None, b"0")) or b"transfer-encoding" in headers
         if scope["method"] in BODY_METHODS and has_body:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            if not _is_json(content_type):
+            is_form = (
+                self.form_paths is not None
+                and self.form_paths.match(relative_path) is not None
+                and _media_type(content_type) == FORM_MEDIA_TYPE
+            )
+            if not _is_json(content_type) and not is_form:
                 detail = f"send application/json, not {content_type or 'no content type'}"
                 await send_problem(
                     send, 415, "Unsupported media type", "unsupported-media-type", detail, path

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestration.gateway.problems import ProblemError
@@ -26,6 +26,8 @@ from orchestration.kernel.principals import (
 from orchestration.settings import JunctionSettings
 
 ANONYMOUS = Principal(name="anonymous", groups=frozenset(), scopes=(), via="public-read")
+# Who a request holding a valid signed link is (it has no scopes: the link is its only authority).
+SIGNED_LINK = Principal(name="signed-link", groups=frozenset(), scopes=(), via="signed-link")
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key (jk_...) or, if configured, a JWT.")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (jk_...).")
@@ -147,25 +149,71 @@ def requires(scope_template: str, *, read_only: bool = False):
     async def dependency(
         request: Request, principal: Annotated[Principal | None, Depends(current_principal)]
     ) -> Principal:
-        if principal is None:
-            if read_only and request.app.state.settings.gateway_public_read:
-                request.state.principal_name = ANONYMOUS.name
-                return ANONYMOUS
-            raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-        request.state.principal_name = principal.name  # for the request statistics
-        required = scope_template.format(**request.path_params)
-        try:
-            allowed = principal.allows(required)
-        except ScopeError:
-            # A path parameter that cannot be a scope resource cannot name anything that exists.
-            raise ProblemError(
-                404, f"no such resource: {required.rsplit(':', 1)[-1]!r}", slug="not-found"
-            ) from None
-        if not allowed:
-            raise ProblemError(
-                403, f"this operation needs the scope '{required}'", title="Forbidden", slug="forbidden"
-            )
-        return principal
+        return _authorize(request, principal, scope_template, read_only)
 
-    dependency.__name__ = f"requires_{scope_template.replace(':', '_').replace('{', '').replace('}', '')}"
+    dependency.__name__ = f"requires_{_dependency_suffix(scope_template)}"
+    return dependency
+
+
+def _dependency_suffix(scope_template: str) -> str:
+    return scope_template.replace(":", "_").replace("{", "").replace("}", "")
+
+
+def _authorize(
+    request: Request, principal: Principal | None, scope_template: str, read_only: bool
+) -> Principal:
+    if principal is None:
+        if read_only and request.app.state.settings.gateway_public_read:
+            request.state.principal_name = ANONYMOUS.name
+            return ANONYMOUS
+        raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    request.state.principal_name = principal.name  # for the request statistics
+    required = scope_template.format(**request.path_params)
+    try:
+        allowed = principal.allows(required)
+    except ScopeError:
+        # A path parameter that cannot be a scope resource cannot name anything that exists.
+        raise ProblemError(
+            404, f"no such resource: {required.rsplit(':', 1)[-1]!r}", slug="not-found"
+        ) from None
+    if not allowed:
+        raise ProblemError(
+            403, f"this operation needs the scope '{required}'", title="Forbidden", slug="forbidden"
+        )
+    return principal
+
+
+def requires_or_signed_link(scope_template: str, purpose: str, claims: dict[str, str]):
+    """Like `requires(scope_template, read_only=True)`, or a `token` query parameter signed for
+    `purpose` (`kernel/signed_links.sign_permanent`) whose payload is exactly `claims` (claim name ->
+    the path parameter giving its value): a link from the Dagster UI opened in a browser, which
+    carries no API key.
+
+    A key, when sent, is judged as usual and the token ignored. A forged or altered token answers 401,
+    a genuine token for another resource 403.
+    """
+
+    async def dependency(
+        request: Request,
+        principal: Annotated[Principal | None, Depends(current_principal)],
+        token: Annotated[
+            str | None,
+            Query(max_length=2048, description="A signed link token (in links the platform issued)."),
+        ] = None,
+    ) -> Principal:
+        if principal is not None or not token:
+            return _authorize(request, principal, scope_template, True)
+        from orchestration.kernel.signed_links import InvalidLink, verify_permanent
+
+        try:
+            payload = verify_permanent(purpose, token, settings=request.app.state.settings)
+        except InvalidLink as exc:
+            raise _unauthorized(exc.reason) from None
+        wanted = {claim: request.path_params.get(parameter) for claim, parameter in claims.items()}
+        if payload != wanted:
+            raise ProblemError(403, "this link is for another resource", title="Forbidden", slug="forbidden")
+        request.state.principal_name = SIGNED_LINK.name
+        return SIGNED_LINK
+
+    dependency.__name__ = f"requires_{_dependency_suffix(scope_template)}_or_signed_link"
     return dependency

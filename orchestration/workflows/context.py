@@ -8,7 +8,12 @@ The template and condition namespaces are the same mapping (`variables()`):
                              is `{error: {type, message}}`);
 - `execution.id`, `execution.workflow`   one execution may span several runs (parking);
 - `run.id`                   this Dagster run;
-- `env.<NAME>`               only the environment variables the spec lists under `env`.
+- `env.<NAME>`               only the environment variables the spec lists under `env`;
+- `trigger.event`            in a run launched by a stream trigger: the event (`id`, `stream`,
+                             `payload`, `published_at`), read by the run itself (`triggers.py`).
+
+A step may also hand Dagster events (`events`, e.g. the asset materializations a Pipes script
+reported) and extra output metadata (`output_metadata`) back to its op, which yields them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ class StepContext:
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: Any = None
     run_tags: Mapping[str, str] = field(default_factory=dict)
+    trigger: Mapping[str, Any] | None = None
+    # The op's Dagster context, for steps that drive Dagster machinery themselves (Pipes).
+    dagster_context: Any = None
+    events: list[Any] = field(default_factory=list)
+    output_metadata: dict[str, Any] = field(default_factory=dict)
 
     def variables(self) -> dict[str, Any]:
         """The template/condition namespace (see the module doc)."""
@@ -55,6 +65,7 @@ class StepContext:
             "execution": {"id": self.execution_id, "workflow": self.workflow},
             "run": {"id": self.run_id},
             "env": {name: os.environ.get(name, "") for name in self.env_names},
+            "trigger": dict(self.trigger) if self.trigger is not None else {},
         }
 
     def render(self, value: Any) -> Any:

@@ -25,6 +25,10 @@ process). `continue_on_failure`: once Dagster's retries are used up, the error b
 output (`{error: {type, message}}`, status `failed`), the run continues, and the run is tagged
 `junction/failed_steps`.
 
+What a step hands back beyond its output — Dagster events such as the asset materializations a
+Pipes program reported, and extra output metadata — the op yields before its output. A run launched
+by a stream trigger (`triggers.py`) reads its event once and offers it to every step as `trigger.event`.
+
 Execution id: all runs of one execution share the `junction/execution_id` tag (resumed runs are
 launched with it); a fresh run without it gets its own run id, set by its first op.
 
@@ -55,6 +59,7 @@ from orchestration.workflows.context import (
 )
 from orchestration.workflows.spec import WorkflowSpec, load_workflows, workflow_files
 from orchestration.workflows.steps import DEFAULT_OUTPUT, STEP_TYPES
+from orchestration.workflows.triggers import stream_triggers, trigger_of
 
 CONFIG_TYPES: dict[str, Callable[[], Any]] = {
     "string": lambda: dg.String,
@@ -229,6 +234,8 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             resources={key: getattr(context.resources, key) for key in step_type.resource_keys},
             log=context.log,
             run_tags=dict(context.run.tags),
+            trigger=trigger_of(context),
+            dagster_context=context,
         )
         if step.when is not None and not evaluate(parse_condition(step.when), step_context.variables()):
             context.log.info(
@@ -268,10 +275,16 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
             return
         state = {"output": output, "status": status}
         save(state, output_name)
+        # What the step handed back for the UI (a Pipes program's materializations and metadata).
+        yield from step_context.events
         yield dg.Output(
             {**states, step.id: state},
             output_name=output_name,
-            metadata={"output": metadata_value(mask_secrets(output, secrets)), "status": status},
+            metadata={
+                **mask_secrets(step_context.output_metadata, secrets),
+                "output": metadata_value(mask_secrets(output, secrets)),
+                "status": status,
+            },
         )
 
     return dg.OpDefinition(
@@ -351,16 +364,19 @@ def build_schedules(spec: WorkflowSpec, job: dg.JobDefinition) -> list[dg.Schedu
 
 
 def workflow_definitions(directory: str | Path) -> dg.Definitions:
-    """The jobs and schedules of every workflow spec in `directory`, and the resume sensor of the
-    workflows that park; a bad spec raises `SpecError`."""
+    """The jobs and schedules of every workflow spec in `directory`, the sensors of their stream
+    triggers, and the resume sensor of the workflows that park; a bad spec raises `SpecError`."""
     from orchestration.workflows.resume import resume_sensor
+    from sensors.event_triggers import event_trigger_sensors
 
-    jobs, schedules, parkable = [], [], []
+    jobs, schedules, parkable, triggers = [], [], [], []
     for path, spec in load_workflows(workflow_files(directory)).items():
         job = build_job(spec, path)
         jobs.append(job)
         schedules.extend(build_schedules(spec, job))
+        triggers.extend(stream_triggers(spec, job))
         if is_parkable(spec):
             parkable.append(job)
     sensors = [resume_sensor(parkable)] if parkable else []
+    sensors.extend(event_trigger_sensors(triggers))
     return dg.Definitions(jobs=jobs, schedules=schedules, sensors=sensors)

@@ -171,3 +171,16 @@ def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None
     )
     with session_scope(engine) as session:
         return [_checkpoint(row) for row in session.scalars(statement)]
+
+
+def checkpoints_of(execution_ids: list[str], *, engine: Engine | None = None) -> list[Checkpoint]:
+    """The checkpoints of these executions (those that have one: executions of parkable workflows)."""
+    found = []
+    with session_scope(engine) as session:
+        # In slices: a statement's bound parameters are limited (SQLite, drivers).
+        for start in range(0, len(execution_ids), 500):
+            statement = select(WorkflowCheckpoint).where(
+                WorkflowCheckpoint.execution_id.in_(execution_ids[start : start + 500])
+            )
+            found.extend(_checkpoint(row) for row in session.scalars(statement))
+    return found

@@ -16,8 +16,10 @@ import dagster as dg
 
 from orchestration.workflows import parking
 from orchestration.workflows.context import EXECUTION_ID_TAG
+from sensors.event_triggers import COUNT_TAG, FIRST_ID_TAG, LAST_ID_TAG, STREAM_TAG
 
 RESUME_SENSOR_NAME = "workflow_resume"
+EVENT_TAGS = (STREAM_TAG, FIRST_ID_TAG, LAST_ID_TAG, COUNT_TAG)
 # How often the daemon evaluates the sensor: the resolution of delays and the latency of approvals.
 RESUME_INTERVAL_S = 15
 
@@ -28,12 +30,17 @@ def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[d
         parked_run = instance.get_run_by_id(checkpoint.parked_run_id) if checkpoint.parked_run_id else None
         if parked_run is not None and not parked_run.is_finished:
             continue
+        # A stream-triggered execution's resumed runs read the same event (`trigger.event`).
+        event_tags = {
+            key: value for key, value in (parked_run.tags if parked_run else {}).items() if key in EVENT_TAGS
+        }
         requests.append(
             dg.RunRequest(
                 run_key=checkpoint.resume_run_key,
                 job_name=checkpoint.workflow,
                 run_config=checkpoint.inputs,
                 tags={
+                    **event_tags,
                     EXECUTION_ID_TAG: checkpoint.execution_id,
                     parking.RESUMED_FROM_TAG: checkpoint.parked_run_id or "",
                     parking.RESUMED_STEP_TAG: checkpoint.parked_step or "",

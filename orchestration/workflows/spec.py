@@ -7,10 +7,11 @@ meaning is checked after that, every problem of every step at once, in the kerne
 - `depends_on` names existing steps (a conditional's as `check.then` / `check.otherwise`), no cycles;
 - every template (any string of a config except the fields a step type marks as other syntax) and
   every condition (`when`, a conditional's `condition`) reads only what exists upstream of the step:
-  declared inputs, steps it depends on directly or transitively, `execution.*`, `run.id`, and
-  `env.NAME` for names listed under `env`;
+  declared inputs, steps it depends on directly or transitively, `execution.*`, `run.id`,
+  `env.NAME` for names listed under `env`, and `trigger.event` in a workflow with a stream trigger;
 - step-type specifics (expressions, JSON paths, dotted names);
-- a scheduled workflow has a default for every input (a schedule launches without any).
+- a scheduled or stream-triggered workflow has a default for every input (those launch without any);
+  a stream trigger's `filter` is a kernel condition over the event's payload.
 
 `WorkflowSpec.model_json_schema()` is the JSON Schema (`junction workflows schema`).
 """
@@ -101,11 +102,14 @@ class ScheduleTrigger(_Model):
 
 
 class StreamTrigger(_Model):
-    """Accepted now; the streaming issue's sensor factory launches these."""
+    """One execution per event of `stream` matching `filter`, through the streaming sensor factory
+    (`orchestration/workflows/triggers.py`); the run reads its event as `trigger.event`."""
 
     type: Literal["stream"]
-    stream: str = Field(min_length=1)
-    filter: dict[str, Any] | None = None
+    stream: str = Field(min_length=1, description="A stream declared in sensors/streams/.")
+    filter: dict[str, Any] | None = Field(
+        default=None, description="A kernel condition over the event's payload; others are skipped."
+    )
 
 
 class ApiTrigger(_Model):
@@ -217,7 +221,9 @@ CONTEXT_ROOTS = {
     "execution": "id or workflow",
     "run": "id",
     "env": "a name listed under env",
+    "trigger": "event, in a workflow with a stream trigger",
 }
+TRIGGER_EVENT_KEYS = ("stream", "id", "time", "payload")
 STEP_STATE_KEYS = ("output", "status")
 
 
@@ -258,6 +264,14 @@ def reference_problem(path: str, spec: WorkflowSpec, upstream: set[str]) -> str 
     if root == "env":
         if name is not None and name not in spec.env:
             return f"env.{name} is not listed under env"
+        return None
+    if root == "trigger":
+        if not any(trigger.type == "stream" for trigger in spec.triggers):
+            return f"'{path}': only a workflow with a stream trigger has trigger.event"
+        if name not in (None, "event"):
+            return f"unknown variable '{path}' (trigger.event)"
+        if len(parts) > 2 and parts[2] not in TRIGGER_EVENT_KEYS:
+            return f"'{path}': an event offers {', '.join(TRIGGER_EVENT_KEYS)}"
         return None
     roots = ", ".join(CONTEXT_ROOTS)
     return f"unknown variable '{path}' (the context offers {roots})"
@@ -401,12 +415,28 @@ def workflow_problems(spec: WorkflowSpec) -> list[SpecProblem]:
                     upstream[step.id] | {step.id},
                 )
             )
-    if any(trigger.type == "schedule" for trigger in spec.triggers):
+    launched_without_inputs = [t.type for t in spec.triggers if t.type in ("schedule", "stream")]
+    if launched_without_inputs:
+        kind = "scheduled" if launched_without_inputs[0] == "schedule" else "stream-triggered"
         for name, spec_input in spec.inputs.items():
             if spec_input.required:
                 problems.append(
-                    SpecProblem(f"inputs.{name}", "a scheduled workflow needs a default for every input")
+                    SpecProblem(f"inputs.{name}", f"a {kind} workflow needs a default for every input")
                 )
+    problems.extend(_trigger_filter_problems(spec))
+    return problems
+
+
+def _trigger_filter_problems(spec: WorkflowSpec) -> list[SpecProblem]:
+    from orchestration.kernel.conditions import parse_condition
+
+    problems: list[SpecProblem] = []
+    for index, trigger in enumerate(spec.triggers):
+        if trigger.type == "stream" and trigger.filter is not None:
+            try:
+                parse_condition(trigger.filter)
+            except SpecError as exc:
+                problems.extend(exc.within(("triggers", index, "filter")).problems)
     return problems
 
 

@@ -88,10 +88,13 @@ def run(folder: Path, instance: dg.DagsterInstance | None = None) -> dg.ExecuteI
     return job.execute_in_process(instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
 
-def target_of(folder: Path):
+def target_of(folder: Path, run_id: str | None = None):
+    """The pipeline's target; with `run_id`, as that run saw it (its staging place)."""
     from assets.etl.factory import target_base_dir
 
-    return open_target(load_pipelines([folder / "orders.yaml"])["orders"].spec.target, target_base_dir())
+    return open_target(
+        load_pipelines([folder / "orders.yaml"])["orders"].spec.target, target_base_dir(), run_id
+    )
 
 
 def sorted_rows(table: pa.Table) -> list[dict]:
@@ -164,7 +167,7 @@ def test_a_run_stages_checks_and_publishes_with_metadata_that_adds_up(
     target = target_of(pipelines_dir)
     try:
         assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
-        assert target.read_staged() is None  # publishing consumed the staging table
+        assert target_of(pipelines_dir, result.run_id).read_staged() is None  # publishing consumed it
         quarantined = target.read_quarantine()
         assert quarantined.column("line").to_pylist() == [3]
         assert quarantined.column("step").to_pylist() == ["transforms[0].cast"]
@@ -244,8 +247,10 @@ def test_file_targets_publish_atomically_and_idempotently(file_format: str, mode
     assert target.path.is_relative_to(pipelines_dir.parent / "junction-home")  # under JUNCTION_HOME
     assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
     assert target.read_quarantine().num_rows == 1
-    assert not target.staged_path.exists()
-    assert [path.name for path in target.path.parent.iterdir() if path.name.endswith(".tmp")] == []
+    leftovers = [
+        path.name for path in target.path.parent.iterdir() if path.name.endswith((".tmp", ".staged.parquet"))
+    ]
+    assert leftovers == []
 
 
 # --- a failed blocking check is the rollback ------------------------------------------------------------
@@ -273,7 +278,7 @@ def test_a_failed_blocking_check_leaves_the_target_untouched(
         assert result.failure_data_for_node("orders_staged") is not None
         assert not any(event.step_key == "orders" for event in result.all_events)
         assert sorted_rows(target.read()) == before
-        staged = target.read_staged()
+        staged = target_of(pipelines_dir, result.run_id).read_staged()
         assert staged is not None and sorted(staged.column("id").to_pylist()) == [1, 4, 6]
         record = instance.get_latest_asset_check_evaluation_record(
             dg.AssetCheckKey(dg.AssetKey("orders_staged"), "amount_positive")
@@ -344,3 +349,26 @@ def test_a_spec_without_target_is_a_checked_staged_asset_only(pipelines_dir: Pat
     assert staged["staged_in"].value == "memory (the spec has no target)"
     assert staged["rows_loaded"].value == 3
     assert len(result.get_asset_check_evaluations()) == 6
+
+
+def test_publishing_alone_takes_the_rows_staged_by_the_latest_staged_run(pipelines_dir: Path, tmp_path: Path):
+    """Staging places are per run: a later run of only the published asset finds the staged run's rows."""
+    write_pipeline(pipelines_dir, {"kind": "sql", "url": f"sqlite:///{tmp_path / 'w.db'}", "table": "orders"})
+    write_input(pipelines_dir, GOOD_ROWS)
+    definitions = build_pipeline(load_pipelines([pipelines_dir / "orders.yaml"])["orders"])
+    instance = dg.DagsterInstance.ephemeral()
+    staged_only = definitions.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey("orders_staged")}
+    )
+    staging_run = staged_only.execute_in_process(instance=instance)
+    assert staging_run.success
+    publish_only = definitions.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey("orders")}
+    )
+    assert publish_only.execute_in_process(instance=instance).success
+    target = target_of(pipelines_dir)
+    try:
+        assert sorted(target.read().column("id").to_pylist()) == [1, 4, 5]
+        assert target_of(pipelines_dir, staging_run.run_id).read_staged() is None
+    finally:
+        target.dispose()

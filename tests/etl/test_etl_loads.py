@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
-from assets.etl.loads import SqlTarget
+from assets.etl.loads import SqlTarget, _binary_copy_fits
 from assets.etl.spec import SqlTargetSpec
 
 
@@ -56,3 +56,49 @@ def test_bulk_paths_keep_empty_strings_nulls_quotes_and_types_apart(backend, tmp
         assert all(row["_junction_load_id"] == "load-1" for row in back)
     finally:
         target.dispose()
+
+
+def test_binary_and_csv_copy_stage_the_same_rows(clean_postgres_url):
+    """Staging goes by ADBC's binary COPY when every type has an exact binary form, else by CSV COPY
+    (an int8 column here): both give the same rows and column types back."""
+    when = datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=UTC)
+    columns = {
+        "id": pa.array([1, 2, None], pa.int64()),
+        "small": pa.array([-3, None, 32767], pa.int16()),
+        "medium": pa.array([None, 7, -2_000_000_000], pa.int32()),
+        "price": pa.array([0.1, None, -1e300], pa.float64()),
+        "text": pa.array(["", None, 'quote " comma , \\ newline\n ünï'], pa.large_string()),
+        "ok": pa.array([True, None, False]),
+        "day": pa.array([when.date(), None, when.date()], pa.date32()),
+        "naive": pa.array([when.replace(tzinfo=None), None, datetime(1970, 1, 1)], pa.timestamp("us")),
+        "zoned": pa.array([when, None, when], pa.timestamp("ms", "UTC")),
+    }
+    assert all(_binary_copy_fits(values.type) for values in columns.values())
+    assert not _binary_copy_fits(pa.int8())
+    staged = {}
+    for path, extra in (("binary", {}), ("csv", {"tiny": pa.array([1, None, -1], pa.int8())})):
+        target = SqlTarget(SqlTargetSpec(kind="sql", url=clean_postgres_url, table=f"rows_{path}"))
+        try:
+            target.stage(pa.table({**columns, **extra}), "load-1")
+            back = target.read_staged()
+            assert back is not None
+            staged[path] = sorted(
+                back.drop_columns(list(extra)).to_pylist(), key=lambda row: row["small"] or 0
+            )
+            with target.engine.connect() as connection:
+                types = dict(
+                    connection.execute(
+                        sa.text(
+                            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = :t"
+                        ),
+                        {"t": f"rows_{path}_staged"},
+                    ).all()
+                )
+            staged[f"{path} types"] = {name: kind for name, kind in types.items() if name != "tiny"}
+        finally:
+            target.dispose()
+    assert staged["binary"] == staged["csv"]
+    assert staged["binary types"] == staged["csv types"]
+    assert staged["binary"][2]["text"] == 'quote " comma , \\ newline\n ünï'
+    assert staged["binary"][0]["zoned"] == when.replace(microsecond=123000)
+    assert all(row["_junction_load_id"] == "load-1" for row in staged["binary"])

@@ -102,7 +102,7 @@ BAD_SPECS = [
     ),
     pytest.param(
         {"source": {"kind": "ftp", "path": "a"}},
-        "source: kind must be 'file' or 'sql', got 'ftp'",
+        "source: kind must be 'file' or 'sql' or 'asset', got 'ftp'",
         id="source-kind",
     ),
     pytest.param(
@@ -171,6 +171,142 @@ BAD_SPECS = [
         id="trigger-condition",
     ),
     pytest.param({**MINIMAL, "owner": "me"}, "owner: unknown field", id="unknown-top-level"),
+    # enrich and aggregate
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"select": ["carrier", "month", "dep_delay"]},
+                {"cast": {"dep_delay": "float64"}},
+                {"derive": {"late": "dep_delay > 15"}},
+                {"aggregate": {"by": ["carrier"], "metrics": {"delay": {"fn": "avg", "field": "dep_delay"}}}},
+            ],
+        },
+        "transforms[3].aggregate.metrics.delay.fn: unknown function 'avg'; "
+        "use one of count, sum, mean, min, max, first, last",
+        id="aggregate-function",
+    ),
+    pytest.param(
+        {**MINIMAL, "transforms": [{"aggregate": {"by": ["a"], "metrics": {"m": {"fn": "mean"}}}}]},
+        "transforms[0].aggregate.metrics.m: mean needs a field",
+        id="aggregate-field",
+    ),
+    pytest.param(
+        {**MINIMAL, "transforms": [{"aggregate": {"by": ["a"], "metrics": {"a": {"fn": "count"}}}}]},
+        "transforms[0].aggregate: metric 'a' has the name of a grouping field",
+        id="aggregate-metric-name",
+    ),
+    pytest.param(
+        {**MINIMAL, "transforms": [{"aggregate": {"by": [], "metrics": {"n": {"fn": "count"}}}}]},
+        "transforms[0].aggregate.by: List should have at least 1 item",
+        id="aggregate-by",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"select": ["carrier", "dep_delay"]},
+                {"aggregate": {"by": ["carrier", "origin"], "metrics": {"n": {"fn": "count"}}}},
+            ],
+        },
+        "transforms[1].aggregate.by[1]: no field 'origin' here (the fields are carrier, dep_delay)",
+        id="aggregate-unknown-field",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"aggregate": {"by": ["carrier"], "metrics": {"n": {"fn": "count"}}}},
+                {"filter": {"field": "n", "op": "gt", "value": 1}},
+                {"dedupe": {"keys": ["month"]}},
+            ],
+        },
+        "transforms[2].dedupe.keys[0]: no field 'month' here (the fields are carrier, n)",
+        id="after-aggregate-unknown-field",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [{"aggregate": {"by": ["carrier"], "metrics": {"n": {"fn": "count"}}}}],
+            "load": {"mode": "merge", "keys": ["carrier", "month"]},
+        },
+        "load.keys[1]: no field 'month' here (the fields are carrier, n)",
+        id="merge-key-after-aggregate",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [{"enrich": {"lookup": {"format": "csv", "path": "l.csv"}, "on": []}}],
+        },
+        "transforms[0].enrich.on: name at least one key field",
+        id="enrich-no-keys",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"enrich": {"lookup": {"format": "csv", "path": "l.csv"}, "on": ["a"], "unmatched": "ignore"}}
+            ],
+        },
+        "transforms[0].enrich.unmatched: Input should be 'keep', 'drop' or 'quarantine'",
+        id="enrich-unmatched",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {
+                    "enrich": {
+                        "lookup": {"format": "csv", "path": "l.csv"},
+                        "on": ["a"],
+                        "lookup_duplicates": "last",
+                    }
+                }
+            ],
+        },
+        "transforms[0].enrich.lookup_duplicates: Input should be 'error' or 'first'",
+        id="enrich-duplicates",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [{"enrich": {"lookup": {"format": "xls", "path": "l.xls"}, "on": ["a"]}}],
+        },
+        "transforms[0].enrich.lookup.format: Input should be",
+        id="enrich-lookup-format",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"select": ["id", "name"]},
+                {"enrich": {"lookup": {"format": "csv", "path": "l.csv"}, "on": {"customer": "id"}}},
+            ],
+        },
+        "transforms[1].enrich.on.customer: no field 'customer' here (the fields are id, name)",
+        id="enrich-unknown-key",
+    ),
+    pytest.param(
+        {
+            **MINIMAL,
+            "transforms": [
+                {"select": ["id", "name"]},
+                {"enrich": {"lookup": {"format": "csv", "path": "l.csv"}, "on": ["id"], "columns": ["name"]}},
+            ],
+        },
+        "transforms[1].enrich.columns: 'name' is a field already; set a prefix (or select)",
+        id="enrich-column-clash",
+    ),
+    pytest.param(
+        {"source": {"kind": "asset"}},
+        "source: give exactly one of pipeline and asset",
+        id="asset-source-reference",
+    ),
+    pytest.param(
+        {"source": {"kind": "asset", "pipeline": "bad name"}},
+        "source.pipeline: String should match pattern",
+        id="asset-source-name",
+    ),
 ]
 
 
@@ -272,11 +408,30 @@ def test_type_names(name: str, expected: pa.DataType):
     assert parse_arrow_type(name) == expected
 
 
+def test_enrich_keys_as_a_list_or_a_mapping_and_the_yaml_boolean_on():
+    spec = load_spec_text(
+        "source: {format: csv, path: a.csv}\n"
+        "transforms:\n"
+        "  - enrich: {lookup: {format: csv, path: l.csv}, on: [carrier]}\n"
+        "  - enrich: {lookup: {format: csv, path: l.csv}, on: {origin: faa}, columns: [name], prefix: o_}\n"
+    )
+    # PyYAML reads a bare `on` as true; the spec takes it as `on`.
+    assert spec.transforms[0].enrich.on == {"carrier": "carrier"}
+    assert spec.transforms[1].enrich.on == {"origin": "faa"}
+    assert spec.transforms[1].enrich.added_columns == ["o_name"]
+    assert PipelineSpec.model_validate(spec.model_dump(by_alias=True)) == spec
+
+
+def load_spec_text(text: str) -> PipelineSpec:
+    return PipelineSpec.model_validate(yaml.safe_load(text))
+
+
 def test_the_shipped_specs_are_valid_and_match_the_exported_json_schema():
     import jsonschema
 
     loaded = load_pipelines(sorted(SHIPPED.glob("*.yaml")))
-    assert "flights" in loaded
+    assert {"flights", "flight_delays"} <= set(loaded)
+    assert list(loaded["flight_delays"].upstream) == ["flights"]
     schema = json_schema()
     validator = jsonschema.Draft202012Validator(schema)
     for pipeline in loaded.values():

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from assets.etl.quarantine import CountsInvariantError, RowCounts
+from assets.etl.quarantine import Batch, CountsInvariantError, Quarantine, RowCounts
 from assets.etl.runner import ArrowTableSource, run_pipeline
-from assets.etl.spec import PipelineSpec
-from assets.etl.transforms import TransformError, cast_column
+from assets.etl.spec import PipelineSpec, parse_arrow_type
+from assets.etl.transforms import DedupeFirst, TransformError, cast_column, cast_valid
 
 
 def pipeline(*transforms: dict, **extra) -> PipelineSpec:
@@ -330,3 +330,183 @@ def test_read_equals_loaded_plus_filtered_plus_quarantined(
         == len({index % 5 for index, kind in enumerate(kinds) if kind == "good"})
     )
     assert all(record.line is not None for record in result.quarantine)
+
+
+def _refused(value: str | None, target: pa.DataType) -> bool:
+    try:
+        pa.array([value], pa.string()).cast(target)
+    except pa.ArrowInvalid:
+        return True
+    return False
+
+
+CAST_TYPES = {
+    "tiny": "int8",
+    "count": "int32",
+    "id": "int64",
+    "small": "uint16",
+    "ratio": "float32",
+    "price": "float64",
+    "at": "timestamp[us]",
+    "zoned": "timestamp[ms, UTC]",
+    "day": "date",
+    "ok": "bool",
+    "amount": "decimal(8,2)",
+}
+GOOD = {
+    "tiny": "7",
+    "count": "-12",
+    "id": "9007199254740993",
+    "small": "65535",
+    "ratio": "1.5e3",
+    "price": "-0.25",
+    "at": "2024-02-29 23:59:59.5",
+    "zoned": "2024-02-29T10:00:00+01:00",
+    "day": "2024-02-29",
+    "ok": "true",
+    "amount": "123456.78",
+}
+BAD = {
+    "tiny": ["128", "N/A", "7.0"],
+    "count": ["2147483648", "N/A", "1 2"],
+    "id": ["12x", "N/A", "#REF!", "9223372036854775808"],
+    "small": ["-1", "N/A", "65536"],
+    "ratio": ["1,5", "N/A", "$3"],
+    "price": ["1..2", "N/A", "e5"],
+    "at": ["2024-02-30 00:00:00", "N/A", "yesterday", "2024-01-01 24:00:00", "2024-01-01T10:00:00Z"],
+    "zoned": ["2024-01-01 10:00:00", "N/A", "2024-13-01T00:00:00Z"],
+    "day": ["2023-02-29", "N/A", "2024-01-01 10:00"],
+    "ok": ["maybe", "N/A", "2"],
+    "amount": ["1234567.891", "N/A", "abc"],
+}
+
+
+def test_bad_values_of_every_cast_type_go_to_quarantine_once_with_field_and_reason():
+    """Each bad value is quarantined with its field and Arrow's reason, a row failing in two fields
+    once (for the first field of the spec), and the rest casts; repeated bad values ('N/A') each."""
+    names = list(CAST_TYPES)
+    columns: dict[str, list[str | None]] = {name: [] for name in names}
+    for row in range(40):
+        for index, name in enumerate(names):
+            bad = BAD[name]
+            # Rows 0-9 and 20-29 are clean; the others carry bad values, some in two fields.
+            value = (
+                GOOD[name]
+                if row % 20 < 10
+                else bad[(row + index) % len(bad)]
+                if (row + index) % 3 == 0
+                else GOOD[name]
+            )
+            columns[name].append(None if row == 5 else value)
+    table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+    result = run(table, {"cast": CAST_TYPES}, batch_size=7)
+    types = {name: parse_arrow_type(type_name) for name, type_name in CAST_TYPES.items()}
+    expected = {}
+    for row in range(40):
+        failing = [name for name in names if _refused(columns[name][row], types[name])]
+        if failing:
+            expected[row + 1] = failing[0]
+    assert len(expected) >= 10 and any(
+        sum(_refused(columns[name][row - 1], types[name]) for name in names) > 1 for row in expected
+    )
+    got = {record.row: record.field for record in result.quarantine}
+    assert got == expected
+    for record in result.quarantine:
+        value = columns[record.field][record.row - 1]
+        assert record.step == "transforms[0].cast"
+        assert record.reason.startswith(f"cannot cast {value!r} to {types[record.field]}")
+    clean = result.to_table()
+    assert clean.schema == pa.schema([(name, types[name]) for name in names])
+    survivors = [row for row in range(40) if row + 1 not in expected]
+    assert (
+        clean.to_pylist()
+        == pa.table(
+            {
+                name: pa.array([columns[name][row] for row in survivors], pa.string()).cast(types[name])
+                for name in names
+            }
+        ).to_pylist()
+    )
+    counts = result.counts
+    assert counts.read == 40 == counts.loaded + counts.quarantined_total
+    assert counts.quarantined == {"transforms[0].cast": len(expected)}
+
+
+TIMESTAMP_TEXT = st.one_of(
+    st.none(),
+    st.builds(
+        "{:04d}-{:02d}-{:02d}{}".format,
+        st.integers(1969, 2100),
+        st.integers(0, 13),
+        st.integers(0, 32),
+        st.sampled_from(
+            ["", " 00:00", "T23:59:59", " 24:00:00", " 10:61:00", "T01:02:03.456", "Z", "+01:00"]
+        ),
+    ),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TIMESTAMP_TEXT, max_size=60), st.sampled_from(["timestamp[us]", "timestamp[s, UTC]", "date"]))
+def test_cast_of_timestamps_and_dates_isolates_exactly_the_values_arrow_refuses(values, type_name):
+    target = parse_arrow_type(type_name)
+    cast, failures = cast_valid(pa.array(values, pa.string()), target)
+    for index, value in enumerate(values):
+        refused = _refused(value, target)
+        assert (index in failures) == refused
+        if refused:
+            assert cast[index].as_py() is None
+        else:
+            assert cast[index] == pa.array([value], pa.string()).cast(target)[0]
+
+
+def _first_by_key(keys: list[int | None], batch_size: int) -> list[int]:
+    """The row numbers `dedupe keep: first` keeps: the first of each key; null keys once per batch."""
+    kept, seen = [], set()
+    for start in range(0, len(keys), batch_size):
+        null_kept = False
+        for index in range(start, min(start + batch_size, len(keys))):
+            key = keys[index]
+            if key is None:
+                if not null_kept:
+                    kept.append(index)
+                    null_kept = True
+            elif key not in seen:
+                seen.add(key)
+                kept.append(index)
+    return kept
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.integers(-5, 5)), min_size=1, max_size=80
+    ),
+    st.integers(1, 25),
+    st.sampled_from([pa.int64(), pa.int32(), pa.uint64()]),
+)
+def test_dedupe_first_by_integer_key_matches_first_occurrence_per_key(keys, batch_size, key_type):
+    if key_type != pa.int64():
+        low, high = (-(2**31), 2**31 - 1) if key_type == pa.int32() else (0, 2**64 - 1)
+        keys = [None if key is None else min(max(key, low), high) for key in keys]
+    table = pa.table({"key": pa.array(keys, key_type), "n": list(range(len(keys)))})
+    result = run(table, {"dedupe": {"keys": ["key"]}}, batch_size=batch_size)
+    assert result.to_table().column("n").to_pylist() == _first_by_key(keys, batch_size)
+    assert result.counts.loaded + result.counts.filtered_total == len(keys)
+
+
+def test_dedupe_first_by_integer_key_refuses_a_key_type_change_between_batches():
+    step, quarantine, counts = DedupeFirst("transforms[0].dedupe", ["key"]), Quarantine(), RowCounts()
+
+    def apply(values, key_type):
+        batch = Batch.from_table(pa.table({"key": pa.array(values, key_type)}), "memory")
+        return step.apply(batch, quarantine, counts).table.column("key").to_pylist()
+
+    assert apply([3, 1, 3, None, 2], pa.int64()) == [3, 1, None, 2]
+    assert apply([2, 4, None, 4], pa.int64()) == [4, None]
+    with pytest.raises(
+        TransformError, match=r"transforms\[0\].dedupe: the key key is int32 here but was int64"
+    ):
+        apply([5], pa.int32())
+    assert counts.filtered == {"transforms[0].dedupe": 3}

@@ -102,6 +102,13 @@ class WorkflowRun:
 
 
 @pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A persistent test instance (run storage survives between the runs of one test)."""
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
 def run_spec() -> Iterator:
     """`run_spec(spec_dict, **inputs)`: build the job and run it in process on an ephemeral instance."""
     instance = dg.DagsterInstance.ephemeral()

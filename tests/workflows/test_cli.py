@@ -176,7 +176,7 @@ def test_run_fails_with_a_non_zero_exit(api_server, cli_instance_home: Path):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["nope"], "unknown workflow 'nope' (known: order_review)"),
+        (["nope"], "unknown workflow 'nope' (known: large_order_follow_up, order_review, order_totals)"),
         (["order_review"], "missing required input(s): order_id"),
         (["order_review", "--input", "order_id"], "'order_id' is not k=v"),
         (

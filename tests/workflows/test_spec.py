@@ -92,7 +92,7 @@ INVALID = [
     pytest.param(
         changed("steps.0.config.url", "{{ secrets.key }}"),
         [
-            "test.yaml: steps[0].config.url: unknown variable 'secrets.key' (the context offers inputs, steps, execution, run, env)"
+            "test.yaml: steps[0].config.url: unknown variable 'secrets.key' (the context offers inputs, steps, execution, run, env, trigger)"
         ],
         id="unknown-namespace",
     ),

@@ -34,3 +34,20 @@ CALLS: list[str] = []
 def counted(context, label: str):
     CALLS.append(label)
     return {"label": label, "run": context.run_id, "execution": context.execution_id}
+
+
+def echo(context, **arguments):
+    """The rendered arguments and what the step saw of its trigger and execution."""
+    return {"arguments": arguments, "execution": context.execution_id, "trigger": dict(context.trigger or {})}
+
+
+# Attempts of `flaky` per execution: it fails its first `fail_times` attempts in each execution.
+FLAKY_ATTEMPTS: dict[str, int] = {}
+
+
+def flaky(context, fail_times: str = "0"):
+    attempt = FLAKY_ATTEMPTS.get(context.execution_id, 0) + 1
+    FLAKY_ATTEMPTS[context.execution_id] = attempt
+    if attempt <= int(fail_times):
+        raise RuntimeError(f"attempt {attempt} fails")
+    return {"attempt": attempt}

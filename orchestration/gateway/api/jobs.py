@@ -28,6 +28,18 @@ class RunBrief(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
 
+    @classmethod
+    def from_graphql(cls, run: dict[str, Any] | None) -> RunBrief | None:
+        """From a GraphQL run with runId, status, startTime and endTime (None stays None)."""
+        if run is None:
+            return None
+        return cls(
+            run_id=run["runId"],
+            status=run["status"],
+            started_at=timestamp(run["startTime"]),
+            ended_at=timestamp(run["endTime"]),
+        )
+
 
 class JobSummary(BaseModel):
     name: str
@@ -97,14 +109,7 @@ async def list_jobs(
                     location=repository["location"],
                     repository=repository["name"],
                     description=job["description"],
-                    latest_run=RunBrief(
-                        run_id=latest["runId"],
-                        status=latest["status"],
-                        started_at=timestamp(latest["startTime"]),
-                        ended_at=timestamp(latest["endTime"]),
-                    )
-                    if latest
-                    else None,
+                    latest_run=RunBrief.from_graphql(latest),
                 )
             )
         for group in repository["assetGroups"]:
@@ -147,7 +152,7 @@ async def launch_job(
             409, f"job {name!r} exists in several locations ({locations}): pass 'location'", slug="ambiguous"
         )
     repository = matches[0]
-    run = await launch_tagged_run(
+    run = await queue_run(
         request,
         principal,
         location=repository["location"],
@@ -191,7 +196,7 @@ async def materialize_assets(
             409, "the selection spans several code locations: launch one per location", slug="ambiguous"
         )
     (location, repository_name) = next(iter(owners))
-    run = await launch_tagged_run(
+    run = await queue_run(
         request,
         principal,
         location=location,
@@ -205,8 +210,9 @@ async def materialize_assets(
     return run
 
 
-async def launch_tagged_run(request: Request, principal: Principal, **params: Any) -> RunLaunched:
-    """Queue a run tagged with its actor; Dagster's refusals become problems (404, 409, 422)."""
+async def queue_run(request: Request, principal: Principal, **params: Any) -> RunLaunched:
+    """Queue a run through Dagster's `launchRun` (the run queue), tagged with the caller as its
+    actor; Dagster's refusals become problems."""
     tags = run_tags(principal, params.pop("tags"))
     try:
         launched = await launch_run(request.app.state.dagster, tags=tags, **params)

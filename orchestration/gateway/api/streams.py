@@ -426,7 +426,12 @@ async def trigger_sensor(request: Request, stream: str, name: str):
             elif launch.get("kind") == "job" and sensor["targets"]:
                 job_name, selection = sensor["targets"][0]["pipelineName"], None
             else:
-                break
+                raise ProblemError(
+                    422,
+                    f"trigger {name!r} launches a target that cannot be replayed through the API",
+                    slug="validation",
+                    field="body.trigger",
+                )
             trigger = StreamTrigger.from_metadata(name, metadata, job_name)
             return trigger, repository["location"]["name"], repository["name"], selection
     raise ProblemError(404, f"no stream trigger named {name!r}", slug="not-found", field="body.trigger")
@@ -452,7 +457,7 @@ async def replay_as_runs(
     Runs already launched under the same replay id are not launched again."""
     import uuid
 
-    from orchestration.gateway.api.jobs import launch_tagged_run
+    from orchestration.gateway.api.jobs import queue_run
 
     trigger, location, repository, selection = await trigger_sensor(request, name, body.trigger)
     first = _position(body.from_, "body.from", "first")
@@ -480,7 +485,7 @@ async def replay_as_runs(
         found = (existing["runsOrError"].get("results") or [None])[0]
         launched = found is None
         if launched:
-            run = await launch_tagged_run(
+            run = await queue_run(
                 request,
                 principal,
                 location=location,

@@ -7,6 +7,9 @@ its deciders become the step's output (`steps.<id>.output.inputs.<name>`).
 
 On resume the step finds its request: decided, it takes the branch; pending past its timeout, it
 applies `on_timeout` (`approve`, `reject`, or `fail`: the step fails).
+
+`notify` e-mails the approvers it names when the request opens, each with their own signed,
+single-use approve and reject links (`approval_links.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class FormInput(BaseModel):
     required: bool = Field(default=False, description="Required to approve.")
 
 
+class ApprovalNotify(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: str = Field(min_length=1, description="An email channel named in channels.yaml.")
+    addresses: dict[str, str] = Field(
+        min_length=1,
+        description="Approver principal -> e-mail address (a template); each gets their own links.",
+    )
+    subject: str = Field(default="Approval needed: {{ execution.workflow }}", description="Template.")
+
+
 class ApprovalConfig(StepConfig):
     message: str = Field(description="Template: what the approvers are asked.")
     approvers: Approvers
@@ -57,6 +71,9 @@ class ApprovalConfig(StepConfig):
         default=None,
         description="Template naming who asks; default: the run's junction/actor (or dagster/user) tag.",
     )
+    notify: ApprovalNotify | None = Field(
+        default=None, description="E-mail the approvers signed approve/reject links when the request opens."
+    )
 
     not_templates = frozenset({"approvers", "timeout", "on_timeout", "auto_approve", "inputs"})
     condition_fields = frozenset({"auto_approve"})
@@ -74,6 +91,13 @@ class ApprovalConfig(StepConfig):
     def _someone_decides(self) -> ApprovalConfig:
         if not self.approvers.principals and not self.approvers.groups:
             raise ValueError("approvers: name at least one principal or group")
+        if self.notify is not None:
+            strangers = sorted(set(self.notify.addresses) - set(self.approvers.principals))
+            if strangers:
+                raise ValueError(
+                    f"notify.addresses: {', '.join(strangers)} not among approvers.principals "
+                    "(a link decides as the principal it names)"
+                )
         if not self.approvers.groups and self.required_approvals > len(self.approvers.principals):
             raise ValueError(
                 f"required_approvals is {self.required_approvals} but only "
@@ -89,6 +113,7 @@ def request_approval(config: ApprovalConfig, context: StepContext) -> dict[str, 
     from orchestration.workflows.parking import ParkStep, utc_now
 
     request = approvals.request_for_step(context.execution_id, context.step_id)
+    opened_now = request is None
     if request is None:
         auto = config.auto_approve is not None and evaluate(
             parse_condition(config.auto_approve), context.variables()
@@ -112,6 +137,19 @@ def request_approval(config: ApprovalConfig, context: StepContext) -> dict[str, 
             forbid_self_approval=config.forbid_self_approval,
             requester=requester,
             auto_approved=auto,
+        )
+    if opened_now and config.notify is not None and request.status == approvals.PENDING:
+        from orchestration.workflows.approval_links import notify_approvers
+
+        notify_approvers(
+            request,
+            channel=config.notify.channel,
+            addresses={
+                name: str(context.render(address)) for name, address in config.notify.addresses.items()
+            },
+            subject=str(context.render(config.notify.subject)),
+            origin=f"workflow:{context.workflow}/{context.step_id}",
+            log=context.log,
         )
     if request.status == approvals.PENDING and request.timeout_at and request.timeout_at <= utc_now():
         request = approvals.resolve_timeout(request.id)
