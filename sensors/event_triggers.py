@@ -32,15 +32,17 @@ use their own run-key namespace, `replay:{replay_id}:...`, so they deliberately 
 from __future__ import annotations
 
 import json
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dagster as dg
 
+from assets.etl.spec import DEFAULT_TRIGGER_INTERVAL_S
 from orchestration.kernel.conditions import Condition, evaluate, parse_condition
 from orchestration.kernel.spec_errors import SpecError, SpecProblem
 from resources.event_stream import Event, EventId, EventsLost, EventStream
@@ -54,6 +56,8 @@ LAST_ID_TAG = "junction/events_last"
 COUNT_TAG = "junction/events_count"
 TRIGGER_TAG = "junction/trigger"
 REPLAY_TAG = "junction/replay"
+# The sensor metadata entry describing a trigger (stream, mode, filter, how its runs are launched).
+TRIGGER_METADATA = "junction/trigger"
 
 DEFAULT_MAX_EVENTS_PER_TICK = 5_000
 DEFAULT_MAX_RUNS_PER_TICK = 500
@@ -132,6 +136,18 @@ class RunTarget(ABC):
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         """The request that launches a run for `events` (run key, tags, run config)."""
 
+    def launch_metadata(self) -> dict[str, Any]:
+        """How a run is launched from outside the sensor (a replay through the gateway), recorded in
+        the sensor's metadata: `kind` "job" (the sensor's job) or "assets" (its asset selection), and
+        `config_op`, the op that receives `EventRangeConfig` (or None). Empty: not replayable."""
+        return {}
+
+
+class LaunchedJob(NamedTuple):
+    """A job known by name only (a replay rebuilds its trigger from the sensor's metadata)."""
+
+    name: str
+
 
 def _op_config(op_name: str | None, config: dict[str, Any]) -> dict[str, Any]:
     return {"ops": {op_name: {"config": config}}} if op_name else {}
@@ -150,6 +166,9 @@ class JobTarget(RunTarget):
 
     def sensor_arguments(self) -> dict[str, Any]:
         return {"job": self.job}
+
+    def launch_metadata(self) -> dict[str, Any]:
+        return {"kind": "job", "config_op": self.config_op}
 
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         return dg.RunRequest(
@@ -173,6 +192,9 @@ class AssetSelectionTarget(RunTarget):
 
     def sensor_arguments(self) -> dict[str, Any]:
         return {"target": self.selection}
+
+    def launch_metadata(self) -> dict[str, Any]:
+        return {"kind": "assets", "config_op": self.config_asset}
 
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         return dg.RunRequest(
@@ -331,7 +353,8 @@ class StreamTrigger:
     target: RunTarget
     mode: Mode = field(default_factory=EachEvent)
     condition: Any = None  # the kernel condition as written (YAML/JSON); parsed once below
-    minimum_interval_seconds: int = 30
+    # Dagster's default (30 s) would add up to half a minute to every event; the daemon loops every ~5 s.
+    minimum_interval_seconds: int = DEFAULT_TRIGGER_INTERVAL_S
     max_events_per_tick: int = DEFAULT_MAX_EVENTS_PER_TICK
     max_runs_per_tick: int = DEFAULT_MAX_RUNS_PER_TICK
     tick_budget_seconds: float = DEFAULT_TICK_BUDGET_S
@@ -483,7 +506,42 @@ class StreamTrigger:
             minimum_interval_seconds=self.minimum_interval_seconds,
             description=f"Runs {self.target.label} on events of stream {self.stream!r} ({self.describe_mode()}).",
             default_status=self.default_status,
+            metadata={TRIGGER_METADATA: dg.MetadataValue.json(self.metadata())},
             **self.target.sensor_arguments(),
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What the sensor's metadata records (shown in the UI; the gateway rebuilds replays from it)."""
+        mode: dict[str, Any] = {"kind": "each"}
+        if isinstance(self.mode, CountBatches):
+            mode = {"kind": "count", "size": self.mode.size}
+        elif isinstance(self.mode, TimeWindows):
+            mode = {"kind": "window", "seconds": self.mode.seconds, "grace_seconds": self.mode.grace_seconds}
+        return {
+            "stream": self.stream,
+            "mode": mode,
+            "condition": self.condition,
+            "target": self.target.launch_metadata(),
+            "tags": dict(self.tags),
+        }
+
+    @classmethod
+    def from_metadata(cls, name: str, metadata: Mapping[str, Any], job_name: str) -> StreamTrigger:
+        """The trigger as recorded by `metadata()`, launching `job_name` (for replays outside the sensor)."""
+        mode_data = metadata["mode"]
+        mode: Mode = EachEvent()
+        if mode_data["kind"] == "count":
+            mode = CountBatches(mode_data["size"])
+        elif mode_data["kind"] == "window":
+            mode = TimeWindows(mode_data["seconds"], mode_data["grace_seconds"])
+        target = metadata.get("target") or {}
+        return cls(
+            name=name,
+            stream=metadata["stream"],
+            target=JobTarget(LaunchedJob(job_name), config_op=target.get("config_op")),
+            mode=mode,
+            condition=metadata.get("condition"),
+            tags=metadata.get("tags") or {},
         )
 
     def describe_mode(self) -> str:
@@ -508,6 +566,11 @@ def event_trigger_sensors(
 # --- triggers declared in pipeline specs ---------------------------------------------------------------
 
 
+def trigger_sensor_name(pipeline: str, stream: str) -> str:
+    """`orders_etl_on_platform_runs` for stream `platform.runs`: Dagster names allow only [A-Za-z0-9_]."""
+    return f"{pipeline}_on_{re.sub(r'[^A-Za-z0-9_]', '_', stream)}"
+
+
 def pipeline_triggers(
     pipelines_dir: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
 ) -> list[StreamTrigger]:
@@ -526,7 +589,7 @@ def pipeline_triggers(
     problems: list[SpecProblem] = []
     for name, pipeline in pipelines.items():
         group = pipeline.spec.group or name
-        streams = [declared.stream for declared in pipeline.spec.triggers]
+        names = [trigger_sensor_name(name, declared.stream) for declared in pipeline.spec.triggers]
         for index, declared in enumerate(pipeline.spec.triggers):
             if declared.max_events_per_run and declared.debounce_seconds:
                 problems.append(
@@ -544,13 +607,13 @@ def pipeline_triggers(
                 mode = TimeWindows(declared.debounce_seconds)
             triggers.append(
                 StreamTrigger(
-                    # The index only where one pipeline has several triggers on the same stream.
-                    name=f"{name}_on_{declared.stream}"
-                    + (f"_{index}" if streams.count(declared.stream) > 1 else ""),
+                    # The index only where several triggers of one pipeline would share a name.
+                    name=names[index] + (f"_{index}" if names.count(names[index]) > 1 else ""),
                     stream=declared.stream,
                     target=AssetSelectionTarget(dg.AssetSelection.groups(group), name=f"pipeline {name}"),
                     mode=mode,
                     condition=declared.condition.source if declared.condition is not None else None,
+                    minimum_interval_seconds=declared.minimum_interval_seconds,
                     tags={"junction/pipeline": name},
                 )
             )

@@ -30,3 +30,18 @@ def service_unavailable(reason: str) -> None:
     if services_required():
         pytest.fail(f"required service unavailable: {reason}", pytrace=False)
     pytest.skip(f"service unavailable: {reason}")
+
+
+def wait_until(condition, timeout_s: float, what: str, *, poll_s: float = 0.05, detail=None):
+    """Poll `condition()` until it returns something truthy (returned); fail naming `what` (and
+    `detail()`, e.g. a server's log) after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
+        time.sleep(poll_s)

@@ -39,6 +39,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from orchestration.kernel.conditions import Condition, compile_regex, parse_condition
 from orchestration.kernel.expressions import Expression, parse_expression
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, load_specs
+from resources.event_stream.core import STREAM_NAME_PATTERN
 
 __all__ = [
     "AGGREGATE_FUNCTIONS",
@@ -60,6 +61,8 @@ __all__ = [
 
 # Dagster asset names, group names and our pipeline names share this shape.
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Dagster's own default for sensors is 30 s; an event trigger should react within a daemon loop or two.
+DEFAULT_TRIGGER_INTERVAL_S = 5
 
 
 class StrictModel(BaseModel):
@@ -628,12 +631,20 @@ class LoadSpec(StrictModel):
 
 
 class StreamTrigger(StrictModel):
-    """Run the pipeline on events of a declared stream (implemented by the streaming issue's sensors)."""
+    """Run the pipeline on events of a declared stream (a sensor of `sensors/event_triggers.py`)."""
 
-    stream: Annotated[str, Field(pattern=NAME_PATTERN)]
+    stream: Annotated[str, Field(pattern=STREAM_NAME_PATTERN, description="A declared stream, e.g. orders")]
     condition: ConditionField | None = None
-    debounce_seconds: int = Field(default=0, ge=0)
-    max_events_per_run: int | None = Field(default=None, ge=1)
+    debounce_seconds: int = Field(
+        default=0, ge=0, description="One run per closed time window of this length (0: no windows)"
+    )
+    max_events_per_run: int | None = Field(default=None, ge=1, description="One run per N events")
+    minimum_interval_seconds: int = Field(
+        default=DEFAULT_TRIGGER_INTERVAL_S,
+        ge=1,
+        le=86_400,
+        description="Seconds between two evaluations of the trigger's sensor (the daemon loops every ~5 s)",
+    )
 
 
 def _check_cron(value: str) -> str:

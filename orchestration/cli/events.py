@@ -258,7 +258,8 @@ def replay(stream: str, start: str, end: str | None, output: str, filter_json: s
 @click.argument("stream", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def stats(stream: str | None, as_json: bool) -> None:
-    """Per stream: events retained and ever added, first/last ids, groups (pending, lag), dead letters."""
+    """Per stream: events retained and ever added, first/last ids, groups (pending, lag), dead letters,
+    and the publish rate over the last minute and five minutes."""
     with open_stream() as event_stream:
         names = [stream] if stream else [d.name for d in event_stream.registry.list()]
         figures = [event_stream.stats(name) for name in names]
@@ -278,8 +279,21 @@ def stats(stream: str | None, as_json: bool) -> None:
             )
             or "-",
             str(f.dead_lettered),
+            f"{f.rate_1m:g}/s",
+            f"{f.rate_5m:g}/s",
         )
         for f in figures
     ]
-    headers = ("STREAM", "LENGTH", "ADDED", "FIRST", "LAST", "MAX DELETED", "GROUPS", "DEAD-LETTERED")
+    headers = (
+        "STREAM",
+        "LENGTH",
+        "ADDED",
+        "FIRST",
+        "LAST",
+        "MAX DELETED",
+        "GROUPS",
+        "DEAD-LETTERED",
+        "RATE 1M",
+        "RATE 5M",
+    )
     click.echo(render_table(headers, rows))

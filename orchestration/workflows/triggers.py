@@ -28,13 +28,13 @@ _lock = Lock()
 
 def stream_triggers(spec: WorkflowSpec, job: dg.JobDefinition) -> list[StreamTrigger]:
     """The spec's stream triggers as `StreamTrigger`s launching `job`."""
-    from sensors.event_triggers import EachEvent, StreamTrigger, WorkflowTarget
+    from sensors.event_triggers import EachEvent, StreamTrigger, WorkflowTarget, trigger_sensor_name
 
     declared = [trigger for trigger in spec.triggers if trigger.type == "stream"]
     streams = [trigger.stream for trigger in declared]
     return [
         StreamTrigger(
-            name=f"{spec.name}_on_{_sensor_safe(trigger.stream)}"
+            name=trigger_sensor_name(spec.name, trigger.stream)
             + (f"_{index}" if streams.count(trigger.stream) > 1 else ""),
             stream=trigger.stream,
             target=WorkflowTarget(job),
@@ -44,11 +44,6 @@ def stream_triggers(spec: WorkflowSpec, job: dg.JobDefinition) -> list[StreamTri
         )
         for index, trigger in enumerate(declared)
     ]
-
-
-def _sensor_safe(stream: str) -> str:
-    # Stream names may hold dots (platform.runs); Dagster names may not.
-    return "".join(char if char.isalnum() or char == "_" else "_" for char in stream)
 
 
 def trigger_of(context: dg.OpExecutionContext) -> dict[str, Any] | None:

@@ -26,26 +26,51 @@ Semantics
 
 from __future__ import annotations
 
-from resources.event_stream.core import (
-    BatchResult,
-    ClaimResult,
-    Event,
-    EventId,
-    EventsLost,
-    EventStream,
-    EventStreamError,
-    EventStreamUnavailable,
-    EventToPublish,
-    GroupNotFound,
-    GroupStats,
-    InvalidEventId,
-    PendingEvent,
-    PublishResult,
-    StreamNotFound,
-    StreamStats,
-    dead_letter_stream,
-)
-from resources.event_stream.registry import StreamDefinition, StreamRegistry, StreamSpec, load_stream_specs
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from resources.event_stream.core import (
+        BatchResult,
+        ClaimResult,
+        Event,
+        EventId,
+        EventsLost,
+        EventStream,
+        EventStreamError,
+        EventStreamUnavailable,
+        EventToPublish,
+        GroupNotFound,
+        GroupStats,
+        InvalidEventId,
+        PendingEvent,
+        PublishResult,
+        StreamNotFound,
+        StreamStats,
+        dead_letter_stream,
+    )
+    from resources.event_stream.registry import (
+        StreamDefinition,
+        StreamRegistry,
+        StreamSpec,
+        load_stream_specs,
+    )
+
+# The registry (SQLAlchemy, fastjsonschema, pydantic) loads on first use of one of its names, so a
+# module that needs only `core` (the spec loader checks stream names with its pattern) stays cheap.
+_REGISTRY_NAMES = {"StreamDefinition", "StreamRegistry", "StreamSpec", "load_stream_specs"}
+
+
+def __getattr__(name: str):
+    if name in _REGISTRY_NAMES:
+        from resources.event_stream import registry
+
+        return getattr(registry, name)
+    if name in __all__:
+        from resources.event_stream import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BatchResult",
@@ -80,6 +105,7 @@ def open_event_stream(redis_url: str | None = None, store_url: str | None = None
     """
     from orchestration.settings import get_settings
     from orchestration.store.db import get_engine
+    from resources.event_stream.registry import StreamRegistry
 
     settings = get_settings()
     registry = StreamRegistry(get_engine(store_url or settings.store_url))

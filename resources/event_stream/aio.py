@@ -143,7 +143,7 @@ class AsyncRedisEventStream(AsyncEventStream):
         self.client = redis.asyncio.Redis.from_url(
             events.url, decode_responses=True, protocol=2, socket_connect_timeout=3
         )
-        self._publish_once = self.client.register_script(redis_backend.PUBLISH_ONCE)
+        self._publish_batch = self.client.register_script(redis_backend.PUBLISH_BATCH)
         self._trim_script = self.client.register_script(redis_backend.TRIM)
         self._read_page_script = self.client.register_script(redis_backend.READ_PAGE)
 
@@ -168,9 +168,15 @@ class AsyncRedisEventStream(AsyncEventStream):
         definition = await self._definition(stream)
         rejected, valid = validate_batch(definition, events)
         appended = []
-        if valid:
+        if valid and not self._backend.needs_pipeline(definition, valid):
+            # One script call, sent at once (a coroutine here): no pipeline, no SCRIPT EXISTS.
+            [call] = self._backend.queue_append(
+                self.client, self._publish_batch, self._trim_script, definition, valid
+            )
+            appended = self._backend.append_results(valid, [await self._call(call)])
+        elif valid:
             pipe = self.client.pipeline(transaction=False)
-            self._backend.queue_append(pipe, self._publish_once, self._trim_script, definition, valid)
+            self._backend.queue_append(pipe, self._publish_batch, self._trim_script, definition, valid)
             appended = self._backend.append_results(valid, await self._call(pipe.execute()))
         return combine_results(len(events), rejected, appended)
 

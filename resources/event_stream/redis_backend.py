@@ -6,9 +6,10 @@ window). The braces are a Redis Cluster hash tag: a stream and its keys live in 
 Lua scripts below may touch them together.
 
 - Ids are Redis's own `ms-seq`, in the order Redis appended them.
-- Publishing pipelines `XADD`; with an idempotency key the check, the `XADD` and the key's
-  `SET PX` run in one Lua script, so a crash can never store the key without the event or the event
-  twice.
+- Publishing runs one Lua script per batch (`PUBLISH_BATCH`, the payloads as one JSON array): the
+  `XADD`s and, for an event with an idempotency key, the key's check and `SET PX` run atomically in
+  it, so a crash can never store the key without the event or the event twice; and redis-py, whose
+  per-command packing and reply parsing bound a pipeline of `XADD`s, handles one command per batch.
 - Retention: Redis 7.0 records only `XDEL` in `max-deleted-entry-id`, not what `XTRIM` or
   `XADD MAXLEN` removed, so gap detection could not tell trimmed events from events never published.
   The pipeline therefore ends with one `TRIM` script that trims itself and records the highest
@@ -37,6 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from resources.event_stream.core import (
+    RATE_WINDOWS_S,
     ZERO_ID,
     ClaimResult,
     Event,
@@ -83,13 +85,41 @@ local function max_removed(info, marker_key)
 end
 """
 
-# KEYS: stream, idempotency key. ARGV: payload, window ms.
-PUBLISH_ONCE = """
-local existing = redis.call('GET', KEYS[2])
-if existing then return {'duplicate', existing} end
-local id = redis.call('XADD', KEYS[1], '*', 'payload', ARGV[1])
-redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
-return {'accepted', id}
+# KEYS: stream, the current publish-rate bucket, then the batch's idempotency keys. ARGV: window ms,
+# a JSON array of the payloads' JSON texts, a JSON array giving each event's idempotency key as an
+# index into KEYS (0: none; '' when no event has one), the bucket's lifetime in ms. One call per batch: redis-py packs three arguments and parses one reply
+# instead of a command per event, which is what bounds a pipeline of XADDs. Returns one string:
+# per event `a<id>` (accepted) or `d<id>` (duplicate: the original's id), space-separated.
+PUBLISH_BATCH = """
+local payloads = cjson.decode(ARGV[2])
+local keyed = nil
+if ARGV[3] ~= '' then keyed = cjson.decode(ARGV[3]) end
+local out = {}
+for i, payload in ipairs(payloads) do
+  local k = 0
+  if keyed then k = keyed[i] end
+  if k > 0 then
+    local existing = redis.call('GET', KEYS[k])
+    if existing then
+      out[i] = 'd' .. existing
+    else
+      local id = redis.call('XADD', KEYS[1], '*', 'payload', payload)
+      redis.call('SET', KEYS[k], id, 'PX', ARGV[1])
+      out[i] = 'a' .. id
+    end
+  else
+    out[i] = 'a' .. redis.call('XADD', KEYS[1], '*', 'payload', payload)
+  end
+end
+local added = 0
+for _, outcome in ipairs(out) do
+  if string.sub(outcome, 1, 1) == 'a' then added = added + 1 end
+end
+if added > 0 then
+  redis.call('INCRBY', KEYS[2], added)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return table.concat(out, ' ')
 """
 
 # KEYS: stream, trimmed marker. ARGV: max count ('' = none), slack, min id ('' = none).
@@ -161,6 +191,10 @@ return 1
 
 # Events beyond max_count tolerated before the publish pipeline trims (like MAXLEN ~'s macro nodes).
 TRIM_SLACK = 100
+# Publish rates are counted per bucket of this many seconds (one INCRBY per publish call).
+RATE_BUCKET_S = 10
+# Events per PUBLISH_BATCH call: the script holds Redis for about a millisecond per thousand.
+SCRIPT_BATCH = 1000
 
 
 def redacted_url(url: str) -> str:
@@ -186,6 +220,26 @@ def _unavailable(method):
 
 def stream_key(stream: str) -> str:
     return f"junction:events:{{{stream}}}"
+
+
+def rate_bucket_key(stream: str, bucket: int) -> str:
+    """Events published in the `RATE_BUCKET_S` seconds starting at `bucket * RATE_BUCKET_S`."""
+    return f"junction:events:{{{stream}}}:added:{bucket}"
+
+
+def publish_rates(stream: str, counts_of) -> tuple[float, ...]:
+    """Events/s over each of `RATE_WINDOWS_S`, from the buckets' counts (`counts_of(keys)`)."""
+    now_s = now_ms() / 1000
+    current = int(now_s // RATE_BUCKET_S)
+    into_current = now_s - current * RATE_BUCKET_S
+    buckets = max(RATE_WINDOWS_S) // RATE_BUCKET_S
+    counts = counts_of([rate_bucket_key(stream, current - back) for back in range(buckets)])
+    rates = []
+    for window in RATE_WINDOWS_S:
+        n = window // RATE_BUCKET_S  # the current bucket and the n - 1 before it
+        total = sum(int(count or 0) for count in counts[:n])
+        rates.append(round(total / ((n - 1) * RATE_BUCKET_S + into_current), 3))
+    return tuple(rates)
 
 
 def trimmed_marker(stream: str) -> str:
@@ -235,31 +289,56 @@ def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int
 
 
 def queue_append(
-    pipe, publish_once, trim_script, definition: StreamDefinition, events: list[ValidEvent]
-) -> None:
-    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same)."""
+    pipe, publish_batch, trim_script, definition: StreamDefinition, events: list[ValidEvent]
+) -> list:
+    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same):
+    one PUBLISH_BATCH call per `SCRIPT_BATCH` events, then the retention trim. Given a client rather
+    than a pipeline, the calls run at once and their replies are returned."""
     key = stream_key(definition.name)
     window_ms = definition.idempotency_window_s * 1000
     run_script = script_on(pipe)
-    for event in events:
-        if event.idempotency_key:
-            run_script(
-                publish_once,
-                [key, idempotency_key(definition.name, event.idempotency_key)],
-                [event.encoded, window_ms],
-            )
-        else:
-            pipe.xadd(key, {"payload": event.encoded})
+    replies = []
+    for start in range(0, len(events), SCRIPT_BATCH):
+        chunk = events[start : start + SCRIPT_BATCH]
+        keys = [key, rate_bucket_key(definition.name, now_ms() // 1000 // RATE_BUCKET_S)]
+        positions = []
+        for event in chunk:
+            if event.idempotency_key:
+                keys.append(idempotency_key(definition.name, event.idempotency_key))
+                positions.append(len(keys))
+            else:
+                positions.append(0)
+        reply = run_script(
+            publish_batch,
+            keys,
+            [
+                window_ms,
+                encode_payload([event.encoded for event in chunk]),
+                encode_payload(positions) if len(keys) > 2 else "",
+                (max(RATE_WINDOWS_S) + 2 * RATE_BUCKET_S) * 1000,
+            ],
+        )
+        replies.append(reply)
     queue_trim(run_script, trim_script, definition, TRIM_SLACK)
+    return replies
+
+
+def needs_pipeline(definition: StreamDefinition, events: list[ValidEvent]) -> bool:
+    """More than one command to send (several script calls, or a retention trim after them)?
+
+    A single call goes straight to the client: a pipeline holding scripts first asks the server
+    whether it knows them (`SCRIPT EXISTS`), a second round trip for every one-event publish.
+    """
+    return len(events) > SCRIPT_BATCH or bool(definition.max_count or definition.max_age_s)
 
 
 def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
+    """The events' results from the pipeline's replies (one per script call; a trailing TRIM reply)."""
     results = []
-    for event, reply in zip(events, replies, strict=False):  # a trailing TRIM reply is not an event's
-        if isinstance(reply, list):
-            results.append(PublishResult(event.index, reply[0], id=reply[1]))
-        else:
-            results.append(PublishResult(event.index, "accepted", id=reply))
+    for start, reply in zip(range(0, len(events), SCRIPT_BATCH), replies, strict=False):
+        for event, outcome in zip(events[start : start + SCRIPT_BATCH], reply.split(" "), strict=True):
+            status = "accepted" if outcome[0] == "a" else "duplicate"
+            results.append(PublishResult(event.index, status, id=outcome[1:]))
     return results
 
 
@@ -291,7 +370,7 @@ class RedisEventStream(EventStream):
         # RESP2 pinned: the Lua replies and XINFO shapes parsed here are RESP2's. No socket timeout:
         # blocking reads hold the connection for up to block_ms.
         self.client = redis.Redis.from_url(url, decode_responses=True, protocol=2, socket_connect_timeout=3)
-        self._publish_once = self.client.register_script(PUBLISH_ONCE)
+        self._publish_batch = self.client.register_script(PUBLISH_BATCH)
         self._read_page_script = self.client.register_script(READ_PAGE)
         self._read_group_script = self.client.register_script(READ_GROUP)
         self._dead_letter_script = self.client.register_script(DEAD_LETTER)
@@ -307,8 +386,11 @@ class RedisEventStream(EventStream):
 
     @_unavailable
     def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
+        if not needs_pipeline(definition, events):
+            replies = queue_append(self.client, self._publish_batch, self._trim_script, definition, events)
+            return append_results(events, replies)
         pipe = self.client.pipeline(transaction=False)
-        queue_append(pipe, self._publish_once, self._trim_script, definition, events)
+        queue_append(pipe, self._publish_batch, self._trim_script, definition, events)
         return append_results(events, pipe.execute())
 
     # -- reading ---------------------------------------------------------------------------------
@@ -458,6 +540,7 @@ class RedisEventStream(EventStream):
             max_deleted_id=str(max(EventId.parse(info["max-deleted-entry-id"]), EventId.parse(trimmed))),
             groups=groups,
             dead_lettered=self.client.xlen(stream_key(dead_letter_stream(stream))),
+            **dict(zip(("rate_1m", "rate_5m"), publish_rates(stream, self.client.mget), strict=True)),
         )
 
     @_unavailable

@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select
 
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
-from resources.event_stream.core import DEAD_LETTER_SUFFIX, StreamNotFound
+from resources.event_stream.core import DEAD_LETTER_SUFFIX, STREAM_NAME_PATTERN, StreamNotFound
 
-STREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,149}$")
+STREAM_NAME = re.compile(STREAM_NAME_PATTERN)
 DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600
 # Definitions are cached per process this long, so a stream changed through the API (or a YAML sync
 # by another process) is picked up quickly without a store query per publish.

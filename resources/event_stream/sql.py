@@ -39,6 +39,7 @@ from orchestration.store.models import (
 )
 from resources.event_stream.core import (
     MAX_SEQ,
+    RATE_WINDOWS_S,
     ZERO_ID,
     ClaimResult,
     Event,
@@ -464,6 +465,15 @@ class SqlEventStream(EventStream):
             dead = connection.scalar(
                 select(func.count()).where(StreamEvent.stream == dead_letter_stream(stream))
             )
+            now = now_ms()
+            recent = [
+                connection.scalar(
+                    select(func.count()).where(
+                        StreamEvent.stream == stream, StreamEvent.ms > now - window * 1000
+                    )
+                )
+                for window in RATE_WINDOWS_S
+            ]
         return StreamStats(
             stream=stream,
             length=length,
@@ -473,4 +483,6 @@ class SqlEventStream(EventStream):
             max_deleted_id=str(EventId(head.max_deleted_ms, head.max_deleted_seq)) if head else str(ZERO_ID),
             groups=groups,
             dead_lettered=dead,
+            rate_1m=round(recent[0] / RATE_WINDOWS_S[0], 3),
+            rate_5m=round(recent[1] / RATE_WINDOWS_S[1], 3),
         )

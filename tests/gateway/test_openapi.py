@@ -26,6 +26,8 @@ FUZZ_SCOPES = [
     "events:read",
     # Publishing only to the shipped `orders` stream: a random stream name must get 403/404.
     "events:publish:orders",
+    "events:replay:orders",
+    "events:manage:fuzz-declared",
     "approvals:read",
     "approvals:decide",
     "pipelines:read",
@@ -42,6 +44,8 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/keys"),
     ("POST", "/v1/streams/{name}/events"),
     ("GET", "/v1/streams/{name}/events"),
+    ("POST", "/v1/streams/{name}/replays"),
+    ("PUT", "/v1/streams/{name}"),
     # An e-mail approval link's token must be one the platform signed.
     ("GET", "/v1/approvals/{request_id}/confirm"),
     ("POST", "/v1/approvals/{request_id}/confirm"),
@@ -144,6 +148,10 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/analytics/requests/history"): {},
         ("GET", "/v1/streams"): {},
         ("GET", "/v1/streams/{name}/stats"): {"path_parameters": {"name": "orders"}},
+        ("PUT", "/v1/streams/{name}"): {
+            "path_parameters": {"name": "fuzz-declared"},
+            "body": {"payload_schema": {"type": "object"}, "retention": {"max_age": "1d"}},
+        },
         ("POST", "/v1/streams/{name}/events"): {
             "path_parameters": {"name": "orders"},
             "body": [
@@ -157,6 +165,11 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/streams/{name}/events"): {
             "path_parameters": {"name": "orders"},
             "query": {"limit": 10},
+        },
+        # The shipped example trigger over a range before any event: a replay of nothing (201, no run).
+        ("POST", "/v1/streams/{name}/replays"): {
+            "path_parameters": {"name": "orders"},
+            "body": {"trigger": "order_summaries_on_orders", "from": "0-1", "to": "0-2"},
         },
         ("GET", "/v1/approvals"): {},
         ("POST", "/v1/approvals/{request_id}/approve"): {

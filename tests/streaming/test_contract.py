@@ -300,3 +300,17 @@ def test_a_killed_consumers_events_are_claimed(event_stream: EventStream, declar
     assert ids(claimed.events) == taken
     assert event_stream.ack("orders", "billing", taken) == 2
     assert event_stream.pending("orders", "billing") == []
+
+
+def test_publish_rates_over_one_and_five_minutes(event_stream: EventStream, declare):
+    declare("orders")
+    assert (event_stream.stats("orders").rate_1m, event_stream.stats("orders").rate_5m) == (0, 0)
+    event_stream.publish_batch("orders", [{"n": n} for n in range(100)])
+    for n in range(20):
+        event_stream.publish("orders", {"n": n}, idempotency_key=f"k{n}")
+    assert event_stream.publish("orders", {"n": 0}, idempotency_key="k0").status == "duplicate"
+    stats = event_stream.stats("orders")
+    # 120 stored events over the window (Redis counts in 10 s buckets: the window is 50-60 s long).
+    assert 120 / 60 <= stats.rate_1m <= 120 / 50
+    assert 120 / 300 <= stats.rate_5m <= 120 / 290
+    assert stats.to_json()["rate_1m"] == stats.rate_1m

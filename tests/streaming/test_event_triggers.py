@@ -22,6 +22,7 @@ from sensors.event_triggers import (
     FIRST_ID_TAG,
     LAST_ID_TAG,
     STREAM_TAG,
+    TRIGGER_METADATA,
     AssetSelectionTarget,
     CountBatches,
     EachEvent,
@@ -238,6 +239,26 @@ def test_replays_have_their_own_run_key_namespace(orders):
     assert requests[0].tags["junction/replay"] == "r1"
 
 
+@pytest.mark.parametrize("mode", [EachEvent(), CountBatches(2), TimeWindows(60, grace_seconds=1.5)])
+def test_the_sensor_metadata_rebuilds_the_trigger_for_replays(orders, mode):
+    condition = {"field": "n", "op": "gt", "value": 0}
+    original = trigger(mode, condition=condition, tags={"team": "sales"})
+    recorded = original.sensor().metadata[TRIGGER_METADATA].data
+    assert recorded["stream"] == "orders" and recorded["target"] == {
+        "kind": "job",
+        "config_op": "handle_orders",
+    }
+    rebuilt = StreamTrigger.from_metadata(original.name, recorded, "orders_job")
+    assert rebuilt.mode == mode
+    ids = publish(orders, *({"n": n} for n in range(5)))
+    expected = original.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    got = rebuilt.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    assert [(r.run_key, r.run_config, r.tags) for r in got] == [
+        (r.run_key, r.run_config, r.tags) for r in expected
+    ]
+    assert rebuilt.target.job.name == "orders_job"
+
+
 def test_a_triggered_run_reads_its_events(orders, instance, monkeypatch):
     monkeypatch.setattr(type(orders), "close", lambda self: None)
     monkeypatch.setattr("resources.event_stream.open_event_stream", lambda *a, **k: orders)
@@ -316,13 +337,29 @@ triggers:
   - stream: refunds
     debounce_seconds: 300
   - stream: returns
+    minimum_interval_seconds: 2
+  - stream: platform.runs
+    condition: {field: status, op: eq, value: failed}
+  - stream: platform_runs
 """
 
 
 def test_pipeline_spec_triggers_become_sensors(tmp_path):
     (tmp_path / "sales.yaml").write_text(PIPELINE)
     triggers = {t.name: t for t in pipeline_triggers(tmp_path)}
-    assert set(triggers) == {"sales_on_orders", "sales_on_refunds", "sales_on_returns"}
+    # Dotted stream names give valid Dagster names; two triggers that would share one get their index.
+    assert set(triggers) == {
+        "sales_on_orders",
+        "sales_on_refunds",
+        "sales_on_returns",
+        "sales_on_platform_runs_3",
+        "sales_on_platform_runs_4",
+    }
+    assert triggers["sales_on_platform_runs_3"].stream == "platform.runs"
+    assert triggers["sales_on_platform_runs_4"].stream == "platform_runs"
+    sensors = {sensor.name: sensor for sensor in event_trigger_sensors(list(triggers.values()))}
+    assert sensors["sales_on_returns"].minimum_interval_seconds == 2
+    assert sensors["sales_on_orders"].minimum_interval_seconds == 5, "the documented default"
     orders_trigger = triggers["sales_on_orders"]
     assert orders_trigger.mode == CountBatches(50)
     assert orders_trigger.condition == {"field": "amount", "op": "gt", "value": 100}
@@ -333,6 +370,29 @@ def test_pipeline_spec_triggers_become_sensors(tmp_path):
         orders_trigger.run_request(EventRange("k", "orders", "1-0", "1-0", 1)).tags["junction/pipeline"]
         == "sales"
     )
+
+
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("minimum_interval_seconds", 0, "greater than or equal to 1"),
+        ("stream", "Platform Runs", "should match pattern"),
+    ],
+)
+def test_bad_trigger_options_fail_at_load_naming_the_field(tmp_path, field, value, reason):
+    (tmp_path / "sales.yaml").write_text(
+        "source: {format: csv, path: orders.csv}\n"
+        f"triggers:\n  - stream: orders\n    {field}: {value!r}\n".replace(
+            "stream: orders\n    stream", "stream"
+        )
+    )
+    with pytest.raises(SpecError, match=rf"sales.yaml: triggers\[0\]\.{field}: .*{reason}"):
+        pipeline_triggers(tmp_path)
+
+
+def test_python_triggers_default_to_a_short_interval():
+    assert trigger().sensor().minimum_interval_seconds == 5
+    assert trigger(minimum_interval_seconds=1).sensor().minimum_interval_seconds == 1
 
 
 def test_a_trigger_cannot_both_count_and_window(tmp_path):

@@ -163,6 +163,37 @@ def test_publish_then_read_on_redis(gateway, clean_redis_url):
     assert client.get("/v1/streams/orders/stats", headers=headers).json()["length"] == 2
 
 
+def test_declare_a_stream_through_the_api(gateway):
+    client = gateway()
+    manager = key("events:manage:invoices", "events:publish:invoices")
+    body = {
+        "description": "Invoices sent",
+        "payload_schema": {"type": "object", "required": ["invoice_id"]},
+        "retention": {"max_count": 1000, "max_age": "7d"},
+        "idempotency_window": "1h",
+    }
+    declared = client.put("/v1/streams/invoices", json=body, headers=manager)
+    assert declared.status_code == 200, declared.text
+    assert declared.json()["retention"] == {"max_count": 1000, "max_age_seconds": 7 * 86400}
+    assert (declared.json()["idempotency_window_seconds"], declared.json()["origin"]) == (3600, "api")
+    published = client.post(
+        "/v1/streams/invoices/events", json=[{"payload": {"invoice_id": 1}}, {"payload": {}}], headers=manager
+    )
+    assert published.status_code == 207, published.text
+    assert "invoice_id" in published.json()["results"][1]["reason"]
+
+    changed = client.put("/v1/streams/invoices", json={"description": "v2"}, headers=manager)
+    assert changed.json()["description"] == "v2" and changed.json()["payload_schema"] is None
+
+    bad_schema = client.put("/v1/streams/invoices", json={"payload_schema": {"type": 5}}, headers=manager)
+    assert bad_schema.status_code == 422
+    assert bad_schema.json()["detail"].startswith("body.payload_schema: ")
+    bad_age = client.put("/v1/streams/invoices", json={"retention": {"max_age": "soon"}}, headers=manager)
+    assert bad_age.status_code == 422 and "body.retention.max_age" in bad_age.json()["detail"]
+    assert client.put("/v1/streams/orders", json={}, headers=manager).status_code == 403
+    assert audit.query(action="stream.declare")
+
+
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 def test_redis_down_is_a_503(gateway):
     client = gateway(redis_url=f"redis://127.0.0.1:{free_port()}/0")

@@ -248,7 +248,17 @@ def stream_metric_families(streams: list) -> list:
     lag = GaugeMetricFamily(
         "junction_stream_group_lag", "Events not yet delivered to the group.", labels=["stream", "group"]
     )
+    rates = {
+        window: GaugeMetricFamily(
+            f"junction_stream_publish_rate_{window}",
+            f"Events per second published over the last {label}.",
+            labels=["stream"],
+        )
+        for window, label in (("1m", "minute"), ("5m", "five minutes"))
+    }
     for stats in streams:
+        rates["1m"].add_metric([stats.stream], stats.rate_1m)
+        rates["5m"].add_metric([stats.stream], stats.rate_5m)
         retained.add_metric([stats.stream], stats.length)
         added.add_metric([stats.stream], stats.events_added)
         dead.add_metric([stats.stream], stats.dead_lettered)
@@ -256,4 +266,4 @@ def stream_metric_families(streams: list) -> list:
             pending.add_metric([stats.stream, group.name], group.pending)
             if group.lag is not None:
                 lag.add_metric([stats.stream, group.name], group.lag)
-    return [retained, added, dead, pending, lag]
+    return [retained, added, dead, pending, lag, *rates.values()]

@@ -1,4 +1,5 @@
-"""Event streams: list them with their statistics, publish events, read and replay pages of events.
+"""Event streams: list and declare them, their statistics, publish events, read and replay pages of
+events, and replay a stream trigger's batches as new runs.
 
 The endpoints use the resource's async API (`open_async`): natively on redis.asyncio when
 `JUNCTION_REDIS_URL` is set, in worker threads on the SQL backend. An unreachable Redis is a 503
@@ -74,6 +75,8 @@ class StreamStatsModel(BaseModel):
     max_deleted_id: str = Field(description="The highest id retention removed.")
     groups: list[GroupStatsModel]
     dead_lettered: int
+    rate_1m: float = Field(description="Events per second published over the last minute.")
+    rate_5m: float = Field(description="Events per second published over the last five minutes.")
 
 
 class StreamSummary(BaseModel):
@@ -324,8 +327,198 @@ async def read_events(
 
 
 def _cursor(value: str | None) -> str | None:
-    if value is None:
-        return None
+    return None if value is None else _position(value, "query.from", "after")
+
+
+# --- replays as new runs --------------------------------------------------------------------------------
+
+MAX_REPLAY_RUNS = 100
+RUN_KEY_TAG = "dagster/run_key"
+
+TRIGGER_SENSORS_QUERY = """
+query {
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection {
+      nodes {
+        name
+        location { name }
+        sensors {
+          name
+          targets { pipelineName }
+          assetSelection { assetKeys { path } }
+          metadataEntries { label ... on JsonMetadataEntry { jsonString } }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUNS_BY_TAGS_QUERY = """
+query($filter: RunsFilter) {
+  runsOrError(filter: $filter) { ... on Runs { results { runId status } } ... on PythonError { message } }
+}
+"""
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    trigger: str = Field(min_length=1, max_length=200, description="The stream trigger's sensor name.")
+    from_: str = Field(
+        alias="from", max_length=100, pattern=CURSOR_PATTERN, description="First event: id or ISO 8601 time."
+    )
+    to: str = Field(max_length=100, pattern=CURSOR_PATTERN, description="Last event (inclusive): id or time.")
+    replay_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = Field(
+        default=None,
+        description="Names the replay in its run keys (`replay:{replay_id}:...`); the same id again "
+        "launches nothing new. Default: a fresh id, so every call re-runs.",
+    )
+
+
+class ReplayedRun(BaseModel):
+    run_key: str
+    run_id: str
+    status: str
+    launched: bool = Field(description="False when a run with this run key already existed.")
+    first_id: str
+    last_id: str
+    count: int
+
+
+class ReplayOutcome(BaseModel):
+    stream: str
+    trigger: str
+    replay_id: str
+    runs: list[ReplayedRun]
+
+
+async def trigger_sensor(request: Request, stream: str, name: str):
+    """The trigger named `name` (its sensor's metadata) with where and how its runs are launched."""
+    from sensors.event_triggers import TRIGGER_METADATA, StreamTrigger
+
+    data = (await request.app.state.dagster.graphql(TRIGGER_SENSORS_QUERY))["repositoriesOrError"]
+    if data["__typename"] != "RepositoryConnection":
+        from orchestration.gateway.dagster_client import DagsterUnavailable
+
+        raise DagsterUnavailable(data.get("message", "the workspace is unavailable"))
+    for repository in data["nodes"]:
+        for sensor in repository["sensors"]:
+            entries = {e["label"]: e.get("jsonString") for e in sensor["metadataEntries"]}
+            if sensor["name"] != name or not entries.get(TRIGGER_METADATA):
+                continue
+            import json
+
+            metadata = json.loads(entries[TRIGGER_METADATA])
+            if metadata["stream"] != stream:
+                raise ProblemError(
+                    422,
+                    f"trigger {name!r} listens on stream {metadata['stream']!r}, not {stream!r}",
+                    slug="validation",
+                    field="body.trigger",
+                )
+            launch = metadata.get("target") or {}
+            if launch.get("kind") == "assets":
+                job_name = ASSET_JOB
+                selection = [key["path"] for key in (sensor.get("assetSelection") or {}).get("assetKeys", [])]
+            elif launch.get("kind") == "job" and sensor["targets"]:
+                job_name, selection = sensor["targets"][0]["pipelineName"], None
+            else:
+                raise ProblemError(
+                    422,
+                    f"trigger {name!r} launches a target that cannot be replayed through the API",
+                    slug="validation",
+                    field="body.trigger",
+                )
+            trigger = StreamTrigger.from_metadata(name, metadata, job_name)
+            return trigger, repository["location"]["name"], repository["name"], selection
+    raise ProblemError(404, f"no stream trigger named {name!r}", slug="not-found", field="body.trigger")
+
+
+ASSET_JOB = "__ASSET_JOB"
+
+
+@router.post(
+    "/streams/{name}/replays",
+    response_model=ReplayOutcome,
+    status_code=201,
+    responses=problem_responses(400, 401, 403, 404, 409, 410, 413, 415, 422, 503),
+)
+async def replay_as_runs(
+    name: str,
+    body: ReplayRequest,
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("events:replay:{name}"))],
+):
+    """Run a trigger again over the events `from`..`to`: the same batches it would make from `from`,
+    launched as new runs under their own run keys (`replay:{replay_id}:...`), at most 100 per call.
+    Runs already launched under the same replay id are not launched again."""
+    import uuid
+
+    from orchestration.gateway.api.jobs import queue_run
+
+    trigger, location, repository, selection = await trigger_sensor(request, name, body.trigger)
+    first = _position(body.from_, "body.from", "first")
+    last = _position(body.to, "body.to", "last")
+    replay_id = body.replay_id or uuid.uuid4().hex[:12]
+    events = gateway_events(request)
+    with StreamCalls():
+        requests = await anyio.to_thread.run_sync(
+            lambda: trigger.replay_run_requests(events.sync, first, last, replay_id)
+        )
+    if len(requests) > MAX_REPLAY_RUNS:
+        raise ProblemError(
+            422,
+            f"the range makes {len(requests)} runs; replay at most {MAX_REPLAY_RUNS} per call (narrow it)",
+            slug="validation",
+            field="body.to",
+        )
+    runs = []
+    client = request.app.state.dagster
+    for run_request in requests:
+        existing = await client.graphql(
+            RUNS_BY_TAGS_QUERY,
+            {"filter": {"tags": [{"key": RUN_KEY_TAG, "value": run_request.run_key}]}},
+        )
+        found = (existing["runsOrError"].get("results") or [None])[0]
+        launched = found is None
+        if launched:
+            run = await queue_run(
+                request,
+                principal,
+                location=location,
+                repository=repository,
+                job_name=trigger.target.job.name,
+                run_config=run_request.run_config,
+                tags={**run_request.tags, RUN_KEY_TAG: run_request.run_key},
+                asset_selection=selection,
+            )
+            found = {"runId": run.run_id, "status": run.status}
+        runs.append(
+            ReplayedRun(
+                run_key=run_request.run_key,
+                run_id=found["runId"],
+                status=found["status"],
+                launched=launched,
+                first_id=run_request.tags["junction/events_first"],
+                last_id=run_request.tags["junction/events_last"],
+                count=int(run_request.tags["junction/events_count"]),
+            )
+        )
+    await record(
+        "events.replay",
+        principal,
+        f"stream:{name}",
+        {"trigger": body.trigger, "replay_id": replay_id, "from": first, "to": last, "runs": len(runs)},
+    )
+    return ReplayOutcome(stream=name, trigger=body.trigger, replay_id=replay_id, runs=runs)
+
+
+def _position(value: str, field: str, kind: Literal["after", "first", "last"]) -> str:
+    """An event id, or the id an ISO 8601 time stands for: the cursor just before it (`after`), or the
+    first or last id an event published at that time can have (a replay's inclusive bounds)."""
     text = value.strip()
     if EventId.looks_like(text):
         try:
@@ -337,12 +530,76 @@ def _cursor(value: str | None) -> str | None:
             return str(parsed)
     else:
         try:
-            return str(EventId.just_before(datetime.fromisoformat(text)))
+            moment = datetime.fromisoformat(text)
         except ValueError:
             pass
+        else:
+            if kind == "last":
+                return str(EventId.last_at(moment))
+            before = EventId.just_before(moment)
+            return str(before.next() if kind == "first" else before)
     raise ProblemError(
-        422,
-        f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time",
-        slug="validation",
-        field="query.from",
+        422, f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time", slug="validation", field=field
     )
+
+
+# --- declaring streams ------------------------------------------------------------------------------------
+
+
+class StreamDeclaration(BaseModel):
+    """A stream's declaration, as in a YAML file of the streams folder (the name is the path's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(default="", max_length=2000)
+    payload_schema: dict[str, Any] | None = Field(default=None, description="JSON Schema of each payload.")
+    retention: dict[str, int | str | None] = Field(
+        default_factory=dict, description='{"max_count": 1000000, "max_age": "30d"}: either or both.'
+    )
+    idempotency_window: int | str = Field(default="24h", description="Seconds, or 15m / 12h / 7d / 2w.")
+
+
+class StreamDefinitionModel(BaseModel):
+    name: str
+    description: str
+    payload_schema: dict[str, Any] | None
+    retention: dict[str, int | None]
+    idempotency_window_seconds: int
+    origin: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@router.put(
+    "/streams/{name}",
+    response_model=StreamDefinitionModel,
+    responses=problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
+)
+async def declare_stream(
+    name: str,
+    body: StreamDeclaration,
+    request: Request,
+    principal: Annotated[Principal, Depends(requires("events:manage:{name}"))],
+):
+    """Declare the stream or change its description, schema and retention (its events stay). A later
+    sync of the streams folder overwrites a stream that is also declared there."""
+    from pydantic import ValidationError
+
+    from resources.event_stream import StreamSpec
+
+    try:
+        spec = StreamSpec.model_validate({"name": name, **body.model_dump(exclude_unset=True)})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        field = "path.name" if where == "name" else f"body.{where}"
+        raise ProblemError(422, f"{field}: {error['msg']}", slug="validation", field=field) from None
+    events = gateway_events(request)
+    definition = await anyio.to_thread.run_sync(lambda: events.sync.registry.upsert(spec, origin="api"))
+    await record(
+        "stream.declare",
+        principal,
+        f"stream:{name}",
+        {"retention": definition.to_json()["retention"], "schema": definition.payload_schema is not None},
+    )
+    return StreamDefinitionModel.model_validate(definition.to_json())
