@@ -45,3 +45,11 @@ def wait_until(condition, timeout_s: float, what: str, *, poll_s: float = 0.05, 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
         time.sleep(poll_s)
+
+
+def execution_runs(dagster_home, execution_id: str) -> list:
+    """The Dagster runs of one workflow execution (tag `junction/execution_id`), newest first."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))

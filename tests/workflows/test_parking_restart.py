@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
 import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
+from support import execution_runs, wait_until
 
 from orchestration.cli import cli
 from orchestration.settings import reset_settings_cache
@@ -58,21 +58,6 @@ DELAY_WORKFLOW = {
 }
 
 
-def execution_runs(dagster_home: Path, execution_id: str) -> list[dg.DagsterRun]:
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_an_approval_survives_a_platform_restart_and_resumes_once(
     start_platform, tmp_path, monkeypatch, junction_home
 ):
@@ -101,8 +86,8 @@ def test_an_approval_survives_a_platform_restart_and_resumes_once(
             run = api.get(f"/v1/runs/{some_run_id}").json()
             return run["status"] in ("SUCCESS", "FAILURE") and run
 
-        parked = wait_for(lambda: ended(run_id), 180, "the approval's first run to end")
-        delayed = wait_for(lambda: ended(delayed_run_id), 180, "the delay's first run to end")
+        parked = wait_until(lambda: ended(run_id), 180, "the approval's first run to end", poll_s=1)
+        delayed = wait_until(lambda: ended(delayed_run_id), 180, "the delay's first run to end", poll_s=1)
         (pending,) = api.get("/v1/approvals").json()["approvals"]
     assert parked["status"] == "SUCCESS" and parked["tags"]["junction/state"] == "waiting"
     assert delayed["status"] == "SUCCESS" and delayed["tags"]["junction/state"] == "waiting"
@@ -130,7 +115,7 @@ def test_an_approval_survives_a_platform_restart_and_resumes_once(
         (execution_id, run_id, "sign_off"),
         (delayed_execution_id, delayed_run_id, "pause"),
     ]:
-        runs = wait_for(lambda: resumed_and_finished(some_execution_id), 180, f"{step} to resume")  # noqa: B023
+        runs = wait_until(lambda: resumed_and_finished(some_execution_id), 180, f"{step} to resume", poll_s=1)  # noqa: B023
         resumed = runs[0]  # newest first
         assert resumed.status == dg.DagsterRunStatus.SUCCESS
         assert resumed.tags["dagster/run_key"] == f"resume:{some_execution_id}:{step}"

@@ -4,13 +4,11 @@ resumes the workflow, whose Sync step exposes the child's counts. One child run,
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import dagster as dg
 import httpx
 import pytest
 import yaml
+from support import execution_runs, wait_until
 from test_sync import PIPELINE, ROWS
 
 pytestmark = pytest.mark.slow
@@ -27,21 +25,6 @@ WORKFLOW = {
         },
     ],
 }
-
-
-def execution_runs(dagster_home: Path, execution_id: str) -> list[dg.DagsterRun]:
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sync_through_the_daemon_and_the_run_queue(start_platform, tmp_path):
@@ -69,7 +52,9 @@ def test_sync_through_the_daemon_and_the_run_queue(start_platform, tmp_path):
         runs = execution_runs(dagster_home, run_id)
         return len(runs) == 3 and all(run.is_finished for run in runs) and runs
 
-    resumed, child, first = wait_for(all_three_finished, 300, "parent, child and resumed run")  # newest first
+    resumed, child, first = wait_until(
+        all_three_finished, 300, "parent, child and resumed run", poll_s=1
+    )  # newest first
     assert first.run_id == run_id and first.tags["junction/state"] == "waiting"
     assert child.job_name == "orders_pipeline" and child.status == dg.DagsterRunStatus.SUCCESS
     assert child.tags["junction/parent_run"] == run_id

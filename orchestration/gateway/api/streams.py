@@ -79,13 +79,18 @@ class StreamStatsModel(BaseModel):
     rate_5m: float = Field(description="Events per second published over the last five minutes.")
 
 
-class StreamSummary(BaseModel):
+class StreamDeclared(BaseModel):
+    """What a stream is declared as (in YAML or through the API)."""
+
     name: str
     description: str
     payload_schema: dict[str, Any] | None
     retention: dict[str, int | None]
     idempotency_window_seconds: int
     origin: str
+
+
+class StreamSummary(StreamDeclared):
     stats: StreamStatsModel
 
 
@@ -559,13 +564,7 @@ class StreamDeclaration(BaseModel):
     idempotency_window: int | str = Field(default="24h", description="Seconds, or 15m / 12h / 7d / 2w.")
 
 
-class StreamDefinitionModel(BaseModel):
-    name: str
-    description: str
-    payload_schema: dict[str, Any] | None
-    retention: dict[str, int | None]
-    idempotency_window_seconds: int
-    origin: str
+class StreamDefinitionModel(StreamDeclared):
     created_at: datetime | None
     updated_at: datetime | None
 
