@@ -223,6 +223,12 @@ class WorkflowTarget(RunTarget):
     def sensor_arguments(self) -> dict[str, Any]:
         return {"job": self.job}
 
+    def launch_metadata(self) -> dict[str, Any]:
+        import json
+
+        # Inputs as JSON (a date default becomes its ISO text, as the launchpad shows it).
+        return {"kind": "workflow", "inputs": json.loads(json.dumps(dict(self.inputs), default=str))}
+
     def run_request(self, events: EventRange, condition_source: Any, tags: dict[str, str]) -> dg.RunRequest:
         import uuid
 
@@ -538,7 +544,9 @@ class StreamTrigger:
         return cls(
             name=name,
             stream=metadata["stream"],
-            target=JobTarget(LaunchedJob(job_name), config_op=target.get("config_op")),
+            target=WorkflowTarget(LaunchedJob(job_name), inputs=target.get("inputs") or {})
+            if target.get("kind") == "workflow"
+            else JobTarget(LaunchedJob(job_name), config_op=target.get("config_op")),
             mode=mode,
             condition=metadata.get("condition"),
             tags=metadata.get("tags") or {},

@@ -29,10 +29,12 @@ from sensors.event_triggers import (
     EventRange,
     EventRangeConfig,
     JobTarget,
+    LaunchedJob,
     StreamSensorEventsLost,
     StreamTrigger,
     TimeWindows,
     TriggerCursor,
+    WorkflowTarget,
     event_trigger_sensors,
     pipeline_triggers,
 )
@@ -257,6 +259,28 @@ def test_the_sensor_metadata_rebuilds_the_trigger_for_replays(orders, mode):
         (r.run_key, r.run_config, r.tags) for r in expected
     ]
     assert rebuilt.target.job.name == "orders_job"
+
+
+def test_a_workflow_trigger_is_rebuilt_for_replays_as_new_executions(orders):
+    workflow = StreamTrigger(
+        name="follow_up_on_orders",
+        stream="orders",
+        target=WorkflowTarget(orders_job, inputs={"threshold": 100}),
+    )
+    recorded = workflow.sensor().metadata[TRIGGER_METADATA].data
+    assert recorded["target"] == {"kind": "workflow", "inputs": {"threshold": 100}}
+    rebuilt = StreamTrigger.from_metadata(workflow.name, recorded, "orders_job")
+    assert isinstance(rebuilt.target, WorkflowTarget) and rebuilt.target.job == LaunchedJob("orders_job")
+    ids = publish(orders, {"n": 1}, {"n": 2})
+    expected = workflow.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    got = rebuilt.replay_run_requests(orders, ids[0], ids[-1], replay_id="r")
+    assert [(r.run_key, r.run_config, r.tags) for r in got] == [
+        (r.run_key, r.run_config, r.tags) for r in expected
+    ]
+    # A replay is a new execution of its own, not the original event's execution again.
+    original = workflow.evaluate_tick(orders, TriggerCursor())[0]
+    original_ids = {workflow.run_request(r).tags["junction/execution_id"] for r in original}
+    assert original_ids.isdisjoint(r.tags["junction/execution_id"] for r in got)
 
 
 def test_a_triggered_run_reads_its_events(orders, instance, monkeypatch):

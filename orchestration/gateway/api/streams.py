@@ -428,7 +428,7 @@ async def trigger_sensor(request: Request, stream: str, name: str):
             if launch.get("kind") == "assets":
                 job_name = ASSET_JOB
                 selection = [key["path"] for key in (sensor.get("assetSelection") or {}).get("assetKeys", [])]
-            elif launch.get("kind") == "job" and sensor["targets"]:
+            elif launch.get("kind") in ("job", "workflow") and sensor["targets"]:
                 job_name, selection = sensor["targets"][0]["pipelineName"], None
             else:
                 raise ProblemError(
