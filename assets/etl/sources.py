@@ -34,7 +34,7 @@ streams, protects against entity-expansion attacks and reports line and byte pos
 what quarantine needs; lxml's `recover=True` would silently repair records instead of reporting them.
 Each `xml_record` element is a record: its attributes and the text of its child elements are the
 fields (strings, typed by `cast`). After a well-formedness error the reader quarantines the broken
-record and restarts at the next record element; a record element opened inside an open record
+record and restarts at the next record element; a record element opened directly in an open record
 means the open one was never closed, so that one is quarantined and the new one read. The file is
 held in memory.
 
@@ -757,9 +757,10 @@ class _XmlRecords:
         }
 
         def on_start(name: str, attributes: dict[str, str]) -> None:
-            if name == self.record_tag and state["record"] is not None:
-                # A record element inside a record: the open one was never closed. Quarantine it and
-                # read on, else expat would nest every following record in it until the document's end.
+            if name == self.record_tag and state["record"] is not None and state["depth"] == 0:
+                # A record element directly inside a record: the open one was never closed. Quarantine
+                # it and read on, else expat nests every following record in it until the document's
+                # end and they vanish with it. (Deeper inside a field it is that field's content.)
                 self.record_number += 1
                 self.quarantine.add(
                     self.source, READ_STEP, f"the <{self.record_tag}> is not closed before the next one",

@@ -238,6 +238,12 @@ def test_an_unclosed_xml_record_is_quarantined_and_the_records_after_it_are_read
     assert [(record.line, record.row, record.reason) for record in quarantine] == [
         (3, 2, "the <record> is not closed before the next one")
     ]
+    # Deeper inside a field a record element is that field's content, not a new record.
+    (tmp_path / "nested.xml").write_text(
+        "<r><record><a>1</a><related><record>2</record></related></record><record><a>3</a></record></r>"
+    )
+    rows, _, quarantine, _ = read(tmp_path, format="xml", path="nested.xml")
+    assert rows == [{"a": "1", "related": "2"}, {"a": "3", "related": None}] and len(quarantine) == 0
 
 
 def test_xml_error_columns_count_from_the_line_start_after_a_resync(tmp_path: Path):
