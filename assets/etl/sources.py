@@ -34,7 +34,9 @@ streams, protects against entity-expansion attacks and reports line and byte pos
 what quarantine needs; lxml's `recover=True` would silently repair records instead of reporting them.
 Each `xml_record` element is a record: its attributes and the text of its child elements are the
 fields (strings, typed by `cast`). After a well-formedness error the reader quarantines the broken
-record and restarts at the next record element. The file is held in memory.
+record and restarts at the next record element; a record element opened directly in an open record
+means the open one was never closed, so that one is quarantined and the new one read. The file is
+held in memory.
 
 Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches`.
 
@@ -755,6 +757,17 @@ class _XmlRecords:
         }
 
         def on_start(name: str, attributes: dict[str, str]) -> None:
+            if name == self.record_tag and state["record"] is not None and state["depth"] == 0:
+                # A record element directly inside a record: the open one was never closed. Quarantine
+                # it and read on, else expat nests every following record in it until the document's
+                # end and they vanish with it. (Deeper inside a field it is that field's content.)
+                self.record_number += 1
+                self.quarantine.add(
+                    self.source, READ_STEP, f"the <{self.record_tag}> is not closed before the next one",
+                    line=state["line"], row=self.record_number,
+                    record=_clip(json.dumps(state["record"], ensure_ascii=False)),
+                )  # fmt: skip
+                state.update(record=None, problem=None)
             if state["record"] is None:
                 if name == self.record_tag:
                     state.update(record=dict(attributes), depth=0, line=line_base + parser.CurrentLineNumber)
@@ -808,13 +821,16 @@ class _XmlRecords:
             yield from done
             error_at = start + max(parser.ErrorByteIndex - len(prefix), 0)
             line = line_base + exc.lineno
+            column = exc.offset + 1
+            if exc.lineno == 1 and start:  # the feed began mid-line, behind the resync prefix
+                column = error_at - (self.data.rfind(b"\n", 0, error_at) + 1) + 1
             following = self.next_record_tag.search(self.data, error_at + 1)
             if state["record"] is not None:
                 self.record_number += 1
                 self.quarantine.add(
                     self.source,
                     READ_STEP,
-                    f"malformed XML: {expat.ErrorString(exc.code)} (line {line} column {exc.offset + 1})",
+                    f"malformed XML: {expat.ErrorString(exc.code)} (line {line} column {column})",
                     line=state["line"],
                     row=self.record_number,
                     record=_clip(self._text_between(self._record_start(error_at), following)),
@@ -825,7 +841,7 @@ class _XmlRecords:
                     self.source,
                     READ_STEP,
                     f"malformed XML outside a <{self.record_tag}> record: {expat.ErrorString(exc.code)} "
-                    f"(line {line} column {exc.offset + 1})",
+                    f"(line {line} column {column})",
                     line=line,
                     row=self.record_number,
                 )

@@ -1,7 +1,7 @@
 """The shipped examples materialize through a Dagster instance, with counts that add up.
 
-`shop_customers` (SQL -> SQL merge), `station_readings` (JSON Lines with broken lines) and the
-analyst's `monthly_revenue` (`assets/analyst_example.py`). Their targets live under the test's own
+`shop_customers` (SQL -> SQL merge), `station_readings` (JSON Lines with broken lines),
+`product_catalogue` (XML with broken elements) and the analyst's `monthly_revenue` (`assets/analyst_example.py`). Their targets live under the test's own
 $JUNCTION_HOME (fixture `junction_home`), their sources are the files shipped in `assets/pipelines/`.
 """
 
@@ -36,12 +36,17 @@ def counts(result: dg.ExecuteInProcessResult, node: str) -> dict[str, int]:
     return found
 
 
+def passed_checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+
+
 def test_the_examples_are_in_the_code_location():
     import orchestration.definitions as code_location
 
     graph = code_location.defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert {"shop_customers_staged", "shop_customers", "station_readings_staged", "station_readings"} <= keys
+    assert {"product_catalogue_staged", "product_catalogue"} <= keys
     assert "monthly_revenue" in keys and graph.get(dg.AssetKey("monthly_revenue")).group_name == "shop"
 
 
@@ -77,9 +82,9 @@ def test_station_readings_quarantines_the_broken_lines_by_number(junction_home: 
     assert counts(result, "station_readings_staged") == {
         "rows_read": 30, "rows_loaded": 28, "rows_filtered": 0, "rows_quarantined": 2
     }  # fmt: skip
-    checks = {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
-    assert not checks["temperature_plausible"].passed  # the 999.9 reading; a warning, not blocking
-    assert checks["humidity_is_a_percentage"].passed
+    checks = passed_checks(result)
+    assert not checks["temperature_plausible"]  # the 999.9 reading; a warning, not blocking
+    assert checks["humidity_is_a_percentage"]
     warehouse = junction_home / "warehouse"
     assert pq.read_table(warehouse / "station_readings.parquet").num_rows == 28
     quarantined = pq.read_table(warehouse / "station_readings_quarantine.parquet").to_pylist()
@@ -89,6 +94,47 @@ def test_station_readings_quarantines_the_broken_lines_by_number(junction_home: 
     again = materialize("station_readings", instance)  # the same file again: its load id is there
     assert again.success
     assert pq.read_table(warehouse / "station_readings.parquet").num_rows == 28
+
+
+def test_product_catalogue_quarantines_the_broken_xml_elements_by_line(junction_home: Path):
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize("product_catalogue", instance)
+    assert result.success
+    # 40 <product> elements: 2 broken (quarantined on read), 3 discontinued (filtered), one price "12,90"
+    # (quarantined by the cast).
+    assert counts(result, "product_catalogue_staged") == {
+        "rows_read": 40, "rows_loaded": 34, "rows_filtered": 3, "rows_quarantined": 3
+    }  # fmt: skip
+    checks = passed_checks(result)
+    assert checks["price_positive"] and checks["category_allowed"]
+    assert not checks["stock_not_negative"]  # the oversold jug; a warning, not blocking
+    warehouse = junction_home / "warehouse" / "catalogue.db"
+    with sqlite3.connect(warehouse) as connection:
+        products = {
+            row[0]: row[1:] for row in connection.execute("SELECT sku, category, weight_g FROM products")
+        }
+        quarantined = connection.execute(
+            "SELECT line, row, step, field, reason FROM products_quarantine ORDER BY row"
+        ).fetchall()
+    connection.close()
+    assert len(products) == 34 and not {"KT-1006", "CF-2004", "TB-3003", "KT-1005"} & products.keys()
+    assert products["KT-1009"] == ("kitchen", 60)  # "kitchen " trimmed and lower-cased
+    assert products["KT-1010"] == ("kitchen", None)  # weight "N/A" is a null token
+    assert [(line, row, step, field) for line, row, step, field, _ in quarantined] == [
+        (44, 6, "read", None),
+        (108, 14, "read", None),
+        (180, 23, "transforms[3].cast", "price"),
+    ]
+    assert quarantined[0][4] == "malformed XML: not well-formed (invalid token) (line 45 column 17)"  # "&"
+    assert quarantined[1][4] == "malformed XML: mismatched tag (line 111 column 19)"  # "</prize>"
+    assert "'12,90'" in quarantined[2][4]
+
+    again = materialize("product_catalogue", instance)  # merged by sku: the same rows, updated in place
+    assert again.success
+    with sqlite3.connect(warehouse) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM products").fetchone() == (34,)
+        assert connection.execute("SELECT COUNT(*) FROM products_quarantine").fetchone() == (3,)
+    connection.close()
 
 
 def test_the_analysts_python_asset_materializes(junction_home: Path):

@@ -227,6 +227,42 @@ def test_xml_records_with_a_broken_element_in_the_middle(tmp_path: Path):
     assert records[1].reason == "repeated element <customer> (lists are not supported)"
 
 
+def test_an_unclosed_xml_record_is_quarantined_and_the_records_after_it_are_read(tmp_path: Path):
+    # expat nests every later <record> in the unclosed one; they used to vanish with it, uncounted.
+    (tmp_path / "r.xml").write_text(
+        "<r>\n<record><a>1</a></record>\n<record><a>2</a>\n<record><a>3</a></record>\n"
+        "<record><a>4</a></record>\n</r>\n"
+    )
+    rows, positions, quarantine, _ = read(tmp_path, format="xml", path="r.xml")
+    assert rows == [{"a": "1"}, {"a": "3"}, {"a": "4"}] and positions == [(2, 1), (4, 3), (5, 4)]
+    assert [(record.line, record.row, record.reason) for record in quarantine] == [
+        (3, 2, "the <record> is not closed before the next one")
+    ]
+    # Deeper inside a field a record element is that field's content, not a new record.
+    (tmp_path / "nested.xml").write_text(
+        "<r><record><a>1</a><related><record>2</record></related></record><record><a>3</a></record></r>"
+    )
+    rows, _, quarantine, _ = read(tmp_path, format="xml", path="nested.xml")
+    assert rows == [{"a": "1", "related": "2"}, {"a": "3", "related": None}] and len(quarantine) == 0
+
+
+def test_xml_error_columns_count_from_the_line_start_after_a_resync(tmp_path: Path):
+    # After a broken record the parser restarts mid-file behind a synthetic root element; the column
+    # of the next error must still be the column in the file.
+    (tmp_path / "r.xml").write_text(
+        "<r>\n<record><a>1 & 2</a></record>\n<record><a>2</b></record>\n<record><a>3</a></record>\n</r>\n"
+    )
+    rows, _, quarantine, _ = read(tmp_path, format="xml", path="r.xml")
+    assert rows == [{"a": "3"}]
+    assert (
+        [record.reason for record in quarantine]
+        == [
+            "malformed XML: not well-formed (invalid token) (line 2 column 15)",
+            "malformed XML: mismatched tag (line 3 column 15)",  # "</b>" starts at column 13; expat points past "</"
+        ]
+    )
+
+
 def test_xml_in_a_declared_single_byte_encoding(tmp_path: Path):
     (tmp_path / "p.xml").write_bytes("<r><record><name>Zoë</name></record></r>".encode("latin-1"))
     rows, _, quarantine, _ = read(tmp_path, format="xml", path="p.xml", encoding="latin-1")
