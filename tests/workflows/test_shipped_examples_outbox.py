@@ -43,6 +43,11 @@ def test_order_review_reports_a_large_order_to_the_finance_outbox(store_url, jun
         json.loads(line) for line in (junction_home / "outbox" / "finance.jsonl").read_text().splitlines()
     ]
     assert (entry["channel"], entry["subject"]) == ("finance", "Large order A-1001: 2500")
+    assert entry["metadata"] == {
+        "workflow": "order_review",
+        "step": "notify_finance",
+        "execution_id": large.run_id,
+    }
     assert f"Order A-1001 from Acme\ntotals 2500 (2 lines).\nExecution {large.run_id}." in entry["body"]
     with session_scope() as session:
         rows = session.query(NotificationDelivery).all()
