@@ -15,6 +15,10 @@ rejects a timestamp outside the tolerance so a captured request cannot be replay
 
 Module-level imports are kept light (no Dagster, no SQLAlchemy models): the gateway and the CLI use
 `send()` too. `NotificationsResource`, the Dagster resource, is built on first access.
+
+The `outbox` kind delivers nowhere: it appends each message as one JSON line to a local file (like
+Django's file-based e-mail backend), so the shipped workflows run on a fresh clone without a mail
+server; `junction notifications outbox` reads it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ __all__ = [
     "Message",
     "NotificationChannel",
     "NotificationError",
+    "OutboxChannel",
     "RetryPolicy",
     "WebhookChannel",
     "WebhookSignatureError",
@@ -244,11 +249,20 @@ class WebhookSpec(ChannelSpec):
         return value
 
 
+class OutboxSpec(ChannelSpec):
+    kind: Literal["outbox"] = "outbox"
+    path: Path | None = Field(
+        default=None,
+        description="JSON-lines file; relative paths are under JUNCTION_HOME. Default: outbox/<channel>.jsonl.",
+    )
+    recipients: list[str] = Field(default_factory=list, description="Used when a message names none.")
+
+
 _CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
 class ChannelsFile(BaseModel):
-    """channels.yaml: `channels: {name: {kind: email|webhook, ...}}`.
+    """channels.yaml: `channels: {name: {kind: email|webhook|outbox, ...}}`.
 
     Each channel's block is validated by the model of its kind (below, in `load_channels`): a pydantic
     discriminated union would put the tag into error locations (`channels.ops.email.port`), and the
@@ -465,6 +479,59 @@ class WebhookChannel(NotificationChannel):
         if isinstance(exc, httpx.TransportError):
             return True  # connect/read errors and timeouts, a server that dropped the connection
         return super().is_transient(exc)
+
+
+class OutboxChannel(NotificationChannel):
+    """Appends each message as one JSON line to a local file: for development and the shipped examples.
+
+    One `write()` on a descriptor opened with O_APPEND: the kernel places every line at the end of the
+    file whole, so several threads or processes sending at once never interleave their lines.
+    """
+
+    kind = "outbox"
+    Spec = OutboxSpec
+    spec: OutboxSpec
+
+    @property
+    def path(self) -> Path:
+        """Resolved at send time: JUNCTION_HOME may differ between loading and sending."""
+        from orchestration.settings import get_settings
+
+        configured = self.spec.path or Path("outbox") / f"{self.name}.jsonl"
+        return get_settings().home_dir / configured.expanduser()  # an absolute path replaces the home
+
+    def recipients_of(self, message: Message) -> list[str]:
+        return list(message.recipients or self.spec.recipients)
+
+    def recipient(self, message: Message) -> str:
+        return ", ".join(self.recipients_of(message)) or f"outbox {self.path}"
+
+    def line(self, message: Message) -> bytes:
+        entry = {
+            "time": datetime.now(UTC).isoformat(),
+            "id": message.id,
+            "channel": self.name,
+            "subject": message.subject,
+            "body": message.body,
+            "html": message.html,
+            "recipients": self.recipients_of(message),
+            "metadata": dict(message.metadata),
+        }
+        return (json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
+
+    def deliver(self, message: Message) -> str:
+        path = self.path
+        data = self.line(message)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(descriptor, data)
+        finally:
+            os.close(descriptor)
+        if written != len(data):
+            # Disk full or a quota hit. Not retried: each retry could leave another fragment behind.
+            raise DeliveryFailure(f"only {written} of {len(data)} bytes written to {path}", transient=False)
+        return f"appended to {path}"
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -89,7 +89,20 @@ def test_unreachable_dagster_storage(tmp_path: Path):
     assert_one_line_error(result, "Dagster instance", str(home))
 
 
-@pytest.mark.parametrize("command", [[], ["dev"], ["gateway"], ["db"], ["keys"], ["audit"], ["backup"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["dev"],
+        ["gateway"],
+        ["db"],
+        ["keys"],
+        ["audit"],
+        ["backup"],
+        ["notifications"],
+        ["notifications", "outbox"],
+    ],
+)
 def test_help_everywhere(tmp_path: Path, command: list[str]):
     result = run_junction(tmp_path, *command, "--help")
     assert result.returncode == 0, result.stderr

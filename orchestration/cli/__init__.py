@@ -21,6 +21,7 @@ COMMANDS = {
     "events": "orchestration.cli.events:events",
     "workflows": "orchestration.cli.workflows:workflows",
     "approvals": "orchestration.cli.approvals:approvals",
+    "notifications": "orchestration.cli.notifications:notifications",
 }
 
 

@@ -31,6 +31,7 @@ from resources.notifications import (
     EmailChannel,
     Message,
     NotificationError,
+    OutboxChannel,
     WebhookChannel,
     WebhookSignatureError,
     load_channels,
@@ -475,8 +476,10 @@ def write_channels(directory: Path, text: str) -> Path:
     return path
 
 
-def test_the_shipped_channels_file_loads() -> None:
-    assert load_channels(PROJECT_ROOT / "resources" / "channels.yaml") == {}
+def test_the_shipped_channels_file_declares_the_examples_channels_as_outboxes() -> None:
+    channels = load_channels(PROJECT_ROOT / "resources" / "channels.yaml")
+    assert set(channels) == {"finance", "ops", "sales"}
+    assert all(isinstance(channel, OutboxChannel) for channel in channels.values())
 
 
 def test_channels_file_is_loaded_from_the_settings(
@@ -557,8 +560,8 @@ channels:
         "resources/channels.yaml: channels.hook.url: must be an http:// or https:// URL",
         "resources/channels.yaml: channels.hook.secret_env: must be the NAME of an environment variable "
         "holding the secret, not the secret itself",
-        "resources/channels.yaml: channels.pager.kind: must be one of: email, webhook",
-        "resources/channels.yaml: channels.bare.kind: missing (one of: email, webhook)",
+        "resources/channels.yaml: channels.pager.kind: must be one of: email, outbox, webhook",
+        "resources/channels.yaml: channels.bare.kind: missing (one of: email, outbox, webhook)",
     ]
 
 

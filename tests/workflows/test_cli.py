@@ -117,9 +117,12 @@ def test_run_the_shipped_example_large_order(api_server, cli_instance_home: Path
     assert result.exit_code == 0, result.output
     assert "  lookup_order: succeeded" in result.output
     assert "  large_order_lines: succeeded" in result.output
-    # No channel `finance` is declared here: the notification fails and the execution continues.
-    assert result.output.rstrip().endswith("SUCCESS (steps failed and continued: notify_finance)")
+    # The shipped `finance` channel is an outbox in JUNCTION_HOME: out of the box, the message lands there.
+    assert "  notify_finance: succeeded" in result.output
+    assert result.output.rstrip().endswith("SUCCESS")
     run_id = result.output.split()[1]
+    (line,) = (cli_instance_home / "outbox" / "finance.jsonl").read_text().splitlines()
+    assert json.loads(line)["subject"] == "Large order A-1: 2500"
     with dg.DagsterInstance.get() as instance:
         run = instance.get_run_by_id(run_id)
         assert run.tags["junction/execution_id"] == run_id

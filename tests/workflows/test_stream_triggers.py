@@ -5,6 +5,7 @@ sensor evaluated as the daemon does, with its run-key deduplication."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -148,7 +149,7 @@ def test_a_run_whose_event_is_gone_fails_naming_it(store_url, tmp_path, instance
     assert "event 1-0 of stream 'orders' is no longer in the stream" in failure
 
 
-def test_the_shipped_event_triggered_example(store_url, instance, monkeypatch):
+def test_the_shipped_event_triggered_example(store_url, junction_home, instance, monkeypatch):
     from orchestration.store.db import get_engine
     from resources.event_stream import load_stream_specs
 
@@ -177,12 +178,11 @@ def test_the_shipped_event_triggered_example(store_url, instance, monkeypatch):
     assert result.output_for_node("order_lines")["order_lines"]["output"]["records"] == [
         {"sku": "s", "quantity": 2}
     ]
-    # No `sales` channel is declared here: the notification fails, the execution goes on (continue_on_failure).
+    # The shipped `sales` channel is an outbox under JUNCTION_HOME: the VIP order's message lands there.
     tell_sales = result.output_for_node("tell_sales")["tell_sales"]
-    assert (
-        tell_sales["status"] == "failed"
-        and "unknown notification channel 'sales'" in tell_sales["output"]["error"]["message"]
-    )
+    assert tell_sales["output"]["status"] == "delivered"
+    (line,) = (junction_home / "outbox" / "sales.jsonl").read_text().splitlines()
+    assert json.loads(line)["subject"] == "VIP order o-9: 7200 EUR"
 
 
 @pytest.mark.parametrize(
