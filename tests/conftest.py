@@ -9,8 +9,9 @@ test is skipped with the reason, unless services are required (`CI=true` or
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -253,3 +254,26 @@ def live_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform
 def admin_key(live_platform: PlatformProcess) -> str:
     """The local admin key `junction dev` generated on its first start."""
     return (live_platform.home / "admin.key").read_text().strip()
+
+
+@pytest.fixture
+def gateway(store_url: str) -> Iterator[Callable[..., Any]]:
+    """Build an in-process gateway client on the test store with settings overrides; Dagster is a
+    closed port (endpoints that need it are tested against `junction dev`)."""
+    from fastapi.testclient import TestClient
+
+    from orchestration.gateway.app import create_gateway_app
+    from orchestration.settings import JunctionSettings
+
+    clients: list[TestClient] = []
+
+    def build(**overrides) -> TestClient:
+        settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{free_port()}", **overrides)
+        client = TestClient(create_gateway_app(settings), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)

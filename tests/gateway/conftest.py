@@ -6,15 +6,11 @@ everything that is the gateway's own: security, problems, keys, audit, analytics
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-from fastapi.testclient import TestClient
-from support import free_port
 
-from orchestration.gateway.app import create_gateway_app
 from orchestration.kernel.principals import create_api_key
-from orchestration.settings import JunctionSettings
 
 
 @pytest.fixture
@@ -24,20 +20,3 @@ def make_key(store_url: str) -> Callable[..., str]:
         return key
 
     return make
-
-
-@pytest.fixture
-def gateway(store_url: str) -> Iterator[Callable[..., TestClient]]:
-    """Build a gateway client with settings overrides; Dagster is a closed port."""
-    clients: list[TestClient] = []
-
-    def build(**overrides) -> TestClient:
-        settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{free_port()}", **overrides)
-        client = TestClient(create_gateway_app(settings), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.__exit__(None, None, None)

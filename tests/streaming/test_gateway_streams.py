@@ -3,16 +3,11 @@ audit, Redis publish-then-read, and a 503 (never a silent drop) when Redis is do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
-from fastapi.testclient import TestClient
 from support import bearer, free_port
 
-from orchestration.gateway.app import create_gateway_app
 from orchestration.kernel import audit
 from orchestration.kernel.principals import create_api_key
-from orchestration.settings import JunctionSettings
 from resources.event_stream import EventId, StreamRegistry, StreamSpec
 
 ORDER_SCHEMA = {
@@ -23,23 +18,12 @@ ORDER_SCHEMA = {
 
 
 @pytest.fixture
-def gateway(store_url: str) -> Iterator[Callable[..., TestClient]]:
-    """A gateway client on the test store (Dagster is a closed port), with settings overrides."""
+def gateway(gateway, store_url: str):
+    """The root conftest's in-process gateway, on a store declaring the streams these tests use."""
     registry = StreamRegistry.for_url(store_url)
     registry.upsert(StreamSpec(name="orders", payload_schema=ORDER_SCHEMA))
     registry.upsert(StreamSpec(name="clicks", retention={"max_count": 2}))
-    clients: list[TestClient] = []
-
-    def build(**overrides) -> TestClient:
-        settings = JunctionSettings(dagster_url=f"http://127.0.0.1:{free_port()}", **overrides)
-        client = TestClient(create_gateway_app(settings), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.__exit__(None, None, None)
+    return gateway
 
 
 def key(*scopes: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 # The in-process gateway on a real store, for deciding approvals through the API.
-from gateway.conftest import gateway, make_key  # noqa: F401 - fixtures shared with tests/gateway
+from gateway.conftest import make_key  # noqa: F401 - a fixture shared with tests/gateway
 
 from orchestration.workflows.factory import build_job
 from orchestration.workflows.spec import parse_workflow
