@@ -124,6 +124,16 @@ async def list_jobs(
     return JobsPage(jobs=jobs, asset_groups=groups)
 
 
+async def repositories_with_job(request: Request, name: str, *, location: str | None = None) -> list[dict]:
+    """The loaded repositories that define job `name` (in `location`, when given)."""
+    return [
+        repository
+        for repository in await workspace_repositories(request.app.state.dagster)
+        if any(job["name"] == name for job in repository["jobs"])
+        and (location is None or repository["location"] == location)
+    ]
+
+
 @router.post(
     "/jobs/{name}/runs",
     response_model=RunLaunched,
@@ -137,13 +147,7 @@ async def launch_job(
     principal: Annotated[Principal, Depends(requires("runs:launch"))],
 ):
     """Queue a run of job `name`, tagged with the caller as its actor (like a launch from the UI)."""
-    repositories = await workspace_repositories(request.app.state.dagster)
-    matches = [
-        repository
-        for repository in repositories
-        if any(job["name"] == name for job in repository["jobs"])
-        and (body.location is None or repository["location"] == body.location)
-    ]
+    matches = await repositories_with_job(request, name, location=body.location)
     if not matches or name.startswith(ASSET_JOB_PREFIX):
         raise ProblemError(404, f"no job named {name!r}", slug="not-found")
     if len(matches) > 1:

@@ -19,8 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestration.gateway.api.common import record, ui_run_url
-from orchestration.gateway.api.jobs import queue_run
-from orchestration.gateway.dagster_client import runs_with_tags, workspace_repositories
+from orchestration.gateway.api.jobs import queue_run, repositories_with_job
+from orchestration.gateway.dagster_client import runs_with_tags
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires
 from orchestration.kernel.principals import Principal
@@ -241,11 +241,7 @@ async def launch_execution(
         raise RequestValidationError(
             [{**error, "loc": ("body", "inputs", *error["loc"])} for error in exc.errors()]
         ) from None
-    locations = [
-        repository
-        for repository in await workspace_repositories(request.app.state.dagster)
-        if any(job["name"] == name for job in repository["jobs"])
-    ]
+    locations = await repositories_with_job(request, name)
     if not locations:
         raise ProblemError(503, f"the job of workflow {name!r} is not loaded in Dagster", slug="not-loaded")
     execution_id = new_execution_id()
