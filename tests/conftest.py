@@ -144,6 +144,7 @@ class PlatformProcess:
         import sys
 
         self.port = port
+        self.env = env  # what a command run against this platform needs (`junction events ...`)
         self.home = Path(env["JUNCTION_HOME"])
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path

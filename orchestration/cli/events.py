@@ -220,6 +220,15 @@ def tail(stream: str, start: str | None, filter_json: str | None, follow: bool, 
                 return
 
 
+def first_id(text: str) -> str:
+    """`--from` as the first id wanted (inclusive)."""
+    from resources.event_stream import EventId
+
+    if EventId.looks_like(text):
+        return str(EventId.parse(text))
+    return str(EventId.just_before(parse_moment(text, "--from")).next())
+
+
 @events.command()
 @click.argument("stream")
 @click.option("--from", "start", required=True, help="First event: id, ISO date-time or duration ago.")
@@ -233,11 +242,57 @@ def tail(stream: str, start: str | None, filter_json: str | None, follow: bool, 
     help="JSON Lines file to write.",
 )
 @click.option("--filter", "filter_json", help="Only events matching a condition (JSON).")
-def replay(stream: str, start: str, end: str | None, output: str, filter_json: str | None) -> None:
-    """Write the events of STREAM from --from to --to as JSON Lines (id, time, payload).
+@click.option(
+    "--as-runs",
+    is_flag=True,
+    help="Launch the stream trigger's batches of the range again as new runs (through the running "
+    "platform at JUNCTION_DAGSTER_URL, as POST /gateway/v1/streams/STREAM/replays does).",
+)
+@click.option(
+    "--trigger",
+    help="With --as-runs: the trigger (its sensor's name). Default: the stream's only trigger.",
+)
+@click.option(
+    "--replay-id",
+    help="With --as-runs: names the replay in its run keys (replay:ID:...); the same id again launches "
+    "nothing new. Default: a fresh id, so every call re-runs.",
+)
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    stream: str,
+    start: str,
+    end: str | None,
+    output: str,
+    filter_json: str | None,
+    as_runs: bool,
+    trigger: str | None,
+    replay_id: str | None,
+) -> None:
+    """Write the events of STREAM from --from to --to as JSON Lines (id, time, payload), or with
+    --as-runs launch a stream trigger's batches of those events again as new Dagster runs.
 
     Fails, naming the range, if retention already removed events of the requested range.
+
+    \b
+    --as-runs: the batches the trigger would make from --from (a trailing partial batch is not
+    replayed), at most 100 runs per call, each with run key replay:REPLAY_ID:<original key> and
+    tagged junction/via=cli and junction/actor=<OS user>; a run already holding its key is skipped.
+    Prints each run as it is launched or skipped, then a summary. Audited as events.replay.
     """
+    if as_runs:
+        given = [
+            option
+            for option, name in (("--output", "output"), ("--filter", "filter_json"))
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} write events to a file; --as-runs launches runs")
+        replay_runs(stream, start, end, trigger, replay_id)
+        return
+    for option, value in (("--trigger", trigger), ("--replay-id", replay_id)):
+        if value is not None:
+            raise click.UsageError(f"{option} applies to --as-runs only")
     condition = parse_filter(filter_json)
     after = start_cursor(start)
     until = end_id(end) if end else end_id(datetime.now(UTC).isoformat())
@@ -252,6 +307,68 @@ def replay(stream: str, start: str, end: str | None, output: str, filter_json: s
             last = event.id
     span = f" ({first} .. {last})" if written else ""
     click.echo(f"replayed {written} events of {stream}{span} to {output}", err=True)
+
+
+class ReplayFailed(JunctionError):
+    """Dagster could not be reached or refused a replayed run."""
+
+
+def replay_runs(stream: str, start: str, end: str | None, trigger: str | None, replay_id: str | None) -> None:
+    """`replay --as-runs`: the gateway's replay (`sensors.replays.replay_as_runs`), from the command line."""
+    import re
+
+    import anyio
+
+    from orchestration.cli.keys import cli_actor
+    from orchestration.gateway.dagster_client import DagsterClient, DagsterRequestError, DagsterUnavailable
+    from orchestration.settings import get_settings
+    from sensors import replays
+
+    if replay_id is not None and not re.match(replays.REPLAY_ID_PATTERN, replay_id):
+        raise click.BadParameter("1-64 letters, digits, '.', '_' or '-'", param_hint="--replay-id")
+    first = first_id(start)
+    last = end_id(end) if end else end_id(datetime.now(UTC).isoformat())
+    dagster_url = get_settings().dagster_url
+
+    def show(run: replays.ReplayedRun) -> None:
+        what = "launched" if run.launched else "skipped (already launched)"
+        click.echo(
+            f"{what}\t{run.run_key}\trun {run.run_id}\t{run.first_id} .. {run.last_id} ({run.count} events)"
+        )
+
+    async def call(event_stream) -> replays.ReplayOutcome:
+        client = DagsterClient(dagster_url, timeout_s=60)
+        try:
+            return await replays.replay_as_runs(
+                client,
+                event_stream,
+                stream=stream,
+                trigger=trigger,
+                first_id=first,
+                last_id=last,
+                replay_id=replay_id or replays.new_replay_id(),
+                actor=cli_actor(),
+                via="cli",
+                progress=show,
+            )
+        finally:
+            await client.aclose()
+
+    with open_stream() as event_stream:
+        try:
+            outcome = anyio.run(call, event_stream)
+        except DagsterUnavailable as exc:
+            raise ReplayFailed(
+                f"{exc} (replaying as runs needs the running platform: start `junction dev`, or point "
+                "JUNCTION_DAGSTER_URL at its Dagster webserver)"
+            ) from None
+        except DagsterRequestError as exc:
+            raise ReplayFailed(f"Dagster refused a replayed run: {exc}") from None
+    click.echo(
+        f"replay {outcome.replay_id} of {stream} through {outcome.trigger} ({first} .. {last}): "
+        f"{outcome.launched} run(s) requested, {outcome.skipped} skipped as already launched",
+        err=True,
+    )
 
 
 @events.command()

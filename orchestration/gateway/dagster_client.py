@@ -13,6 +13,10 @@ from typing import Any
 
 import httpx
 
+# Who launched a run and through what (`gateway`, `cli`): tags of every run launched through this client.
+ACTOR_TAG = "junction/actor"
+VIA_TAG = "junction/via"
+
 
 class DagsterUnavailable(Exception):
     """Dagster's webserver could not be reached or answered with a server error."""

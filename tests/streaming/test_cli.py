@@ -130,6 +130,32 @@ def test_replay_a_time_range_to_a_file(streams_dir: Path, tmp_path: Path):
     assert [json.loads(line)["payload"]["order_id"] for line in by_id.stdout.splitlines()] == ["in-1", "in-2"]
 
 
+def test_replay_as_runs_options(streams_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    help_text = invoke("replay", "--help").output
+    assert "--as-runs" in help_text and "--trigger" in help_text and "--replay-id" in help_text
+    both = invoke("replay", "orders", "--from", "1h", "--as-runs", "--output", "x.jsonl")
+    assert both.exit_code == 2 and "--output write events to a file; --as-runs launches runs" in both.output
+    alone = invoke("replay", "orders", "--from", "1h", "--trigger", "t")
+    assert alone.exit_code == 2 and "--trigger applies to --as-runs only" in alone.output
+    bad_id = invoke("replay", "orders", "--from", "1h", "--as-runs", "--replay-id", "a b")
+    assert bad_id.exit_code == 2 and "--replay-id" in bad_id.output
+
+
+def test_replay_as_runs_needs_the_running_platform(
+    streams_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from support import free_port
+
+    monkeypatch.setenv("JUNCTION_DAGSTER_URL", f"http://127.0.0.1:{free_port()}")
+    reset_settings_cache()
+    with pytest.raises(SystemExit) as exited:
+        main(["events", "replay", "orders", "--from", "1h", "--as-runs"])
+    assert exited.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("Error: Dagster at http://127.0.0.1:") and "is unreachable" in error
+    assert "start `junction dev`, or point JUNCTION_DAGSTER_URL at its Dagster webserver" in error
+
+
 def test_stats(streams_dir: Path):
     invoke("publish", "orders", json.dumps([{"order_id": str(n), "amount": n} for n in range(3)]))
     table = invoke("stats")

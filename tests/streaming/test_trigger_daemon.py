@@ -6,18 +6,23 @@ Each run reads its id range from the stream and writes the ids it read to a file
 exist, the sensor's cursor is set back (GraphQL `setSensorCursor`) - what a daemon that died between
 launching the runs and saving its cursor leaves behind -, and the next ticks request the same run
 keys again: Dagster's run-key dedup keeps one run per batch. Finally the gateway replays the first
-two batches as new runs (`POST /v1/streams/{name}/replays`), once per replay id.
+two batches as new runs (`POST /v1/streams/{name}/replays`), once per replay id, and the command line
+does the same (`junction events replay --as-runs`) through the same function.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from support import wait_until
+
+from orchestration.store import get_engine
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +226,47 @@ def test_the_daemon_launches_one_run_per_batch_even_after_a_lost_cursor(start_pl
             "/gateway/v1/streams/orders/replays", json={**body, "replay_id": None}, headers=admin
         )
         assert wrong.status_code in (404, 422), wrong.text
+
+        # The same replay from the command line: the same function, the platform reached over HTTP.
+        env = {**platform.env, "JUNCTION_DAGSTER_URL": platform.base_url}
+        command = [sys.executable, "-m", "orchestration.cli", "events", "replay", "e2e.orders", "--as-runs"]
+        command += ["--from", ids[0], "--to", ids[3], "--replay-id", "r2"]  # the only trigger: no --trigger
+        cli = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        lines = [line.split("\t") for line in cli.stdout.splitlines()]
+        assert [(line[0], line[1], line[3]) for line in lines] == [
+            ("launched", f"replay:r2:batch:e2e.orders:{ids[0]}", f"{ids[0]} .. {ids[1]} (2 events)"),
+            ("launched", f"replay:r2:batch:e2e.orders:{ids[2]}", f"{ids[2]} .. {ids[3]} (2 events)"),
+        ]
+        assert f"replay r2 of e2e.orders through {SENSOR} ({ids[0]} .. {ids[3]}): 2 run(s) requested, " in (
+            cli.stderr
+        )
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert [line.split("\t")[0] for line in again.stdout.splitlines()] == [
+            "skipped (already launched)"
+        ] * 2
+        assert "0 run(s) requested, 2 skipped as already launched" in again.stderr
+        runs = wait_for(
+            lambda: (r := sensor_runs(dagster)) and finished(r, 7) and r, 120, "the CLI replays", platform
+        )
+        cli_runs = [run for run in runs if run["tags"].get("junction/replay") == "r2"]
+        assert {run["tags"]["junction/via"] for run in cli_runs} == {"cli"}
+        for run in cli_runs:
+            assert run["status"] == "SUCCESS", run
+            handled = json.loads((platform.home / "handled" / f"{run['runId']}.json").read_text())
+            assert handled == [run["tags"]["junction/events_first"], run["tags"]["junction/events_last"]]
+        wrong = subprocess.run(
+            [*command[:5], "orders", *command[6:], "--trigger", SENSOR],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert wrong.returncode != 0 and "listens on stream 'e2e.orders', not 'orders'" in wrong.stderr
+
+    # Both replays are in the audit log, by their caller and origin.
+    from orchestration.kernel import audit
+
+    entries = audit.query(action="events.replay", engine=get_engine(store_url))
+    by_origin = {(entry.origin, entry.details["replay_id"]) for entry in entries}
+    assert {("gateway", "r1"), ("cli", "r2")} <= by_origin

@@ -9,16 +9,19 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.gateway.api.common import record, timestamp, ui_run_url
-from orchestration.gateway.dagster_client import DagsterRequestError, launch_run, workspace_repositories
+from orchestration.gateway.dagster_client import (
+    ACTOR_TAG,
+    VIA_TAG,
+    DagsterRequestError,
+    launch_run,
+    workspace_repositories,
+)
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires
 from orchestration.kernel.principals import Principal
 
 router = APIRouter(tags=["jobs"])
 
-# Tags the gateway sets on every run it launches (the UI can filter on them).
-ACTOR_TAG = "junction/actor"
-VIA_TAG = "junction/via"
 ASSET_JOB_PREFIX = "__ASSET_JOB"
 
 
@@ -214,6 +217,18 @@ async def materialize_assets(
     return run
 
 
+def launch_refused(exc: DagsterRequestError) -> ProblemError:
+    """The problem for Dagster refusing a launch: 422 invalid run config, 404 unknown job or
+    selection, else 409."""
+    if exc.kind == "RunConfigValidationInvalid":
+        return ProblemError(
+            422, str(exc), title="Invalid run config", slug="invalid-run-config", field="body.run_config"
+        )
+    if exc.kind in ("PipelineNotFoundError", "InvalidSubsetError"):
+        return ProblemError(404, str(exc), slug="not-found")
+    return ProblemError(409, str(exc), slug="launch-refused")
+
+
 async def queue_run(request: Request, principal: Principal, **params: Any) -> RunLaunched:
     """Queue a run through Dagster's `launchRun` (the run queue), tagged with the caller as its
     actor; Dagster's refusals become problems."""
@@ -221,13 +236,7 @@ async def queue_run(request: Request, principal: Principal, **params: Any) -> Ru
     try:
         launched = await launch_run(request.app.state.dagster, tags=tags, **params)
     except DagsterRequestError as exc:
-        if exc.kind == "RunConfigValidationInvalid":
-            raise ProblemError(
-                422, str(exc), title="Invalid run config", slug="invalid-run-config", field="body.run_config"
-            ) from None
-        if exc.kind in ("PipelineNotFoundError", "InvalidSubsetError"):
-            raise ProblemError(404, str(exc), slug="not-found") from None
-        raise ProblemError(409, str(exc), slug="launch-refused") from None
+        raise launch_refused(exc) from None
     return RunLaunched(
         run_id=launched["runId"], status=launched["status"], url=ui_run_url(request, launched["runId"])
     )

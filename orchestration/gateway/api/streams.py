@@ -33,6 +33,7 @@ from resources.event_stream import (
     StreamNotFound,
 )
 from resources.event_stream.aio import AsyncEventStream, open_async
+from sensors.replays import REPLAY_ID_PATTERN, ReplayOutcome, new_replay_id
 
 
 @asynccontextmanager
@@ -337,36 +338,6 @@ def _cursor(value: str | None) -> str | None:
 
 # --- replays as new runs --------------------------------------------------------------------------------
 
-MAX_REPLAY_RUNS = 100
-RUN_KEY_TAG = "dagster/run_key"
-
-TRIGGER_SENSORS_QUERY = """
-query {
-  repositoriesOrError {
-    __typename
-    ... on RepositoryConnection {
-      nodes {
-        name
-        location { name }
-        sensors {
-          name
-          targets { pipelineName }
-          assetSelection { assetKeys { path } }
-          metadataEntries { label ... on JsonMetadataEntry { jsonString } }
-        }
-      }
-    }
-    ... on PythonError { message }
-  }
-}
-"""
-
-RUNS_BY_TAGS_QUERY = """
-query($filter: RunsFilter) {
-  runsOrError(filter: $filter) { ... on Runs { results { runId status } } ... on PythonError { message } }
-}
-"""
-
 
 class ReplayRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -376,73 +347,11 @@ class ReplayRequest(BaseModel):
         alias="from", max_length=100, pattern=CURSOR_PATTERN, description="First event: id or ISO 8601 time."
     )
     to: str = Field(max_length=100, pattern=CURSOR_PATTERN, description="Last event (inclusive): id or time.")
-    replay_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = Field(
+    replay_id: Annotated[str, Field(pattern=REPLAY_ID_PATTERN)] | None = Field(
         default=None,
         description="Names the replay in its run keys (`replay:{replay_id}:...`); the same id again "
         "launches nothing new. Default: a fresh id, so every call re-runs.",
     )
-
-
-class ReplayedRun(BaseModel):
-    run_key: str
-    run_id: str
-    status: str
-    launched: bool = Field(description="False when a run with this run key already existed.")
-    first_id: str
-    last_id: str
-    count: int
-
-
-class ReplayOutcome(BaseModel):
-    stream: str
-    trigger: str
-    replay_id: str
-    runs: list[ReplayedRun]
-
-
-async def trigger_sensor(request: Request, stream: str, name: str):
-    """The trigger named `name` (its sensor's metadata) with where and how its runs are launched."""
-    from sensors.event_triggers import TRIGGER_METADATA, StreamTrigger
-
-    data = (await request.app.state.dagster.graphql(TRIGGER_SENSORS_QUERY))["repositoriesOrError"]
-    if data["__typename"] != "RepositoryConnection":
-        from orchestration.gateway.dagster_client import DagsterUnavailable
-
-        raise DagsterUnavailable(data.get("message", "the workspace is unavailable"))
-    for repository in data["nodes"]:
-        for sensor in repository["sensors"]:
-            entries = {e["label"]: e.get("jsonString") for e in sensor["metadataEntries"]}
-            if sensor["name"] != name or not entries.get(TRIGGER_METADATA):
-                continue
-            import json
-
-            metadata = json.loads(entries[TRIGGER_METADATA])
-            if metadata["stream"] != stream:
-                raise ProblemError(
-                    422,
-                    f"trigger {name!r} listens on stream {metadata['stream']!r}, not {stream!r}",
-                    slug="validation",
-                    field="body.trigger",
-                )
-            launch = metadata.get("target") or {}
-            if launch.get("kind") == "assets":
-                job_name = ASSET_JOB
-                selection = [key["path"] for key in (sensor.get("assetSelection") or {}).get("assetKeys", [])]
-            elif launch.get("kind") in ("job", "workflow") and sensor["targets"]:
-                job_name, selection = sensor["targets"][0]["pipelineName"], None
-            else:
-                raise ProblemError(
-                    422,
-                    f"trigger {name!r} launches a target that cannot be replayed through the API",
-                    slug="validation",
-                    field="body.trigger",
-                )
-            trigger = StreamTrigger.from_metadata(name, metadata, job_name)
-            return trigger, repository["location"]["name"], repository["name"], selection
-    raise ProblemError(404, f"no stream trigger named {name!r}", slug="not-found", field="body.trigger")
-
-
-ASSET_JOB = "__ASSET_JOB"
 
 
 @router.post(
@@ -459,66 +368,32 @@ async def replay_as_runs(
 ):
     """Run a trigger again over the events `from`..`to`: the same batches it would make from `from`,
     launched as new runs under their own run keys (`replay:{replay_id}:...`), at most 100 per call.
-    Runs already launched under the same replay id are not launched again."""
-    import uuid
+    Runs already launched under the same replay id are not launched again
+    (`junction events replay --as-runs` makes the same call)."""
+    from orchestration.gateway.api.jobs import launch_refused
+    from orchestration.gateway.dagster_client import DagsterRequestError
+    from sensors import replays
 
-    from orchestration.gateway.api.jobs import queue_run
-
-    trigger, location, repository, selection = await trigger_sensor(request, name, body.trigger)
     first = _position(body.from_, "body.from", "first")
     last = _position(body.to, "body.to", "last")
-    replay_id = body.replay_id or uuid.uuid4().hex[:12]
-    events = gateway_events(request)
-    with StreamCalls():
-        requests = await anyio.to_thread.run_sync(
-            lambda: trigger.replay_run_requests(events.sync, first, last, replay_id)
-        )
-    if len(requests) > MAX_REPLAY_RUNS:
-        raise ProblemError(
-            422,
-            f"the range makes {len(requests)} runs; replay at most {MAX_REPLAY_RUNS} per call (narrow it)",
-            slug="validation",
-            field="body.to",
-        )
-    runs = []
-    client = request.app.state.dagster
-    for run_request in requests:
-        existing = await client.graphql(
-            RUNS_BY_TAGS_QUERY,
-            {"filter": {"tags": [{"key": RUN_KEY_TAG, "value": run_request.run_key}]}},
-        )
-        found = (existing["runsOrError"].get("results") or [None])[0]
-        launched = found is None
-        if launched:
-            run = await queue_run(
-                request,
-                principal,
-                location=location,
-                repository=repository,
-                job_name=trigger.target.job.name,
-                run_config=run_request.run_config,
-                tags={**run_request.tags, RUN_KEY_TAG: run_request.run_key},
-                asset_selection=selection,
+    try:
+        with StreamCalls():
+            return await replays.replay_as_runs(
+                request.app.state.dagster,
+                gateway_events(request).sync,
+                stream=name,
+                trigger=body.trigger,
+                first_id=first,
+                last_id=last,
+                replay_id=body.replay_id or new_replay_id(),
+                actor=principal.name,
+                via="gateway",
             )
-            found = {"runId": run.run_id, "status": run.status}
-        runs.append(
-            ReplayedRun(
-                run_key=run_request.run_key,
-                run_id=found["runId"],
-                status=found["status"],
-                launched=launched,
-                first_id=run_request.tags["junction/events_first"],
-                last_id=run_request.tags["junction/events_last"],
-                count=int(run_request.tags["junction/events_count"]),
-            )
-        )
-    await record(
-        "events.replay",
-        principal,
-        f"stream:{name}",
-        {"trigger": body.trigger, "replay_id": replay_id, "from": first, "to": last, "runs": len(runs)},
-    )
-    return ReplayOutcome(stream=name, trigger=body.trigger, replay_id=replay_id, runs=runs)
+    except replays.ReplayRefused as exc:
+        slug = "not-found" if exc.status == 404 else "validation"
+        raise ProblemError(exc.status, str(exc), slug=slug, field=f"body.{exc.parameter}") from None
+    except DagsterRequestError as exc:
+        raise launch_refused(exc) from None
 
 
 def _position(value: str, field: str, kind: Literal["after", "first", "last"]) -> str:
