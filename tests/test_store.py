@@ -54,3 +54,26 @@ def test_unreachable_store_is_a_clear_error():
         ConfigurationError, match=r"platform store postgresql://junction:\*\*\*@127.0.0.1:1/x is unreachable"
     ):
         migrate_store("postgresql://junction:secret@127.0.0.1:1/x")
+
+
+def test_stream_origins_name_their_file_and_go_back_to_their_kind(empty_store_url: str):
+    """0006 widens `event_streams.origin` for `yaml:<file>`; its downgrade keeps the owner's kind."""
+    from sqlalchemy import text
+
+    upgrade(empty_store_url)
+    engine = get_engine(empty_store_url)
+    origin = "yaml:" + "a-long-file-name-" * 10 + ".yaml"
+    with engine.begin() as connection:
+        for name, value in (("clicks", origin), ("payments", "api")):
+            connection.execute(
+                text(
+                    "INSERT INTO event_streams (name, description, idempotency_window_seconds, origin, "
+                    "created_at, updated_at) VALUES (:name, '', 60, :origin, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"name": name, "origin": value},
+            )
+    downgrade(empty_store_url, "0005_workflow_sync")
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT name, origin FROM event_streams")).all())
+    assert rows == {"clicks": "yaml", "payments": "api"}
+    upgrade(empty_store_url)

@@ -2,7 +2,8 @@
 
 Every command first brings the platform store to the code's revision and syncs the stream
 declarations of JUNCTION_STREAMS_DIR into the registry, so a stream declared in YAML is usable at
-once (a broken declaration fails the command with `file: field: reason`). The backend is Redis when
+once (a broken declaration, or one of a stream the API owns, fails the command with
+`file: field: reason`); `transfer` hands a stream over between the API and its file instead. The backend is Redis when
 JUNCTION_REDIS_URL is set, else the platform store.
 
 Positions (`--from`, `--to`): an event id (`1700000000000-0`, inclusive), an ISO date-time (naive is
@@ -129,6 +130,42 @@ def streams(as_json: bool) -> None:
         for d in declared
     ]
     click.echo(render_table(("STREAM", "ORIGIN", "MAX COUNT", "MAX AGE", "SCHEMA", "DESCRIPTION"), rows))
+
+
+@events.command()
+@click.argument("stream")
+@click.option(
+    "--to",
+    "owner",
+    type=click.Choice(["yaml", "api"]),
+    required=True,
+    help="yaml: the file of the streams folder declaring STREAM; api: PUT /gateway/v1/streams/STREAM.",
+)
+def transfer(stream: str, owner: str) -> None:
+    """Hand STREAM over to another owner (its origin); only the owner changes a stream.
+
+    \b
+    --to yaml: a file of JUNCTION_STREAMS_DIR declares STREAM (a stream the API declared first);
+               its declaration applies now, and the YAML sync keeps it from then on.
+    --to api:  no file declares STREAM any more (remove it from its file first); its declaration is
+               kept, and PUT /gateway/v1/streams/STREAM changes it from then on.
+    Its events stay. Audited as stream.transfer.
+    """
+    from orchestration.cli.keys import cli_actor
+    from orchestration.kernel import audit
+    from orchestration.store.bootstrap import migrate_store
+    from resources.event_stream import StreamRegistry
+
+    migrate_store()
+    before, definition = StreamRegistry.for_url().transfer(stream, owner)
+    audit.append(
+        "stream.transfer",
+        actor=cli_actor(),
+        target=f"stream:{stream}",
+        origin="cli",
+        details={"from": before, "to": definition.origin},
+    )
+    click.echo(f"stream {stream}: owner {before} -> {definition.origin}")
 
 
 def read_payloads(data: str) -> list[Any]:

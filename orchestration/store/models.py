@@ -147,7 +147,8 @@ class EventStreamDefinition(Base):
     retention_max_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     retention_max_age_seconds: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     idempotency_window_seconds: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    origin: Mapped[str] = mapped_column(String(20), nullable=False)
+    # Its owner: `api`, or `yaml:<file>` of the streams folder (only the owner changes it).
+    origin: Mapped[str] = mapped_column(String(300), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 

@@ -8,7 +8,8 @@ One interface (`EventStream`), two backends with the same semantics, proven by o
 
 Semantics
 - Streams are declared (YAML in `JUNCTION_STREAMS_DIR`, or `StreamRegistry.upsert`); publishing to an
-  undeclared stream raises `StreamNotFound`.
+  undeclared stream raises `StreamNotFound`. Each has one owner, its origin (`api` or `yaml:<file>`),
+  and only its owner changes it (`registry.py`).
 - Ids are `ms-seq` on both backends (Redis's own form): comparable as (ms, seq), only increasing
   within a stream, and a reader that has seen id N never later finds a committed id below N
   (Redis appends in order; the SQL backend serialises a stream's publishers, see `sql.py`). An id is
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     )
     from resources.event_stream.registry import (
         StreamDefinition,
+        StreamOwnedElsewhere,
         StreamRegistry,
         StreamSpec,
         load_stream_specs,
@@ -57,7 +59,13 @@ if TYPE_CHECKING:
 
 # The registry (SQLAlchemy, fastjsonschema, pydantic) loads on first use of one of its names, so a
 # module that needs only `core` (the spec loader checks stream names with its pattern) stays cheap.
-_REGISTRY_NAMES = {"StreamDefinition", "StreamRegistry", "StreamSpec", "load_stream_specs"}
+_REGISTRY_NAMES = {
+    "StreamDefinition",
+    "StreamOwnedElsewhere",
+    "StreamRegistry",
+    "StreamSpec",
+    "load_stream_specs",
+}
 
 
 def __getattr__(name: str):
@@ -89,6 +97,7 @@ __all__ = [
     "PublishResult",
     "StreamDefinition",
     "StreamNotFound",
+    "StreamOwnedElsewhere",
     "StreamRegistry",
     "StreamSpec",
     "StreamStats",

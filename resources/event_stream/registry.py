@@ -5,6 +5,19 @@ with the kernel's `load_specs` (every problem reported as `file: field: reason`)
 `event_streams` table; the gateway API creates them through `StreamRegistry.upsert` as well. Both
 backends read definitions from here, so a Redis deployment still keeps its registry in the store.
 
+Ownership (as decK's managed entities, or n8n's workflows under source control): every stream has one
+owner, its `origin` - `api` (`PUT /gateway/v1/streams/{name}`, or `upsert` from Python) or
+`yaml:<file>` (the file of the streams folder declaring it) - and only its owner changes it:
+- the YAML sync creates streams and updates those YAML owns (a stream moved to another file follows
+  it); a file declaring a stream the API owns is a spec error naming the file and the stream, and the
+  sync then writes nothing. An error rather than a warning because the sync runs when the platform
+  starts, where a warning scrolls by unread while the file's schema and retention silently do not
+  apply - the same reason a malformed stream file stops the start. The API's stream is untouched.
+- `upsert(origin="api")` of a stream YAML owns raises `StreamOwnedElsewhere` (the gateway's 409, naming
+  the file to edit).
+Streams no longer declared by any file keep their declaration, events and owner. Only an explicit
+handover changes an owner: `transfer` (`junction events transfer NAME --to yaml|api`, audited).
+
 A stream's dead-letter stream (`<name>:dead-letter`) needs no declaration: it takes its parent's
 retention and has no payload schema.
 """
@@ -18,20 +31,69 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import fastjsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select
 
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
-from resources.event_stream.core import DEAD_LETTER_SUFFIX, STREAM_NAME_PATTERN, StreamNotFound
+from resources.event_stream.core import (
+    DEAD_LETTER_SUFFIX,
+    STREAM_NAME_PATTERN,
+    EventStreamError,
+    StreamNotFound,
+)
 
 STREAM_NAME = re.compile(STREAM_NAME_PATTERN)
 DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600
 # Definitions are cached per process this long, so a stream changed through the API (or a YAML sync
 # by another process) is picked up quickly without a store query per publish.
 CACHE_TTL_S = 5.0
+
+
+API_ORIGIN = "api"
+YAML_ORIGIN = "yaml"  # `yaml:<file>`; a bare `yaml` was written before files were recorded
+
+
+def yaml_origin(path: str | Path) -> str:
+    """The origin of a stream declared in `path` (a file of the streams folder): `yaml:<file name>`."""
+    return f"{YAML_ORIGIN}:{Path(path).name}"
+
+
+def owner_kind(origin: str) -> str:
+    """`api` or `yaml`: who may change a stream of this origin."""
+    return YAML_ORIGIN if origin == YAML_ORIGIN or origin.startswith(YAML_ORIGIN + ":") else origin
+
+
+def origin_file(origin: str) -> str | None:
+    """The streams folder's file named by a `yaml:<file>` origin (None for other origins)."""
+    kind, _, file = origin.partition(":")
+    return file or None if kind == YAML_ORIGIN else None
+
+
+class StreamOwnedElsewhere(EventStreamError):
+    """A declaration of a stream another owner declared (its `origin`: `api` or `yaml:<file>`)."""
+
+    def __init__(self, stream: str, owner: str, declared_by: str):
+        self.stream, self.owner, self.declared_by = stream, owner, declared_by
+        file = origin_file(owner)
+        if owner_kind(owner) == YAML_ORIGIN:
+            where = f"in the streams folder's file {file}" if file else "in the streams folder"
+            message = (
+                f"stream {stream!r} is declared {where}; change it there (applied when the platform starts)"
+            )
+        else:
+            message = (
+                f"stream {stream!r} is declared through the API (PUT /gateway/v1/streams/{stream}), "
+                "which owns it; rename the stream in the file, remove the file, or hand the stream "
+                f"over to the file with `junction events transfer {stream} --to yaml`"
+            )
+        super().__init__(message)
+
+    @property
+    def file(self) -> str | None:
+        return origin_file(self.owner)
 
 
 def parse_seconds(value: Any) -> int:
@@ -118,7 +180,7 @@ class StreamDefinition:
     max_count: int | None = None
     max_age_s: int | None = None
     idempotency_window_s: int = DEFAULT_IDEMPOTENCY_WINDOW_S
-    origin: str = "api"
+    origin: str = API_ORIGIN
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -232,8 +294,15 @@ class StreamRegistry:
             rows = session.scalars(select(EventStreamDefinition).order_by(EventStreamDefinition.name))
             return [_definition(row) for row in rows]
 
-    def upsert(self, spec: StreamSpec, origin: Literal["yaml", "api"] = "api") -> StreamDefinition:
-        """Create the stream or update its description, schema and retention (its events stay)."""
+    def upsert(
+        self, spec: StreamSpec, origin: str = API_ORIGIN, *, take_over: bool = False
+    ) -> StreamDefinition:
+        """Create the stream or update its description, schema and retention (its events stay).
+
+        `origin` is the declaring owner (`api`, or `yaml:<file>`); a stream of another owner raises
+        `StreamOwnedElsewhere` and is left as it is (a YAML stream may move to another file), unless
+        `take_over` (an explicit handover, `transfer`).
+        """
         from orchestration.store.db import session_scope
         from orchestration.store.models import EventStreamDefinition
 
@@ -251,6 +320,8 @@ class StreamRegistry:
             if row is None:
                 row = EventStreamDefinition(name=spec.name, created_at=now, updated_at=now, **values)
                 session.add(row)
+            elif owner_kind(row.origin) != owner_kind(origin) and not take_over:
+                raise StreamOwnedElsewhere(spec.name, row.origin, origin)
             elif any(getattr(row, key) != value for key, value in values.items()):
                 for key, value in values.items():
                     setattr(row, key, value)
@@ -263,8 +334,52 @@ class StreamRegistry:
         return definition
 
     def sync_declared(self, folder: str | Path | None = None) -> list[StreamDefinition]:
-        """Load the streams folder and upsert every declaration (streams no longer declared are kept)."""
-        return [self.upsert(spec, origin="yaml") for spec in load_stream_specs(folder).values()]
+        """Load the streams folder and upsert every declaration as `yaml:<file>`.
+
+        A file declaring a stream the API owns is a `SpecError` (every such file named, nothing
+        written); streams no longer declared are kept.
+        """
+        specs = load_stream_specs(folder)
+        owners = {definition.name: definition.origin for definition in self.list()}
+        problems = [
+            SpecProblem(
+                "name", str(StreamOwnedElsewhere(spec.name, owners[spec.name], yaml_origin(path))), str(path)
+            )
+            for path, spec in specs.items()
+            if spec.name in owners and owner_kind(owners[spec.name]) != YAML_ORIGIN
+        ]
+        if problems:
+            raise SpecError(problems)
+        return [self.upsert(spec, origin=yaml_origin(path)) for path, spec in specs.items()]
+
+    def transfer(self, name: str, to: str, folder: str | Path | None = None) -> tuple[str, StreamDefinition]:
+        """Hand stream `name` over to another owner; returns its previous origin and new definition.
+
+        `to="yaml"`: to the file of the streams folder that declares it, whose declaration applies at
+        once. `to="api"`: to the API, keeping its declaration; no file may declare it any more (else
+        the next sync would fail). Without this, a stream never changes owner.
+        """
+        previous = self._fetch(name)
+        declared = {spec.name: (path, spec) for path, spec in load_stream_specs(folder).items()}
+        if to == YAML_ORIGIN:
+            if name not in declared:
+                raise EventStreamError(f"no file of the streams folder declares stream {name!r}")
+            path, spec = declared[name]
+            return previous.origin, self.upsert(spec, origin=yaml_origin(path), take_over=True)
+        if to != API_ORIGIN:
+            raise ValueError(f"a stream is owned by {API_ORIGIN!r} or {YAML_ORIGIN!r}, not {to!r}")
+        if name in declared:
+            raise EventStreamError(
+                f"stream {name!r} is still declared in {declared[name][0]}; remove it from that file first"
+            )
+        spec = StreamSpec(
+            name=name,
+            description=previous.description,
+            payload_schema=previous.payload_schema,
+            retention=RetentionSpec(max_count=previous.max_count, max_age=previous.max_age_s),
+            idempotency_window=previous.idempotency_window_s,
+        )
+        return previous.origin, self.upsert(spec, origin=API_ORIGIN, take_over=True)
 
 
 def _definition(row) -> StreamDefinition:

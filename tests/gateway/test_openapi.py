@@ -148,6 +148,7 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/analytics/requests/history"): {},
         ("GET", "/v1/streams"): {},
         ("GET", "/v1/streams/{name}/stats"): {"path_parameters": {"name": "orders"}},
+        ("GET", "/v1/streams/{name}"): {"path_parameters": {"name": "orders"}},
         ("PUT", "/v1/streams/{name}"): {
             "path_parameters": {"name": "fuzz-declared"},
             "body": {"payload_schema": {"type": "object"}, "retention": {"max_age": "1d"}},

@@ -43,7 +43,7 @@ def invoke(*args: str, input: str | None = None):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["streams"], ["publish"], ["tail"], ["replay"], ["stats"]],
+    [[], ["streams"], ["publish"], ["tail"], ["replay"], ["stats"], ["transfer"]],
     ids=lambda c: " ".join(c) or "group",
 )
 def test_help_everywhere(command: list[str]):
@@ -54,7 +54,7 @@ def test_help_everywhere(command: list[str]):
 def test_streams_lists_the_yaml_declarations(streams_dir: Path):
     result = invoke("streams")
     assert result.exit_code == 0, result.output
-    assert "orders  yaml    1000" in result.output and "test orders" in result.output
+    assert "orders  yaml:orders.yaml  1000" in result.output and "test orders" in result.output
     declared = json.loads(invoke("streams", "--json").output)
     assert declared[0]["name"] == "orders" and declared[0]["retention"]["max_count"] == 1000
 
@@ -154,6 +154,50 @@ def test_replay_as_runs_needs_the_running_platform(
     error = capsys.readouterr().err
     assert error.startswith("Error: Dagster at http://127.0.0.1:") and "is unreachable" in error
     assert "start `junction dev`, or point JUNCTION_DAGSTER_URL at its Dagster webserver" in error
+
+
+def test_a_stream_changes_owner_only_by_an_explicit_transfer(
+    streams_dir: Path, capsys: pytest.CaptureFixture[str]
+):
+    from orchestration.kernel import audit
+    from resources.event_stream import StreamRegistry, StreamSpec
+
+    assert invoke("streams").exit_code == 0  # migrates the store
+    registry = StreamRegistry.for_url()
+    registry.upsert(StreamSpec(name="payments", description="by the API"), origin="api")
+    declared = streams_dir / "payments.yaml"
+    declared.write_text("name: payments\ndescription: by the file\n")
+
+    # The YAML sync refuses to overwrite the API's stream: every command says which file and stream.
+    with pytest.raises(SystemExit):
+        main(["events", "streams"])
+    error = capsys.readouterr().err
+    assert f"Error: {declared}: name: stream 'payments' is declared through the API" in error
+    assert "`junction events transfer payments --to yaml`" in error
+    assert registry.get("payments").description == "by the API"
+
+    to_api = invoke("transfer", "payments", "--to", "api")
+    assert to_api.exit_code == 1 and f"still declared in {declared}" in str(to_api.exception)
+    to_yaml = invoke("transfer", "payments", "--to", "yaml")
+    assert to_yaml.exit_code == 0, to_yaml.output
+    assert to_yaml.output == "stream payments: owner api -> yaml:payments.yaml\n"
+    assert "payments  yaml:payments.yaml" in invoke("streams").output
+    assert StreamRegistry.for_url().get("payments").description == "by the file"
+
+    declared.unlink()
+    back = invoke("transfer", "payments", "--to", "api")
+    assert back.output == "stream payments: owner yaml:payments.yaml -> api\n"
+    kept = StreamRegistry.for_url().get("payments")
+    assert (kept.origin, kept.description) == ("api", "by the file")
+    entries = audit.query(action="stream.transfer")
+    assert [(e.details["from"], e.details["to"], e.origin) for e in entries] == [
+        ("yaml:payments.yaml", "api", "cli"),
+        ("api", "yaml:payments.yaml", "cli"),
+    ]
+    nobody = invoke("transfer", "payments", "--to", "yaml")
+    assert nobody.exit_code == 1 and "no file of the streams folder declares stream 'payments'" in str(
+        nobody.exception
+    )
 
 
 def test_stats(streams_dir: Path):

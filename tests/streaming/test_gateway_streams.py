@@ -8,6 +8,7 @@ from support import bearer, free_port
 
 from orchestration.kernel import audit
 from orchestration.kernel.principals import create_api_key
+from orchestration.kernel.spec_errors import SpecError
 from resources.event_stream import EventId, StreamRegistry, StreamSpec
 
 ORDER_SCHEMA = {
@@ -176,6 +177,45 @@ def test_declare_a_stream_through_the_api(gateway):
     assert bad_age.status_code == 422 and "body.retention.max_age" in bad_age.json()["detail"]
     assert client.put("/v1/streams/orders", json={}, headers=manager).status_code == 403
     assert audit.query(action="stream.declare")
+
+
+def test_a_stream_declared_in_yaml_is_changed_in_its_file_not_through_the_api(gateway, store_url, tmp_path):
+    folder = tmp_path / "streams"
+    folder.mkdir()
+    (folder / "shipments.yaml").write_text(
+        "name: shipments\ndescription: from YAML\nretention: {max_count: 10}\n"
+    )
+    StreamRegistry.for_url(store_url).sync_declared(folder)
+    client = gateway(streams_dir=folder)
+    manager = key("events:manage", "events:read")
+
+    refused = client.put("/v1/streams/shipments", json={"description": "from the API"}, headers=manager)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert (problem["type"], problem["field"]) == ("urn:junction:problem:declared-in-yaml", "path.name")
+    assert (
+        f"declared in the file {folder / 'shipments.yaml'} (origin 'yaml:shipments.yaml')"
+        in problem["detail"]
+    )
+    assert not audit.query(action="stream.declare")
+
+    # The origin shows on the stream and in the list; the YAML declaration stands.
+    shipments = client.get("/v1/streams/shipments", headers=manager)
+    assert shipments.status_code == 200, shipments.text
+    assert shipments.json()["origin"] == "yaml:shipments.yaml"
+    assert (shipments.json()["description"], shipments.json()["retention"]["max_count"]) == ("from YAML", 10)
+    assert shipments.json()["stats"]["length"] == 0
+    assert client.put("/v1/streams/parcels", json={}, headers=manager).json()["origin"] == "api"
+    listed = {s["name"]: s["origin"] for s in client.get("/v1/streams", headers=manager).json()["streams"]}
+    assert listed == {"clicks": "api", "orders": "api", "parcels": "api", "shipments": "yaml:shipments.yaml"}
+    assert client.get("/v1/streams/nope", headers=manager).status_code == 404
+    assert client.get("/v1/streams/shipments", headers=key("events:read:orders")).status_code == 403
+
+    # The next sync leaves the API's stream alone, and a file declaring it fails naming file and stream.
+    (folder / "parcels.yaml").write_text("name: parcels\n")
+    with pytest.raises(SpecError, match=r"parcels.yaml: name: stream 'parcels' is declared through the API"):
+        StreamRegistry.for_url(store_url).sync_declared(folder)
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)

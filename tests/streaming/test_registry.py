@@ -9,7 +9,13 @@ import pytest
 from orchestration.kernel.spec_errors import SpecError
 from orchestration.settings import PROJECT_ROOT
 from orchestration.store import get_engine
-from resources.event_stream import StreamNotFound, StreamRegistry, StreamSpec, load_stream_specs
+from resources.event_stream import (
+    StreamNotFound,
+    StreamOwnedElsewhere,
+    StreamRegistry,
+    StreamSpec,
+    load_stream_specs,
+)
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -63,7 +69,7 @@ def test_sync_and_upsert_through_python(store_url: str, tmp_path: Path):
     [synced] = registry.sync_declared(folder)
     assert (synced.name, synced.origin, synced.max_age_s, synced.max_count) == (
         "clicks",
-        "yaml",
+        "yaml:clicks.yaml",
         604800,
         None,
     )
@@ -85,3 +91,71 @@ def test_sync_and_upsert_through_python(store_url: str, tmp_path: Path):
 def test_a_declaration_rejects_reserved_names():
     with pytest.raises(ValueError, match="lowercase letters"):
         StreamSpec(name="orders:dead-letter")
+
+
+# --- ownership: each stream has one owner, `api` or `yaml:<file>`, and only its owner changes it ------
+
+
+def test_a_yaml_stream_is_owned_by_its_file_and_follows_it(store_url: str, tmp_path: Path):
+    folder = tmp_path / "streams"
+    first = write(folder, "clicks.yaml", "name: clicks\nretention: {max_count: 5}\n")
+    registry = StreamRegistry(get_engine(store_url))
+    assert [d.origin for d in registry.sync_declared(folder)] == ["yaml:clicks.yaml"]
+
+    first.rename(folder / "web-clicks.yaml")  # the same stream, moved to another file
+    (folder / "web-clicks.yaml").write_text("name: clicks\nretention: {max_count: 7}\n")
+    [moved] = registry.sync_declared(folder)
+    assert (moved.origin, moved.max_count) == ("yaml:web-clicks.yaml", 7)
+
+    # The API (or Python) cannot change it: the error names the file to edit; nothing changes.
+    with pytest.raises(StreamOwnedElsewhere) as refused:
+        registry.upsert(StreamSpec(name="clicks", retention={"max_count": 1}))
+    assert refused.value.file == "web-clicks.yaml"
+    assert str(refused.value) == (
+        "stream 'clicks' is declared in the streams folder's file web-clicks.yaml; change it there "
+        "(applied when the platform starts)"
+    )
+    assert registry.get("clicks").max_count == 7 and registry.get("clicks").origin == "yaml:web-clicks.yaml"
+
+    # A file removed: the stream keeps its declaration and its owner.
+    (folder / "web-clicks.yaml").unlink()
+    assert registry.sync_declared(folder) == []
+    assert registry.get("clicks").origin == "yaml:web-clicks.yaml"
+
+
+def test_the_sync_never_overwrites_a_stream_the_api_owns(store_url: str, tmp_path: Path):
+    registry = StreamRegistry(get_engine(store_url))
+    api = registry.upsert(StreamSpec(name="payments", retention={"max_count": 9}), origin="api")
+    folder = tmp_path / "streams"
+    clash = write(folder, "payments.yaml", "name: payments\nretention: {max_count: 1}\n")
+    write(folder, "refunds.yaml", "name: refunds\n")
+
+    with pytest.raises(SpecError) as caught:
+        registry.sync_declared(folder)
+    assert str(caught.value) == (
+        f"{clash}: name: stream 'payments' is declared through the API (PUT /gateway/v1/streams/payments), "
+        "which owns it; rename the stream in the file, remove the file, or hand the stream over to the "
+        "file with `junction events transfer payments --to yaml`"
+    )
+    # Nothing was written: the API's stream as it was, the other file's stream not created either.
+    assert registry.get("payments") == api
+    assert [d.name for d in registry.list()] == ["payments"]
+
+    clash.unlink()
+    assert [d.origin for d in registry.sync_declared(folder)] == ["yaml:refunds.yaml"]
+    # The API may still change its own stream.
+    assert registry.upsert(StreamSpec(name="payments", retention={"max_count": 3})).max_count == 3
+
+
+def test_streams_synced_before_files_were_recorded_are_claimed_by_their_file(store_url: str, tmp_path: Path):
+    from sqlalchemy import text
+
+    registry = StreamRegistry(get_engine(store_url))
+    folder = tmp_path / "streams"
+    write(folder, "clicks.yaml", "name: clicks\n")
+    registry.sync_declared(folder)
+    with registry.engine.begin() as connection:  # what revisions before 0006 wrote
+        connection.execute(text("UPDATE event_streams SET origin = 'yaml' WHERE name = 'clicks'"))
+    write(folder, "clicks.yaml", "name: clicks\ndescription: now with its file\n")
+    [claimed] = registry.sync_declared(folder)
+    assert (claimed.origin, claimed.description) == ("yaml:clicks.yaml", "now with its file")

@@ -88,7 +88,9 @@ class StreamDeclared(BaseModel):
     payload_schema: dict[str, Any] | None
     retention: dict[str, int | None]
     idempotency_window_seconds: int
-    origin: str
+    origin: str = Field(
+        description="Its owner, the only one that changes it: `api`, or `yaml:<file>` of the streams folder."
+    )
 
 
 class StreamSummary(StreamDeclared):
@@ -444,10 +446,33 @@ class StreamDefinitionModel(StreamDeclared):
     updated_at: datetime | None
 
 
+class StreamDetail(StreamDefinitionModel):
+    stats: StreamStatsModel
+
+
+@router.get(
+    "/streams/{name}",
+    response_model=StreamDetail,
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def get_stream(
+    name: str,
+    request: Request,
+    _: Annotated[Principal, Depends(requires("events:read:{name}", read_only=True))],
+):
+    """The stream's declaration, its owner (`origin`: `api`, or `yaml:<file>` of the streams folder)
+    and its statistics."""
+    events = gateway_events(request)
+    with StreamCalls():
+        definition = await anyio.to_thread.run_sync(lambda: events.sync.registry.get(name))
+        stats = stats_model(await events.stats(name))
+    return StreamDetail.model_validate({**definition.to_json(), "stats": stats})
+
+
 @router.put(
     "/streams/{name}",
     response_model=StreamDefinitionModel,
-    responses=problem_responses(400, 401, 403, 404, 413, 415, 422, 503),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
 )
 async def declare_stream(
     name: str,
@@ -455,11 +480,12 @@ async def declare_stream(
     request: Request,
     principal: Annotated[Principal, Depends(requires("events:manage:{name}"))],
 ):
-    """Declare the stream or change its description, schema and retention (its events stay). A later
-    sync of the streams folder overwrites a stream that is also declared there."""
+    """Declare the stream or change its description, schema and retention (its events stay). The API
+    then owns it (`origin: api`) and the streams folder's YAML sync never changes it; a stream declared
+    in a YAML file is 409, naming the file to edit."""
     from pydantic import ValidationError
 
-    from resources.event_stream import StreamSpec
+    from resources.event_stream import StreamOwnedElsewhere, StreamSpec
 
     try:
         spec = StreamSpec.model_validate({"name": name, **body.model_dump(exclude_unset=True)})
@@ -469,7 +495,20 @@ async def declare_stream(
         field = "path.name" if where == "name" else f"body.{where}"
         raise ProblemError(422, f"{field}: {error['msg']}", slug="validation", field=field) from None
     events = gateway_events(request)
-    definition = await anyio.to_thread.run_sync(lambda: events.sync.registry.upsert(spec, origin="api"))
+    try:
+        definition = await anyio.to_thread.run_sync(lambda: events.sync.registry.upsert(spec, origin="api"))
+    except StreamOwnedElsewhere as exc:
+        folder = request.app.state.settings.streams_dir
+        where = f"the file {folder / exc.file}" if exc.file else f"a file of {folder}"
+        raise ProblemError(
+            409,
+            f"stream {name!r} is declared in {where} (origin {exc.owner!r}); change it there - the "
+            "platform applies the streams folder when it starts - the API cannot change it (once no "
+            f"file declares it, `junction events transfer {name} --to api` hands it to the API)",
+            title="Stream declared in YAML",
+            slug="declared-in-yaml",
+            field="path.name",
+        ) from None
     await record(
         "stream.declare",
         principal,
