@@ -122,9 +122,9 @@ class TriggerLaunch(BaseModel):
 
 
 async def stream_triggers(client: DagsterClient, stream: str) -> dict[str, TriggerLaunch | str]:
-    """Every stream trigger of the workspace listening on `stream`, by sensor name: its launch, or
-    why it cannot be replayed. Triggers listening on other streams are listed under `{other}` too
-    (as the stream they listen on, prefixed `stream:`), so a caller can say what went wrong."""
+    """Every stream trigger of the workspace by sensor name: for those listening on `stream`, its
+    launch, or why it cannot be replayed; for the others, `stream:<the stream it listens on>`, so a
+    caller naming the wrong trigger is told which stream it belongs to."""
     from sensors.event_triggers import TRIGGER_METADATA, StreamTrigger
 
     data = (await client.graphql(TRIGGER_SENSORS_QUERY))["repositoriesOrError"]
