@@ -37,7 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from support import free_port, pct, platform_env, platform_ready, wait_for  # noqa: E402  (benchmarks/ is on sys.path)
+from support import free_port, pct, platform_env, platform_ready, project_copy, wait_for  # noqa: E402  (benchmarks/ is on sys.path)
 
 # This process must not pick up a developer's platform settings (e.g. JUNCTION_REDIS_URL would
 # silently turn the SQL measurements into Redis ones): every URL below is passed explicitly.
@@ -263,15 +263,7 @@ def measure_latency(count: int, gap_s: float) -> list[float]:
 
     env = platform_env()
     with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp) / "project"
-        shutil.copytree(
-            ROOT,
-            project,
-            ignore=shutil.ignore_patterns(
-                ".venv", ".git", "__pycache__", ".junction", ".pytest_cache", ".ruff_cache", "*.pyc"
-            ),
-        )
-        (project / "assets" / "bench_stream_trigger.py").write_text(ANALYST_MODULE)
+        project = project_copy(Path(tmp), {"bench_stream_trigger.py": ANALYST_MODULE})
         streams_dir = Path(tmp) / "streams"
         streams_dir.mkdir()
         (streams_dir / "bench-latency.yaml").write_text(

@@ -1,19 +1,24 @@
-"""Helpers shared by the benchmark scripts: ports, percentiles, a clean environment, platform readiness."""
+"""Helpers shared by the benchmark scripts: ports, percentiles, a clean environment, platform readiness,
+a temporary copy of the project with benchmark-only modules, import timings."""
 
 from __future__ import annotations
 
+import compileall
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -31,6 +36,41 @@ def platform_env() -> dict[str, str]:
     """This environment without a developer's platform settings (a JUNCTION_REDIS_URL or DAGSTER_HOME
     would silently measure another setup)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("JUNCTION_") and k != "DAGSTER_HOME"}
+
+
+def project_copy(destination: Path, analyst_modules: Mapping[str, str]) -> Path:
+    """A copy of the project in `destination` with extra analyst modules under `assets/` (file name →
+    source): benchmark-only definitions the shipped project does not have. Run the platform with
+    `cwd` and `PYTHONPATH` set to the returned folder, so the copy wins over the editable install.
+
+    The copy is byte-compiled here: with PYTHONDONTWRITEBYTECODE set (as in some shells and CI), every
+    run worker would otherwise compile the project's modules again when it imports the code location.
+    """
+    project = destination / "project"
+    shutil.copytree(
+        ROOT,
+        project,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", ".junction", ".pytest_cache", ".ruff_cache", "*.pyc"
+        ),
+    )
+    for file_name, source in analyst_modules.items():
+        (project / "assets" / file_name).write_text(source)
+    compileall.compile_dir(project, quiet=1)
+    return project
+
+
+def import_seconds(module: str, env: Mapping[str, str], cwd: Path, runs: int = 3) -> float:
+    """Median wall time of `python -c "import <module>"` in a fresh interpreter (after one warm-up run
+    for the file system caches): what a run worker pays to load a code location."""
+    command = [sys.executable, "-c", f"import {module}"]
+    subprocess.run(command, env=env, cwd=cwd, check=True, capture_output=True)
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(command, env=env, cwd=cwd, check=True, capture_output=True)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
 
 
 def platform_ready(base: str) -> bool:

@@ -1,12 +1,18 @@
 """Workflow engine benchmark on PostgreSQL storage: throughput against a no-op baseline, per-step
 overhead, and parked executions that hold no run worker.
 
-Starts `junction dev` with a fresh PostgreSQL database on 127.0.0.1:5432 holding both Dagster's storage
+Starts `junction dev` on a temporary copy of the project (`support.project_copy`) with one extra
+analyst module under `assets/` defining `bench_noop`, a job of one op that returns None (benchmark
+only, not shipped), a fresh PostgreSQL database on 127.0.0.1:5432 holding both Dagster's storage
 (dagster-postgres, a generated dagster.yaml as in deploy/dagster.yaml) and the platform store, and a
-workflows folder with two benchmark workflows. Then, all through the gateway API and Dagster's run
-queue (`--max-concurrent-runs`, default 4 as the embedded instance):
+workflows folder with two benchmark workflows. The baseline runs in the same code location as the
+workflows, so the ratio is the workflow engine's overhead over Dagster's own cost per run. Before the
+platform starts: what a run worker pays to load the code location (`import orchestration.definitions`
+in a fresh interpreter, median of 3) and, for information, a bare code location holding only the no-op
+job. Then, all through the gateway API and Dagster's run queue (`--max-concurrent-runs`, default 4 as
+the embedded instance):
 
-1. baseline: N runs of `audit_log_verification`, a 1-op job doing next to nothing, launched at once;
+1. baseline: N runs of `bench_noop` launched at once;
 2. N executions of a 4-step workflow (`bench_four_steps`, transformations over two records) launched
    at once; time until all finish, executions per minute, failures, peak memory of the whole platform
    (PSS and RSS of `junction dev`'s process tree), the ratio to the baseline, and per-step overhead
@@ -40,19 +46,38 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from support import pct, platform_env, running_platform  # noqa: E402
+from support import import_seconds, pct, platform_env, project_copy, running_platform  # noqa: E402
 
 from orchestration.instance import generated_dagster_yaml  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "JUNCTION_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-BASELINE_JOB = "audit_log_verification"
+BASELINE_JOB = "bench_noop"
 FOUR_STEPS = "bench_four_steps"
 PARKED = "bench_parked"
 ADMIN = "local-admin"  # the principal of the admin key `junction dev` generates on a fresh home
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 RECORDS = [{"x": 1}, {"x": 2}]
+
+
+NOOP_MODULE = '''"""Benchmark only (benchmarks/workflows.py): the no-op 1-op job of the baseline."""
+
+import dagster as dg
+
+
+@dg.op
+def bench_noop_op() -> None:
+    return None
+
+
+@dg.job(description="Benchmark baseline: one op that returns None.")
+def bench_noop():
+    bench_noop_op()
+'''
+
+# The same job alone in a code location: what Dagster itself costs a run worker to load.
+BARE_LOCATION = f"{NOOP_MODULE}\n\ndefs = dg.Definitions(jobs=[bench_noop])\n"
 
 
 def transformation(step_id: str, source: str, depends_on: list[str]) -> dict[str, Any]:
@@ -260,13 +285,14 @@ def drop_database(name: str) -> None:
     admin.dispose()
 
 
-def write_home(tmp: Path, database_url: str, max_runs: int) -> dict[str, str]:
-    """DAGSTER_HOME (PostgreSQL storage), the workflows folder; the environment of `junction dev`."""
+def write_home(tmp: Path, project: Path, database_url: str, max_runs: int) -> dict[str, str]:
+    """DAGSTER_HOME (PostgreSQL storage), the workflows folder; the environment of `junction dev`
+    running the project copy `project`."""
     dagster_home = tmp / "dagster"
     dagster_home.mkdir()
     config = generated_dagster_yaml(dagster_home)
     config["storage"] = {"postgres": {"postgres_url": database_url}}
-    # No tag limit: the baseline job is a platform job, which the embedded instance runs one at a time.
+    # No tag limits: the baseline and the workflows share one queue limit and nothing else.
     config["concurrency"]["runs"] = {"max_concurrent_runs": max_runs}
     (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     workflows = tmp / "workflows"
@@ -280,13 +306,30 @@ def write_home(tmp: Path, database_url: str, max_runs: int) -> dict[str, str]:
             "DAGSTER_HOME": str(dagster_home),
             "JUNCTION_DATABASE_URL": database_url,
             "JUNCTION_WORKFLOWS_DIR": str(workflows),
+            "PYTHONPATH": str(project),  # the copy (with the no-op module) before the editable install
         }
     )
     return env
 
 
-def run_benchmark(args: argparse.Namespace, base: str, root: psutil.Process, key: str) -> dict[str, Any]:
+def code_location_import(tmp: Path, project: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds to import Junction's code location and a bare one holding only the no-op job."""
+    bare = tmp / "bare"
+    bare.mkdir()
+    (bare / "bench_bare_location.py").write_text(BARE_LOCATION)
+    return {
+        "code_location_import_s": round(import_seconds("orchestration.definitions", env, project), 3),
+        "bare_noop_location_import_s": round(
+            import_seconds("bench_bare_location", {**env, "PYTHONPATH": str(bare)}, bare), 3
+        ),
+    }
+
+
+def run_benchmark(
+    args: argparse.Namespace, base: str, root: psutil.Process, key: str, imports: dict[str, float]
+) -> dict[str, Any]:
     figures: dict[str, Any] = {
+        **imports,
         "executions": args.executions,
         "baseline_runs": args.executions,
         "parked": args.parked,
@@ -405,7 +448,9 @@ def run_benchmark(args: argparse.Namespace, base: str, root: psutil.Process, key
 
 def print_table(figures: dict[str, Any]) -> None:
     rows = [
-        ("baseline: 1-op job runs", figures["baseline_runs"], ""),
+        ("run worker: import the code location", figures["code_location_import_s"], "s"),
+        ("  a bare no-op location (information)", figures["bare_noop_location_import_s"], "s"),
+        (f"baseline: {BASELINE_JOB} (no-op 1-op job) runs", figures["baseline_runs"], ""),
         ("  time until all finish", figures["baseline_time_s"], "s"),
         ("  runs per minute", figures["baseline_runs_per_min"], "/min"),
         ("  failures", figures["baseline_failures"], ""),
@@ -485,11 +530,14 @@ def main() -> None:
     database_url = create_database(database)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            env = write_home(Path(tmp), database_url, args.max_concurrent_runs)
+            project = project_copy(Path(tmp), {"bench_noop.py": NOOP_MODULE})
+            env = write_home(Path(tmp), project, database_url, args.max_concurrent_runs)
+            log("timing the code location's import (median of 3) ...")
+            imports = code_location_import(Path(tmp), project, env)
             log(f"starting junction dev (PostgreSQL database {database}) ...")
-            with running_platform(env, ROOT) as (base, process):
+            with running_platform(env, project) as (base, process):
                 key = (Path(tmp) / "home" / "admin.key").read_text().strip()
-                figures = run_benchmark(args, base, psutil.Process(process.pid), key)
+                figures = run_benchmark(args, base, psutil.Process(process.pid), key, imports)
     finally:
         drop_database(database)
     print_table(figures)

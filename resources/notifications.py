@@ -13,8 +13,9 @@ Webhook signatures: `X-Junction-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<
 Unix timestamp in `X-Junction-Timestamp`; receivers check both with `verify_signature()`, which
 rejects a timestamp outside the tolerance so a captured request cannot be replayed later.
 
-Module-level imports are kept light (no Dagster, no SQLAlchemy models): the gateway and the CLI use
-`send()` too. `NotificationsResource`, the Dagster resource, is built on first access.
+Module-level imports are kept light (no Dagster, no SQLAlchemy models, no httpx — imported by the
+webhook channel when it sends, not by every run worker loading the code location): the gateway and
+the CLI use `send()` too. `NotificationsResource`, the Dagster resource, is built on first access.
 
 The `outbox` kind delivers nowhere: it appends each message as one JSON line to a local file (like
 Django's file-based e-mail backend), so the shipped workflows run on a fresh clone without a mail
@@ -43,7 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import tenacity
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -460,6 +460,8 @@ class WebhookChannel(NotificationChannel):
             TIMESTAMP_HEADER: str(timestamp),
             SIGNATURE_HEADER: sign_payload(secret, timestamp, body),
         }
+        import httpx
+
         with httpx.Client(timeout=self.spec.timeout_s) as client:
             response = client.post(self.spec.url, content=body, headers=headers)
         answer = f"HTTP {response.status_code}: {response.text[:500]}".rstrip(": ")
@@ -474,6 +476,8 @@ class WebhookChannel(NotificationChannel):
         raise DeliveryFailure(answer, transient=transient, retry_after_s=retry_after)
 
     def is_transient(self, exc: BaseException) -> bool:
+        import httpx
+
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
             return False  # the request itself is wrong
         if isinstance(exc, httpx.TransportError):

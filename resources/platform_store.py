@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import dagster as dg
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING
 
-from orchestration.store.db import get_engine
+import dagster as dg
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 class PlatformStoreResource(dg.ConfigurableResource):
@@ -24,4 +26,8 @@ class PlatformStoreResource(dg.ConfigurableResource):
         return self.database_url or get_settings().store_url
 
     def engine(self) -> Engine:
+        # Imported here: the code location (and so every run worker) loads this module, and only the
+        # ops that use the store need SQLAlchemy's ORM and the models.
+        from orchestration.store.db import get_engine
+
         return get_engine(self.url)

@@ -10,19 +10,23 @@ step. An approval decided early moves `wake_at` to the decision's time; a Sync s
 run (`waiting_on_run_id`), and the sensor resumes once that run has finished.
 
 Nothing waits in memory: a parked execution is one row, so it survives a restart of the platform.
+
+The store (SQLAlchemy's ORM and the models) is imported by the functions that use it: the workflow
+factory imports this module's names when the code location loads, in every run worker, and most
+runs never touch a checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, or_, select, update
-from sqlalchemy.orm import Session
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
 
-from orchestration.store.db import session_scope
-from orchestration.store.models import WorkflowCheckpoint
+    from orchestration.store.models import WorkflowCheckpoint
 
 STATE_TAG = "junction/state"
 WAITING = "waiting"
@@ -82,6 +86,8 @@ def _checkpoint(row: WorkflowCheckpoint) -> Checkpoint:
 
 
 def _row(session: Session, execution_id: str, workflow: str, inputs: dict[str, Any]) -> WorkflowCheckpoint:
+    from orchestration.store.models import WorkflowCheckpoint
+
     row = session.get(WorkflowCheckpoint, execution_id, with_for_update=True)
     if row is None:
         now = utc_now()
@@ -99,6 +105,9 @@ def _row(session: Session, execution_id: str, workflow: str, inputs: dict[str, A
 
 
 def get_checkpoint(execution_id: str, *, engine: Engine | None = None) -> Checkpoint | None:
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import WorkflowCheckpoint
+
     with session_scope(engine) as session:
         row = session.get(WorkflowCheckpoint, execution_id)
         return _checkpoint(row) if row is not None else None
@@ -118,6 +127,8 @@ def save_step_state(
 
     `completed` numbers the steps in the order they completed, across the runs of the execution:
     compensations run in the reverse of it."""
+    from orchestration.store.db import session_scope
+
     with session_scope(engine, write_lock=True) as session:
         row = _row(session, execution_id, workflow, inputs)
         entry = {"state": state, "output_name": output_name, "completed": len(row.step_outputs) + 1}
@@ -137,6 +148,8 @@ def park(
     waiting_on_run_id: str | None = None,
     engine: Engine | None = None,
 ) -> None:
+    from orchestration.store.db import session_scope
+
     with session_scope(engine, write_lock=True) as session:
         row = _row(session, execution_id, workflow, inputs)
         row.state = WAITING
@@ -149,6 +162,10 @@ def park(
 
 def wake_now(session: Session, execution_id: str, step_id: str) -> None:
     """Make a waiting execution due at once (an approval was decided), inside the caller's transaction."""
+    from sqlalchemy import update
+
+    from orchestration.store.models import WorkflowCheckpoint
+
     now = utc_now()
     session.execute(
         update(WorkflowCheckpoint)
@@ -161,6 +178,11 @@ def wake_now(session: Session, execution_id: str, step_id: str) -> None:
 
 def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | None = None) -> None:
     """The resumed run has started: the execution is no longer waiting, so the sensor stops asking."""
+    from sqlalchemy import update
+
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import WorkflowCheckpoint
+
     with session_scope(engine) as session:
         session.execute(
             update(WorkflowCheckpoint)
@@ -174,6 +196,11 @@ def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | 
 def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None = None) -> list[Checkpoint]:
     """Waiting executions of `workflows` whose wake-up time has come, oldest first, and those waiting
     on a run (the caller checks whether that run has finished)."""
+    from sqlalchemy import or_, select
+
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import WorkflowCheckpoint
+
     statement = (
         select(WorkflowCheckpoint)
         .where(WorkflowCheckpoint.state == WAITING)
@@ -187,6 +214,11 @@ def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None
 
 def checkpoints_of(execution_ids: list[str], *, engine: Engine | None = None) -> list[Checkpoint]:
     """The checkpoints of these executions (those that have one: executions of parkable workflows)."""
+    from sqlalchemy import select
+
+    from orchestration.store.db import session_scope
+    from orchestration.store.models import WorkflowCheckpoint
+
     found = []
     with session_scope(engine) as session:
         # In slices: a statement's bound parameters are limited (SQLite, drivers).
