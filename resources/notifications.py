@@ -5,6 +5,16 @@ there by environment-variable name and read at send time. `send()` retries trans
 exponential backoff (tenacity) and ends every attempt sequence in exactly one row of
 `notification_deliveries`: `delivered`, or `failed` and then `NotificationError` is raised.
 
+Exactly-once senders (`send(..., dedupe_key=…)`): a sender that may run again after a crash — the
+workflow run-failure sensor, whose cursor moves only after its tick — claims the delivery first: the
+row is inserted in status `sending` under the unique key before anything is sent, then settled. A
+second call with the key sends nothing and returns the settled record (`repeated=True`). A claim
+found still `sending` is a send a crash interrupted: nobody knows whether the receiver got it. It is
+sent again — at-least-once, as Dagster's own sensors and run keys are, because an alert lost
+silently is worse than one received twice — with the same message id (the webhook's
+`X-Junction-Delivery`, the e-mail's Message-ID, the outbox line's `id`), so the receiver can drop
+the duplicate; the record counts it in `resends` and the resend is logged as a warning.
+
 A new kind of channel (Slack, Teams, SMS, PagerDuty) is one subclass of `NotificationChannel`: a
 `kind`, a pydantic `Spec` for its block in channels.yaml, `deliver()` and, if its client library
 has exceptions of its own, `is_transient()`. Subclasses register themselves by `kind`.
@@ -143,13 +153,18 @@ class DeliveryRecord:
     kind: str
     recipient: str
     subject: str
-    status: Literal["delivered", "failed"]
+    status: Literal["delivered", "failed", "sending"]
     attempts: int
     last_error: str | None
     response: str | None
     origin: str
     created_at: datetime
     delivered_at: datetime | None
+    dedupe_key: str | None = None
+    message_id: str | None = None
+    resends: int = 0
+    # True when this call sent nothing: the delivery of its dedupe key was already claimed.
+    repeated: bool = False
 
 
 # --- Channel specs (channels.yaml) ----------------------------------------------------------------
@@ -664,11 +679,25 @@ def send(
     engine: Engine | None = None,
     max_attempts: int | None = None,
     channels_file: str | Path | None = None,
+    dedupe_key: str | None = None,
 ) -> DeliveryRecord:
     """Deliver `message` through `channel` (a name in the channels file, or a channel), retrying
     transient failures. Returns the delivery record; on failure writes a `failed` record and raises
-    `NotificationError` carrying it. `origin` says who sent it (a run id, an alert name)."""
+    `NotificationError` carrying it. `origin` says who sent it (a run id, an alert name).
+
+    `dedupe_key`: one delivery per key, claimed before sending (see the module doc); a key already
+    claimed returns its record (`repeated=True`) without sending."""
+    import dataclasses
+
     created_at = datetime.now(UTC)
+    claim: DeliveryRecord | None = None
+    if dedupe_key is not None:
+        channel_name = channel if isinstance(channel, str) else channel.name
+        claim = _claim(engine, dedupe_key, message, channel_name, origin, created_at)
+        if claim.repeated:
+            return claim
+        # A resend of an interrupted claim carries the first attempt's id: the receiver's dedupe key.
+        message = dataclasses.replace(message, id=claim.message_id)
     if isinstance(channel, str):
         channels = load_channels(channels_file)
         if channel not in channels:
@@ -676,6 +705,7 @@ def send(
             reason = f"unknown notification channel {channel!r} (declared: {known})"
             record = _record(
                 engine,
+                claim=claim,
                 channel=channel,
                 kind="unknown",
                 recipient=", ".join(message.recipients),
@@ -732,13 +762,20 @@ def send(
     except Exception as exc:  # noqa: BLE001 - whatever went wrong is recorded, then raised
         reason = channel.describe_error(exc)
         record = _record(
-            engine, status="failed", attempts=attempts, last_error=reason, response=None, **fields
+            engine,
+            claim=claim,
+            status="failed",
+            attempts=attempts,
+            last_error=reason,
+            response=None,
+            **fields,
         )
         raise NotificationError(
             f"notification to channel {channel.name!r} failed after {attempts} attempt(s): {reason}", record
         ) from exc
     return _record(
         engine,
+        claim=claim,
         status="delivered",
         attempts=attempts,
         last_error=None,
@@ -748,9 +785,96 @@ def send(
     )
 
 
+SENDING = "sending"
+
+
+def _claim(
+    engine: Engine | None, dedupe_key: str, message: Message, channel: str, origin: str, created_at: datetime
+) -> DeliveryRecord:
+    """Claim the delivery of `dedupe_key` (a `sending` row), or find who did.
+
+    Returns the new claim; a settled delivery (`repeated=True`); or, for a claim a crash left
+    `sending`, that claim taken over (`resends` + 1) — by compare-and-set on `resends`, so two
+    takers cannot both resend."""
+    from sqlalchemy import select, update
+    from sqlalchemy.exc import IntegrityError
+
+    from orchestration.store import session_scope
+    from orchestration.store.models import NotificationDelivery
+
+    try:
+        with session_scope(engine) as session:
+            row = NotificationDelivery(
+                channel=channel[:200],
+                kind="",
+                recipient=", ".join(message.recipients),
+                subject=message.subject,
+                status=SENDING,
+                attempts=0,
+                origin=origin[:200],
+                created_at=created_at,
+                dedupe_key=dedupe_key,
+                message_id=message.id,
+                resends=0,
+            )
+            session.add(row)
+            session.flush()
+            return _as_record(row)
+    except IntegrityError:
+        pass  # claimed before: by an earlier tick, settled or interrupted
+    with session_scope(engine) as session:
+        row = session.scalars(
+            select(NotificationDelivery).where(NotificationDelivery.dedupe_key == dedupe_key)
+        ).one()
+        if row.status != SENDING:
+            return _as_record(row, repeated=True)
+        taken = session.execute(
+            update(NotificationDelivery)
+            .where(NotificationDelivery.id == row.id)
+            .where(NotificationDelivery.status == SENDING)
+            .where(NotificationDelivery.resends == row.resends)
+            .values(resends=row.resends + 1)
+        ).rowcount
+        session.refresh(row)
+        if not taken:
+            return _as_record(row, repeated=True)
+    logger.warning(
+        "notification %r to channel %r was claimed at %s but never settled (a crash interrupted the "
+        "send): sending it again with the same message id %s (resend %d)",
+        dedupe_key,
+        channel,
+        row.created_at.isoformat(),
+        row.message_id,
+        row.resends,
+    )
+    return _as_record(row)
+
+
+def _as_record(row: Any, *, repeated: bool = False) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row.id,
+        channel=row.channel,
+        kind=row.kind,
+        recipient=row.recipient,
+        subject=row.subject,
+        status=row.status,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        response=row.response,
+        origin=row.origin,
+        created_at=row.created_at,
+        delivered_at=row.delivered_at,
+        dedupe_key=row.dedupe_key,
+        message_id=row.message_id,
+        resends=row.resends,
+        repeated=repeated,
+    )
+
+
 def _record(
     engine: Engine | None,
     *,
+    claim: DeliveryRecord | None = None,
     channel: str,
     kind: str,
     recipient: str,
@@ -781,6 +905,14 @@ def _record(
         "delivered_at": delivered_at,
     }
     with session_scope(engine) as session:
+        if claim is not None:
+            # Settle the claim: the same row, so the key keeps one record (and its claim time).
+            row = session.get(NotificationDelivery, claim.id)
+            for name, value in values.items():
+                if name != "created_at":
+                    setattr(row, name, value)
+            session.flush()
+            return _as_record(row)
         row = NotificationDelivery(**values)
         session.add(row)
         session.flush()
@@ -814,6 +946,7 @@ def _build_notifications_resource() -> type:
             metadata: Mapping[str, Any] | None = None,
             origin: str = "",
             max_attempts: int | None = None,
+            dedupe_key: str | None = None,
         ) -> DeliveryRecord:
             from orchestration.kernel.templates import render, render_html
 
@@ -825,7 +958,12 @@ def _build_notifications_resource() -> type:
                 metadata=dict(metadata or {}),
             )
             return send(
-                channel, message, origin=origin, max_attempts=max_attempts, channels_file=self.channels_file
+                channel,
+                message,
+                origin=origin,
+                max_attempts=max_attempts,
+                channels_file=self.channels_file,
+                dedupe_key=dedupe_key,
             )
 
     # Defined in a function only to defer importing Dagster; it is this module's attribute.

@@ -88,7 +88,10 @@ class ApiKey(Base):
 
 
 class NotificationDelivery(Base):
-    """The record of one notification sent (or attempted) through a channel."""
+    """The record of one notification sent (or attempted) through a channel.
+
+    With a `dedupe_key` the row is written before sending, as a claim in status `sending`, and
+    settled afterwards (`resources/notifications.py`, migration `0007_notification_dedupe`)."""
 
     __tablename__ = "notification_deliveries"
 
@@ -104,6 +107,9 @@ class NotificationDelivery(Base):
     origin: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(400), nullable=True, unique=True)
+    message_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    resends: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
 class ApiRequestStats(Base):

@@ -5,7 +5,13 @@ sensor `workflow_failures` (a `run_failure_sensor` over the workflow jobs that d
 or `on_failure`) reacts to every failed run of them — a first run or a resumed one:
 
 - it sends the workflow's `on_failure` notifications through the notification channels (each
-  delivery recorded by the channels module) and appends `workflow.failure_notified` to the audit log;
+  delivery recorded by the channels module) and appends `workflow.failure_notified` to the audit log.
+  Once per (execution, failed run, notification): the sensor's cursor moves only after its tick, so
+  a crash after sending would otherwise send again on the next tick. Each delivery is claimed in
+  the platform store under the key `workflow-failure:{execution}:{run}:{index}:{channel}` before it
+  is sent (`send(dedupe_key=…)`): a later tick finds it and sends nothing; a claim a crash left
+  `sending` is sent again with the same message id and counted in the record's `resends`
+  (at-least-once with a dedupe key the receiver sees — see `resources/notifications.py`);
 - when steps with `compensate` completed in the execution — in this run or in an earlier run of it
   (the steps of such workflows are checkpointed, numbered in the order they completed) — it asks for
   one run of the workflow's compensation job `<workflow>_compensate` with
@@ -185,6 +191,11 @@ def step_failures(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
     return failures
 
 
+def failure_notification_key(execution_id: str, run_id: str, index: int, channel: str) -> str:
+    """The dedupe key of one on-failure notification (its place in `on_failure`: two may share a channel)."""
+    return f"workflow-failure:{execution_id}:{run_id}:{index}:{channel}"
+
+
 def notify_failure(
     spec: WorkflowSpec, run: dg.DagsterRun, message: str, steps: list[str], log: Any
 ) -> list[Any]:
@@ -205,7 +216,7 @@ def notify_failure(
     }
     notifications = NotificationsResource()
     records = []
-    for notification in spec.on_failure:
+    for index, notification in enumerate(spec.on_failure):
         try:
             record = notifications.send(
                 notification.channel,
@@ -216,12 +227,19 @@ def notify_failure(
                 recipients=notification.recipients,
                 metadata={"workflow": spec.name, "execution_id": execution_id, "failed_run": run.run_id},
                 origin=f"workflow:{spec.name}/on_failure",
+                dedupe_key=failure_notification_key(execution_id, run.run_id, index, notification.channel),
             )
         except NotificationError as exc:
             log.error(f"on-failure notification to {notification.channel!r} failed: {exc}")
             record = exc.record
         except Exception as exc:  # noqa: BLE001 - a template error: logged, the others still go out
             log.error(f"on-failure notification to {notification.channel!r} not sent: {exc}")
+            continue
+        if record is not None and record.repeated:
+            log.info(
+                f"on-failure notification to {notification.channel!r} already handled for run "
+                f"{run.run_id} (delivery {record.id}: {record.status}); not sent again"
+            )
             continue
         records.append(record)
     if records:
@@ -232,7 +250,11 @@ def notify_failure(
             origin=run.run_id,
             details={
                 "execution_id": execution_id,
-                "deliveries": [{"channel": r.channel, "id": r.id, "status": r.status} for r in records if r],
+                "deliveries": [
+                    {"channel": r.channel, "id": r.id, "status": r.status, "resends": r.resends}
+                    for r in records
+                    if r
+                ],
             },
         )
     return records

@@ -1,7 +1,8 @@
 """The resume sensor: launches the next run of every parked execution whose time has come.
 
 Due means the checkpoint is `waiting`, its `wake_at` has passed (a Delay's time, an Approval's
-decision or timeout) or the run it waits on (a Sync step's child run) has finished, and the run that
+decision or timeout, a Sync step's timeout) or the run it waits on (a Sync step's child run) has
+finished, and the run that
 parked it has finished (a run still busy with other branches
 must not race its successor). The sensor asks for a fresh run of the same job with the execution's
 inputs, tagged with the execution id and where it resumes from, under the run key
@@ -27,7 +28,8 @@ RESUME_INTERVAL_S = 15
 
 def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[dg.RunRequest]:
     requests = []
-    for checkpoint in parking.due_checkpoints(parking.utc_now(), workflows):
+    now = parking.utc_now()
+    for checkpoint in parking.due_checkpoints(now, workflows):
         parked_run = instance.get_run_by_id(checkpoint.parked_run_id) if checkpoint.parked_run_id else None
         if parked_run is not None and not parked_run.is_finished:
             continue
@@ -37,9 +39,11 @@ def resume_requests(instance: dg.DagsterInstance, workflows: set[str]) -> list[d
         }
         if checkpoint.waiting_on_run_id is not None:
             # A Sync step's child run: resume once it has finished (a run deleted meanwhile counts
-            # as finished; the step then reports it missing).
+            # as finished; the step then reports it missing), or once the step's timeout (`wake_at`)
+            # has passed, so the step can fail and terminate the child.
             child = instance.get_run_by_id(checkpoint.waiting_on_run_id)
-            if child is not None and not child.is_finished:
+            timed_out = checkpoint.wake_at is not None and checkpoint.wake_at <= now
+            if child is not None and not child.is_finished and not timed_out:
                 continue
         requests.append(
             dg.RunRequest(

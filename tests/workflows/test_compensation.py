@@ -14,7 +14,8 @@ import dagster as dg
 import pytest
 import yaml
 from parking_harness import Clock
-from test_http_and_notification_steps import webhook  # noqa: F401 - the receiver fixture
+from support import wait_until
+from test_http_and_notification_steps import SECRET, SECRET_ENV, webhook  # noqa: F401 - the receiver fixture
 
 from orchestration.workflows import parking
 from orchestration.workflows.compensation import COMPENSATING_TAG, FAILURE_SENSOR_NAME
@@ -270,3 +271,144 @@ def test_the_shipped_examples_have_their_compensation_job_sensors_and_schedule()
         "refresh_flights",
         "notify_finance",
     }
+
+
+# --- On-failure notifications exactly once, across sensor crashes ----------------------------------
+
+
+def test_a_tick_repeated_after_a_crash_does_not_notify_again(location, webhook):  # noqa: F811
+    """The sensor notified, then crashed before its cursor was saved: the next tick sees the same
+    failed run again, finds the delivery claimed and settled, and sends nothing."""
+    from orchestration.kernel import audit
+    from orchestration.store import session_scope
+    from orchestration.store.models import NotificationDelivery
+
+    failed = location.start("order_saga", order_id="A-7")
+    cursor_before = location.failure_cursor
+    (request,) = location.tick(FAILURE_SENSOR_NAME).run_requests
+    location.failure_cursor = cursor_before  # the crash: the tick's cursor never reached storage
+    (again,) = location.tick(FAILURE_SENSOR_NAME).run_requests
+    assert again.run_key == request.run_key, "the compensation run is deduplicated by its run key"
+    assert len(webhook) == 1, "the notification was not sent again"
+    with session_scope() as session:
+        (row,) = session.query(NotificationDelivery).all()
+    assert (row.status, row.resends) == ("delivered", 0)
+    assert row.dedupe_key == f"workflow-failure:{failed.run_id}:{failed.run_id}:0:finance"
+    assert len(audit.query(action="workflow.failure_notified")) == 1
+
+
+CRASHING_SENDER = """
+import logging, sys
+
+import dagster as dg
+import yaml
+
+from orchestration.workflows.compensation import notify_failure
+from orchestration.workflows.spec import parse_workflow
+
+spec = parse_workflow(yaml.safe_load(open(sys.argv[1])), sys.argv[1])
+run = dg.DagsterRun(job_name=spec.name, run_id=sys.argv[2], run_config={"order_id": "A-7"})
+notify_failure(spec, run, "ship: no courier", ["ship"], logging.getLogger("sensor"))
+"""
+
+
+@pytest.fixture
+def hanging_webhook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_url: str):
+    """Channel `finance` -> a receiver that takes the first request and never answers it (the sender
+    dies waiting); later requests are answered. Yields (delivery ids received, first-request event)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from orchestration.settings import reset_settings_cache
+
+    received: list[str] = []
+    first_arrived, release = threading.Event(), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's hook name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(self.headers["X-Junction-Delivery"])
+            if len(received) == 1:
+                first_arrived.set()
+                release.wait(60)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 - keep test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    channels = tmp_path / "channels.yaml"
+    hook = {
+        "kind": "webhook",
+        "url": f"http://127.0.0.1:{server.server_address[1]}/hook",
+        "secret_env": SECRET_ENV,
+        "timeout_s": 60,
+        "retry": {"max_attempts": 1},
+    }
+    channels.write_text(json.dumps({"channels": {"finance": hook}}))
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    monkeypatch.setenv("JUNCTION_CHANNELS_FILE", str(channels))
+    reset_settings_cache()
+    try:
+        yield received, first_arrived
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_send_interrupted_by_a_crash_is_visible_and_sent_again_with_the_same_id(
+    hanging_webhook, tmp_path, caplog
+):
+    """The sender dies (SIGKILL) while the receiver holds its request: the claim stays `sending` in the
+    store, where it can be seen; the next tick sends it again with the same delivery id (the
+    receiver's dedupe key) and counts the resend; a third sends nothing."""
+    import logging
+    import subprocess
+    import sys
+
+    from orchestration.store import session_scope
+    from orchestration.store.models import NotificationDelivery
+    from orchestration.workflows.compensation import notify_failure
+    from orchestration.workflows.spec import parse_workflow
+
+    received, first_arrived = hanging_webhook
+    spec_file = tmp_path / "order_saga.yaml"
+    spec_file.write_text(yaml.safe_dump(SAGA))
+    (tmp_path / "sender.py").write_text(CRASHING_SENDER)
+    sender = subprocess.Popen([sys.executable, str(tmp_path / "sender.py"), str(spec_file), "run-1"])
+    try:
+        wait_until(lambda: first_arrived.is_set() or sender.poll() is not None, 120, "the sender's request")
+        assert first_arrived.is_set(), f"the sender exited with {sender.returncode} before sending"
+    finally:
+        sender.kill()
+        sender.wait()
+
+    def stored() -> list[NotificationDelivery]:
+        with session_scope() as session:
+            return session.query(NotificationDelivery).all()
+
+    (claim,) = stored()
+    assert (claim.status, claim.channel, claim.resends) == ("sending", "finance", 0), "visible, not lost"
+    assert claim.message_id == received[0]
+
+    spec = parse_workflow(yaml.safe_load(spec_file.read_text()), str(spec_file))
+    run = dg.DagsterRun(job_name=spec.name, run_id="run-1", run_config={"order_id": "A-7"})
+    with caplog.at_level(logging.WARNING):
+        (record,) = notify_failure(spec, run, "ship: no courier", ["ship"], logging.getLogger("sensor"))
+    assert "never settled (a crash interrupted the send)" in caplog.text
+    assert received == [claim.message_id, claim.message_id], "sent again, with the same delivery id"
+    assert (record.status, record.resends, record.id) == ("delivered", 1, claim.id)
+    (row,) = stored()
+    assert (row.status, row.resends, row.created_at) == ("delivered", 1, claim.created_at)
+
+    assert notify_failure(spec, run, "ship: no courier", ["ship"], logging.getLogger("sensor")) == []
+    assert len(received) == 2, "settled: not sent a third time"

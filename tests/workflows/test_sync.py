@@ -193,6 +193,7 @@ def test_an_in_process_run_cannot_sync_and_says_why(store_url, run_spec):
         ({}, "give exactly one of pipeline and assets"),
         ({"pipeline": "a", "assets": ["b"]}, "give exactly one of pipeline and assets"),
         ({"pipeline": "a", "tags": {"x": "{{ inputs.nope }}"}}, "unknown input 'nope'"),
+        ({"pipeline": "a", "timeout": "soon"}, "'soon' is not a duration"),
     ],
 )
 def test_the_sync_config_is_checked_at_load_time(config, message):
@@ -201,3 +202,69 @@ def test_the_sync_config_is_checked_at_load_time(config, message):
 
     with pytest.raises(SpecError, match=message):
         parse_workflow({"name": "bad", "steps": [{"id": "load", "type": "sync", "config": config}]})
+
+
+def with_timeout(tmp_path: Path, **config) -> None:
+    spec = yaml.safe_load((tmp_path / "workflows" / "sync_orders.yaml").read_text())
+    spec["steps"][0]["config"].update(config)
+    (tmp_path / "workflows" / "sync_orders.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_the_timeout_resumes_the_execution_fails_the_step_and_terminates_the_child(
+    location, tmp_path, monkeypatch
+):
+    from parking_harness import Clock
+
+    clock = Clock(monkeypatch)
+    with_timeout(tmp_path, timeout="10m")
+    first = location.start("sync_orders")
+    (child,) = location.runs(**{"junction/sync_step": "load"})
+    checkpoint = parking.get_checkpoint(first.tags["junction/execution_id"])
+    assert checkpoint.waiting_on_run_id == child.run_id and checkpoint.wake_at is not None, "the deadline"
+    assert not location.tick(RESUME_SENSOR_NAME).run_requests, "the child is queued, the timeout not passed"
+
+    clock.advance(minutes=11)
+    (request,) = location.tick(RESUME_SENSOR_NAME).run_requests  # the child is still queued
+    resumed = location.launch(request)
+    assert resumed.status == dg.DagsterRunStatus.FAILURE
+    (message,) = location.failure_messages(resumed)
+    assert (
+        f"child run {child.run_id} (orders_pipeline) was still QUEUED when the step's timeout of 10m "
+        "passed; terminated it"
+    ) in message
+    assert location.instance.get_run_by_id(child.run_id).status == dg.DagsterRunStatus.CANCELED
+    assert not location.tick(RESUME_SENSOR_NAME).run_requests, "resumed once"
+
+
+def test_a_child_that_finishes_in_time_is_not_affected_by_the_timeout(location, tmp_path, monkeypatch):
+    with_timeout(tmp_path, timeout="1h")
+    location.start("sync_orders")
+    (child,) = location.runs(**{"junction/sync_step": "load"})
+    assert location.run_queued(child).status == dg.DagsterRunStatus.SUCCESS
+    (request,) = location.tick(RESUME_SENSOR_NAME).run_requests
+    resumed = location.launch(request)
+    assert resumed.status == dg.DagsterRunStatus.SUCCESS
+    assert location.outputs(resumed)["load"]["output"]["loaded"] == 2
+
+
+def test_cancel_child_on_timeout_false_leaves_the_child_in_the_queue(location, tmp_path, monkeypatch):
+    from parking_harness import Clock
+
+    clock = Clock(monkeypatch)
+    with_timeout(tmp_path, timeout="5m", cancel_child_on_timeout=False)
+    spec = yaml.safe_load((tmp_path / "workflows" / "sync_orders.yaml").read_text())
+    spec["steps"][0]["continue_on_failure"] = True
+    spec["steps"][1]["config"]["arguments"]["loaded"] = "{{ steps.load.status }}"
+    (tmp_path / "workflows" / "sync_orders.yaml").write_text(yaml.safe_dump(spec))
+    location.start("sync_orders")
+    (child,) = location.runs(**{"junction/sync_step": "load"})
+    clock.advance(minutes=6)
+    (request,) = location.tick(RESUME_SENSOR_NAME).run_requests
+    resumed = location.launch(request)
+    assert resumed.status == dg.DagsterRunStatus.SUCCESS, "continue_on_failure: the error is the output"
+    error = location.outputs(resumed)["load"]["output"]["error"]["message"]
+    assert error == (
+        f"child run {child.run_id} (orders_pipeline) was still QUEUED when the step's timeout of 5m "
+        "passed; left it running (cancel_child_on_timeout: false)"
+    )
+    assert location.instance.get_run_by_id(child.run_id).status == dg.DagsterRunStatus.QUEUED

@@ -17,6 +17,13 @@ the result from the child's materialization metadata:
 A child run that did not succeed fails the step, naming the run (with `continue_on_failure` the error
 becomes the step's output).
 
+`timeout` (a duration: 90m, 12h, 2d) bounds the child run, counted from its creation. The parked
+checkpoint's `wake_at` is that deadline, so the resume sensor resumes the execution when the deadline
+passes even though the child is still queued or running — no worker waits for it. The resumed step
+then fails naming the child run, its status and the timeout, and terminates the child through
+Dagster (`run_coordinator.cancel_run`, what the UI's Terminate does: a queued run leaves the queue, a
+started one is interrupted by its run launcher) unless `cancel_child_on_timeout: false`.
+
 The child is created from the parent run's code location: the parent must have been launched through
 Dagster (UI, gateway, schedule, sensor). A run executed in-process has no code location to launch
 from, and the step says so.
@@ -24,9 +31,10 @@ from, and the step says so.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestration.errors import JunctionError
 from orchestration.workflows.context import EXECUTION_ID_TAG, StepContext
@@ -52,8 +60,24 @@ class SyncConfig(StepConfig):
         default=None, min_length=1, description="Asset keys to materialize ('a/b' for a multi-part key)."
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags of the child run (templates).")
+    timeout: str | None = Field(
+        default=None,
+        description="How long the child run may take from its launch (90m, 12h, 2d); then the step fails.",
+    )
+    cancel_child_on_timeout: bool = Field(
+        default=True, description="Terminate the child run when the timeout passes (as the UI's Terminate)."
+    )
 
-    not_templates = frozenset({"pipeline", "assets"})
+    not_templates = frozenset({"pipeline", "assets", "timeout"})
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: str | None) -> str | None:
+        from orchestration.kernel.times import parse_duration
+
+        if value is not None and parse_duration(value) is None:
+            raise ValueError(f"{value!r} is not a duration (90m, 12h, 2d, 1w)")
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> SyncConfig:
@@ -152,10 +176,49 @@ def child_result(instance: Any, run: Any) -> dict[str, Any]:
     return result
 
 
+def child_deadline(config: SyncConfig, instance: Any, child: Any) -> datetime | None:
+    """When the child run's time is up: its creation plus `timeout` (the same for a retried or
+    resumed step, which finds the same child)."""
+    if config.timeout is None:
+        return None
+    from orchestration.kernel.times import parse_duration
+
+    record = instance.get_run_record_by_id(child.run_id)
+    created = record.create_timestamp
+    created = created.replace(tzinfo=UTC) if created.tzinfo is None else created
+    return created + parse_duration(config.timeout)
+
+
+def terminate_child(instance: Any, child: Any) -> str:
+    """Terminate the child as the UI's Terminate does; returns what happened, for the step's error."""
+    from dagster._core.storage.dagster_run import CANCELABLE_RUN_STATUSES
+
+    # QUEUED or STARTED, as the UI allows (a child never queued was queued by `sync` before this).
+    if child.status not in CANCELABLE_RUN_STATUSES:
+        return f"did not terminate it (Dagster cannot terminate a {child.status.value} run)"
+    try:
+        terminated = instance.run_coordinator.cancel_run(child.run_id)
+    except Exception as exc:  # noqa: BLE001 - the step fails anyway; say why the child may still run
+        return f"could not terminate it: {type(exc).__name__}: {exc}"
+    return "terminated it" if terminated else "asked to terminate it, which its run launcher refused"
+
+
+def timed_out(config: SyncConfig, instance: Any, child: Any) -> JunctionError:
+    outcome = (
+        terminate_child(instance, child)
+        if config.cancel_child_on_timeout
+        else "left it running (cancel_child_on_timeout: false)"
+    )
+    return JunctionError(
+        f"child run {child.run_id} ({child.job_name}) was still {child.status.value} when the step's "
+        f"timeout of {config.timeout} passed; {outcome}"
+    )
+
+
 def sync(config: SyncConfig, context: StepContext) -> dict[str, Any]:
     import dagster as dg
 
-    from orchestration.workflows.parking import ParkStep
+    from orchestration.workflows import parking
 
     instance = context.op_context.instance
     child = _child_of(instance, context.execution_id, context.step_id)
@@ -167,8 +230,15 @@ def sync(config: SyncConfig, context: StepContext) -> dict[str, Any]:
         # Created but never queued (the worker died in between): queue it now rather than wait forever.
         child = instance.submit_run(child.run_id, workspace=None)
     if not child.is_finished:
-        raise ParkStep(
-            f"waiting for child run {child.run_id} ({child.job_name})", None, waiting_on_run_id=child.run_id
+        deadline = child_deadline(config, instance, child)
+        if deadline is not None and deadline <= parking.utc_now():
+            raise timed_out(config, instance, child)
+        # The deadline is the checkpoint's wake-up time: the resume sensor resumes at it.
+        raise parking.ParkStep(
+            f"waiting for child run {child.run_id} ({child.job_name})"
+            + (f" until {deadline.isoformat()}" if deadline else ""),
+            deadline,
+            waiting_on_run_id=child.run_id,
         )
     result = child_result(instance, child)
     if result["status"] != "SUCCESS":
