@@ -73,6 +73,7 @@ __all__ = [
     "FileTarget",
     "PublishOutcome",
     "SqlTarget",
+    "StagingStream",
     "Target",
     "load_steps",
     "open_target",

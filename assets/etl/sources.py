@@ -257,8 +257,8 @@ class FileSource(Source):
     def _line_chunks(self, path: Path) -> Iterator[tuple[int, bytes]]:
         """(number of the first line, the bytes of `batch_size` whole lines), the last chunk as it ends.
 
-        Blocks are only counted (`bytes.count`) until they hold a chunk's lines, then joined once and
-        cut at the newlines numpy finds."""
+        Blocks are only counted until they hold a chunk's lines, then joined once and cut at the
+        newlines numpy finds."""
         with self._open(path) as stream:
             held, newlines_held, next_line = [], 0, 1
             while True:
@@ -269,7 +269,7 @@ class FileSource(Source):
                 if not block:
                     break
                 held.append(block)
-                newlines_held += block.count(b"\n")
+                newlines_held += int(np.count_nonzero(np.frombuffer(block, np.uint8) == NEWLINE))
                 if newlines_held < self.batch_size:
                     continue
                 data = b"".join(held)
@@ -463,25 +463,33 @@ class FileSource(Source):
         record_numbers: np.ndarray,
         quarantine: Quarantine,
     ) -> Iterator[Batch]:
-        """Parse lines (each ending with a newline, none blank) whose numbers are given, by Arrow."""
+        """Parse lines (each ending with a newline, none blank) whose numbers are given, by Arrow.
+
+        Arrow parses the lines in blocks on its threads; only when some line has the wrong number of
+        fields are they parsed again in one block, serially, where Arrow's row numbers (which that
+        line's quarantine record needs) are exact."""
         malformed: dict[int, Any] = {}
 
         def skip_malformed(row: Any) -> str:
             malformed[row.number] = row
             return "skip"
 
-        try:
-            table = pa_csv.read_csv(
-                pa.BufferReader(data),
-                # One block, parsed serially: Arrow's row numbers are then exact.
-                read_options=pa_csv.ReadOptions(
-                    column_names=names, use_threads=False, block_size=data.size + 1
-                ),
-                parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=False),
-                convert_options=self._csv_convert_options(names),
-            )
-        except pa.ArrowException as exc:
-            raise JunctionError(f"cannot read {path} near line {line_numbers[0]}: {exc}") from None
+        def parse(serially: bool) -> pa.Table:
+            block = {"block_size": data.size + 1} if serially else {}
+            try:
+                return pa_csv.read_csv(
+                    pa.BufferReader(data),
+                    read_options=pa_csv.ReadOptions(column_names=names, use_threads=not serially, **block),
+                    parse_options=self._csv_parse_options(skip_malformed, newlines_in_values=False),
+                    convert_options=self._csv_convert_options(names),
+                )
+            except pa.ArrowException as exc:
+                raise JunctionError(f"cannot read {path} near line {line_numbers[0]}: {exc}") from None
+
+        table = parse(serially=False)
+        if malformed:
+            malformed.clear()
+            table = parse(serially=True)
         keep = np.ones(len(line_numbers), dtype=bool)
         for number, row in malformed.items():  # Arrow's numbers count the rows we fed, from 1
             keep[number - 1] = False
