@@ -139,6 +139,17 @@ def test_the_staging_stream_commits_every_batch_only_when_the_input_ends(clean_p
         assert staged is not None
         assert sorted(staged.column("id").to_pylist()) == [1, 2, 3, 4, 5]
         assert set(staged.column("_junction_load_id").to_pylist()) == {result.identity.load_id}
+        # The load id is filled by a column default during the COPY only: none is left on the table,
+        # which a replace publishes as the target itself.
+        with target.engine.connect() as connection:
+            default = connection.execute(
+                sa.text(
+                    "SELECT column_default FROM information_schema.columns "
+                    "WHERE table_name = :table AND column_name = '_junction_load_id'"
+                ),
+                {"table": target.staged_name},
+            ).scalar_one()
+        assert default is None
     finally:
         target.dispose()
 
