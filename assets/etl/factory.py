@@ -5,9 +5,11 @@ Shape (write-audit-publish):
 - ``<name>_staged`` runs the spec (source -> transforms -> the contract's drift policy against the
   target's current schema, `drift.py`; a ``freeze`` violation fails the step before anything is staged,
   with the drift as failure metadata), writes the clean rows to this run's staging place
-  (`Target.stage`) and stores the quarantine next to the target in a thread, while it validates the
-  same rows in memory once (`checks.validate`). It declares one `AssetCheckSpec` per rule and contract promise, `blocking` where
-  the spec says so, and reports each as an `AssetCheckResult`. A failed blocking check fails this step
+  (`Target.stage`; on PostgreSQL streamed into the staging COPY batch by batch while the source is
+  still read, `loads.StagingStream`) and stores the quarantine next to the target in a thread, while
+  it validates the same rows in memory once (`checks.validate`). It declares one `AssetCheckSpec` per
+  rule and contract promise, `blocking` where the spec says so, and reports each as an
+  `AssetCheckResult`. A failed blocking check fails this step
   after its materialization is recorded, so Dagster skips everything downstream.
 - ``<name>`` (the published asset, downstream of the staged one) moves the staged rows into the target
   in one transaction (`Target.publish`): swap, insert with a load id, or merge by key. It publishes
@@ -34,7 +36,7 @@ import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
 from assets.etl.drift import SchemaDriftError
-from assets.etl.loads import LOAD_ID_COLUMN, Target, open_target, target_base_dir
+from assets.etl.loads import LOAD_ID_COLUMN, StagingStream, Target, open_target, target_base_dir
 from assets.etl.quarantine import Quarantine
 from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
@@ -92,13 +94,25 @@ def _target_kind(pipeline: LoadedPipeline) -> str:
 
 
 def _stage_rows(
-    target: Target | None, table: pa.Table, quarantine: Quarantine, load_id: str, run_id: str
+    target: Target | None,
+    table: pa.Table,
+    staging: StagingStream | None,
+    quarantine: Quarantine,
+    load_id: str,
+    run_id: str,
 ) -> float:
-    """Stage the clean rows and store the quarantine; the seconds it took."""
+    """Stage the clean rows - finish the stream that staged them while they were read, or stage the
+    whole table when there was none or it gave up - and store the quarantine; the seconds it took
+    (a stream's from its first rows on, so they overlap the reading)."""
     started = time.perf_counter()
     if target is not None:
-        target.stage(table, load_id)
+        streamed = staging is not None and staging.finish()
+        if not streamed:
+            target.stage(table, load_id)
         target.write_quarantine(quarantine, load_id, run_id)
+        if streamed:
+            assert staging is not None
+            return time.perf_counter() - staging.started
     return time.perf_counter() - started
 
 
@@ -111,7 +125,7 @@ def stage(
 
     started = time.perf_counter()
     try:
-        result = run_pipeline(pipeline, source=source, target=target)
+        result = run_pipeline(pipeline, source=source, target=target, stage_while_reading=True)
     except SchemaDriftError as exc:
         # Nothing was staged: the target and the staging place stay as they were.
         raise dg.Failure(
@@ -125,12 +139,13 @@ def stage(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )
 
-    # The COPY into the staging place runs in a thread beside the checks, which read the in-memory
+    # The COPY into the staging place (streamed since the first clean batch, or the whole table when
+    # the target cannot stream) finishes in a thread beside the checks, which read the in-memory
     # table, never the staging table: the driver (without the GIL) and the database write while GX
     # computes. The blocking decision is unchanged: nothing is published before both have finished.
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="junction-stage") as pool:
-        staging = pool.submit(_stage_rows, target, table, quarantine, load_id, run_id)
+        staging = pool.submit(_stage_rows, target, table, result.staging, quarantine, load_id, run_id)
         # Rows merged into an aggregate's groups were not meant to be loaded one by one.
         report = validate(
             table, quality_checks(spec), counts.read - counts.filtered_total - counts.merged_into_groups

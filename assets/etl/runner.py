@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from assets.etl.drift import SchemaDrift, SchemaDriftStep
-from assets.etl.loads import PublishOutcome, Target, load_steps
+from assets.etl.loads import PublishOutcome, StagingStream, Target, load_steps
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources import READ_STEP, ArrowTableSource, InputIdentity, Source, open_source
 from assets.etl.spec import LoadedPipeline, PipelineSpec
@@ -59,6 +59,9 @@ class PipelineResult:
     drift: SchemaDrift | None = None  # when run against a target that already exists
     schema: pa.Schema | None = None  # of an empty result: the target's (see `to_table`)
     step_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # enrich: lookup and matches
+    # With `stage_while_reading`: the target's staging stream, fed every clean table; its `finish`
+    # tells whether the staging place holds them all (else stage `to_table()` as usual).
+    staging: StagingStream | None = None
 
     def to_table(self) -> pa.Table:
         """Every clean row in one table; batches whose inferred types differ are promoted (int -> double)."""
@@ -146,11 +149,14 @@ def run_pipeline(
     base_dir: Path | None = None,
     source: Source | None = None,
     target: Target | None = None,
+    stage_while_reading: bool = False,
 ) -> PipelineResult:
     """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`).
 
     With a `target`, the load's steps run too: the contract's drift policy against the target's
-    current schema (`result.drift`) and, for a merge, one row per key (the last).
+    current schema (`result.drift`) and, for a merge, one row per key (the last). With
+    `stage_while_reading` too, each clean table also goes to the target's staging stream as it is
+    produced (`result.staging`, when the target has one); a failed run rolls that stream back.
     """
     upstream: Mapping[str, LoadedPipeline] | None = None
     if isinstance(pipeline, LoadedPipeline):
@@ -164,18 +170,34 @@ def run_pipeline(
     identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
     after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
+    staging = target.stage_stream(identity.load_id) if target is not None and stage_while_reading else None
     started = time.perf_counter()
     step_reports: dict[str, dict[str, Any]] = {}
-    tables = list(
-        iter_pipeline(
+    tables = []
+    try:
+        for table in iter_pipeline(
             spec, source, quarantine, counts, after=after, open_lookup=open_lookup, step_reports=step_reports
-        )
-    )
+        ):
+            tables.append(table)
+            if staging is not None:
+                staging.put(table)
+    except BaseException:
+        if staging is not None:
+            staging.abort()
+        raise
     elapsed = time.perf_counter() - started
     drift = next((step.drift for step in after if isinstance(step, SchemaDriftStep)), None)
     schema = target.current_schema() if target is not None and not tables else None
     return PipelineResult(
-        tables, quarantine, counts, identity, {"read_and_transform": elapsed}, drift, schema, step_reports
+        tables,
+        quarantine,
+        counts,
+        identity,
+        {"read_and_transform": elapsed},
+        drift,
+        schema,
+        step_reports,
+        staging,
     )
 
 
