@@ -15,6 +15,8 @@ Shape (write-audit-publish):
   in one transaction (`Target.publish`): swap, insert with a load id, or merge by key. It publishes
   what this run staged or, when materialized on its own, what the latest staged materialization's run
   staged (staging places are named per run, so concurrent runs never take each other's rows).
+  After a successful publish it removes the staging places of earlier finished runs of the pipeline,
+  whose rows it supersedes (`remove_superseded_staging`; also `junction pipelines clean-staging`).
 - ``<name>_pipeline`` materializes both; ``<name>_schedule`` runs it on the spec's cron.
 
 Data never travels through an IO manager: both assets return `MaterializeResult`s and the rows live in
@@ -26,8 +28,10 @@ Nothing here runs when the module is imported; `pipeline_definitions` is called 
 """
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,15 @@ import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
 from assets.etl.drift import SchemaDriftError
-from assets.etl.loads import LOAD_ID_COLUMN, StagingStream, Target, open_target, target_base_dir
+from assets.etl.loads import (
+    LOAD_ID_COLUMN,
+    StagingPlace,
+    StagingStream,
+    Target,
+    open_target,
+    run_token,
+    target_base_dir,
+)
 from assets.etl.quarantine import Quarantine
 from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
@@ -45,17 +57,22 @@ from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 
 __all__ = [
     "PIPELINE_TAG",
+    "StagingCleanup",
     "asset_check_results",
     "asset_check_specs",
     "build_pipeline",
     "pipeline_definitions",
     "pipeline_job_name",
+    "remove_superseded_staging",
     "target_base_dir",
 ]
 
 PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
+STAGING_REMOVED = "staging_removed"
+RUNS_PAGE = 500
+COULD_NOT_REMOVE = "could not remove it"
 
 
 def pipeline_job_name(name: str) -> str:
@@ -301,6 +318,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
                 started = time.perf_counter()
                 outcome = target.publish(spec.load.mode, spec.load.keys)
                 seconds = time.perf_counter() - started
+                cleanup = _clean_after_publish(context, name, target)
             finally:
                 target.dispose()
             if outcome.skipped_reason:
@@ -319,6 +337,9 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            metadata[STAGING_REMOVED] = dg.MetadataValue.json(cleanup.removed)
+            if cleanup.kept:
+                metadata["staging_kept"] = dg.MetadataValue.json(cleanup.kept)
             metadata.update(report_link(name, context))
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
@@ -353,6 +374,127 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         else []
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
+
+
+@dataclass
+class StagingCleanup:
+    """Which staging places a publish superseded (removed, or to remove on a dry run) and which stay."""
+
+    removed: list[dict[str, Any]] = field(default_factory=list)  # {place, run_id, status}
+    kept: list[dict[str, Any]] = field(default_factory=list)  # {place, run_id, reason}
+
+
+def _pipeline_run_records(
+    instance: dg.DagsterInstance, pipeline: str, tokens: set[str]
+) -> Iterator[dg.RunRecord]:
+    """The runs of `pipeline` whose run token is in `tokens`, newest first, read page by page only until
+    every token is found: the runs tagged with the pipeline (its job, `junction pipelines run`), then
+    the runs that materialized its staged asset without the tag (the UI's Materialize)."""
+    left = set(tokens)
+    cursor = None
+    while left:
+        page = instance.get_run_records(
+            dg.RunsFilter(tags={PIPELINE_TAG: pipeline}), limit=RUNS_PAGE, cursor=cursor
+        )
+        for record in page:
+            if run_token(record.dagster_run.run_id) in left:
+                left.discard(run_token(record.dagster_run.run_id))
+                yield record
+        if len(page) < RUNS_PAGE:
+            break
+        cursor = page[-1].dagster_run.run_id
+    staged_key = dg.AssetKey(f"{pipeline}_staged")
+    event_cursor = None
+    while left:
+        result = instance.fetch_materializations(staged_key, limit=RUNS_PAGE, cursor=event_cursor)
+        run_ids = {record.run_id for record in result.records if run_token(record.run_id) in left}
+        if run_ids:
+            for record in instance.get_run_records(dg.RunsFilter(run_ids=sorted(run_ids))):
+                if run_token(record.dagster_run.run_id) in left:
+                    left.discard(run_token(record.dagster_run.run_id))
+                    yield record
+        if not result.has_more:
+            break
+        event_cursor = result.cursor
+
+
+def remove_superseded_staging(
+    instance: dg.DagsterInstance,
+    pipeline: str,
+    target: Target,
+    published_by: str,
+    *,
+    dry_run: bool = False,
+) -> StagingCleanup:
+    """Remove the staging places of the pipeline's runs that the publish of run `published_by`
+    superseded: runs created before it that have finished (SUCCESS, FAILURE, CANCELED) - a failed
+    blocking check's rows, kept for inspection, are history once newer rows are published.
+
+    Never the place of a run still queued or running, of a run created after the publishing one, or
+    of a token no run of the pipeline carries (another pipeline sharing the target, or a run deleted
+    from Dagster's storage): those are kept, with the reason.
+    """
+    cleanup = StagingCleanup()
+    places = target.staging_places()
+    if not places:
+        return cleanup
+    publisher = instance.get_run_record_by_id(published_by)
+    published_at: datetime | None = publisher.create_timestamp if publisher else None
+    runs = {
+        run_token(record.dagster_run.run_id): record
+        for record in _pipeline_run_records(instance, pipeline, {place.token for place in places})
+    }
+    for place in places:
+        record = runs.get(place.token)
+        run_id = record.dagster_run.run_id if record else None
+        if record is None:
+            cleanup.kept.append(
+                _kept(place, None, f"no run of pipeline {pipeline} has the token {place.token}")
+            )
+        elif published_at is None:
+            cleanup.kept.append(_kept(place, run_id, f"the publishing run {published_by} is not in Dagster"))
+        elif run_id == published_by or record.create_timestamp >= published_at:
+            cleanup.kept.append(_kept(place, run_id, "its run is not older than the publishing run"))
+        elif not record.dagster_run.is_finished:
+            cleanup.kept.append(_kept(place, run_id, f"its run is {record.dagster_run.status.value}"))
+        else:
+            try:
+                if not dry_run:
+                    target.remove_staging(place)
+            except Exception as exc:  # noqa: BLE001 - one place that resists does not keep the others
+                cleanup.kept.append(_kept(place, run_id, f"{COULD_NOT_REMOVE}: {exc}"))
+                continue
+            status = record.dagster_run.status.value
+            cleanup.removed.append({"place": place.name, "run_id": run_id, "status": status})
+    return cleanup
+
+
+def _kept(place: StagingPlace, run_id: str | None, reason: str) -> dict[str, Any]:
+    return {"place": place.name, "run_id": run_id, "reason": reason}
+
+
+def _log_cleanup(log: Any, cleanup: StagingCleanup) -> None:
+    for removed in cleanup.removed:
+        log.info(
+            f"removed the staging place {removed['place']} of run {removed['run_id']} ({removed['status']})"
+        )
+    for kept in cleanup.kept:
+        # A token no run carries may be another pipeline's place, and a place that resisted removal
+        # needs a look: warnings. Places of newer or unfinished runs are kept as a matter of course.
+        unexpected = kept["run_id"] is None or kept["reason"].startswith(COULD_NOT_REMOVE)
+        (log.warning if unexpected else log.info)(f"kept the staging place {kept['place']}: {kept['reason']}")
+
+
+def _clean_after_publish(context: dg.AssetExecutionContext, name: str, target: Target) -> StagingCleanup:
+    """The published rows supersede earlier runs' staged rows; a cleanup that fails is a warning, not a
+    failed publish (the target already holds the new rows, and `clean-staging` can finish the job)."""
+    try:
+        cleanup = remove_superseded_staging(context.instance, name, target, context.run_id)
+    except Exception as exc:  # noqa: BLE001 - the publish has committed; the places stay for next time
+        context.log.warning(f"could not remove superseded staging places of {target.description}: {exc}")
+        return StagingCleanup()
+    _log_cleanup(context.log, cleanup)
+    return cleanup
 
 
 def _staged_event(context: dg.AssetExecutionContext, staged_key: dg.AssetKey) -> dg.EventLogEntry | None:

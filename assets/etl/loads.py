@@ -27,7 +27,9 @@ A load happens in two steps, one per Dagster asset:
      refused with an error naming the key on both databases.
 
 When a blocking check fails, step 2 never runs: the target stays exactly as it was and the staged
-rows stay where they are, for inspection. Quarantined records go next to the target
+rows stay where they are, for inspection, until a later publish supersedes them: `staging_places` lists
+every run's staging place of a target by its run token and `remove_staging` drops one (the factory
+decides which, from the runs' states in Dagster). Quarantined records go next to the target
 (``<table>_quarantine`` or ``<stem>_quarantine.parquet``) with the load id and run id; re-running
 the same input replaces that input's quarantine rather than adding to it.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -73,10 +76,12 @@ __all__ = [
     "FileTarget",
     "PublishOutcome",
     "SqlTarget",
+    "StagingPlace",
     "StagingStream",
     "Target",
     "load_steps",
     "open_target",
+    "run_token",
     "target_base_dir",
 ]
 
@@ -84,6 +89,18 @@ LOAD_ID_COLUMN = "_junction_load_id"
 RUN_ID_COLUMN = "_junction_run_id"
 POSTGRES_NAME_BYTES = 63
 MERGE_STEP = "load.merge"  # where duplicate keys of a merge are counted as filtered
+
+
+@dataclass(frozen=True)
+class StagingPlace:
+    """A run's staging place next to a target: the table or file, and the run token in its name."""
+
+    token: str  # the first 12 hex digits of the id of the run that staged here
+    name: str  # the staging table's name, or the staged file's path
+
+
+# The run token of a staging place's name, as `staging_token` writes it (run ids are lowercase hex).
+RUN_TOKEN = "([0-9a-f]{12})"
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,15 @@ class Target(ABC):
     def read_staged(self) -> pa.Table | None:
         """The staged rows, or None when nothing is staged."""
 
+    @abstractmethod
+    def staging_places(self) -> list[StagingPlace]:
+        """Every run's staging place of this target (the shared one of a target opened without a run
+        id has no run token and is not listed)."""
+
+    @abstractmethod
+    def remove_staging(self, place: StagingPlace) -> None:
+        """Drop one staging place (gone already: nothing to do)."""
+
 
 # --- SQL ----------------------------------------------------------------------------------------------
 
@@ -182,9 +208,14 @@ def _sql_type(data_type: pa.DataType, dialect: str) -> str:
     return "TEXT"  # strings, and on SQLite timestamps and dates as ISO text
 
 
+def run_token(run_id: str) -> str:
+    """The 12 hex digits of a run id that name the run's staging places."""
+    return run_id.replace("-", "")[:12]
+
+
 def staging_token(run_id: str | None) -> str:
-    """The part of a staging place's name that is the run's: ``_`` + 12 hex digits of its id."""
-    return "" if not run_id else "_" + run_id.replace("-", "")[:12]
+    """The part of a staging place's name that is the run's: ``_`` + `run_token`."""
+    return "" if not run_id else "_" + run_token(run_id)
 
 
 def _arrow_type(sql_type: Any, dialect: str) -> pa.DataType:
@@ -563,6 +594,23 @@ class SqlTarget(Target):
     def read_quarantine(self) -> pa.Table | None:
         return self._read(self.quarantine_name)
 
+    def staging_places(self) -> list[StagingPlace]:
+        import sqlalchemy as sa
+
+        # Matched in Python: LIKE would read the `_` of the names as a wildcard.
+        pattern = re.compile(re.escape(f"{self.table}_staged_") + RUN_TOKEN)
+        with self.engine.connect() as connection:
+            names = sa.inspect(connection).get_table_names(schema=self.schema)
+        return [
+            StagingPlace(match.group(1), name) for name in sorted(names) if (match := pattern.fullmatch(name))
+        ]
+
+    def remove_staging(self, place: StagingPlace) -> None:
+        import sqlalchemy as sa
+
+        with self.engine.begin() as connection:
+            connection.execute(sa.text(f"DROP TABLE IF EXISTS {self._qualified(place.name)}"))
+
 
 class _GaveUp(Exception):
     """Raised into the streaming COPY to roll it back: the tables cannot be staged as a stream."""
@@ -816,6 +864,19 @@ class FileTarget(Target):
 
     def read_quarantine(self) -> pa.Table | None:
         return pq.read_table(self.quarantine_path) if self.quarantine_path.exists() else None
+
+    def staging_places(self) -> list[StagingPlace]:
+        pattern = re.compile(re.escape(f"{self.path.name}.") + RUN_TOKEN + re.escape(".staged.parquet"))
+        if not self.path.parent.is_dir():
+            return []
+        return [
+            StagingPlace(match.group(1), str(path))
+            for path in sorted(self.path.parent.iterdir())
+            if (match := pattern.fullmatch(path.name))
+        ]
+
+    def remove_staging(self, place: StagingPlace) -> None:
+        Path(place.name).unlink(missing_ok=True)
 
 
 def _refuse_duplicate_keys_in(staged: pa.Table, keys: list[str], target: str) -> None:

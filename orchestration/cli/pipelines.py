@@ -4,6 +4,7 @@
 (`prepare_dagster_home`, then `DagsterInstance.get()`), so the run is recorded like one launched from
 the UI, and prints the quality summary and the report link. `report NAME` reads the same instance and
 prints (or writes as HTML / JSON) the quality report of the newest run, or of `--run-id`.
+`clean-staging NAME` removes the staging places the newest publish superseded, as each publish does.
 """
 
 from __future__ import annotations
@@ -162,3 +163,55 @@ def report(name: str, run_id: str | None, output: Path | None, as_json: bool) ->
         click.echo(json.dumps(quality_report.to_json(), indent=2, default=str))
     else:
         click.echo(quality_report.summary_text())
+
+
+@pipelines.command("clean-staging")
+@click.argument("name")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+def clean_staging(name: str, dry_run: bool) -> None:
+    """Remove the staging places of pipeline NAME that its newest publish superseded.
+
+    The rule each successful publish applies (`remove_superseded_staging`): places of runs created
+    before the newest run that published NAME and since finished (SUCCESS, FAILURE, CANCELED). The
+    places of runs still in progress or newer - a failed run's rows kept for inspection since the
+    last publish - and places no run of NAME carries stay, and are listed with the reason.
+    """
+    import dagster as dg
+
+    from assets.etl.factory import remove_superseded_staging
+    from assets.etl.loads import open_target, target_base_dir
+    from assets.etl.spec import load_pipelines
+    from orchestration.instance import prepare_dagster_home
+
+    loaded = load_pipelines()
+    if name not in loaded:
+        known = ", ".join(sorted(loaded)) or "none"
+        raise click.ClickException(f"no pipeline named {name!r} (known: {known})")
+    spec = loaded[name].spec
+    if spec.target is None:
+        raise click.ClickException(f"pipeline {name!r} has no target: its runs stage in memory only")
+    prepare_dagster_home()
+    target = open_target(spec.target, target_base_dir())
+    try:
+        with dg.DagsterInstance.get() as instance:
+            published = instance.get_latest_materialization_event(dg.AssetKey(name))
+            if published is None:
+                places = target.staging_places()
+                click.echo(
+                    f"no run has published {name} yet: nothing is superseded, "
+                    f"{len(places)} staging place{'s' if len(places) != 1 else ''} kept"
+                )
+                return
+            cleanup = remove_superseded_staging(instance, name, target, published.run_id, dry_run=dry_run)
+    finally:
+        target.dispose()
+    verb = "would remove" if dry_run else "removed"
+    for removed in cleanup.removed:
+        click.echo(f"{verb} {removed['place']} (run {removed['run_id']}, {removed['status']})")
+    for kept in cleanup.kept:
+        click.echo(f"kept {kept['place']} (run {kept['run_id'] or 'unknown'}): {kept['reason']}")
+    count = len(cleanup.removed)
+    click.echo(
+        f"{verb} {count} staging place{'s' if count != 1 else ''} superseded by run {published.run_id}, "
+        f"kept {len(cleanup.kept)}"
+    )

@@ -71,17 +71,6 @@ def write_input(folder: Path, rows: list[str]) -> None:
     (folder / "orders.csv").write_text("\n".join(rows) + "\n")
 
 
-@pytest.fixture
-def pipelines_dir(junction_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from orchestration.settings import reset_settings_cache
-
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    monkeypatch.setenv("JUNCTION_PIPELINES_DIR", str(folder))
-    reset_settings_cache()
-    return folder
-
-
 def run(folder: Path, instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
     definitions = build_pipeline(load_pipelines([folder / "orders.yaml"])["orders"])
     job = definitions.resolve_job_def("orders_pipeline")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pytest
 from click.testing import CliRunner
 
 from assets.etl.runner import run_pipeline
@@ -14,17 +13,6 @@ from assets.etl.spec import load_pipelines
 from orchestration.cli import cli
 
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "pipelines"
-
-
-@pytest.fixture
-def pipelines_dir(junction_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from orchestration.settings import reset_settings_cache
-
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    monkeypatch.setenv("JUNCTION_PIPELINES_DIR", str(folder))
-    reset_settings_cache()
-    return folder
 
 
 GOOD = "source: {format: csv, path: orders.csv}\ntarget: {kind: sql, url_env: WAREHOUSE_URL, table: orders}\n"

@@ -74,15 +74,13 @@ def write_input(folder: Path, rows: list[str]) -> None:
 
 
 @pytest.fixture
-def pipelines_dir(junction_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def pipelines_dir(pipelines_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The ETL tests' folder, with a public URL the report links are checked against."""
     from orchestration.settings import reset_settings_cache
 
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    monkeypatch.setenv("JUNCTION_PIPELINES_DIR", str(folder))
     monkeypatch.setenv("JUNCTION_PUBLIC_URL", "https://junction.example/")
     reset_settings_cache()
-    return folder
+    return pipelines_dir
 
 
 def run_twice(folder: Path) -> tuple[dg.DagsterInstance, str, str]:
