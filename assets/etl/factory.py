@@ -50,7 +50,7 @@ from assets.etl.loads import (
     target_base_dir,
 )
 from assets.etl.quarantine import Quarantine
-from assets.etl.report import QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
+from assets.etl.report import PIPELINE_TAG, QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
@@ -67,7 +67,6 @@ __all__ = [
     "target_base_dir",
 ]
 
-PIPELINE_TAG = "junction/pipeline"
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
 STAGING_REMOVED = "staging_removed"

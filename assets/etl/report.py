@@ -10,6 +10,10 @@ Schema drift: a run that records `schema_drift` (JSON: ``added``/``removed`` as 
 shape (lists of {name, type} / {name, from, to}); otherwise the report compares the run's staged
 column schema with the previous run's.
 
+A run that failed before staging (an unreadable source, a `freeze` drift failure, a bad cast config)
+recorded no materialization: its report is that of a failed run, from its event log - its status,
+the steps that failed with their errors (`StepFailure`) - with every count unknown (None), never zero.
+
 Two readers fill the same `RunFacts`: `facts_from_instance` (the CLI, through `DagsterInstance`) and
 the gateway (through Dagster's GraphQL API, `orchestration/gateway/api/pipelines.py`). `RunReport`
 derives every figure from those facts; `render_report_html` / `render_history_html` draw the pages
@@ -33,12 +37,14 @@ if TYPE_CHECKING:
     from orchestration.settings import JunctionSettings
 
 __all__ = [
+    "PIPELINE_TAG",
     "QUALITY_REPORT",
     "REPORT_LINK_PURPOSE",
     "CheckFact",
     "HistoryRow",
     "RunFacts",
     "RunReport",
+    "StepFailure",
     "facts_from_instance",
     "history_from_instance",
     "render_history_html",
@@ -47,6 +53,8 @@ __all__ = [
     "report_url",
 ]
 
+# The tag on every pipeline asset and on the runs of the pipeline's job (`assets/etl/factory.py`).
+PIPELINE_TAG = "junction/pipeline"
 QUALITY_REPORT = "quality_report"
 REPORT_LINK_PURPOSE = "pipeline-report"
 # The staged materialization's metadata names (written by `assets/etl/factory.py`).
@@ -63,6 +71,11 @@ STAGES = (
 
 def staged_asset_name(pipeline: str) -> str:
     return f"{pipeline}_staged"
+
+
+def is_pipeline_run(pipeline: str, job_name: str | None, tags: dict[str, str]) -> bool:
+    """A run of the pipeline's job or tagged with it (runs that staged it are its runs too)."""
+    return job_name == f"{pipeline}_pipeline" or tags.get(PIPELINE_TAG) == pipeline
 
 
 def report_path(pipeline: str, run_id: str | None = None) -> str:
@@ -109,6 +122,40 @@ class CheckFact:
 
 
 @dataclass
+class StepFailure:
+    """A step that failed (`step` None: the run failed outside its steps), with the error it raised."""
+
+    step: str | None
+    error: str
+    error_class: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # a `dg.Failure`'s (e.g. `schema_drift`)
+
+    @classmethod
+    def from_error(
+        cls,
+        step: str | None,
+        chain: list[tuple[str | None, str]],
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> StepFailure:
+        """From Dagster's error chain [(class, message), cause, ...]: a `dg.Failure`'s description,
+        else the user code's error that Dagster's step execution error wraps, without the class path
+        that Python's formatting puts before the message."""
+        chain = chain or [(None, "no error recorded")]
+        if chain[0][0] == "DagsterExecutionStepExecutionError" and len(chain) > 1:
+            chain = chain[1:]
+        error_class, message = chain[0]
+        if description:
+            message = description
+        else:
+            first, _, rest = message.partition(": ")
+            if error_class and rest and first.rpartition(".")[2] == error_class:
+                message = rest
+        return cls(step, message.strip(), error_class, dict(metadata or {}))
+
+
+@dataclass
 class RunFacts:
     """What Dagster recorded for one pipeline run (metadata as plain values: numbers, text, JSON)."""
 
@@ -117,11 +164,12 @@ class RunFacts:
     status: str | None
     started_at: float | None
     ended_at: float | None
-    staged_at: float
-    staged: dict[str, Any]
+    staged_at: float | None  # None: the run staged nothing (it failed first, or is still running)
+    staged: dict[str, Any] | None
     published: dict[str, Any] | None
     checks: list[CheckFact]
     previous_columns: list[dict[str, str]] | None = None  # the previous staged schema: drift
+    failures: list[StepFailure] = field(default_factory=list)
 
 
 def plain_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -159,11 +207,11 @@ class RunReport:
     status: str | None
     started_at: str | None
     ended_at: str | None
-    staged_at: str
-    score_checks: float
-    score_rows: float
-    counts: dict[str, int]
-    counts_add_up: bool
+    staged_at: str | None  # None: the run staged nothing, and every count below is unknown (None)
+    score_checks: float | None
+    score_rows: float | None
+    counts: dict[str, int | None]
+    counts_add_up: bool | None
     rows_by_outcome: dict[str, int]
     filtered_by_step: dict[str, int]
     quarantine_by_reason: list[dict[str, Any]]
@@ -176,10 +224,13 @@ class RunReport:
     target: str | None
     load_mode: str | None
     skipped: str | None
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {step, error, error_class}
     links: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_facts(cls, facts: RunFacts) -> RunReport:
+        if facts.staged is None:
+            return cls._not_staged(facts)
         staged, published = facts.staged, facts.published or {}
         counts = {
             name: int(staged.get(f"rows_{name}") or 0)
@@ -243,6 +294,52 @@ class RunReport:
             target=published.get("target") or staged.get("staged_in"),
             load_mode=published.get("load_mode"),
             skipped=published.get("skipped"),
+            failures=_failures(facts),
+        )
+
+    @classmethod
+    def _not_staged(cls, facts: RunFacts) -> RunReport:
+        """A run without a staged materialization: what Dagster knows of it, no figure made up."""
+        published = facts.published or {}
+        failed_drift = next(
+            (f.metadata[SCHEMA_DRIFT] for f in facts.failures if SCHEMA_DRIFT in f.metadata), None
+        )
+        return cls(
+            pipeline=facts.pipeline,
+            run_id=facts.run_id,
+            status=facts.status,
+            started_at=_iso(facts.started_at),
+            ended_at=_iso(facts.ended_at),
+            staged_at=None,
+            score_checks=None,
+            score_rows=None,
+            counts={
+                "read": None,
+                "filtered": None,
+                "quarantined": None,
+                "loaded": None,
+                "valid": None,
+                # A publish-only run publishes what an earlier run staged.
+                "published": int(published["rows_published"]) if "rows_published" in published else None,
+            },
+            counts_add_up=None,
+            rows_by_outcome={},
+            filtered_by_step={},
+            quarantine_by_reason=[],
+            checks_total=0,
+            checks_passed=0,
+            failed_checks=[],
+            schema_drift=_drift(failed_drift, [], None, staged=False),
+            columns=[],
+            stages=(
+                [_stage("publish", published.get("seconds_publish"), published.get("rows_published"))]
+                if facts.published is not None
+                else []
+            ),
+            target=published.get("target"),
+            load_mode=published.get("load_mode"),
+            skipped=published.get("skipped"),
+            failures=_failures(facts),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +348,22 @@ class RunReport:
     def summary_text(self) -> str:
         """A few lines for a terminal."""
         c = self.counts
+        failures = [
+            f"failed step {failure['step'] or '(none: the run failed outside its steps)'}: "
+            f"{failure['error_class'] + ': ' if failure['error_class'] else ''}{' '.join(failure['error'].split())}"
+            for failure in self.failures
+        ]
+        if self.staged_at is None:
+            lines = [
+                f"pipeline {self.pipeline}, run {self.run_id} ({self.status or 'unknown status'}), staged nothing",
+                *failures,
+                "rows: unknown (the run recorded no staged materialization)"
+                + ("" if c["published"] is None else f"; {c['published']:,} published"),
+            ]
+            if _drift_changed(self.schema_drift):
+                lines.append(f"schema drift: {_drift_text(self.schema_drift)}")
+            lines.extend(f"{label}: {url}" for label, url in self.links.items())
+            return "\n".join(lines)
         lines = [
             f"pipeline {self.pipeline}, run {self.run_id} ({self.status or 'unknown status'}), staged {self.staged_at}",
             f"score: {self.score_checks:.1%} of checks passed ({self.checks_passed}/{self.checks_total}), "
@@ -258,6 +371,7 @@ class RunReport:
             f"rows: {c['read']:,} read = {c['loaded']:,} loaded + {c['filtered']:,} filtered + "
             f"{c['quarantined']:,} quarantined{'' if self.counts_add_up else '  (DO NOT ADD UP)'}; "
             f"{c['published']:,} published",
+            *failures,
         ]
         for check in self.failed_checks:
             sample = ", ".join(map(str, check["sample_bad_values"])) or check["detail"] or "-"
@@ -270,9 +384,8 @@ class RunReport:
                 f"quarantined: {reason['rows']:,} at {reason['step']}"
                 f"{' / ' + reason['field'] if reason.get('field') else ''}: {reason.get('example') or ''}"
             )
-        drift = self.schema_drift
-        if drift.get("added") or drift.get("removed") or drift.get("retyped"):
-            lines.append(f"schema drift: {_drift_text(drift)}")
+        if _drift_changed(self.schema_drift):
+            lines.append(f"schema drift: {_drift_text(self.schema_drift)}")
         lines.append(
             "stages: "
             + ", ".join(
@@ -307,12 +420,29 @@ def _quarantine_by_reason(staged: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"step": step, "field": None, "rows": rows, "example": None} for step, rows in by_step.items()]
 
 
+def _failures(facts: RunFacts) -> list[dict[str, Any]]:
+    return [
+        {"step": failure.step, "error": failure.error, "error_class": failure.error_class}
+        for failure in facts.failures
+    ]
+
+
+def _drift_changed(drift: dict[str, Any]) -> bool:
+    return bool(drift.get("added") or drift.get("removed") or drift.get("retyped"))
+
+
 def _drift(
-    recorded: Any, columns: list[dict[str, str]], previous: list[dict[str, str]] | None
+    recorded: Any,
+    columns: list[dict[str, str]],
+    previous: list[dict[str, str]] | None,
+    *,
+    staged: bool = True,
 ) -> dict[str, Any]:
     """The drift the run recorded, else the difference from the previous run's staged schema."""
     if isinstance(recorded, dict):
         return {"source": "recorded by the run", **recorded, **_drift_lists(recorded)}
+    if not staged:
+        return {"source": "the run staged nothing", "added": [], "removed": [], "retyped": []}
     if previous is None:
         return {"source": "no previous run", "added": [], "removed": [], "retyped": []}
     before = {column["name"]: column["type"] for column in previous}
@@ -367,11 +497,12 @@ def _drift_text(drift: dict[str, Any]) -> str:
 
 @dataclass
 class HistoryRow:
-    """One run in a pipeline's report history (from its staged materialization alone)."""
+    """One run in a pipeline's report history: from its staged materialization alone, or - for a
+    finished run that staged nothing - its status, end and first failure, every figure None."""
 
     run_id: str
     status: str | None
-    staged_at: str
+    staged_at: str | None
     score_checks: float | None
     score_rows: float | None
     rows_read: int | None
@@ -380,6 +511,30 @@ class HistoryRow:
     rows_quarantined: int | None
     schema_changed: bool | None  # columns added, removed or retyped since the run before
     url: str | None = None  # the run's report, where the reader knows it
+    ended_at: str | None = None  # set for a run that staged nothing
+    failed_step: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of_unstaged_run(
+        cls, run_id: str, status: str | None, ended_at: float | None, failures: list[StepFailure]
+    ) -> HistoryRow:
+        first = failures[0] if failures else None
+        return cls(
+            run_id=run_id,
+            status=status,
+            staged_at=None,
+            score_checks=None,
+            score_rows=None,
+            rows_read=None,
+            rows_loaded=None,
+            rows_filtered=None,
+            rows_quarantined=None,
+            schema_changed=None,
+            ended_at=_iso(ended_at),
+            failed_step=first.step if first else None,
+            error=first.error if first else None,
+        )
 
     @classmethod
     def from_metadata(
@@ -412,29 +567,49 @@ class HistoryRow:
         )
 
 
+def merge_history(
+    staged: list[tuple[float, HistoryRow]], unstaged: list[tuple[float, HistoryRow]], limit: int
+) -> tuple[list[HistoryRow], float | None]:
+    """One page of history, newest first: staged runs keyed by their staged materialization's time,
+    runs that staged nothing by their creation time. Each list holds every row of its kind after the
+    cursor up to one more than `limit` (or all there are). Returns the rows and the key of the page's
+    last row when older rows follow (the next page's `before`)."""
+    merged = sorted([*staged, *unstaged], key=lambda keyed: keyed[0], reverse=True)
+    page = merged[:limit]
+    return [row for _, row in page], (page[-1][0] if len(merged) > limit else None)
+
+
+UNSTAGED_STATUSES = ("FAILURE", "CANCELED")  # finished without staging: runs in progress are not history
+
+
 # --- reading a Dagster instance (the CLI) ----------------------------------------------------------
 
 
 def facts_from_instance(
     instance: dg.DagsterInstance, pipeline: str, run_id: str | None = None
 ) -> RunFacts | None:
-    """The facts of `run_id` (default: the newest run that staged `pipeline`), or None when there is none."""
+    """The facts of `run_id` (default: the pipeline's newest run in its history), or None when there is
+    no such run of the pipeline."""
     import dagster as dg
     from dagster._core.events import DagsterEventType
 
     staged_key = dg.AssetKey(staged_asset_name(pipeline))
     if run_id is None:
-        latest = instance.get_latest_materialization_event(staged_key)
-        if latest is None:
+        newest = history_from_instance(instance, pipeline, limit=1)
+        if not newest:
             return None
-        run_id = latest.run_id
+        run_id = newest[0].run_id
+    record = instance.get_run_record_by_id(run_id)
+    if record is None:
+        return None
     materializations = {
         entry.dagster_event.asset_key: entry
         for entry in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
         if entry.dagster_event and entry.dagster_event.asset_key
     }
     staged_entry = materializations.get(staged_key)
-    if staged_entry is None:
+    run = record.dagster_run
+    if staged_entry is None and not is_pipeline_run(pipeline, run.job_name, dict(run.tags)):
         return None
     published_entry = materializations.get(dg.AssetKey(pipeline))
     checks = []
@@ -453,52 +628,120 @@ def facts_from_instance(
                 metadata=metadata,
             )
         )
-    previous = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=staged_key, before_timestamp=staged_entry.timestamp), limit=1
-    ).records
-    previous_columns = (
-        _schema_columns(plain_metadata(previous[0].asset_materialization.metadata).get(COLUMN_SCHEMA))
-        if previous and previous[0].asset_materialization
-        else None
-    )
-    record = instance.get_run_record_by_id(run_id)
+    previous_columns = None
+    if staged_entry is not None:
+        previous = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=staged_key, before_timestamp=staged_entry.timestamp), limit=1
+        ).records
+        if previous and previous[0].asset_materialization:
+            previous_columns = _schema_columns(
+                plain_metadata(previous[0].asset_materialization.metadata).get(COLUMN_SCHEMA)
+            )
     return RunFacts(
         pipeline=pipeline,
         run_id=run_id,
-        status=record.dagster_run.status.value if record else None,
-        started_at=record.start_time if record else None,
-        ended_at=record.end_time if record else None,
-        staged_at=staged_entry.timestamp,
-        staged=plain_metadata(dict(staged_entry.asset_materialization.metadata)),
+        status=run.status.value,
+        started_at=record.start_time,
+        ended_at=record.end_time,
+        staged_at=staged_entry.timestamp if staged_entry else None,
+        staged=plain_metadata(dict(staged_entry.asset_materialization.metadata)) if staged_entry else None,
         published=plain_metadata(dict(published_entry.asset_materialization.metadata))
         if published_entry
         else None,
         checks=checks,
         previous_columns=previous_columns,
+        failures=failures_from_instance(instance, run_id),
     )
 
 
+def failures_from_instance(instance: dg.DagsterInstance, run_id: str) -> list[StepFailure]:
+    """The run's failed steps with their errors; the run's own failure only when no step failed."""
+    from dagster._core.events import DagsterEventType
+
+    steps, run_failures = [], []
+    for entry in instance.all_logs(
+        run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}
+    ):
+        event = entry.dagster_event
+        data = event.event_specific_data
+        error, chain = getattr(data, "error", None), []
+        while error is not None:
+            chain.append((error.cls_name, error.message))
+            error = error.cause
+        if event.event_type == DagsterEventType.STEP_FAILURE:
+            user = getattr(data, "user_failure_data", None)
+            steps.append(
+                StepFailure.from_error(
+                    event.step_key,
+                    chain,
+                    description=user.description if user else None,
+                    metadata=plain_metadata(dict(user.metadata)) if user else None,
+                )
+            )
+        else:
+            run_failures.append(StepFailure.from_error(None, chain or [(None, entry.user_message)]))
+    return steps or run_failures
+
+
 def history_from_instance(instance: dg.DagsterInstance, pipeline: str, limit: int = 50) -> list[HistoryRow]:
-    """The newest `limit` runs that staged `pipeline`, newest first."""
+    """The newest `limit` runs of `pipeline` in its history (runs that staged it, and finished runs of
+    it that staged nothing), newest first."""
     import dagster as dg
+    from dagster._core.events import DagsterEventType
 
     staged_key = dg.AssetKey(staged_asset_name(pipeline))
     records = instance.fetch_materializations(staged_key, limit=limit + 1).records
     metadata = [plain_metadata(record.asset_materialization.metadata) for record in records]
-    statuses = {
-        run.run_id: run.status.value
-        for run in instance.get_runs(dg.RunsFilter(run_ids=[record.run_id for record in records]))
-    }
-    return [
-        HistoryRow.from_metadata(
-            record.run_id,
-            statuses.get(record.run_id),
+    statuses = (
+        {
+            run.run_id: run.status.value
+            for run in instance.get_runs(dg.RunsFilter(run_ids=[record.run_id for record in records]))
+        }
+        if records
+        else {}
+    )
+    staged = [
+        (
             record.timestamp,
-            metadata[index],
-            _schema_columns(metadata[index + 1].get(COLUMN_SCHEMA)) if index + 1 < len(records) else None,
+            HistoryRow.from_metadata(
+                record.run_id,
+                statuses.get(record.run_id),
+                record.timestamp,
+                metadata[index],
+                _schema_columns(metadata[index + 1].get(COLUMN_SCHEMA)) if index + 1 < len(records) else None,
+            ),
         )
-        for index, record in enumerate(records[:limit])
+        for index, record in enumerate(records)
     ]
+    unstaged: list[tuple[float, HistoryRow]] = []
+    cursor = None
+    while len(unstaged) <= limit:
+        page = instance.get_run_records(
+            dg.RunsFilter(
+                tags={PIPELINE_TAG: pipeline},
+                statuses=[dg.DagsterRunStatus(status) for status in UNSTAGED_STATUSES],
+            ),
+            limit=limit + 1,
+            cursor=cursor,
+        )
+        for run_record in page:
+            run_id = run_record.dagster_run.run_id
+            materialized = instance.get_records_for_run(
+                run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+            ).records
+            if any(r.event_log_entry.dagster_event.asset_key == staged_key for r in materialized):
+                continue
+            row = HistoryRow.of_unstaged_run(
+                run_id,
+                run_record.dagster_run.status.value,
+                run_record.end_time,
+                failures_from_instance(instance, run_id),
+            )
+            unstaged.append((run_record.create_timestamp.timestamp(), row))
+        if len(page) <= limit:
+            break
+        cursor = page[-1].dagster_run.run_id
+    return merge_history(staged, unstaged, limit)[0]
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -565,7 +808,10 @@ def _bar(title: str, values: dict[str, float], unit: str = "") -> str:
 
 
 def report_charts(report: RunReport) -> dict[str, str]:
-    charts = {"rows by outcome": _bar("Rows by outcome", report.rows_by_outcome)}
+    """The page's charts; a run that staged nothing has no figures to draw but its publish's."""
+    charts = {}
+    if report.rows_by_outcome:
+        charts["rows by outcome"] = _bar("Rows by outcome", report.rows_by_outcome)
     if report.quarantine_by_reason:
         charts["quarantine by reason"] = _bar(
             "Quarantined rows by step and field",
@@ -574,9 +820,9 @@ def report_charts(report: RunReport) -> dict[str, str]:
                 for entry in report.quarantine_by_reason
             },
         )
-    charts["stage durations"] = _bar(
-        "Seconds per stage", {s.name: s.seconds for s in report.stages if s.seconds is not None}, " s"
-    )
+    seconds = {stage.name: stage.seconds for stage in report.stages if stage.seconds is not None}
+    if seconds:
+        charts["stage durations"] = _bar("Seconds per stage", seconds, " s")
     return charts
 
 
@@ -602,7 +848,7 @@ def history_chart(rows: list[HistoryRow]) -> str:
         disable_xml_declaration=True,
         js=[],
     )
-    chart.x_labels = [row.staged_at.replace("T", " ")[:16] for row in oldest_first]
+    chart.x_labels = [(row.staged_at or row.ended_at or "").replace("T", " ")[:16] for row in oldest_first]
     chart.add(
         "checks passed", [None if r.score_checks is None else 100 * r.score_checks for r in oldest_first]
     )

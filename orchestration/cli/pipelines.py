@@ -116,12 +116,18 @@ def run(name: str) -> None:
             "the target was not changed, the staged rows are kept for inspection"
         )
     if not result.success:
-        raise click.ClickException(f"run {result.run_id} failed; see its logs in the Dagster UI")
+        raise click.ClickException(
+            f"run {result.run_id} failed: `junction pipelines report {name} --run-id {result.run_id}` "
+            "names the failed step and its error; its logs are in the Dagster UI"
+        )
 
 
 @pipelines.command()
 @click.argument("name")
-@click.option("--run-id", help="The run to report on (default: the newest run that staged the pipeline).")
+@click.option(
+    "--run-id",
+    help="The run to report on (default: the newest run that staged the pipeline or failed before it).",
+)
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -150,10 +156,10 @@ def report(name: str, run_id: str | None, output: Path | None, as_json: bool) ->
     with dg.DagsterInstance.get() as instance:
         facts = facts_from_instance(instance, name, run_id)
     if facts is None:
-        which = f"for run {run_id}" if run_id else "yet: no run has staged it"
+        which = f"for run {run_id}" if run_id else "yet: it has not run"
         raise click.ClickException(f"no report of pipeline {name!r} {which}")
     quality_report = RunReport.from_facts(facts)
-    quality_report.links["quality report"] = facts.staged.get(QUALITY_REPORT) or report_url(
+    quality_report.links["quality report"] = (facts.staged or {}).get(QUALITY_REPORT) or report_url(
         name, facts.run_id
     )
     if output is not None:

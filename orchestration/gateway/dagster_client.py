@@ -289,7 +289,8 @@ query RunReportEvents($runId: ID!, $after: String) {
   runOrError(runId: $runId) {
     __typename
     ... on Run {
-      runId status startTime endTime
+      runId jobName status startTime endTime
+      tags { key value }
       eventConnection(afterCursor: $after, limit: 1000) {
         cursor hasMore
         events {
@@ -298,6 +299,11 @@ query RunReportEvents($runId: ID!, $after: String) {
           ... on AssetCheckEvaluationEvent {
             evaluation { checkName success severity description assetKey { path } metadataEntries { ...Entry } }
           }
+          ... on ExecutionStepFailureEvent {
+            stepKey message error { ...ErrorChain }
+            failureMetadata { description metadataEntries { ...Entry } }
+          }
+          ... on RunFailureEvent { message error { ...ErrorChain } }
         }
       }
     }
@@ -305,9 +311,21 @@ query RunReportEvents($runId: ID!, $after: String) {
     ... on PythonError { message }
   }
 }
+fragment ErrorChain on PythonError { className message causes { className message } }
 """
     + METADATA_ENTRY_FRAGMENT
 )
+
+FINISHED_RUNS_QUERY = """
+query PipelineFinishedRuns($filter: RunsFilter, $cursor: String, $limit: Int) {
+  runsOrError(filter: $filter, cursor: $cursor, limit: $limit) {
+    __typename
+    ... on Runs { results { runId status creationTime endTime assetMaterializations { assetKey { path } } } }
+    ... on InvalidPipelineRunsFilterError { message }
+    ... on PythonError { message }
+  }
+}
+"""
 
 
 def plain_metadata_entries(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -380,6 +398,29 @@ async def run_with_events(client: DagsterClient, run_id: str) -> dict[str, Any] 
             break
         after = connection["cursor"]
     return {**run, "events": events}
+
+
+async def runs_by_tag(
+    client: DagsterClient,
+    key: str,
+    value: str,
+    *,
+    statuses: list[str],
+    created_before_s: float | None,
+    limit: int,
+    cursor: str | None = None,
+) -> list[dict[str, Any]]:
+    """Runs tagged `key=value` in `statuses`, created before a time (seconds) when given, newest first,
+    with the asset keys each materialized; `cursor` is the last run id of the previous page."""
+    run_filter: dict[str, Any] = {"tags": [{"key": key, "value": value}], "statuses": statuses}
+    if created_before_s is not None:
+        run_filter["createdBefore"] = created_before_s
+    result = (
+        await client.graphql(FINISHED_RUNS_QUERY, {"filter": run_filter, "cursor": cursor, "limit": limit})
+    )["runsOrError"]
+    if result["__typename"] != "Runs":
+        raise DagsterUnavailable(result.get("message", "run lookup failed"))
+    return result["results"]
 
 
 async def latest_runs_by_tag(client: DagsterClient, key: str, values: list[str]) -> dict[str, dict[str, Any]]:

@@ -253,3 +253,68 @@ def test_drift_recorded_by_the_run_wins_over_the_schema_comparison_and_renders(j
     )
     page = render_report_html(report)
     assert "(policy discard_value)" in page and "double → string" in page
+
+
+def test_a_run_that_failed_before_staging_is_reported_as_failed_with_its_error_and_unknown_counts(
+    pipelines_dir: Path,
+):
+    """Run for real through `junction pipelines run`: a missing source file fails the staged step
+    before anything is staged; then a `freeze` contract refuses a new column. Both are reports of
+    failed runs - status, failed step, error - with counts unknown, never zero, in the CLI, the
+    JSON, the HTML page and the history."""
+    write_spec(pipelines_dir, {"kind": "file", "format": "parquet", "path": "warehouse/orders.parquet"})
+    run_ids = []
+
+    def run_cli() -> str:
+        ran = CliRunner().invoke(cli, ["pipelines", "run", "orders"])
+        run_ids.append(re.search(r"^run (\S+):", ran.stdout, re.MULTILINE).group(1))
+        return ran.output
+
+    write_input(pipelines_dir, FIRST)
+    run_cli()
+    (pipelines_dir / "orders.csv").unlink()
+    assert "failed" in run_cli()
+    spec = yaml.safe_load((pipelines_dir / "orders.yaml").read_text())
+    spec["contract"]["drift"] = "freeze"
+    (pipelines_dir / "orders.yaml").write_text(yaml.safe_dump(spec))
+    write_input(pipelines_dir, SECOND)  # brings the column `channel`
+    run_cli()
+    staged_id, missing_id, frozen_id = run_ids
+
+    newest = CliRunner().invoke(cli, ["pipelines", "report", "orders"])  # the newest run: the frozen one
+    assert newest.exit_code == 0, newest.output
+    assert f"run {frozen_id} (FAILURE), staged nothing" in newest.output
+    assert "failed step orders_staged: Failure: contract.drift:" in newest.output
+    assert "rows: unknown (the run recorded no staged materialization)" in newest.output
+    assert "schema drift: added channel string" in newest.output
+
+    missing = CliRunner().invoke(cli, ["pipelines", "report", "orders", "--run-id", missing_id, "--json"])
+    assert missing.exit_code == 0, missing.output
+    document = json.loads(missing.stdout)
+    assert document["status"] == "FAILURE" and document["staged_at"] is None
+    assert document["counts"] == dict.fromkeys(
+        ("read", "filtered", "quarantined", "loaded", "valid", "published")
+    )
+    assert document["score_checks"] is None and document["score_rows"] is None
+    assert document["counts_add_up"] is None and document["checks_total"] == 0
+    [failure] = document["failures"]
+    assert failure["step"] == "orders_staged" and failure["error_class"] == "JunctionError"
+    assert failure["error"] == f"no file matches {pipelines_dir / 'orders.csv'}"
+
+    from orchestration.instance import prepare_dagster_home
+
+    prepare_dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        history = history_from_instance(instance, "orders")
+        report = RunReport.from_facts(facts_from_instance(instance, "orders", missing_id))
+    assert [row.run_id for row in history] == [frozen_id, missing_id, staged_id]
+    assert [row.staged_at is None for row in history] == [True, True, False]
+    assert history[1].failed_step == "orders_staged" and history[1].error == failure["error"]
+    assert history[1].rows_read is None and history[1].score_checks is None and history[1].ended_at
+    assert history[2].rows_read == 5 and history[2].failed_step is None
+
+    page = render_report_html(report)
+    assert "staged nothing" in page and "no file matches" in page and "JunctionError" in page
+    assert "<svg" not in page  # no figure to draw
+    history_page = render_history_html("orders", history)
+    assert history_page.count("staged nothing") == 2 and "orders_staged: no file matches" in history_page

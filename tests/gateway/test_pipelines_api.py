@@ -217,3 +217,57 @@ def test_scopes_and_signed_links(platform: Platform):
         platform.client.get(f"/v1/pipelines/orders/reports/{first}", params={"token": forged}).status_code
         == 401
     )
+
+
+def test_a_run_that_failed_before_staging_is_a_report_of_a_failed_run_and_a_history_row(
+    platform: Platform, tmp_path: Path
+):
+    """The source file is gone: the run fails in the staged step before staging anything. Its report
+    is served (never a 404) with its status, failed step and error and every count null, the same as
+    the instance's; the history lists it in its place, paginated with the staged runs."""
+    folder = tmp_path / "pipelines"
+    (folder / "orders.csv").unlink()
+    job = build_pipeline(load_pipelines([folder / "orders.yaml"])["orders"]).resolve_job_def(
+        "orders_pipeline"
+    )
+    failed = job.execute_in_process(instance=platform.instance, raise_on_error=False)
+    assert not failed.success
+    headers = {**platform.key("pipelines:read"), "Accept": "application/json"}
+
+    response = platform.client.get(f"/v1/pipelines/orders/reports/{failed.run_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    served = response.json()
+    assert served["status"] == "FAILURE" and served["staged_at"] is None
+    assert set(served["counts"].values()) == {None} and served["score_checks"] is None
+    assert served["failures"] == [
+        {"step": "orders_staged", "error": f"no file matches {folder / 'orders.csv'}", "error_class": "JunctionError"}
+    ]  # fmt: skip
+    expected = RunReport.from_facts(facts_from_instance(platform.instance, "orders", failed.run_id)).to_json()
+    assert {k: v for k, v in served.items() if k != "links"} == {
+        k: v for k, v in expected.items() if k != "links"
+    }
+    page = platform.client.get(
+        f"/v1/pipelines/orders/reports/{failed.run_id}", headers={**headers, "Accept": "text/html"}
+    )
+    assert page.status_code == 200 and "staged nothing" in page.text and "no file matches" in page.text
+
+    first, second = platform.runs["orders"]
+    rows = platform.client.get("/v1/pipelines/orders/reports", headers=headers).json()["reports"]
+    assert [row["run_id"] for row in rows] == [failed.run_id, second, first]
+    assert rows[0]["staged_at"] is None and rows[0]["rows_read"] is None and rows[0]["status"] == "FAILURE"
+    assert rows[0]["failed_step"] == "orders_staged" and rows[0]["error"].startswith("no file matches")
+    assert rows[0]["url"].endswith(f"/v1/pipelines/orders/reports/{failed.run_id}")
+    paged, cursor = [], None
+    while True:
+        params = {"limit": 1, **({"before": cursor} if cursor else {})}
+        page_json = platform.client.get("/v1/pipelines/orders/reports", params=params, headers=headers).json()
+        paged += [row["run_id"] for row in page_json["reports"]]
+        cursor = page_json["next_cursor"]
+        if cursor is None:
+            break
+    assert paged == [failed.run_id, second, first]
+    # Another pipeline's run stays a 404 here.
+    [returns_run] = platform.runs["returns"]
+    assert (
+        platform.client.get(f"/v1/pipelines/orders/reports/{returns_run}", headers=headers).status_code == 404
+    )

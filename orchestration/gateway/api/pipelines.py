@@ -1,8 +1,9 @@
 """ETL pipelines and their quality reports, read from Dagster through GraphQL.
 
 A pipeline is a staged asset tagged `junction/pipeline` (`assets/etl/factory.py`); its report history
-is that asset's materializations (one per run that staged it), and a run's report is built from the
-run's event log: both materializations and the asset check evaluations (`assets/etl/report.py`).
+is that asset's materializations (one per run that staged it) merged with the pipeline's finished runs
+that staged nothing, and a run's report is built from the run's event log: both materializations, the
+asset check evaluations and the failed steps' errors (`assets/etl/report.py`).
 Dagster's event storage is the only source; nothing is copied into the platform store.
 
 `GET .../reports/{run_id}` also answers a browser holding the link from the Dagster UI: that link
@@ -19,12 +20,17 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from assets.etl.report import (
+    PIPELINE_TAG,
     QUALITY_REPORT,
     REPORT_LINK_PURPOSE,
+    UNSTAGED_STATUSES,
     CheckFact,
     HistoryRow,
     RunFacts,
     RunReport,
+    StepFailure,
+    is_pipeline_run,
+    merge_history,
     render_history_html,
     render_report_html,
     staged_asset_name,
@@ -39,6 +45,7 @@ from orchestration.gateway.dagster_client import (
     plain_metadata_entries,
     run_statuses,
     run_with_events,
+    runs_by_tag,
 )
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import requires, requires_or_signed_link
@@ -46,7 +53,6 @@ from orchestration.kernel.principals import Principal
 
 router = APIRouter(tags=["pipelines"])
 
-PIPELINE_TAG = "junction/pipeline"  # as assets/etl/factory.py tags the pipeline's assets
 PipelineName = Annotated[str, Path(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)]
 RunId = Annotated[str, Path(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
 # The pages draw no script and load nothing from elsewhere: the charts are inline SVG with inline styles.
@@ -80,7 +86,9 @@ class PipelineList(BaseModel):
 
 class ReportHistory(BaseModel):
     pipeline: str
-    reports: list[HistoryRow] = Field(description="One row per run that staged the pipeline, newest first.")
+    reports: list[HistoryRow] = Field(
+        description="One row per run that staged the pipeline or finished without staging, newest first."
+    )
     next_cursor: str | None = Field(description="Pass as `before` for older runs; null on the last page.")
 
 
@@ -180,7 +188,8 @@ async def report_history(
         str | None, Query(pattern=r"^[0-9]{1,16}$", description="The `next_cursor` of the previous page.")
     ] = None,
 ):
-    """One row per run that staged the pipeline, newest first; an HTML page with the score chart when
+    """One row per run that staged the pipeline, and per finished run of it that staged nothing (its
+    failed step and error, every figure null), newest first; an HTML page with the score chart when
     the client accepts text/html."""
     await _require_pipeline(request, name)
     client = request.app.state.dagster
@@ -189,25 +198,58 @@ async def report_history(
     materializations = await asset_materializations(
         client, [staged_asset_name(name)], limit=limit + 2, before_ms=before
     )
-    statuses = await run_statuses(client, [m["runId"] for m in materializations[:limit]])
+    statuses = await run_statuses(client, [m["runId"] for m in materializations[: limit + 1]])
     metadata = [plain_metadata_entries(m["metadataEntries"]) for m in materializations]
-    rows = [
-        HistoryRow.from_metadata(
-            materialization["runId"],
-            statuses.get(materialization["runId"], {}).get("status"),
-            int(materialization["timestamp"]) / 1000,
-            metadata[index],
-            metadata[index + 1].get("dagster/column_schema") if index + 1 < len(metadata) else None,
+    staged = [
+        (
+            int(materialization["timestamp"]),
+            HistoryRow.from_metadata(
+                materialization["runId"],
+                statuses.get(materialization["runId"], {}).get("status"),
+                int(materialization["timestamp"]) / 1000,
+                metadata[index],
+                metadata[index + 1].get("dagster/column_schema") if index + 1 < len(metadata) else None,
+            ),
         )
-        for index, materialization in enumerate(materializations[:limit])
+        for index, materialization in enumerate(materializations[: limit + 1])
     ]
-    next_cursor = materializations[limit - 1]["timestamp"] if len(materializations) > limit else None
+    rows, next_key = merge_history(staged, await _unstaged_rows(client, name, limit, before), limit)
+    next_cursor = None if next_key is None else str(int(next_key))
     for row in rows:
         row.url = _report_link(request, name, row.run_id)
     if wants_html(request, default=False):
         older = str(request.url.include_query_params(before=next_cursor)) if next_cursor else None
         return html_page(render_history_html(name, rows, older=older))
     return ReportHistory(pipeline=name, reports=rows, next_cursor=next_cursor)
+
+
+async def _unstaged_rows(client, name: str, limit: int, before: str | None) -> list[tuple[float, HistoryRow]]:
+    """Up to `limit` + 1 finished runs of the pipeline created before `before` (ms) that staged
+    nothing, keyed by their creation time in ms, with their first failure."""
+    staged_path = [staged_asset_name(name)]
+    rows: list[tuple[float, HistoryRow]] = []
+    cursor = None
+    while len(rows) <= limit:
+        page = await runs_by_tag(
+            client,
+            PIPELINE_TAG,
+            name,
+            statuses=list(UNSTAGED_STATUSES),
+            created_before_s=int(before) / 1000 if before else None,
+            limit=limit + 1,
+            cursor=cursor,
+        )
+        for run in page:
+            if any(m["assetKey"]["path"] == staged_path for m in run["assetMaterializations"]):
+                continue  # its staged materialization is a row of its own
+            events = await run_with_events(client, run["runId"])
+            failures = _failures(events["events"]) if events else []
+            row = HistoryRow.of_unstaged_run(run["runId"], run["status"], run["endTime"], failures)
+            rows.append((run["creationTime"] * 1000, row))
+        if len(page) <= limit:
+            break
+        cursor = page[-1]["runId"]
+    return rows
 
 
 @router.get(
@@ -240,7 +282,7 @@ async def pipeline_report(
         raise ProblemError(404, f"no run {run_id}", slug="not-found")
     facts = await _facts(client, name, run)
     if facts is None:
-        raise ProblemError(404, f"run {run_id} did not stage pipeline {name}", slug="not-found")
+        raise ProblemError(404, f"run {run_id} is not a run of pipeline {name}", slug="not-found")
     report = RunReport.from_facts(facts)
     report.links["run in the Dagster UI"] = ui_run_url(request, run_id)
     if wants_html(request, default=True):
@@ -256,7 +298,8 @@ async def _facts(client, name: str, run: dict[str, Any]) -> RunFacts | None:
         if event["__typename"] == "MaterializationEvent"
     }
     staged_event = materializations.get((staged_name,))
-    if staged_event is None:
+    tags = {tag["key"]: tag["value"] for tag in run["tags"]}
+    if staged_event is None and not is_pipeline_run(name, run["jobName"], tags):
         return None
     published_event = materializations.get((name,))
     checks = []
@@ -277,25 +320,57 @@ async def _facts(client, name: str, run: dict[str, Any]) -> RunFacts | None:
                 metadata=metadata,
             )
         )
-    previous = await asset_materializations(
-        client, [staged_name], limit=1, before_ms=staged_event["timestamp"]
-    )
-    previous_columns = (
-        plain_metadata_entries(previous[0]["metadataEntries"]).get("dagster/column_schema")
-        if previous
-        else None
-    )
-    staged = plain_metadata_entries(staged_event["metadataEntries"])
-    staged.pop(QUALITY_REPORT, None)  # the page is the report: its own link (and token) is not repeated
+    previous_columns, staged = None, None
+    if staged_event is not None:
+        previous = await asset_materializations(
+            client, [staged_name], limit=1, before_ms=staged_event["timestamp"]
+        )
+        if previous:
+            previous_columns = plain_metadata_entries(previous[0]["metadataEntries"]).get(
+                "dagster/column_schema"
+            )
+        staged = plain_metadata_entries(staged_event["metadataEntries"])
+        staged.pop(QUALITY_REPORT, None)  # the page is the report: its own link (and token) is not repeated
     return RunFacts(
         pipeline=name,
         run_id=run["runId"],
         status=run["status"],
         started_at=run["startTime"],
         ended_at=run["endTime"],
-        staged_at=int(staged_event["timestamp"]) / 1000,
+        staged_at=int(staged_event["timestamp"]) / 1000 if staged_event else None,
         staged=staged,
         published=plain_metadata_entries(published_event["metadataEntries"]) if published_event else None,
         checks=checks,
         previous_columns=previous_columns,
+        failures=_failures(run["events"]),
     )
+
+
+def _failures(events: list[dict[str, Any]]) -> list[StepFailure]:
+    """The failed steps with their errors, as `report.failures_from_instance` reads them; the run's own
+    failure only when no step failed."""
+    steps, run_failures = [], []
+    for event in events:
+        kind = event["__typename"]
+        if kind not in ("ExecutionStepFailureEvent", "RunFailureEvent"):
+            continue
+        error = event.get("error")
+        chain = (
+            [(error["className"], error["message"])]
+            + [(c["className"], c["message"]) for c in error["causes"]]
+            if error
+            else [(None, event["message"])]
+        )
+        if kind == "RunFailureEvent":
+            run_failures.append(StepFailure.from_error(None, chain))
+            continue
+        failure = event.get("failureMetadata")
+        steps.append(
+            StepFailure.from_error(
+                event["stepKey"],
+                chain,
+                description=failure["description"] if failure else None,
+                metadata=plain_metadata_entries(failure["metadataEntries"]) if failure else None,
+            )
+        )
+    return steps or run_failures
