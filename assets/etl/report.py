@@ -73,9 +73,23 @@ def staged_asset_name(pipeline: str) -> str:
     return f"{pipeline}_staged"
 
 
-def is_pipeline_run(pipeline: str, job_name: str | None, tags: dict[str, str]) -> bool:
-    """A run of the pipeline's job or tagged with it (runs that staged it are its runs too)."""
-    return job_name == f"{pipeline}_pipeline" or tags.get(PIPELINE_TAG) == pipeline
+def is_pipeline_run(
+    pipeline: str,
+    job_name: str | None,
+    tags: dict[str, str],
+    asset_paths: list[list[str]],
+    failed_steps: list[str | None],
+) -> bool:
+    """A run of the pipeline's job, tagged with it, or running one of its assets: selected (the UI's
+    Materialize launches the implicit asset job) or among the failed steps (an in-process run of
+    that job records no selection). Runs that staged it are its runs too."""
+    own = (staged_asset_name(pipeline), pipeline)  # the assets' keys, and their steps' keys
+    return (
+        job_name == f"{pipeline}_pipeline"
+        or tags.get(PIPELINE_TAG) == pipeline
+        or any(len(path) == 1 and path[0] in own for path in asset_paths)
+        or any(step in own for step in failed_steps)
+    )
 
 
 def report_path(pipeline: str, run_id: str | None = None) -> str:
@@ -609,7 +623,14 @@ def facts_from_instance(
     }
     staged_entry = materializations.get(staged_key)
     run = record.dagster_run
-    if staged_entry is None and not is_pipeline_run(pipeline, run.job_name, dict(run.tags)):
+    failures = failures_from_instance(instance, run_id)
+    if staged_entry is None and not is_pipeline_run(
+        pipeline,
+        run.job_name,
+        dict(run.tags),
+        [key.path for key in run.asset_selection or ()],
+        [failure.step for failure in failures],
+    ):
         return None
     published_entry = materializations.get(dg.AssetKey(pipeline))
     checks = []
@@ -650,7 +671,7 @@ def facts_from_instance(
         else None,
         checks=checks,
         previous_columns=previous_columns,
-        failures=failures_from_instance(instance, run_id),
+        failures=failures,
     )
 
 

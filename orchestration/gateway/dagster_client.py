@@ -291,6 +291,7 @@ query RunReportEvents($runId: ID!, $after: String) {
     ... on Run {
       runId jobName status startTime endTime
       tags { key value }
+      assetSelection { path }
       eventConnection(afterCursor: $after, limit: 1000) {
         cursor hasMore
         events {

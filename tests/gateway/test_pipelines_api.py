@@ -266,6 +266,17 @@ def test_a_run_that_failed_before_staging_is_a_report_of_a_failed_run_and_a_hist
         if cursor is None:
             break
     assert paged == [failed.run_id, second, first]
+    # The UI's Materialize on the staged asset alone: the implicit asset job, no pipeline tag; its
+    # asset selection makes it a run of the pipeline.
+    untagged = (
+        build_pipeline(load_pipelines([folder / "orders.yaml"])["orders"])
+        .resolve_implicit_global_asset_job_def()
+        .get_subset(asset_selection={dg.AssetKey("orders_staged")})
+        .execute_in_process(instance=platform.instance, raise_on_error=False)
+    )
+    assert not untagged.success
+    response = platform.client.get(f"/v1/pipelines/orders/reports/{untagged.run_id}", headers=headers)
+    assert response.status_code == 200 and response.json()["failures"][0]["step"] == "orders_staged"
     # Another pipeline's run stays a 404 here.
     [returns_run] = platform.runs["returns"]
     assert (

@@ -299,7 +299,11 @@ async def _facts(client, name: str, run: dict[str, Any]) -> RunFacts | None:
     }
     staged_event = materializations.get((staged_name,))
     tags = {tag["key"]: tag["value"] for tag in run["tags"]}
-    if staged_event is None and not is_pipeline_run(name, run["jobName"], tags):
+    failures = _failures(run["events"])
+    selected = [key["path"] for key in run["assetSelection"] or []]
+    if staged_event is None and not is_pipeline_run(
+        name, run["jobName"], tags, selected, [failure.step for failure in failures]
+    ):
         return None
     published_event = materializations.get((name,))
     checks = []
@@ -342,7 +346,7 @@ async def _facts(client, name: str, run: dict[str, Any]) -> RunFacts | None:
         published=plain_metadata_entries(published_event["metadataEntries"]) if published_event else None,
         checks=checks,
         previous_columns=previous_columns,
-        failures=_failures(run["events"]),
+        failures=failures,
     )
 
 
