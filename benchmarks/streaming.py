@@ -6,7 +6,7 @@ per call), on Redis (database 14, flushed first), SQLite and PostgreSQL (databas
 `junction_bench_streams`, recreated; each store migrated with `orchestration.store.upgrade`).
 Idempotency keys are off for the throughput figures and measured separately with a key per event.
 Peers on the same Redis: raw redis-py `XADD` one by one and pipelined (×100, ×1000) with the same JSON
-payload, and a `redis-benchmark` ceiling (`-t xadd` where the binary supports it, else the same
+payload (encoded before the clock starts: the peer is redis-py alone), and a `redis-benchmark` ceiling (`-t xadd` where the binary supports it, else the same
 `XADD key * payload <json>` as a custom command, 50 clients, pipeline 100).
 
 Latency: starts a real `junction dev` on a temporary copy of the project (fresh JUNCTION_HOME, the
@@ -184,17 +184,19 @@ def prepare_postgres() -> str:
 
 
 def raw_xadd(client, count: int, pipeline_size: int | None) -> float:
+    """redis-py's own XADD throughput: the JSON texts are encoded before the clock starts (timed, a
+    `json.dumps` per event, which builds an encoder on each call, was part of the peer's figure)."""
     key = f"bench:raw:{pipeline_size or 1}"
-    payloads = [payload(index) for index in range(count)]
+    texts = [json.dumps(payload(index), separators=(",", ":")) for index in range(count)]
     started = time.perf_counter()
     if pipeline_size is None:
-        for item in payloads:
-            client.xadd(key, {"payload": json.dumps(item, separators=(",", ":"))})
+        for text in texts:
+            client.xadd(key, {"payload": text})
     else:
         for start in range(0, count, pipeline_size):
             pipe = client.pipeline(transaction=False)
-            for item in payloads[start : start + pipeline_size]:
-                pipe.xadd(key, {"payload": json.dumps(item, separators=(",", ":"))})
+            for text in texts[start : start + pipeline_size]:
+                pipe.xadd(key, {"payload": text})
             pipe.execute()
     elapsed = time.perf_counter() - started
     return count / elapsed

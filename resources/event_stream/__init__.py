@@ -14,7 +14,7 @@ Semantics
   within a stream, and a reader that has seen id N never later finds a committed id below N
   (Redis appends in order; the SQL backend serialises a stream's publishers, see `sql.py`). An id is
   a resumable cursor; an event's publish time is its id's millisecond.
-- Payloads are validated against the stream's JSON Schema (fastjsonschema, compiled once); in a
+- Payloads are validated against the stream's JSON Schema (jsonschema-rs, compiled once); in a
   batch the valid events are stored and each invalid one is reported by index with the reason.
 - An idempotency key makes a repeat within the stream's window a `duplicate` (with the original id).
 - Retention keeps at least `max_count` events / everything younger than `max_age` (approximate while
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
         load_stream_specs,
     )
 
-# The registry (SQLAlchemy, fastjsonschema, pydantic) loads on first use of one of its names, so a
+# The registry (SQLAlchemy, jsonschema-rs, pydantic) loads on first use of one of its names, so a
 # module that needs only `core` (the spec loader checks stream names with its pattern) stays cheap.
 _REGISTRY_NAMES = {
     "StreamDefinition",

@@ -143,8 +143,7 @@ class AsyncRedisEventStream(AsyncEventStream):
         self.client = redis.asyncio.Redis.from_url(
             events.url, decode_responses=True, protocol=2, socket_connect_timeout=3
         )
-        self._publish_batch = self.client.register_script(redis_backend.PUBLISH_BATCH)
-        self._trim_script = self.client.register_script(redis_backend.TRIM)
+        self._publish_script = self.client.register_script(redis_backend.PUBLISH)
         self._read_page_script = self.client.register_script(redis_backend.READ_PAGE)
 
     async def _definition(self, stream: str):
@@ -168,16 +167,12 @@ class AsyncRedisEventStream(AsyncEventStream):
         definition = await self._definition(stream)
         rejected, valid = validate_batch(definition, events)
         appended = []
-        if valid and not self._backend.needs_pipeline(definition, valid):
-            # One script call, sent at once (a coroutine here): no pipeline, no SCRIPT EXISTS.
-            [call] = self._backend.queue_append(
-                self.client, self._publish_batch, self._trim_script, definition, valid
-            )
-            appended = self._backend.append_results(valid, [await self._call(call)])
-        elif valid:
-            pipe = self.client.pipeline(transaction=False)
-            self._backend.queue_append(pipe, self._publish_batch, self._trim_script, definition, valid)
-            appended = self._backend.append_results(valid, await self._call(pipe.execute()))
+        if valid:
+            replies = [
+                await self._call(self._publish_script(keys=keys, args=args))
+                for keys, args in self._backend.publish_calls(definition, valid)
+            ]
+            appended = self._backend.append_results(valid, replies)
         return combine_results(len(events), rejected, appended)
 
     async def read(

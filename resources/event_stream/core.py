@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
+import orjson
+
 from orchestration.errors import ConfigurationError, JunctionError
 
 # Larger than any sequence number either backend hands out; the seq of a "just before" cursor.
@@ -169,13 +171,15 @@ class EventToPublish:
     idempotency_key: str | None = None
 
 
-@dataclass(frozen=True)
-class ValidEvent:
-    """An event that passed validation: its index in the batch, payload and its JSON text."""
+class ValidEvent(NamedTuple):
+    """An event that passed validation: its index in the batch, payload and its JSON text (UTF-8).
+
+    A tuple, not a dataclass: one is built per event published, and a frozen dataclass costs twice
+    as much to build."""
 
     index: int
     payload: Any
-    encoded: str
+    encoded: bytes
     idempotency_key: str | None
 
 
@@ -458,30 +462,35 @@ class EventStream(ABC):
 def validate_batch(
     definition, events: Sequence[Payload | EventToPublish]
 ) -> tuple[list[PublishResult], list[ValidEvent]]:
-    """Each event checked against the stream's schema: (rejections with reasons, events to append)."""
+    """Each event checked against the stream's schema and encoded: (rejections with reasons, events to
+    append). The hot path of every publish: one pass, no object per event beyond its `ValidEvent`."""
     rejected: list[PublishResult] = []
     valid: list[ValidEvent] = []
+    validation_error = definition.validation_error
     for index, item in enumerate(events):
-        event = item if isinstance(item, EventToPublish) else EventToPublish(item)
-        reason = definition.validation_error(event.payload)
-        key = event.idempotency_key
+        if isinstance(item, EventToPublish):
+            payload, key = item.payload, item.idempotency_key
+        else:
+            payload, key = item, None
+        reason = validation_error(payload)
         if reason is None and key is not None and not (isinstance(key, str) and 0 < len(key) <= 200):
             reason = "idempotency key must be a string of 1 to 200 characters"
-        encoded = None
         if reason is None:
             try:
-                encoded = encode_payload(event.payload)
+                valid.append(ValidEvent(index, payload, encode_payload(payload), key))
+                continue
             except (TypeError, ValueError) as exc:
                 reason = f"payload is not JSON: {exc}"
-        if reason is not None or encoded is None:
-            rejected.append(PublishResult(index, "rejected", reason=reason))
-        else:
-            valid.append(ValidEvent(index, event.payload, encoded, key))
+        rejected.append(PublishResult(index, "rejected", reason=reason))
     return rejected, valid
 
 
 def combine_results(count: int, *parts: list[PublishResult]) -> BatchResult:
-    by_index = {result.index: result for part in parts for result in part}
+    """The results of every event in index order (each part is in index order already)."""
+    nonempty = [part for part in parts if part]
+    if len(nonempty) == 1 and len(nonempty[0]) == count:  # all accepted, or all rejected: as they are
+        return BatchResult(nonempty[0])
+    by_index = {result.index: result for part in nonempty for result in part}
     return BatchResult([by_index[index] for index in range(count)])
 
 
@@ -491,12 +500,28 @@ def check_nothing_lost(stream: str, after: EventId | None, page: Page) -> None:
         raise EventsLost(stream, str(after.next()), str(page.max_deleted))
 
 
-# One encoder for every payload: `json.dumps` with options builds a new encoder per call (~2 µs).
+# orjson encodes about ten times faster than the stdlib, but writes NaN and ±Infinity as `null` (the
+# stdlib refuses them: JSON has no such numbers) and refuses integers beyond 64 bits and non-string
+# keys (the stdlib writes them). So a text holding `null`, or a payload orjson refuses, is encoded
+# again by the stdlib, whose answer (or error) stands. Datetimes, dataclasses and subclasses of
+# str/int/dict/list pass through to that fallback, so they fare as before; only UUIDs and plain enums,
+# which the stdlib refuses, orjson writes (as their text and their value).
+_ORJSON_AS_STDLIB = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+# One stdlib encoder: `json.dumps` with options builds a new encoder per call (~2 µs).
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def encode_payload(payload: Any) -> str:
-    return _ENCODER.encode(payload)
+def encode_payload(payload: Any) -> bytes:
+    """The payload as compact UTF-8 JSON; `TypeError`/`ValueError` if it is not JSON."""
+    try:
+        encoded = orjson.dumps(payload, option=_ORJSON_AS_STDLIB)
+    except TypeError:
+        return _ENCODER.encode(payload).encode()
+    if b"null" in encoded:
+        return _ENCODER.encode(payload).encode()
+    return encoded
 
 
 def decode_payload(text: str | bytes) -> Any:

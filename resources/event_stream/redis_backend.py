@@ -6,16 +6,18 @@ window). The braces are a Redis Cluster hash tag: a stream and its keys live in 
 Lua scripts below may touch them together.
 
 - Ids are Redis's own `ms-seq`, in the order Redis appended them.
-- Publishing runs one Lua script per batch (`PUBLISH_BATCH`, the payloads as one JSON array): the
-  `XADD`s and, for an event with an idempotency key, the key's check and `SET PX` run atomically in
-  it, so a crash can never store the key without the event or the event twice; and redis-py, whose
-  per-command packing and reply parsing bound a pipeline of `XADD`s, handles one command per batch.
+- Publishing runs one Lua script call (`PUBLISH`) per publish, or per thousand events of a batch:
+  the payloads are its arguments; the `XADD`s and, for an event with an idempotency key, the key's
+  check and `SET PX` run atomically in it, so a crash can never store the key without the event or
+  the event twice; it also counts the publish rate and applies the retention. One round trip, and
+  for redis-py one command to pack and one string reply to parse instead of a command per event.
 - Retention: Redis 7.0 records only `XDEL` in `max-deleted-entry-id`, not what `XTRIM` or
   `XADD MAXLEN` removed, so gap detection could not tell trimmed events from events never published.
-  The pipeline therefore ends with one `TRIM` script that trims itself and records the highest
-  trimmed id in `junction:events:{<stream>}:trimmed`. It is approximate like `MAXLEN ~`: it trims
-  (exactly down to `max_count`) only once `TRIM_SLACK` events too many have accumulated, so the cost
-  is amortised over batches; age (`MINID`) is checked on each publish at O(log n).
+  The publish script therefore trims itself (the `trim` Lua function, also the `TRIM` script of
+  `trim()`) and records the highest trimmed id in `junction:events:{<stream>}:trimmed`. It is
+  approximate like `MAXLEN ~`: it trims (exactly down to `max_count`) only once `TRIM_SLACK` events
+  too many have accumulated, so the cost is amortised over publishes; age (`MINID`) is checked on
+  each publish at O(log n).
 - Reads run `XINFO STREAM`, the trimmed marker and `XRANGE` in one Lua script, so the highest removed
   id that decides `EventsLost` and the events read belong to the same instant. Blocking reads wait
   with `XREAD BLOCK` and then read again through the script.
@@ -85,71 +87,83 @@ local function max_removed(info, marker_key)
 end
 """
 
-# KEYS: stream, the current publish-rate bucket, then the batch's idempotency keys. ARGV: window ms,
-# a JSON array of the payloads' JSON texts, a JSON array giving each event's idempotency key as an
-# index into KEYS (0: none; '' when no event has one), the bucket's lifetime in ms. One call per batch: redis-py packs three arguments and parses one reply
-# instead of a command per event, which is what bounds a pipeline of XADDs. Returns one string:
-# per event `a<id>` (accepted) or `d<id>` (duplicate: the original's id), space-separated.
-PUBLISH_BATCH = """
-local payloads = cjson.decode(ARGV[2])
-local keyed = nil
-if ARGV[3] ~= '' then keyed = cjson.decode(ARGV[3]) end
-local out = {}
-for i, payload in ipairs(payloads) do
-  local k = 0
-  if keyed then k = keyed[i] end
-  if k > 0 then
-    local existing = redis.call('GET', KEYS[k])
-    if existing then
-      out[i] = 'd' .. existing
-    else
-      local id = redis.call('XADD', KEYS[1], '*', 'payload', payload)
-      redis.call('SET', KEYS[k], id, 'PX', ARGV[1])
-      out[i] = 'a' .. id
-    end
-  else
-    out[i] = 'a' .. redis.call('XADD', KEYS[1], '*', 'payload', payload)
+# Trim a stream to its retention and record the highest id removed in the marker key. max_count ''
+# or a number, slack: the events beyond max_count tolerated before trimming, min_id '' or an id.
+# Returns how many events were removed.
+_LUA_TRIM = """
+local function trim(stream, marker, max_count, slack, min_id)
+  local removed = 0
+  local function record(id)
+    local current = redis.call('GET', marker)
+    if (not current) or id_less(current, id) then redis.call('SET', marker, id) end
   end
+  if max_count ~= '' then
+    local excess = redis.call('XLEN', stream) - tonumber(max_count)
+    if excess > tonumber(slack) then
+      local doomed = redis.call('XRANGE', stream, '-', '+', 'COUNT', excess)
+      record(doomed[#doomed][1])
+      removed = removed + redis.call('XTRIM', stream, 'MAXLEN', '=', max_count)
+    end
+  end
+  if min_id ~= '' then
+    local below = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
+    if #below > 0 then
+      record(below[1][1])
+      removed = removed + redis.call('XTRIM', stream, 'MINID', '=', min_id)
+    end
+  end
+  return removed
 end
-local added = 0
-for _, outcome in ipairs(out) do
-  if string.sub(outcome, 1, 1) == 'a' then added = added + 1 end
-end
-if added > 0 then
-  redis.call('INCRBY', KEYS[2], added)
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-return table.concat(out, ' ')
 """
 
-# KEYS: stream, trimmed marker. ARGV: max count ('' = none), slack, min id ('' = none).
-# Returns how many events were removed.
-TRIM = (
+# KEYS: stream, the current publish-rate bucket, trimmed marker, then the batch's idempotency keys.
+# ARGV: window ms, the bucket's lifetime ms, each event's idempotency key as an index into KEYS ('':
+# no event has one; else a JSON array, 0 for none), max count, trim slack, min id (as for trim()),
+# then one payload (JSON text) per event. One call per publish, one round trip, whatever the batch
+# holds: the XADDs, the idempotency checks (atomic with their XADD: a crash can never store the key
+# without the event or the event twice), the rate count and the retention trim. Payloads are plain
+# arguments, which Redis hands to Lua as they are (no JSON array for Lua to parse) and redis-py
+# packs in C with hiredis. Returns one string, space-separated per event: the new id, or `d` and
+# the original's id for a duplicate.
+PUBLISH = (
     _LUA_HELPERS
+    + _LUA_TRIM
     + """
-local removed = 0
-local function record(id)
-  local current = redis.call('GET', KEYS[2])
-  if (not current) or id_less(current, id) then redis.call('SET', KEYS[2], id) end
-end
-if ARGV[1] ~= '' then
-  local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
-  if excess > tonumber(ARGV[2]) then
-    local doomed = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
-    record(doomed[#doomed][1])
-    removed = removed + redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[1])
+local stream = KEYS[1]
+local first = 7
+local ids = {}
+local added = 0
+if ARGV[3] == '' then
+  for i = first, #ARGV do
+    ids[i - first + 1] = redis.call('XADD', stream, '*', 'payload', ARGV[i])
+  end
+  added = #ids
+else
+  local keyed = cjson.decode(ARGV[3])
+  for i = first, #ARGV do
+    local n = i - first + 1
+    local k = keyed[n]
+    local existing = k > 0 and redis.call('GET', KEYS[k])
+    if existing then
+      ids[n] = 'd' .. existing
+    else
+      ids[n] = redis.call('XADD', stream, '*', 'payload', ARGV[i])
+      if k > 0 then redis.call('SET', KEYS[k], ids[n], 'PX', ARGV[1]) end
+      added = added + 1
+    end
   end
 end
-if ARGV[3] ~= '' then
-  local below = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[3], '-', 'COUNT', 1)
-  if #below > 0 then
-    record(below[1][1])
-    removed = removed + redis.call('XTRIM', KEYS[1], 'MINID', '=', ARGV[3])
-  end
+-- the bucket's lifetime is set once, when the first publish of its 10 s creates it
+if added > 0 and redis.call('INCRBY', KEYS[2], added) == added then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
-return removed
+if ARGV[4] ~= '' or ARGV[6] ~= '' then trim(stream, KEYS[3], ARGV[4], ARGV[5], ARGV[6]) end
+return table.concat(ids, ' ')
 """
 )
+
+# KEYS: stream, trimmed marker. ARGV: max count ('' = none), slack, min id ('' = none).
+TRIM = _LUA_HELPERS + _LUA_TRIM + "return trim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
 
 # KEYS: stream, trimmed marker. ARGV: start, end, count. Returns {max removed id, last id, entries}.
 READ_PAGE = (
@@ -189,11 +203,13 @@ redis.call('XADD', KEYS[2], '*', 'payload', ARGV[3])
 return 1
 """
 
-# Events beyond max_count tolerated before the publish pipeline trims (like MAXLEN ~'s macro nodes).
+# Events beyond max_count tolerated before a publish trims (like MAXLEN ~'s macro nodes).
 TRIM_SLACK = 100
 # Publish rates are counted per bucket of this many seconds (one INCRBY per publish call).
 RATE_BUCKET_S = 10
-# Events per PUBLISH_BATCH call: the script holds Redis for about a millisecond per thousand.
+# A bucket lives from its first publish until the longest rate window no longer reads it.
+RATE_BUCKET_TTL_MS = (max(RATE_WINDOWS_S) + 2 * RATE_BUCKET_S) * 1000
+# Events per PUBLISH call: the script holds Redis for about a millisecond per thousand.
 SCRIPT_BATCH = 1000
 
 
@@ -259,86 +275,60 @@ def _entry_event(stream: str, entry) -> Event:
     return Event(stream, event_id, decode_payload(payload))
 
 
-def script_on(client):
-    """How to run a registered script on `client`: (script, keys, args) -> reply or queued command.
-
-    On a pipeline the script is queued as EVALSHA and registered with the pipeline, which loads it
-    before executing if the server does not know it; that is the same for sync and asyncio pipelines
-    (calling an asyncio script object would be a coroutine, not a queued command).
-    """
-
-    def run(script, keys, args):
-        if hasattr(client, "scripts"):  # a pipeline
-            client.scripts.add(script)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        return script(keys=keys, args=args, client=client)
-
-    return run
-
-
-def queue_trim(run_script, trim_script, definition: StreamDefinition, slack: int):
-    """Queue (on a pipeline) or run the TRIM script when the stream has a retention."""
-    if not (definition.max_count or definition.max_age_s):
-        return None
+def retention_args(definition: StreamDefinition, slack: int) -> list:
+    """The TRIM arguments of the stream's retention: max count, slack, min id ('' for none)."""
     minid = f"{now_ms() - definition.max_age_s * 1000}-0" if definition.max_age_s else ""
-    return run_script(
-        trim_script,
-        [stream_key(definition.name), trimmed_marker(definition.name)],
-        [definition.max_count or "", slack, minid],
-    )
+    return [definition.max_count or "", slack, minid]
 
 
-def queue_append(
-    pipe, publish_batch, trim_script, definition: StreamDefinition, events: list[ValidEvent]
-) -> list:
-    """Queue the publication of `events` on a pipeline (sync or asyncio: the commands are the same):
-    one PUBLISH_BATCH call per `SCRIPT_BATCH` events, then the retention trim. Given a client rather
-    than a pipeline, the calls run at once and their replies are returned."""
-    key = stream_key(definition.name)
+def publish_calls(definition: StreamDefinition, events: list[ValidEvent]) -> list[tuple[list, list]]:
+    """The PUBLISH script calls (keys, args) appending `events`: one per `SCRIPT_BATCH` events.
+
+    Sync and asyncio clients run the same calls, one after the other: a pipeline holding scripts
+    would first ask the server whether it knows them (`SCRIPT EXISTS`), one more round trip.
+    """
+    name = definition.name
     window_ms = definition.idempotency_window_s * 1000
-    run_script = script_on(pipe)
-    replies = []
+    retention = retention_args(definition, TRIM_SLACK)
+    calls = []
     for start in range(0, len(events), SCRIPT_BATCH):
         chunk = events[start : start + SCRIPT_BATCH]
-        keys = [key, rate_bucket_key(definition.name, now_ms() // 1000 // RATE_BUCKET_S)]
-        positions = []
-        for event in chunk:
-            if event.idempotency_key:
-                keys.append(idempotency_key(definition.name, event.idempotency_key))
-                positions.append(len(keys))
-            else:
-                positions.append(0)
-        reply = run_script(
-            publish_batch,
-            keys,
-            [
-                window_ms,
-                encode_payload([event.encoded for event in chunk]),
-                encode_payload(positions) if len(keys) > 2 else "",
-                (max(RATE_WINDOWS_S) + 2 * RATE_BUCKET_S) * 1000,
-            ],
-        )
-        replies.append(reply)
-    queue_trim(run_script, trim_script, definition, TRIM_SLACK)
-    return replies
+        keys = [
+            stream_key(name),
+            rate_bucket_key(name, now_ms() // 1000 // RATE_BUCKET_S),
+            trimmed_marker(name),
+        ]
+        keyed = ""
+        if any(event.idempotency_key for event in chunk):
+            positions = []
+            for event in chunk:
+                if event.idempotency_key:
+                    keys.append(idempotency_key(name, event.idempotency_key))
+                    positions.append(len(keys))
+                else:
+                    positions.append(0)
+            keyed = encode_payload(positions)
+        calls.append((keys, [window_ms, RATE_BUCKET_TTL_MS, keyed, *retention, *(e.encoded for e in chunk)]))
+    return calls
 
 
-def needs_pipeline(definition: StreamDefinition, events: list[ValidEvent]) -> bool:
-    """More than one command to send (several script calls, or a retention trim after them)?
-
-    A single call goes straight to the client: a pipeline holding scripts first asks the server
-    whether it knows them (`SCRIPT EXISTS`), a second round trip for every one-event publish.
-    """
-    return len(events) > SCRIPT_BATCH or bool(definition.max_count or definition.max_age_s)
-
-
-def append_results(events: list[ValidEvent], replies: list) -> list[PublishResult]:
-    """The events' results from the pipeline's replies (one per script call; a trailing TRIM reply)."""
+def append_results(events: list[ValidEvent], replies: list[str]) -> list[PublishResult]:
+    """The events' results from the PUBLISH replies (one per call of `publish_calls`)."""
     results = []
-    for start, reply in zip(range(0, len(events), SCRIPT_BATCH), replies, strict=False):
-        for event, outcome in zip(events[start : start + SCRIPT_BATCH], reply.split(" "), strict=True):
-            status = "accepted" if outcome[0] == "a" else "duplicate"
-            results.append(PublishResult(event.index, status, id=outcome[1:]))
+    for start, reply in zip(range(0, len(events), SCRIPT_BATCH), replies, strict=True):
+        chunk = events[start : start + SCRIPT_BATCH]
+        outcomes = reply.split(" ")
+        if "d" not in reply:  # every event accepted: its outcome is its id
+            results += [
+                PublishResult(event.index, "accepted", outcome)
+                for event, outcome in zip(chunk, outcomes, strict=True)
+            ]
+            continue
+        for event, outcome in zip(chunk, outcomes, strict=True):
+            if outcome[0] == "d":
+                results.append(PublishResult(event.index, "duplicate", outcome[1:]))
+            else:
+                results.append(PublishResult(event.index, "accepted", outcome))
     return results
 
 
@@ -370,7 +360,7 @@ class RedisEventStream(EventStream):
         # RESP2 pinned: the Lua replies and XINFO shapes parsed here are RESP2's. No socket timeout:
         # blocking reads hold the connection for up to block_ms.
         self.client = redis.Redis.from_url(url, decode_responses=True, protocol=2, socket_connect_timeout=3)
-        self._publish_batch = self.client.register_script(PUBLISH_BATCH)
+        self._publish_script = self.client.register_script(PUBLISH)
         self._read_page_script = self.client.register_script(READ_PAGE)
         self._read_group_script = self.client.register_script(READ_GROUP)
         self._dead_letter_script = self.client.register_script(DEAD_LETTER)
@@ -381,17 +371,12 @@ class RedisEventStream(EventStream):
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def _trim_with(self, client, definition: StreamDefinition, slack: int):
-        return queue_trim(script_on(client), self._trim_script, definition, slack)
-
     @_unavailable
     def _append(self, definition: StreamDefinition, events: list[ValidEvent]) -> list[PublishResult]:
-        if not needs_pipeline(definition, events):
-            replies = queue_append(self.client, self._publish_batch, self._trim_script, definition, events)
-            return append_results(events, replies)
-        pipe = self.client.pipeline(transaction=False)
-        queue_append(pipe, self._publish_batch, self._trim_script, definition, events)
-        return append_results(events, pipe.execute())
+        replies = [
+            self._publish_script(keys=keys, args=args) for keys, args in publish_calls(definition, events)
+        ]
+        return append_results(events, replies)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -545,4 +530,9 @@ class RedisEventStream(EventStream):
 
     @_unavailable
     def trim(self, stream: str) -> int:
-        return self._trim_with(self.client, self.registry.get(stream), 0) or 0
+        definition = self.registry.get(stream)
+        if not (definition.max_count or definition.max_age_s):
+            return 0
+        return self._trim_script(
+            keys=[stream_key(stream), trimmed_marker(stream)], args=retention_args(definition, 0)
+        )

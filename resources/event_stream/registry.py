@@ -33,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import fastjsonschema
+import jsonschema_rs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select
 
@@ -159,9 +159,9 @@ class StreamSpec(BaseModel):
     def _schema_compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             try:
-                fastjsonschema.compile(value)
-            except fastjsonschema.JsonSchemaDefinitionException as exc:
-                raise ValueError(f"not a valid JSON Schema: {exc}") from None
+                compile_schema(value)
+            except jsonschema_rs.ValidationError as exc:
+                raise ValueError(f"not a valid JSON Schema: {describe(exc, 'schema')}") from None
         return value
 
     @field_validator("idempotency_window", mode="before")
@@ -185,22 +185,19 @@ class StreamDefinition:
     updated_at: datetime | None = None
 
     @cached_property
-    def validator(self):
-        return fastjsonschema.compile(self.payload_schema) if self.payload_schema is not None else None
+    def validator(self) -> jsonschema_rs.Validator | None:
+        return compile_schema(self.payload_schema) if self.payload_schema is not None else None
 
     def validation_error(self, payload: Any) -> str | None:
-        """Why `payload` does not match the schema, or None."""
+        """Why `payload` does not match the schema (the first problem found), or None."""
         if self.validator is None:
             return None
         try:
-            self.validator(payload)
-        except fastjsonschema.JsonSchemaValueException as exc:
-            # fastjsonschema names the document `data`; the caller knows it as the payload.
-            return (
-                "payload" + exc.message.removeprefix("data")
-                if exc.message.startswith("data")
-                else exc.message
-            )
+            self.validator.validate(payload)
+        except jsonschema_rs.ValidationError as exc:
+            return describe(exc, "payload")
+        except ValueError as exc:  # a value JSON has no type for, where the schema looks at it
+            return f"payload is not JSON: {exc}"
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -214,6 +211,24 @@ class StreamDefinition:
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
+
+
+def compile_schema(schema: dict[str, Any]) -> jsonschema_rs.Validator:
+    """A payload schema's validator (jsonschema-rs: about a quarter of fastjsonschema's cost per event).
+
+    The dialect is the schema's `$schema`, else draft 7; formats (`date-time`, `email`, …) are
+    asserted in every dialect, as declared schemas have always been checked. `ValidationError` names
+    what is wrong with a schema that is not one.
+    """
+    if "$schema" in schema:
+        return jsonschema_rs.validator_for(schema, validate_formats=True)
+    return jsonschema_rs.Draft7Validator(schema, validate_formats=True)
+
+
+def describe(error: jsonschema_rs.ValidationError, document: str) -> str:
+    """`payload.items[0].sku: 5 is not of type "string"`: where in the document, then what."""
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.instance_path)
+    return f"{document}{where}: {error.message}"
 
 
 def load_stream_specs(folder: str | Path | None = None) -> dict[Path, StreamSpec]:

@@ -76,7 +76,7 @@ def test_publish_reports_each_item(streams_dir: Path, tmp_path: Path):
         ["1", "rejected"],
         ["2", "accepted"],
     ]
-    assert "payload must contain ['amount'] properties" in result.stdout
+    assert 'payload: "amount" is a required property' in result.stdout
     assert str(result.exception) == "1 of 3 events were rejected"
 
     path.write_text('{"order_id": "e", "amount": 5}\n{not json\n')

@@ -36,7 +36,7 @@ def test_buffer_flushes_on_size_time_and_close(event_stream: EventStream, declar
         buffer.add({"n": 5}, idempotency_key="five")
     assert payloads(event_stream)[-1] == {"n": 5}, "closing flushes what is left"
     rejected = [result for batch in buffer.results for result in batch.rejected]
-    assert [(r.index, r.reason) for r in rejected] == [(0, "payload must contain ['n'] properties")]
+    assert [(r.index, r.reason) for r in rejected] == [(0, 'payload: "n" is a required property')]
 
 
 def test_async_api(event_stream: EventStream, declare):

@@ -67,12 +67,47 @@ def test_schema_rejections_are_reported_by_index(event_stream: EventStream, decl
     )
     assert [r.status for r in batch.results] == ["accepted", "rejected", "rejected", "accepted"]
     assert [r.index for r in batch.rejected] == [1, 2]
-    assert batch.rejected[0].reason == "payload must contain ['amount'] properties"
-    assert batch.rejected[1].reason == "payload.amount must be bigger than or equal to 0"
+    assert batch.rejected[0].reason == 'payload: "amount" is a required property'
+    assert batch.rejected[1].reason == "payload.amount: -5 is less than the minimum of 0"
     assert [e.payload["order_id"] for e in event_stream.read("orders")] == ["a", "d"]
 
     single = event_stream.publish("orders", {"order_id": 7, "amount": 1})
-    assert single.status == "rejected" and single.reason == "payload.order_id must be string"
+    assert single.status == "rejected" and single.reason == 'payload.order_id: 7 is not of type "string"'
+
+
+def test_payloads_that_are_not_json_are_rejected_and_the_rest_stored_as_json_has_them(
+    event_stream: EventStream, declare
+):
+    declare("readings")
+    batch = event_stream.publish_batch(
+        "readings",
+        [
+            {"value": float("nan")},
+            {"value": None, "note": "null"},
+            {"value": float("-inf")},
+            {"value": 2**70, 7: "key"},
+            {"at": datetime(2026, 11, 28, tzinfo=UTC)},
+            {"value": [1.5, "é"]},
+        ],
+    )
+    assert [r.status for r in batch.results] == [
+        "rejected",
+        "accepted",
+        "rejected",
+        "accepted",
+        "rejected",
+        "accepted",
+    ]
+    assert [r.reason for r in batch.rejected] == [
+        "payload is not JSON: Out of range float values are not JSON compliant",
+        "payload is not JSON: Out of range float values are not JSON compliant",
+        "payload is not JSON: Object of type datetime is not JSON serializable",
+    ]
+    assert [e.payload for e in event_stream.read("readings")] == [
+        {"value": None, "note": "null"},
+        {"value": 2**70, "7": "key"},
+        {"value": [1.5, "é"]},
+    ]
 
 
 def test_idempotency_key_reports_a_duplicate_and_stores_once(event_stream: EventStream, declare):

@@ -57,7 +57,7 @@ def test_publish_one_or_many_with_per_item_results(gateway):
     assert mixed.status_code == 207, mixed.text
     body = mixed.json()
     assert [item["status"] for item in body["results"]] == ["accepted", "rejected", "accepted", "duplicate"]
-    assert body["results"][1]["reason"] == "payload.amount must be bigger than or equal to 0"
+    assert body["results"][1]["reason"] == "payload.amount: -1 is less than the minimum of 0"
     assert body["results"][3]["id"] == body["results"][2]["id"]
     assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 1, 1)
 

@@ -10,6 +10,7 @@ from orchestration.kernel.spec_errors import SpecError
 from orchestration.settings import PROJECT_ROOT
 from orchestration.store import get_engine
 from resources.event_stream import (
+    StreamDefinition,
     StreamNotFound,
     StreamOwnedElsewhere,
     StreamRegistry,
@@ -30,6 +31,36 @@ def test_the_shipped_orders_stream_loads_and_validates():
     orders = next(spec for spec in specs.values() if spec.name == "orders")
     assert orders.retention.max_count == 1_000_000 and orders.retention.max_age == 30 * 86400
     assert orders.idempotency_window == 86400
+
+
+def test_payload_problems_name_their_place_and_formats_are_checked():
+    schema = {
+        "type": "object",
+        "required": ["at"],
+        "properties": {
+            "at": {"type": "string", "format": "date-time"},
+            "items": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"sku": {"type": "string"}}},
+            },
+        },
+    }
+    orders = StreamDefinition(name="orders", payload_schema=schema)
+    assert orders.validation_error({"at": "2026-11-28T17:00:00Z", "items": [{"sku": "a"}]}) is None
+    assert orders.validation_error({}) == 'payload: "at" is a required property'
+    assert orders.validation_error({"at": "Tuesday"}) == 'payload.at: "Tuesday" is not a "date-time"'
+    assert (
+        orders.validation_error({"at": "2026-11-28T17:00:00Z", "items": [{"sku": "a"}, {"sku": 5}]})
+        == 'payload.items[1].sku: 5 is not of type "string"'
+    )
+    # A declared dialect is honoured (2020-12 `prefixItems`), and formats are asserted in it too.
+    tuple_schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "prefixItems": [{"type": "string", "format": "email"}],
+    }
+    pairs = StreamDefinition(name="pairs", payload_schema=tuple_schema)
+    assert pairs.validation_error(["a@example.com", 1]) is None
+    assert pairs.validation_error(["nobody"]) == 'payload[0]: "nobody" is not a "email"'
 
 
 def test_every_problem_names_file_field_and_reason(tmp_path: Path):
