@@ -71,7 +71,9 @@ def bench_noop_op() -> None:
     return None
 
 
-@dg.job(description="Benchmark baseline: one op that returns None.")
+# The in-process executor, as the workflow jobs use: Dagster's cheapest run (its default multiprocess
+# executor adds a process per step, ~3 s here, which would flatter the workflows).
+@dg.job(description="Benchmark baseline: one op that returns None.", executor_def=dg.in_process_executor)
 def bench_noop():
     bench_noop_op()
 '''
