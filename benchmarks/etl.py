@@ -18,7 +18,9 @@ fastest PostgreSQL setting (`loader_file_format="csv"`, uncompressed files, COPY
 `ratio_vs_dlt` = Junction's load rows/s (stage + publish; the stage's COPY timed from the first batch
 to the commit, waits for the reading included) / dlt's rows/s (its whole `pipeline.run`:
 extract, normalize, load); `ratio_vs_dlt_load_step` divides by dlt's load step alone (its COPY of
-files already written) for the stricter reading.
+files already written) for the stricter reading. Because Junction's COPY waits for the reading, both
+are also given for the like-for-like load: Junction's stage + publish of the same in-memory clean Arrow
+table dlt gets (`ratio_vs_dlt_same_input_x`, `ratio_vs_dlt_load_step_same_input_x`).
 
 Timings exclude interpreter start-up and imports (great_expectations, dagster and dlt are imported
 before anything is timed). Memory is the process's peak RSS from `resource.getrusage` (ru_maxrss),
@@ -370,6 +372,22 @@ def run_junction(spec_path: Path, url: str) -> dict:
     }
 
 
+def run_junction_load(table: pa.Table, url: str) -> float:
+    """Seconds for Junction's load alone (`SqlTarget.stage` + `publish` by swap) of an in-memory Arrow
+    table: the same input dlt gets, into a table of its own."""
+    target = SqlTarget(SqlTargetSpec(kind="sql", url=url, table=f"{TABLE}_same_input"), uuid.uuid4().hex)
+    try:
+        started = time.perf_counter()
+        target.stage(table, uuid.uuid4().hex)
+        outcome = target.publish("replace", [])
+        seconds = time.perf_counter() - started
+    finally:
+        target.dispose()
+    if outcome.rows_published != table.num_rows:
+        raise SystemExit(f"junction loaded {outcome.rows_published:,} rows, expected {table.num_rows:,}")
+    return seconds
+
+
 def run_dlt(table: pa.Table, url: str, pipelines_dir: Path) -> dict:
     import dlt
     import sqlalchemy as sa
@@ -447,6 +465,8 @@ def main() -> None:
         print("dlt: the same clean table into the same database ...", file=sys.stderr)
         clean = junction["clean"]
         dlt_run = run_dlt(clean, args.url, directory / "dlt")
+        print("junction: the load alone, of the same clean table ...", file=sys.stderr)
+        same_input_s = run_junction_load(clean, args.url)
         overall_peak_mb = max_rss_mb()
 
     timings: dict[str, Timing] = junction["timings"]
@@ -482,9 +502,15 @@ def main() -> None:
     ratio = junction_load_rate / dlt_rate if dlt_rate else 0.0
     dlt_load_step_rate = rate(dlt_run["rows"], dlt_load_step_s)
     ratio_load_step = junction_load_rate / dlt_load_step_rate if dlt_load_step_rate else 0.0
+    same_input_rate = rate(clean_rows, same_input_s)
+    ratio_same = same_input_rate / dlt_rate if dlt_rate else 0.0
+    ratio_load_step_same = same_input_rate / dlt_load_step_rate if dlt_load_step_rate else 0.0
     print(f"\n{'load of the clean table':<30} {'rows':>10} {'seconds':>8} {'rows/s':>12}")
     print(
         f"{'junction stage + publish':<30} {clean_rows:>10,} {junction_load_s:>8.3f} {junction_load_rate:>12,.0f}"
+    )
+    print(
+        f"{'  same Arrow table as dlt':<30} {clean_rows:>10,} {same_input_s:>8.3f} {same_input_rate:>12,.0f}"
     )
     print(f"{'dlt run (csv, COPY)':<30} {dlt_run['rows']:>10,} {dlt_run['total_s']:>8.3f} {dlt_rate:>12,.0f}")
     for step in ("extract", "normalize", "load"):
@@ -492,6 +518,10 @@ def main() -> None:
             print(f"{'  dlt ' + step:<30} {'':>10} {dlt_run['steps'][step]:>8.3f}")
     print(f"\nratio_vs_dlt (junction load rows/s / dlt run rows/s): {ratio:.2f}x")
     print(f"ratio_vs_dlt_load_step (junction load rows/s / dlt load step rows/s): {ratio_load_step:.2f}x")
+    print(
+        f"same input (junction's load of dlt's Arrow table): {ratio_same:.2f}x dlt's run, "
+        f"{ratio_load_step_same:.2f}x dlt's load step"
+    )
     checks = junction["checks"]
     print(
         f"rows: {rows_read:,} read, {metadata['rows_filtered']:,} filtered, "
@@ -536,6 +566,10 @@ def main() -> None:
             "dlt_load_step_rows_per_s": round(dlt_load_step_rate, 1),
             "ratio_vs_dlt_x": round(ratio, 3),
             "ratio_vs_dlt_load_step_x": round(ratio_load_step, 3),
+            "junction_load_same_input_s": round(same_input_s, 3),
+            "junction_load_same_input_rows_per_s": round(same_input_rate, 1),
+            "ratio_vs_dlt_same_input_x": round(ratio_same, 3),
+            "ratio_vs_dlt_load_step_same_input_x": round(ratio_load_step_same, 3),
             "rss_before_junction_mb": round(rss_before_mb, 1),
             "peak_rss_junction_mb": round(junction_peak_mb, 1),
             "peak_rss_overall_mb": round(overall_peak_mb, 1),
