@@ -219,10 +219,14 @@ def compile_schema(schema: dict[str, Any]) -> jsonschema_rs.Validator:
     The dialect is the schema's `$schema`, else draft 7; formats (`date-time`, `email`, …) are
     asserted in every dialect, as declared schemas have always been checked. `ValidationError` names
     what is wrong with a schema that is not one.
+
+    Offline: a remote `$ref` is refused, never fetched. Schemas arrive through `PUT /v1/streams`, and
+    a fetch would let any caller with that scope make the platform request an address of their choice
+    (and make validation depend on a third party being up). References inside the schema still resolve.
     """
     if "$schema" in schema:
-        return jsonschema_rs.validator_for(schema, validate_formats=True)
-    return jsonschema_rs.Draft7Validator(schema, validate_formats=True)
+        return jsonschema_rs.validator_for(schema, validate_formats=True, offline=True)
+    return jsonschema_rs.Draft7Validator(schema, validate_formats=True, offline=True)
 
 
 def describe(error: jsonschema_rs.ValidationError, document: str) -> str:

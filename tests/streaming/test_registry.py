@@ -17,6 +17,7 @@ from resources.event_stream import (
     StreamSpec,
     load_stream_specs,
 )
+from resources.event_stream.registry import compile_schema
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -122,6 +123,17 @@ def test_sync_and_upsert_through_python(store_url: str, tmp_path: Path):
 def test_a_declaration_rejects_reserved_names():
     with pytest.raises(ValueError, match="lowercase letters"):
         StreamSpec(name="orders:dead-letter")
+
+
+def test_a_payload_schema_never_makes_the_platform_fetch_a_url():
+    """A remote `$ref` is refused at declaration (nothing listens on port 9: a fetch would also fail,
+    but with a connection error, not this message); references inside the schema still resolve."""
+    with pytest.raises(ValueError, match="not a valid JSON Schema: .*Retrieval is disabled"):
+        StreamSpec(name="orders", payload_schema={"$ref": "http://127.0.0.1:9/order.json"})
+    local = {"definitions": {"id": {"type": "integer"}}, "properties": {"id": {"$ref": "#/definitions/id"}}}
+    StreamSpec(name="orders", payload_schema=local)
+    validator = compile_schema(local)
+    assert validator.is_valid({"id": 1}) and not validator.is_valid({"id": "one"})
 
 
 # --- ownership: each stream has one owner, `api` or `yaml:<file>`, and only its owner changes it ------
