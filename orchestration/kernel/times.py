@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -19,6 +22,17 @@ def parse_duration(text: str) -> timedelta | None:
     if not match:
         return None
     return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def check_duration(text: str) -> str:
+    """`text` itself when it is a duration; else the ValueError pydantic reports for the field."""
+    if parse_duration(text) is None:
+        raise ValueError(f"{text!r} is not a duration (90m, 12h, 2d, 1w)")
+    return text
+
+
+# A spec field holding a duration as written (`timeout: 2h`), checked where the spec is validated.
+DurationText = Annotated[str, AfterValidator(check_duration)]
 
 
 def parse_instant(text: str) -> datetime | None:

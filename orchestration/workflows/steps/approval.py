@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestration.errors import JunctionError
+from orchestration.kernel.times import DurationText
 from orchestration.workflows.context import StepContext
 from orchestration.workflows.steps.base import StepConfig, StepType
 
@@ -57,7 +58,7 @@ class ApprovalConfig(StepConfig):
     message: str = Field(description="Template: what the approvers are asked.")
     approvers: Approvers
     required_approvals: int = Field(default=1, ge=1, description="N of the approvers must approve.")
-    timeout: str | None = Field(default=None, description="How long to wait: 90m, 12h, 2d, 1w.")
+    timeout: DurationText | None = Field(default=None, description="How long to wait: 90m, 12h, 2d, 1w.")
     on_timeout: Literal["approve", "reject", "fail"] = "reject"
     auto_approve: dict[str, Any] | None = Field(
         default=None,
@@ -77,15 +78,6 @@ class ApprovalConfig(StepConfig):
 
     not_templates = frozenset({"approvers", "timeout", "on_timeout", "auto_approve", "inputs"})
     condition_fields = frozenset({"auto_approve"})
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: str | None) -> str | None:
-        from orchestration.kernel.times import parse_duration
-
-        if value is not None and parse_duration(value) is None:
-            raise ValueError(f"{value!r} is not a duration (90m, 12h, 2d, 1w)")
-        return value
 
     @model_validator(mode="after")
     def _someone_decides(self) -> ApprovalConfig:

@@ -11,29 +11,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from orchestration.errors import JunctionError
+from orchestration.kernel.times import DurationText
 from orchestration.workflows.context import StepContext
 from orchestration.workflows.steps.base import StepConfig, StepType
 
 
 class DelayConfig(StepConfig):
-    duration: str | None = Field(default=None, description="How long to wait: 90m, 12h, 2d, 1w.")
+    duration: DurationText | None = Field(default=None, description="How long to wait: 90m, 12h, 2d, 1w.")
     until: str | None = Field(
         default=None, description="Template of an ISO 8601 instant to wait for (naive is UTC)."
     )
 
     not_templates = frozenset({"duration"})
-
-    @field_validator("duration")
-    @classmethod
-    def _duration(cls, value: str | None) -> str | None:
-        from orchestration.kernel.times import parse_duration
-
-        if value is not None and parse_duration(value) is None:
-            raise ValueError(f"{value!r} is not a duration (90m, 12h, 2d, 1w)")
-        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> DelayConfig:
