@@ -214,6 +214,17 @@ class Stage:
     rows_per_second: float | None
 
 
+def _run_identity(facts: RunFacts) -> dict[str, Any]:
+    """Which run a report is of, whether it staged or not."""
+    return {
+        "pipeline": facts.pipeline,
+        "run_id": facts.run_id,
+        "status": facts.status,
+        "started_at": _iso(facts.started_at),
+        "ended_at": _iso(facts.ended_at),
+    }
+
+
 @dataclass
 class RunReport:
     pipeline: str
@@ -266,11 +277,7 @@ class RunReport:
             )
         columns = _schema_columns(staged.get(COLUMN_SCHEMA)) or []
         return cls(
-            pipeline=facts.pipeline,
-            run_id=facts.run_id,
-            status=facts.status,
-            started_at=_iso(facts.started_at),
-            ended_at=_iso(facts.ended_at),
+            **_run_identity(facts),
             staged_at=_iso(facts.staged_at) or "",
             score_checks=score_checks,
             score_rows=score_rows,
@@ -319,11 +326,7 @@ class RunReport:
             (f.metadata[SCHEMA_DRIFT] for f in facts.failures if SCHEMA_DRIFT in f.metadata), None
         )
         return cls(
-            pipeline=facts.pipeline,
-            run_id=facts.run_id,
-            status=facts.status,
-            started_at=_iso(facts.started_at),
-            ended_at=_iso(facts.ended_at),
+            **_run_identity(facts),
             staged_at=None,
             score_checks=None,
             score_rows=None,

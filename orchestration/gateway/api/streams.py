@@ -197,20 +197,12 @@ async def list_streams(
     events = gateway_events(request)
     with StreamCalls():
         definitions = await anyio.to_thread.run_sync(events.sync.registry.list)
-        streams = []
-        for definition in definitions:
-            data = definition.to_json()
-            streams.append(
-                StreamSummary(
-                    name=definition.name,
-                    description=definition.description,
-                    payload_schema=definition.payload_schema,
-                    retention=data["retention"],
-                    idempotency_window_seconds=definition.idempotency_window_s,
-                    origin=definition.origin,
-                    stats=stats_model(await events.stats(definition.name)),
-                )
+        streams = [
+            StreamSummary.model_validate(
+                {**definition.to_json(), "stats": stats_model(await events.stats(definition.name))}
             )
+            for definition in definitions
+        ]
     return StreamsPage(streams=streams)
 
 
