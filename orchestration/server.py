@@ -115,11 +115,12 @@ class GatewayFirst:
             return
         path = scope["path"]
         if path == self.prefix or path.startswith(self.prefix + "/"):
-            root = scope.get("root_path", "")
             # Starlette's mount convention: the path stays whole, root_path grows by the prefix.
-            await self.gateway(
-                {**scope, "root_path": root + self.prefix, "app_root_path": root}, receive, send
-            )
+            # `app_root_path` is what `request.url_for` and `request.base_url` start from; under a
+            # `Mount` the outer router adds the mount path itself, but the gateway's router knows no
+            # prefix, so its URLs carry it only if the root they start from does.
+            mounted_at = scope.get("root_path", "") + self.prefix
+            await self.gateway({**scope, "root_path": mounted_at, "app_root_path": mounted_at}, receive, send)
             return
         await self.fallback(scope, receive, send)
 

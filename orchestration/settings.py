@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Paths in the repository that specs are read from by default (relative to the working directory).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The public URL of a platform on `junction dev`'s default host and port.
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:3000"
 
 
 class JunctionSettings(BaseSettings):
@@ -55,8 +57,9 @@ class JunctionSettings(BaseSettings):
     )
 
     public_url: str = Field(
-        default="http://127.0.0.1:3000",
-        description="Where people reach the platform: the base of links in reports and notifications.",
+        default=DEFAULT_PUBLIC_URL,
+        description="Where people reach the platform: the base of links in reports and notifications. "
+        "Unset, `junction dev` derives it from its --host and --port.",
     )
     secret_key_env: str = Field(
         default="JUNCTION_SECRET_KEY",
@@ -156,6 +159,27 @@ class JunctionSettings(BaseSettings):
     @property
     def secret_key_file(self) -> Path:
         return self.home_dir / "secret.key"
+
+
+def derived_public_url(host: str, port: int) -> str:
+    """Where a server listening on host:port is reached from this machine (a wildcard host is
+    reached on the loopback address; a remote reader needs JUNCTION_PUBLIC_URL set)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def export_public_url(settings: JunctionSettings, host: str, port: int) -> JunctionSettings:
+    """The settings with `public_url` derived from host:port unless it was set (environment or
+    .env), exported as JUNCTION_PUBLIC_URL so the code server, the daemon and every run worker
+    started from this process build the same links."""
+    if "public_url" in settings.model_fields_set:
+        return settings
+    os.environ["JUNCTION_PUBLIC_URL"] = derived_public_url(host, port)
+    reset_settings_cache()
+    return get_settings()
 
 
 @lru_cache(maxsize=1)

@@ -43,14 +43,14 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     from orchestration.kernel.principals import ensure_local_admin_key
     from orchestration.platform_lock import hold_platform_lock
     from orchestration.server import check_port_free, default_workspace_file, serve_platform, workspace_target
-    from orchestration.settings import get_settings
+    from orchestration.settings import export_public_url, get_settings
     from orchestration.store.bootstrap import migrate_store
     from orchestration.store.db import get_engine
     from resources.event_stream.registry import StreamRegistry
 
     started = time.perf_counter()
     _configure_logging(log_level)
-    settings = get_settings()
+    settings = export_public_url(get_settings(), host, port)
     check_port_free(host, port)
     workspace_file = workspace_file or default_workspace_file()
     workspace_target(workspace_file)
@@ -63,6 +63,7 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     verb = "created" if created else "kept"
     click.echo(f"junction: local admin API key '{key.name}' {verb} in {settings.admin_key_file}")
     click.echo(f"junction: starting on http://{host}:{port}  (gateway at {settings.gateway_prefix})")
+    click.echo(f"junction: links in reports and notifications start with {settings.public_url}")
     logging.getLogger("junction.server").info("prepared in %.1fs", time.perf_counter() - started)
     with hold_platform_lock(settings.home_dir):
         sys.exit(serve_platform(settings, host, port, workspace_file, log_level))
