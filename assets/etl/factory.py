@@ -151,6 +151,8 @@ def stage(
     table, quarantine, counts, drift = result.to_table(), result.quarantine, result.counts, result.drift
     load_id, step_reports = result.identity.load_id, result.step_reports
     read_seconds = time.perf_counter() - started
+    for note in source.notes():
+        log.info(note)
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )

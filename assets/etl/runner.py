@@ -139,6 +139,13 @@ def iter_pipeline(
     counts.read += by_step.get(READ_STEP, 0)
     counts.quarantined = by_step
     counts.check()
+    if counts.read == 0 and not spec.source.allow_empty:
+        problem = source.empty_input_problem()
+        if problem:
+            raise JunctionError(
+                f"read no records from {source.description}: {problem} "
+                "(set source.allow_empty: true if an empty read is expected)"
+            )
     if step_reports is not None:
         step_reports.update({step.name: report for step in steps if (report := step.report()) is not None})
 

@@ -38,7 +38,10 @@ XML is parsed with the stdlib's expat (`xml.parsers.expat`) rather than lxml: ex
 streams, protects against entity-expansion attacks and reports line and byte positions, which is
 what quarantine needs; lxml's `recover=True` would silently repair records instead of reporting them.
 Each `xml_record` element is a record: its attributes and the text of its child elements are the
-fields (strings, typed by `cast`). After a well-formedness error the reader quarantines the broken
+fields (strings, typed by `cast`). Without `xml_record` the record element is detected per file (the
+element repeated nearest the root, `XmlSurvey`) and the choice is logged; a file that yields no
+record although it holds elements fails the run, naming the elements it holds (`allow_empty: true`
+accepts it). After a well-formedness error the reader quarantines the broken
 record and restarts at the next record element; a record element opened directly in an open record
 means the open one was never closed, so that one is quarantined and the new one read. The file is
 held in memory.
@@ -137,6 +140,17 @@ class Source(ABC):
     def read(self, quarantine: Quarantine) -> Iterator[Batch]:
         """Yield the rows in batches; unparseable records go to `quarantine` with step ``read``."""
 
+    def notes(self) -> list[str]:
+        """What the last `read` decided by itself (a detected XML record element): logged by the run."""
+        return []
+
+    def empty_input_problem(self) -> str | None:
+        """After a `read` that gave no record at all: what the input holds instead, or None when it
+        holds nothing (an empty table or query result, a CSV of only a header). The runner fails such
+        a read unless the spec allows it: a spec that misses its records must not publish an empty
+        table with a perfect score."""
+        return None
+
 
 @dataclass(frozen=True)
 class _Lines:
@@ -174,6 +188,20 @@ class FileSource(Source):
         self.spec = spec
         self.base_dir = Path(base_dir)
         self.batch_size = batch_size
+        self._notes: list[str] = []
+        # Per XML file read: the record element used and the survey of the file's elements.
+        self._xml_reads: list[tuple[Path, str, XmlSurvey]] = []
+
+    def notes(self) -> list[str]:
+        return list(self._notes)
+
+    def empty_input_problem(self) -> str | None:
+        # CSV and JSON Lines need no answer: every line that is not blank is a record or quarantined.
+        problems = []
+        for path, record_tag, survey in self._xml_reads:
+            if survey.elements_below_root:
+                problems.append(f"{path}: no <{record_tag}> elements; {survey.describe()}")
+        return "; ".join(problems) or None
 
     @property
     def description(self) -> str:
@@ -219,6 +247,8 @@ class FileSource(Source):
         return InputIdentity("file", tuple(parts))
 
     def read(self, quarantine: Quarantine) -> Iterator[Batch]:
+        self._notes.clear()
+        self._xml_reads.clear()
         reader = {
             "csv": self._read_csv,
             "jsonl": self._read_json_lines,
@@ -695,9 +725,25 @@ class FileSource(Source):
     # -- XML --
 
     def _read_xml(self, path: Path, quarantine: Quarantine) -> Iterator[Batch]:
-        reader = _XmlRecords(
-            self._read_all(path), self.spec.xml_record, self.spec.encoding, str(path), quarantine
-        )
+        data = self._read_all(path)
+        survey = XmlSurvey.of(data, self.spec.encoding)
+        record_tag = self.spec.xml_record
+        if record_tag is None:
+            record_tag = survey.record_element()
+            if record_tag is None:
+                if survey.elements_below_root:
+                    raise JunctionError(
+                        f"{path}: cannot tell which element is a record ({survey.describe()}): "
+                        "set source.xml_record"
+                    )
+                record_tag = "record"  # nothing below the root: an empty document, read as such
+            else:
+                self._notes.append(
+                    f"{path}: xml_record not set; reading <{record_tag}> elements "
+                    f"(repeated {survey.counts[record_tag]:,} times nearest the root)"
+                )
+        self._xml_reads.append((path, record_tag, survey))
+        reader = _XmlRecords(data, record_tag, self.spec.encoding, str(path), quarantine)
         records: list[dict[str, Any]] = []
         lines: list[int] = []
         rows: list[int] = []
@@ -766,6 +812,69 @@ def _json_line_problem(line: bytes) -> str | None:
     if not isinstance(value, dict):
         return f"a record must be a JSON object, got {type(value).__name__}"
     return None
+
+
+@dataclass(frozen=True)
+class XmlSurvey:
+    """Which elements an XML document holds below its root: how often each name occurs and the depth
+    (1 = a child of the root) where it first does. Made by a quick expat pass that keeps only names
+    (up to the first well-formedness error: a broken file is surveyed as far as it parses)."""
+
+    counts: dict[str, int]
+    depths: dict[str, int]
+
+    @classmethod
+    def of(cls, data: bytes, encoding: str) -> XmlSurvey:
+        counts: dict[str, int] = {}
+        depths: dict[str, int] = {}
+        depth = 0
+
+        def on_start(name: str, _attributes: dict[str, str]) -> None:
+            nonlocal depth
+            if depth >= 1:
+                counts[name] = counts.get(name, 0) + 1
+                depths.setdefault(name, depth)
+            depth += 1
+
+        def on_end(_name: str) -> None:
+            nonlocal depth
+            depth -= 1
+
+        parser = expat.ParserCreate(encoding)
+        parser.StartElementHandler = on_start
+        parser.EndElementHandler = on_end
+        try:
+            parser.Parse(data, True)
+        except expat.ExpatError:
+            pass
+        return cls(counts, depths)
+
+    @property
+    def elements_below_root(self) -> int:
+        return sum(self.counts.values())
+
+    def repeated(self) -> list[str]:
+        """Names that occur more than once, nearest the root first, then the most frequent."""
+        names = [name for name, count in self.counts.items() if count > 1]
+        return sorted(names, key=lambda name: (self.depths[name], -self.counts[name], name))
+
+    def record_element(self) -> str | None:
+        """The record element: the repeated element nearest the root (`<cars><car/><car/></cars>` ->
+        car); a document with one record has one child of the root, with children of its own."""
+        repeated = self.repeated()
+        if repeated:
+            return repeated[0]
+        children = [name for name, depth in self.depths.items() if depth == 1]
+        has_fields = any(depth == 2 for depth in self.depths.values())
+        return children[0] if len(children) == 1 and has_fields else None
+
+    def describe(self) -> str:
+        repeated = self.repeated()[:5]
+        if repeated:
+            names = ", ".join(f"<{name}> ({self.counts[name]:,})" for name in repeated)
+            return f"the file's repeated elements are {names}"
+        names = ", ".join(f"<{name}>" for name in list(self.counts)[:5])
+        return f"the file's elements are {names}"
 
 
 class _XmlRecords:

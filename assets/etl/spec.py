@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import (
@@ -238,7 +238,17 @@ class CsvOptions(StrictModel):
         return self
 
 
-class FileSourceSpec(StrictModel):
+class SourceOptions(StrictModel):
+    """What every source kind takes."""
+
+    allow_empty: bool = Field(
+        default=False,
+        description="A read of no records from an input that holds data succeeds (default: the run "
+        "fails and says what the input holds, e.g. XML elements other than the record element)",
+    )
+
+
+class FileSourceSpec(SourceOptions):
     """Files on disk: one path or a glob, relative to the spec's folder (or to `package`)."""
 
     kind: Literal["file"] = "file"
@@ -250,7 +260,12 @@ class FileSourceSpec(StrictModel):
     )
     encoding: str = Field(default="utf-8", description="Text encoding of CSV, JSON, JSON Lines and XML")
     csv: CsvOptions = Field(default_factory=CsvOptions)
-    xml_record: str = Field(default="record", min_length=1, description="XML element holding one record")
+    xml_record: str | None = Field(
+        default=None,
+        min_length=1,
+        description="XML element holding one record (default: the element repeated nearest the root, "
+        "detected per file and logged)",
+    )
     identity: Literal["stat", "content"] = Field(
         default="stat",
         description="What identifies an input for load ids: path+size+mtime (stat) or a SHA-256 of the bytes",
@@ -272,12 +287,12 @@ class FileSourceSpec(StrictModel):
         # Compared with the defaults rather than "was it given", so that a dumped spec validates again.
         if self.csv != CsvOptions() and self.format != "csv":
             raise ValueError(f"csv options do not apply to format {self.format!r}")
-        if self.xml_record != "record" and self.format != "xml":
+        if self.xml_record is not None and self.format != "xml":
             raise ValueError(f"xml_record does not apply to format {self.format!r}")
         return self
 
 
-class SqlSourceSpec(StrictModel):
+class SqlSourceSpec(SourceOptions):
     """A table or a parameterized query, streamed with a server-side cursor in chunks of batch_size."""
 
     kind: Literal["sql"]
@@ -326,7 +341,7 @@ def _tagged(models: dict[str, type[BaseModel]], default: str | None) -> PlainVal
     return PlainValidator(validate, json_schema_input_type=union)
 
 
-class AssetSourceSpec(StrictModel):
+class AssetSourceSpec(SourceOptions):
     """Another pipeline's published output, read in chunks where that pipeline published it (its SQL
     table or file). The staged asset depends on that published asset, so the lineage graph shows it."""
 
@@ -659,6 +674,8 @@ def _check_cron(value: str) -> str:
 
 class PipelineSpec(StrictModel):
     """One ETL pipeline: a source, transforms, rules and contract, and a target."""
+
+    SPEC_SHAPE: ClassVar[str] = "a pipeline spec is a mapping with at least source (and target, to publish)"
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
         default=None, description="Default: the file name without .yaml"

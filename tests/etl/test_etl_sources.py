@@ -263,6 +263,74 @@ def test_xml_error_columns_count_from_the_line_start_after_a_resync(tmp_path: Pa
     )
 
 
+CARS = (
+    '<?xml version="1.0"?>\n<cars>\n'
+    '  <car id="1"><make>Saab</make><year>1999</year></car>\n'
+    '  <car id="2"><make>Volvo</make><year>2004</year></car>\n'
+    '  <car id="3"><make>Fiat</make><year>2011</year></car>\n'
+    "</cars>\n"
+)
+
+
+def run_spec(directory: Path, source: dict):
+    from assets.etl.runner import run_pipeline
+    from assets.etl.spec import PipelineSpec
+
+    return run_pipeline(PipelineSpec.model_validate({"source": source}), base_dir=directory)
+
+
+def test_without_xml_record_the_repeated_element_is_detected_and_said(tmp_path: Path):
+    (tmp_path / "cars.xml").write_text(CARS)
+    source = FileSource(FileSourceSpec(format="xml", path="cars.xml"), tmp_path, 100)
+    rows = [row for batch in source.read(Quarantine()) for row in batch.table.to_pylist()]
+    assert rows[0] == {"id": "1", "make": "Saab", "year": "1999"} and len(rows) == 3
+    assert source.notes() == [
+        f"{tmp_path / 'cars.xml'}: xml_record not set; reading <car> elements (repeated 3 times nearest the root)"
+    ]
+    # One record: the root's only child, which has fields of its own.
+    (tmp_path / "one.xml").write_text("<cars><car><make>Saab</make><year>1999</year></car></cars>")
+    rows, _, _, _ = read(tmp_path, format="xml", path="one.xml")
+    assert rows == [{"make": "Saab", "year": "1999"}]
+
+
+def test_a_read_of_no_records_from_an_input_that_holds_data_fails_naming_what_it_holds(tmp_path: Path):
+    (tmp_path / "cars.xml").write_text(CARS)
+    with pytest.raises(JunctionError) as raised:
+        run_spec(tmp_path, {"format": "xml", "path": "cars.xml", "xml_record": "record"})
+    assert str(raised.value) == (
+        f"read no records from xml cars.xml: {tmp_path / 'cars.xml'}: no <record> elements; "
+        "the file's repeated elements are <car> (3), <make> (3), <year> (3) "
+        "(set source.allow_empty: true if an empty read is expected)"
+    )
+    allowed = run_spec(
+        tmp_path, {"format": "xml", "path": "cars.xml", "xml_record": "record", "allow_empty": True}
+    )
+    assert allowed.counts.read == 0 and allowed.to_table().num_rows == 0
+
+
+def test_inputs_that_hold_nothing_read_empty_without_failing(tmp_path: Path):
+    (tmp_path / "header.csv").write_text("id,amount\n")
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "root.xml").write_text("<cars/>")
+    for source in (
+        {"format": "csv", "path": "header.csv"},
+        {"format": "json", "path": "empty.json"},
+        {"format": "xml", "path": "root.xml"},
+        {"kind": "sql", "url": f"sqlite:///{tmp_path / 'db.sqlite'}", "query": "SELECT 1 AS one WHERE 1 = 0"},
+    ):
+        assert run_spec(tmp_path, source).counts.read == 0
+
+
+def test_xml_whose_record_element_cannot_be_told_asks_for_xml_record(tmp_path: Path):
+    (tmp_path / "mixed.xml").write_text("<shop><name>x</name><owner>y</owner></shop>")
+    with pytest.raises(
+        JunctionError,
+        match=r"cannot tell which element is a record \(the file's elements "
+        r"are <name>, <owner>\): set source.xml_record",
+    ):
+        read(tmp_path, format="xml", path="mixed.xml")
+
+
 def test_xml_in_a_declared_single_byte_encoding(tmp_path: Path):
     (tmp_path / "p.xml").write_bytes("<r><record><name>Zoë</name></record></r>".encode("latin-1"))
     rows, _, quarantine, _ = read(tmp_path, format="xml", path="p.xml", encoding="latin-1")
