@@ -52,8 +52,15 @@ def list_pipelines() -> None:
 
 @pipelines.command()
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
-def validate(files: tuple[Path, ...]) -> None:
-    """Validate FILES (default: every spec); every problem of every file is printed, one per line."""
+@click.option("--strict", is_flag=True, help="Warnings count as problems (a source path matching no file).")
+def validate(files: tuple[Path, ...], strict: bool) -> None:
+    """Validate FILES (default: every spec); every problem of every file is printed, one per line.
+
+    Beyond the spec itself, each pipeline is checked against this machine: a SQL URL whose dialect
+    or driver is not installed is a problem; a source path or glob matching no file is a warning
+    (files may arrive later), a problem with --strict.
+    """
+    from assets.etl.preflight import check_pipeline
     from assets.etl.spec import load_pipelines
     from orchestration.kernel.spec_errors import SpecError
 
@@ -64,7 +71,20 @@ def validate(files: tuple[Path, ...]) -> None:
             click.echo(str(problem), err=True)
         count = len(exc.problems)
         raise click.ClickException(f"{count} problem{'s' if count != 1 else ''} found") from None
-    click.echo(f"{len(loaded)} pipeline spec{'s' if len(loaded) != 1 else ''} valid")
+    problems, warnings = [], []
+    for _, pipeline in sorted(loaded.items()):
+        preflight = check_pipeline(pipeline)
+        problems += preflight.errors
+        (problems if strict else warnings).extend(preflight.warnings)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if problems:
+        count = len(problems)
+        raise click.ClickException(f"{count} problem{'s' if count != 1 else ''} found")
+    noted = f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" if warnings else ""
+    click.echo(f"{len(loaded)} pipeline spec{'s' if len(loaded) != 1 else ''} valid{noted}")
 
 
 @pipelines.command()
@@ -80,10 +100,12 @@ def schema() -> None:
 def run(name: str) -> None:
     """Run pipeline NAME now through the Dagster instance; exits non-zero when a blocking check fails."""
     import dagster as dg
+    from dagster._core.utils import make_new_run_id
 
     from assets.etl.factory import PIPELINE_TAG, QUALITY_SUMMARY, build_pipeline
     from assets.etl.report import QUALITY_REPORT
     from assets.etl.spec import load_pipelines
+    from orchestration.cli.run_output import QUIET_CONSOLE, fail_with_run_error, follow_run
     from orchestration.instance import prepare_dagster_home
 
     loaded = load_pipelines()
@@ -94,9 +116,19 @@ def run(name: str) -> None:
     definitions = build_pipeline(loaded[name])
     job = definitions.resolve_job_def(f"{name}_pipeline")
     click.echo(f"running {name} (Dagster job {job.name}); progress below", err=True)
-    with dg.DagsterInstance.get() as instance:
-        # Dagster's console logger prints each step and the assets' progress lines to stderr.
-        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={PIPELINE_TAG: name})
+    run_id = make_new_run_id()
+    instance = dg.DagsterInstance.get()
+    result = follow_run(
+        instance,
+        run_id,
+        lambda: job.execute_in_process(
+            run_config=QUIET_CONSOLE,
+            instance=instance,
+            raise_on_error=False,
+            run_id=run_id,
+            tags={PIPELINE_TAG: name},
+        ),
+    )
     click.echo(f"run {result.run_id}: {'succeeded' if result.success else 'failed'}")
     for materialization in result.asset_materializations_for_node(f"{name}_staged"):
         summary = materialization.metadata.get(QUALITY_SUMMARY)
@@ -116,9 +148,8 @@ def run(name: str) -> None:
             "the target was not changed, the staged rows are kept for inspection"
         )
     if not result.success:
-        raise click.ClickException(
-            f"run {result.run_id} failed: `junction pipelines report {name} --run-id {result.run_id}` "
-            "names the failed step and its error; its logs are in the Dagster UI"
+        fail_with_run_error(
+            instance, result.run_id, f"\nreport: junction pipelines report {name} --run-id {result.run_id}"
         )
 
 

@@ -10,15 +10,11 @@ the run succeeds.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import click
 
 from orchestration.cli.common import render_table
-
-CLI_POLL_INTERVAL_S = 0.2
 
 
 def _specs(files: tuple[Path, ...] = ()) -> dict:
@@ -110,11 +106,12 @@ def parse_input(spec, text: str) -> tuple[str, object]:
 @click.option("--input", "inputs", multiple=True, metavar="K=V", help="A workflow input (repeatable).")
 def run(name: str, inputs: tuple[str, ...]) -> None:
     """Run the workflow NAME now and wait for it; exit 1 unless it succeeds."""
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterInstance
     from dagster._core.definitions.reconstruct import ReconstructableRepository
     from dagster._core.execution.api import execute_run
     from dagster._core.utils import make_new_run_id
 
+    from orchestration.cli.run_output import fail_with_run_error, follow_run
     from orchestration.instance import prepare_dagster_home
     from orchestration.settings import PROJECT_ROOT
     from orchestration.store.bootstrap import migrate_store
@@ -151,34 +148,14 @@ def run(name: str, inputs: tuple[str, ...]) -> None:
         job_code_origin=job.get_python_origin(),
     )
     click.echo(f"run {run_id} of workflow {name} (execution {run_id})")
-    thread = threading.Thread(target=execute_run, args=(job, dagster_run, instance), daemon=True)
-    thread.start()
-    step_events = {
-        DagsterEventType.STEP_START: "started",
-        DagsterEventType.STEP_SUCCESS: "succeeded",
-        DagsterEventType.STEP_FAILURE: "failed",
-        DagsterEventType.STEP_SKIPPED: "skipped",
-        DagsterEventType.STEP_UP_FOR_RETRY: "up for retry",
-        DagsterEventType.STEP_RESTARTED: "restarted",
-    }
-    shown = 0
-    while True:
-        alive = thread.is_alive()
-        records = instance.all_logs(run_id, of_type=set(step_events))
-        for record in records[shown:]:
-            event = record.dagster_event
-            click.echo(f"  {event.step_key}: {step_events[event.event_type]}")
-        shown = len(records)
-        if not alive:
-            break
-        time.sleep(CLI_POLL_INTERVAL_S)
+    follow_run(instance, run_id, lambda: execute_run(job, dagster_run, instance))
     finished = instance.get_run_by_id(run_id)
     status = finished.status.value if finished else "UNKNOWN"
     failed_steps = finished.tags.get(FAILED_STEPS_TAG) if finished else None
     suffix = f" (steps failed and continued: {failed_steps})" if failed_steps else ""
     click.echo(f"run {run_id}: {status}{suffix}")
     if status != "SUCCESS":
-        raise click.exceptions.Exit(1)
+        fail_with_run_error(instance, run_id)
 
 
 def _report(name: str | None, limit: int):

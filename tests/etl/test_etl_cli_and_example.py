@@ -48,6 +48,67 @@ def test_validate_named_files_and_list(pipelines_dir: Path):
     assert listed.output.startswith("good\tfile:orders.csv\t-> sql:orders\tappend\t-\t")
 
 
+def test_validate_checks_files_and_sql_drivers_on_this_machine(pipelines_dir: Path, monkeypatch):
+    """What used to pass validate and fail only when the run started: a path matching no file (a
+    warning: files may arrive later; an error with --strict) and a SQL URL whose dialect or driver is
+    not installed (an error)."""
+    monkeypatch.delenv("WAREHOUSE_URL", raising=False)
+    (pipelines_dir / "later.yaml").write_text(
+        "source: {format: csv, path: 'incoming/*.csv'}\ntarget: {kind: file, format: parquet, path: out.parquet}\n"
+    )
+    result = CliRunner().invoke(cli, ["pipelines", "validate", str(pipelines_dir / "later.yaml")])
+    assert result.exit_code == 0, result.output
+    warning = (
+        f"warning: {pipelines_dir / 'later.yaml'}: source.path: no file matches "
+        f"{pipelines_dir / 'incoming' / '*.csv'} (yet: a run now would fail)"
+    )
+    assert result.output.splitlines() == [warning, "1 pipeline spec valid (1 warning)"]
+    strict = CliRunner().invoke(cli, ["pipelines", "validate", "--strict", str(pipelines_dir / "later.yaml")])
+    assert strict.exit_code == 1
+    assert strict.output.splitlines() == [warning.removeprefix("warning: "), "Error: 1 problem found"]
+
+    (pipelines_dir / "orders.csv").write_text("id\n1\n")
+    (pipelines_dir / "mysql.yaml").write_text(
+        "source: {format: csv, path: orders.csv}\ntarget: {kind: sql, url: 'mysqlx://u@db/shop', table: t}\n"
+    )
+    (pipelines_dir / "driver.yaml").write_text(
+        "source: {kind: sql, url: 'mysql://u@db/shop', table: t}\n"
+        "transforms:\n  - enrich: {lookup: {format: csv, path: orders.csv}, on: [id]}\n"
+    )
+    (pipelines_dir / "env.yaml").write_text(GOOD)
+    result = CliRunner().invoke(cli, ["pipelines", "validate"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert (
+        f"{pipelines_dir / 'mysql.yaml'}: target.url: no SQLAlchemy dialect 'mysqlx' is installed "
+        "(installed here: postgresql, sqlite)"
+    ) in lines
+    assert any(
+        line.startswith(
+            f"{pipelines_dir / 'driver.yaml'}: source.url: the driver of 'mysql' is not installed ("
+        )
+        for line in lines
+    )
+    assert (
+        f"warning: {pipelines_dir / 'env.yaml'}: target.url_env: environment variable WAREHOUSE_URL is not set here"
+        in lines
+    )
+    assert lines[-1] == "Error: 2 problems found"
+
+
+def test_an_empty_spec_file_is_told_what_a_spec_is(pipelines_dir: Path):
+    (pipelines_dir / "empty.yaml").write_text("")
+    (pipelines_dir / "listed.yaml").write_text("- source: {format: csv, path: a.csv}\n")
+    result = CliRunner().invoke(cli, ["pipelines", "validate"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[:2] == [
+        f"{pipelines_dir / 'empty.yaml'}: (file): empty file: a pipeline spec is a mapping with at least "
+        "source (and target, to publish)",
+        f"{pipelines_dir / 'listed.yaml'}: (root): a pipeline spec is a mapping with at least source "
+        "(and target, to publish), got a list",
+    ]
+
+
 def test_list_with_no_specs(pipelines_dir: Path):
     result = CliRunner().invoke(cli, ["pipelines", "list"])
     assert result.exit_code == 0 and f"no pipeline specs in {pipelines_dir}" in result.output

@@ -273,7 +273,16 @@ def test_a_run_that_failed_before_staging_is_reported_as_failed_with_its_error_a
     write_input(pipelines_dir, FIRST)
     run_cli()
     (pipelines_dir / "orders.csv").unlink()
-    assert "failed" in run_cli()
+    # The CLI says why in one line and where the full log is, never with a traceback.
+    failed = run_cli()
+    assert "Traceback" not in failed
+    error, log_line, report_line = failed.rstrip().splitlines()[-3:]
+    assert error == (
+        f"Error: run {run_ids[-1]} failed: step orders_staged failed: no file matches {pipelines_dir / 'orders.csv'}"
+    )
+    log_file = Path(log_line.removeprefix("full log: ").split(" (and ")[0])
+    assert log_file.name == f"{run_ids[-1]}.log" and "JunctionError" in log_file.read_text()
+    assert report_line == f"report: junction pipelines report orders --run-id {run_ids[-1]}"
     spec = yaml.safe_load((pipelines_dir / "orders.yaml").read_text())
     spec["contract"]["drift"] = "freeze"
     (pipelines_dir / "orders.yaml").write_text(yaml.safe_dump(spec))
@@ -318,3 +327,35 @@ def test_a_run_that_failed_before_staging_is_reported_as_failed_with_its_error_a
     assert "<svg" not in page  # no figure to draw
     history_page = render_history_html("orders", history)
     assert history_page.count("staged nothing") == 2 and "orders_staged: no file matches" in history_page
+
+
+def test_bar_charts_have_compact_ticks_and_value_labels_past_each_bar():
+    """Value labels used to sit centred on their bars (a small bar's on the axis) and long ticks were
+    cut (`100,0…`)."""
+    from xml.etree import ElementTree
+
+    from assets.etl.report import _bar
+
+    root = ElementTree.fromstring(_bar("Rows", {"loaded": 250_000, "filtered": 3, "quarantined": 1_200}))
+    ns = "{http://www.w3.org/2000/svg}"
+    ticks = [
+        t.text for g in root.iter(f"{ns}g") if "axis x" in (g.get("class") or "") for t in g.iter(f"{ns}text")
+    ]
+    assert "200k" in ticks and all("," not in tick and "…" not in tick for tick in ticks)
+    bars = {}
+    labels = {}
+    for group in root.iter(f"{ns}g"):
+        serie = " ".join((group.get("class") or "").split()[:2])
+        if not serie.startswith("series "):
+            continue
+        for rect in group.iter(f"{ns}rect"):
+            bars[serie] = float(rect.get("x")) + float(rect.get("width"))
+        for text in group.iter(f"{ns}text"):
+            if text.get("class") == "value":
+                labels[text.text] = (serie, float(text.get("x")), text.get("text-anchor"))
+    assert set(labels) == {"250,000", "3", "1,200"}
+    width = float(root.get("viewBox").split()[2])
+    for text, (serie, x, anchor) in labels.items():
+        assert anchor == "start" and x > bars[serie], text
+        # Inside the chart with room for the text (~8 px a character at this size).
+        assert x + 8 * len(text) < width - 40, text

@@ -167,13 +167,14 @@ def test_run_fails_with_a_non_zero_exit(api_server, cli_instance_home: Path):
     )
     assert result.exit_code == 1, result.output
     steps = [line.strip() for line in result.output.splitlines() if line.startswith("  lookup_order:")]
-    assert steps == [
-        "lookup_order: started",
-        "lookup_order: up for retry",
-        "lookup_order: restarted",
-        "lookup_order: failed",
-    ]
-    assert result.output.rstrip().endswith(": FAILURE")
+    assert steps[:3] == ["lookup_order: started", "lookup_order: up for retry", "lookup_order: restarted"]
+    assert steps[3].startswith("lookup_order: failed: ") and len(steps) == 4
+    # The error as one line and where the full log is; the traceback only in that file.
+    assert "Traceback" not in result.output
+    error = result.output.rstrip().splitlines()[-2:]
+    assert error[0].startswith("Error: run ") and " failed: step lookup_order failed: " in error[0]
+    log_file = Path(error[1].removeprefix("full log: ").split(" (and ")[0])
+    assert "lookup_order STEP_FAILURE" in log_file.read_text()
 
 
 @pytest.mark.parametrize(
