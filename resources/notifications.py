@@ -284,6 +284,7 @@ class ChannelsFile(BaseModel):
     kernel's error format names fields of the user's document only.
     """
 
+    SPEC_SHAPE: ClassVar[str] = "a channels file is a mapping: channels: {name: {kind: ..., ...}}"
     model_config = ConfigDict(extra="forbid")
 
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -628,6 +629,7 @@ def load_channels(path: str | Path | None = None) -> dict[str, NotificationChann
 
         path = get_settings().channels_file
     path = _as_shown(Path(path))
+    # Unlike a spec, an empty channels file is meaningful: no channels are declared yet.
     declared = validate_spec(read_yaml(path) or {}, ChannelsFile, path)
     channels: dict[str, NotificationChannel] = {}
     problems: list[SpecProblem] = []

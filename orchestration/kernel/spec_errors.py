@@ -7,6 +7,7 @@ location relative to their own input; the caller re-anchors it with `SpecError.w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,14 +115,42 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError.at(where, f"invalid YAML: {reason}", path) from None
 
 
+def spec_shape(model: type[BaseModel]) -> str:
+    """What a document of `model` is, for a file that is empty or not a mapping: the model's own
+    `SPEC_SHAPE`, else its name and required fields (`a workflow spec is a mapping with at least name
+    and steps`)."""
+    shape = getattr(model, "SPEC_SHAPE", None)
+    if shape:
+        return shape
+    noun = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", model.__name__).lower()
+    required = [name for name, field in model.model_fields.items() if field.is_required()]
+    at_least = f" with at least {' and '.join(required)}" if required else ""
+    return f"a {noun} is a mapping{at_least}"
+
+
 def validate_spec(data: Any, model: type[ModelT], file: str | Path | None = None) -> ModelT:
-    """Validate parsed data against a pydantic model, raising every problem in the kernel format."""
+    """Validate parsed data against a pydantic model, raising every problem in the kernel format.
+
+    An empty document (an empty file, or only comments) and one that is not a mapping are told what
+    a spec is, not pydantic's `Input should be a valid dictionary or instance of PipelineSpec`."""
+    if data is None:
+        raise SpecError.at("(file)", f"empty file: {spec_shape(model)}", file)
+    if not isinstance(data, dict | model):
+        raise SpecError.at("(root)", f"{spec_shape(model)}, got {_yaml_kind(data)}", file)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(problems_from_validation(exc, file)) from None
     except SpecError as exc:  # raised by a sub-parser inside a validator
         raise exc.within((), file) from None
+
+
+def _yaml_kind(data: Any) -> str:
+    if isinstance(data, list):
+        return "a list"
+    if isinstance(data, str):
+        return f"the text {data[:40]!r}"
+    return f"the value {data!r}"[:60]
 
 
 def load_spec(path: str | Path, model: type[ModelT]) -> ModelT:

@@ -77,3 +77,24 @@ def test_load_specs_collects_the_problems_of_all_files(tmp_path: Path):
 def test_unreadable_file(tmp_path: Path):
     with pytest.raises(SpecError, match=r"missing.yaml: \(file\): cannot read"):
         load_spec(tmp_path / "missing.yaml", Workflow)
+
+
+def test_an_empty_or_non_mapping_document_is_told_what_a_spec_is(tmp_path):
+    from resources.event_stream.registry import StreamSpec
+    from resources.notifications import load_channels
+
+    empty = tmp_path / "orders.yaml"
+    empty.write_text("# declared later\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(empty, StreamSpec)
+    assert str(raised.value) == f"{empty}: (file): empty file: a stream spec is a mapping with at least name"
+    listed = tmp_path / "channels.yaml"
+    listed.write_text("- ops\n")
+    with pytest.raises(SpecError) as raised:
+        load_channels(listed)
+    assert str(raised.value).endswith(
+        "channels.yaml: (root): a channels file is a mapping: channels: {name: {kind: ..., ...}}, got a list"
+    )
+    # An empty channels file declares no channels (a fresh project's), unlike an empty spec.
+    listed.write_text("")
+    assert load_channels(listed) == {}

@@ -301,3 +301,24 @@ def test_compensations_are_validated_now_and_see_their_own_step():
     wrong_type = changed("steps.0.compensate", [undo | {"type": "rollback"}])
     with pytest.raises(SpecError, match=r"steps\[0\]\.compensate\[0\]\.type: unknown step type"):
         parse_workflow(wrong_type, "test.yaml")
+
+
+def test_the_shipped_workflows_use_every_step_type():
+    from orchestration.workflows.spec import STEP_TYPES
+
+    shipped = load_workflows(workflow_files(PROJECT_ROOT / "orchestration" / "workflows"))
+    used = {step.type for spec in shipped.values() for step in spec.steps}
+    assert used == set(STEP_TYPES)
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("", "(file): empty file: a workflow spec is a mapping with at least name and steps"),
+    ("# nothing yet\n", "(file): empty file: a workflow spec is a mapping with at least name and steps"),
+    ("- id: a\n", "(root): a workflow spec is a mapping with at least name and steps, got a list"),
+])  # fmt: skip
+def test_an_empty_or_non_mapping_file_is_told_what_a_spec_is(tmp_path: Path, text: str, reason: str):
+    path = tmp_path / "flow.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as raised:
+        load_workflows([path])
+    assert str(raised.value) == f"{path}: {reason}"
