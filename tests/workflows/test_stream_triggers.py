@@ -6,6 +6,7 @@ sensor evaluated as the daemon does, with its run-key deduplication."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,9 @@ from dagster._daemon.sensor import fetch_existing_runs
 
 from orchestration.kernel.spec_errors import SpecError
 from orchestration.settings import reset_settings_cache
+from orchestration.workflows import parking
 from orchestration.workflows.factory import workflow_definitions
+from orchestration.workflows.resume import RESUME_SENSOR_NAME
 from orchestration.workflows.spec import parse_workflow
 from resources.event_stream import StreamRegistry, StreamSpec, open_event_stream
 from sensors.event_triggers import FIRST_ID_TAG, STREAM_TAG
@@ -149,7 +152,9 @@ def test_a_run_whose_event_is_gone_fails_naming_it(store_url, tmp_path, instance
     assert "event 1-0 of stream 'orders' is no longer in the stream" in failure
 
 
-def test_the_shipped_event_triggered_example(store_url, junction_home, instance, monkeypatch):
+def test_the_shipped_event_triggered_example(store_url, junction_home, instance, monkeypatch, api_server):
+    """VIP order -> sales told -> parked on the Delay for a day -> (a day later) the resume sensor
+    wakes it -> the order service says unpaid -> sales is reminded."""
     from orchestration.store.db import get_engine
     from resources.event_stream import load_stream_specs
 
@@ -171,9 +176,9 @@ def test_the_shipped_event_triggered_example(store_url, junction_home, instance,
     context = dg.build_sensor_context(instance=instance, sensor_name=sensor_name, definitions=defs)
     (request,) = sensor.evaluate_tick(context).run_requests
     assert request.run_key == f"evt:orders:{ids[1]}"
-    result = defs.resolve_job_def("large_order_follow_up").execute_in_process(
-        run_config=request.run_config, instance=instance, tags=request.tags
-    )
+    job = defs.resolve_job_def("large_order_follow_up")
+    run_config = {"orders_api": api_server.url}
+    result = job.execute_in_process(run_config=run_config, instance=instance, tags=request.tags)
     assert result.success
     assert result.output_for_node("order_lines")["order_lines"]["output"]["records"] == [
         {"sku": "s", "quantity": 2}
@@ -183,6 +188,33 @@ def test_the_shipped_event_triggered_example(store_url, junction_home, instance,
     assert tell_sales["output"]["status"] == "delivered"
     (line,) = (junction_home / "outbox" / "sales.jsonl").read_text().splitlines()
     assert json.loads(line)["subject"] == "VIP order o-9: 7200 EUR"
+
+    # The Delay parked the execution: the run ended, nothing waits in a worker, the order is unchecked.
+    parked = instance.get_run_by_id(result.run_id)
+    assert parked.tags[parking.STATE_TAG] == parking.WAITING
+    assert parked.tags[parking.PARKED_STEP_TAG] == "wait_a_day"
+    assert api_server.requests == []
+    resume_sensor = defs.resolve_sensor_def(RESUME_SENSOR_NAME)
+
+    def resume_requests() -> list[dg.RunRequest]:
+        context = dg.build_sensor_context(instance=instance, sensor_name=RESUME_SENSOR_NAME, definitions=defs)
+        return list(resume_sensor.evaluate_tick(context).run_requests or [])
+
+    assert resume_requests() == [], "a day has not passed"
+    a_day_later = parking.utc_now() + timedelta(days=1, minutes=1)
+    monkeypatch.setattr(parking, "utc_now", lambda: a_day_later)
+    (resume,) = resume_requests()
+    api_server.answer("/orders/o-9", 200, {"status": "unpaid"})
+    resumed = job.execute_in_process(
+        run_config=resume.run_config, instance=instance, tags={**resume.tags, RUN_KEY_TAG: resume.run_key}
+    )
+    assert resumed.success
+    assert [request.path for request in api_server.requests] == ["/orders/o-9"]
+    assert resumed.output_for_node("unpaid", "then")  # the branch taken
+    reminder = json.loads((junction_home / "outbox" / "sales.jsonl").read_text().splitlines()[1])
+    assert reminder["subject"] == "Order o-9 still unpaid after a day"
+    assert "is unpaid." in reminder["body"]
+    assert resume_requests() == [], "finished: nothing left to resume"
 
 
 @pytest.mark.parametrize(
