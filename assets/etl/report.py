@@ -787,17 +787,25 @@ def _environment():
     return environment
 
 
-def _svg(chart) -> str:
+def _svg(chart, tree=None) -> str:
     """A pygal chart as inline SVG without its script and comments (the page runs no script and the
     gateway's CSP forbids it; the comments only credit pygal)."""
     from xml.etree import ElementTree
 
-    root = chart.render_tree()
+    root = chart.render_tree() if tree is None else tree
     for parent in root.iter():
         for child in list(parent):
             if not isinstance(child.tag, str) or child.tag.endswith("script"):
                 parent.remove(child)
     return ElementTree.tostring(root, encoding="unicode")
+
+
+def compact_number(value: float) -> str:
+    """An axis tick as people write it on a chart: 100k, 2.5M, 0.15 (never a cut-off `100,0…`)."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _chart_style():
@@ -811,9 +819,17 @@ def _chart_style():
     )
 
 
+# Room to the right of the longest bar for its value label, as a fraction of the axis.
+BAR_LABEL_HEADROOM = 0.3
+
+
 def _bar(title: str, values: dict[str, float], unit: str = "") -> str:
+    """A horizontal bar per value. Ticks are compact (100k); each bar's exact value is written just
+    past its end, left-aligned, so a small bar's label does not sit on the axis and a large bar's
+    stays inside the chart (the axis runs past the longest bar by `BAR_LABEL_HEADROOM`)."""
     import pygal
 
+    longest = max(values.values(), default=0) or 1
     chart = pygal.HorizontalBar(
         title=title,
         style=_chart_style(),
@@ -822,13 +838,32 @@ def _bar(title: str, values: dict[str, float], unit: str = "") -> str:
         show_legend=True,
         legend_at_bottom=True,
         print_values=True,
-        value_formatter=lambda value: f"{value:,.3g}{unit}" if unit else f"{value:,.0f}",
+        value_formatter=compact_number,
+        range=(0, longest * (1 + BAR_LABEL_HEADROOM)),
+        truncate_label=-1,
         disable_xml_declaration=True,
         js=[],
     )
+
+    def exact(value: float) -> str:
+        return f"{value:,.3g}{unit}" if unit else f"{value:,.0f}"
+
     for label, value in values.items():
-        chart.add(label, [value])
-    return _svg(chart)
+        chart.add(label, [value], formatter=exact)
+    # pygal draws the value labels in a group of their own per series, after the bars' groups.
+    tree = chart.render_tree()
+    bar_ends: dict[str, float] = {}
+    for group in tree.iter("g"):
+        serie = " ".join(group.get("class", "").split()[:2])  # "series serie-3"
+        if not serie.startswith("series "):
+            continue
+        for rect in group.iter("rect"):
+            bar_ends[serie] = float(rect.get("x", 0)) + float(rect.get("width", 0))
+        for text in group.iter("text"):
+            if text.get("class") == "value" and serie in bar_ends:
+                text.set("x", f"{bar_ends[serie] + 4:.1f}")
+                text.set("text-anchor", "start")
+    return _svg(chart, tree)
 
 
 def report_charts(report: RunReport) -> dict[str, str]:
