@@ -281,7 +281,9 @@ def executions(name: str, statuses: tuple[str, ...], limit: int, as_json: bool) 
             execution.started_at.strftime("%Y-%m-%d %H:%M:%S") if execution.started_at else "-",
             _seconds(execution.wall_s),
             _seconds(execution.active_s),
-            f"{execution.waiting.step_id} ({execution.waiting.kind})" if execution.waiting else "",
+            f"{execution.waiting.step_id}: {execution.waiting.summary or execution.waiting.kind}"
+            if execution.waiting
+            else "",
             ",".join(execution.failed_steps),
         )
         for execution in found

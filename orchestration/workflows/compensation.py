@@ -45,6 +45,10 @@ from orchestration.workflows.steps import STEP_TYPES
 
 COMPENSATING_TAG = "junction/compensating"
 FAILED_RUN_TAG = "junction/failed_run"
+# On the failed run, so its row in the Runs page says what became of it: `requested` (by the
+# sensor), then `running`, `done` or `failed`, with the compensating run in `junction/compensated_by`.
+COMPENSATION_TAG = "junction/compensation"
+COMPENSATED_BY_TAG = "junction/compensated_by"
 FAILURE_SENSOR_NAME = "workflow_failures"
 COMPENSATE_OP = "compensate"
 SENSOR_ACTOR = f"sensor:{FAILURE_SENSOR_NAME}"
@@ -93,9 +97,26 @@ def build_compensation_job(spec: WorkflowSpec) -> dg.JobDefinition:
     resource_keys = {key for _, c in compensations.values() for key in STEP_TYPES[c.type].resource_keys}
 
     def compute(context: dg.OpExecutionContext, _inputs: Any) -> Iterator[dg.Output]:
+        execution_id = context.op_config["execution_id"]
+        failed_run_id = context.run.tags.get(FAILED_RUN_TAG)
+
+        def tell_failed_run(state: str) -> None:
+            if failed_run_id:
+                context.instance.add_run_tags(
+                    failed_run_id, {COMPENSATION_TAG: state, COMPENSATED_BY_TAG: context.run_id}
+                )
+
+        tell_failed_run("running")
+        try:
+            yield from compensate_all(context, execution_id)
+        except BaseException:
+            tell_failed_run("failed")
+            raise
+        tell_failed_run("done")
+
+    def compensate_all(context: dg.OpExecutionContext, execution_id: str) -> Iterator[dg.Output]:
         import os
 
-        execution_id = context.op_config["execution_id"]
         checkpoint = parking.get_checkpoint(execution_id)
         if checkpoint is None:
             raise dg.Failure(description=f"execution {execution_id} has no checkpoint to compensate from")
@@ -309,6 +330,7 @@ def failure_sensor(
             return dg.SkipReason(f"run {run.run_id} of {spec.name}: nothing to compensate")
         from orchestration.kernel import audit
 
+        context.instance.add_run_tags(run.run_id, {COMPENSATION_TAG: "requested"})
         audit.append(
             "workflow.compensation_requested",
             actor=SENSOR_ACTOR,

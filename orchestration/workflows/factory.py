@@ -184,8 +184,10 @@ def restore_from_checkpoint(
     In a resumed run, also tells the checkpoint the execution is running again (once it is, the
     resume sensor no longer asks for it)."""
     resumed_step = context.run.tags.get(parking.RESUMED_STEP_TAG)
-    if resumed_step is not None:
-        parking.begin_resumed_run(execution_id, resumed_step)
+    if resumed_step is not None and parking.begin_resumed_run(execution_id, resumed_step):
+        parked_run_id = context.run.tags.get(parking.RESUMED_FROM_TAG)
+        if parked_run_id:
+            parking.mark_resumed(context.instance, parked_run_id, context.run_id)
     checkpoint = parking.get_checkpoint(execution_id)
     if checkpoint is None:
         return None
@@ -275,13 +277,31 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 waiting_on_run_id=parked.waiting_on_run_id,
             )
             context.instance.add_run_tags(
-                context.run_id, {parking.STATE_TAG: parking.WAITING, parking.PARKED_STEP_TAG: step.id}
+                context.run_id,
+                {
+                    parking.STATE_TAG: parking.WAITING,
+                    parking.PARKED_STEP_TAG: step.id,
+                    parking.WAITING_ON_TAG: parked.summary,
+                },
             )
+            guidance = "".join(f"\n  {line}" for line in parked.guidance)
             context.log.info(
-                f"step {step.id!r} parked the workflow ({parked.reason}); the run ends here and the "
-                "resume sensor starts the next one"
+                f"step {step.id!r} parked the workflow: waiting on {parked.summary}. The run ends here "
+                f"(Dagster shows it as Success, tagged junction/state=waiting) and the resume sensor "
+                f"starts the next one.{guidance}"
             )
             snapshot.record(step.id, {"output": None, "status": "waiting", "reason": parked.reason}, secrets)
+            yield dg.Output(
+                None,
+                output_name=parking.PARKED_OUTPUT,
+                metadata={
+                    "waiting_on": parked.summary,
+                    "to continue": dg.MetadataValue.md("\n".join(f"- {line}" for line in parked.guidance))
+                    if parked.guidance
+                    else "the resume sensor continues the execution by itself",
+                    **({"wakes_at": parked.wake_at.isoformat()} if parked.wake_at else {}),
+                },
+            )
             return
         except Exception as exc:
             if not step.continue_on_failure or context.retry_number < max_retries:
@@ -330,7 +350,17 @@ def step_op(spec: WorkflowSpec, step: Any) -> dg.OpDefinition:
                 description=f"{step.type} {output}",
             )
             for output in step_type.outputs
-        },
+        }
+        | (
+            {
+                parking.PARKED_OUTPUT: dg.Out(
+                    is_required=False,
+                    description="yielded when the step parks: what it waits for and how to move it on",
+                )
+            }
+            if step_type.parks
+            else {}
+        ),
         config_schema=dg.Permissive(),
         required_resource_keys={*step_type.resource_keys, SNAPSHOT_RESOURCE_KEY},
         tags={"junction/step_type": step.type},

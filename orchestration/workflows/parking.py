@@ -28,25 +28,67 @@ if TYPE_CHECKING:
 
     from orchestration.store.models import WorkflowCheckpoint
 
+# Run tags. Dagster has no suspended status: a parked run ends SUCCESS, so these tags are how the
+# Runs page tells the run an execution waits on now (`junction/state=waiting`, exactly one per
+# waiting execution) from the runs it has moved past (`resumed`, with `junction/resumed_by`).
 STATE_TAG = "junction/state"
 WAITING = "waiting"
 RUNNING = "running"
+RESUMED = "resumed"
 PARKED_STEP_TAG = "junction/parked_step"
+WAITING_ON_TAG = "junction/waiting_on"  # a person's summary: "approval f6d5…: 0 of 2 from finance, until …"
 RESUMED_FROM_TAG = "junction/resumed_from"
 RESUMED_STEP_TAG = "junction/resumed_step"
+RESUMED_BY_TAG = "junction/resumed_by"
 RESTORED = "restored from checkpoint"
+# The optional output a parking step yields instead of its result: its metadata says what it waits
+# for and how to move it on (nothing depends on it, so the steps after it are still skipped).
+PARKED_OUTPUT = "parked"
 
 
 class ParkStep(Exception):  # noqa: N818 - a signal to the factory, not an error
     """Raised by a parking step: end the run here and wake the execution at `wake_at` (None: when an
     outside event, such as an approval decision, sets it), or once the run `waiting_on_run_id` (a Sync
-    step's child run) has finished."""
+    step's child run) has finished.
 
-    def __init__(self, reason: str, wake_at: datetime | None, waiting_on_run_id: str | None = None):
+    `summary` is the short line the run's `junction/waiting_on` tag shows; `guidance` the lines that
+    tell a person what moves the execution on (the CLI command and API call deciding an approval,
+    the time a delay wakes)."""
+
+    def __init__(
+        self,
+        reason: str,
+        wake_at: datetime | None,
+        waiting_on_run_id: str | None = None,
+        *,
+        summary: str | None = None,
+        guidance: tuple[str, ...] = (),
+    ):
         super().__init__(reason)
         self.reason = reason
         self.wake_at = wake_at
         self.waiting_on_run_id = waiting_on_run_id
+        self.summary = summary or reason
+        self.guidance = guidance
+
+
+def short_id(identifier: str) -> str:
+    """The first 8 characters of an id, as the Dagster UI shows run ids."""
+    return identifier[:8] + "…" if len(identifier) > 8 else identifier
+
+
+def moment_text(moment: datetime) -> str:
+    """A wake-up or timeout time for a person: `2026-12-06 09:00 UTC`."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def mark_resumed(instance: Any, parked_run_id: str, by_run_id: str) -> None:
+    """Retag the run an execution was parked on, now that `by_run_id` has resumed it: it no longer
+    waits. (Dagster cannot remove a tag, so `junction/waiting_on` is overwritten, not dropped.)"""
+    instance.add_run_tags(
+        parked_run_id,
+        {STATE_TAG: RESUMED, RESUMED_BY_TAG: by_run_id, WAITING_ON_TAG: f"nothing: resumed by run {short_id(by_run_id)}"},
+    )
 
 
 def utc_now() -> datetime:
@@ -176,21 +218,23 @@ def wake_now(session: Session, execution_id: str, step_id: str) -> None:
     )
 
 
-def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | None = None) -> None:
-    """The resumed run has started: the execution is no longer waiting, so the sensor stops asking."""
+def begin_resumed_run(execution_id: str, resumed_step: str, *, engine: Engine | None = None) -> bool:
+    """The resumed run has started: the execution is no longer waiting, so the sensor stops asking.
+    True for the call that moved it (the run's first op), False for the later ones."""
     from sqlalchemy import update
 
     from orchestration.store.db import session_scope
     from orchestration.store.models import WorkflowCheckpoint
 
     with session_scope(engine) as session:
-        session.execute(
+        result = session.execute(
             update(WorkflowCheckpoint)
             .where(WorkflowCheckpoint.execution_id == execution_id)
             .where(WorkflowCheckpoint.state == WAITING)
             .where(WorkflowCheckpoint.parked_step == resumed_step)
             .values(state=RUNNING, updated_at=utc_now())
         )
+        return result.rowcount == 1
 
 
 def due_checkpoints(now: datetime, workflows: set[str], *, engine: Engine | None = None) -> list[Checkpoint]:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestration.workflows.context import EXECUTION_ID_TAG, FAILED_STEPS_TAG, WORKFLOW_TAG
-from orchestration.workflows.parking import PARKED_STEP_TAG, STATE_TAG, WAITING, Checkpoint
+from orchestration.workflows.parking import PARKED_STEP_TAG, STATE_TAG, WAITING, WAITING_ON_TAG, Checkpoint
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -74,6 +74,7 @@ class Waiting:
     kind: str  # the parked step's type: approval, delay, sync
     since: datetime | None
     wake_at: datetime | None
+    summary: str = ""  # the parked run's junction/waiting_on tag
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def summarize_execution(
             kind=(step_types or {}).get(step_id, "unknown"),
             since=_moment(last.ended_at),
             wake_at=checkpoint.wake_at if checkpoint else None,
+            summary=last.tags.get(WAITING_ON_TAG, ""),
         )
     else:
         status = {"SUCCESS": "succeeded", "FAILURE": "failed", "CANCELED": "canceled"}[last.status]

@@ -68,6 +68,13 @@ def test_order_approval_parks_for_approval_syncs_flights_and_tells_finance(
     assert request.message == "Approve order A-1001 from Acme for 2500?"
     assert request.requester == "billing-sync"
     assert not location.tick(RESUME_SENSOR_NAME).run_requests, "undecided: still parked"
+    # The parked run says what it waits for, and the parking step's output how to decide it.
+    waiting_on = first.tags[parking.WAITING_ON_TAG]
+    assert waiting_on.startswith(f"approval {request.id[:8]}…: 0 of 1 from local-admin or finance, until ")
+    parked = location.outputs(first)["sign_off.parked"]
+    assert parked["waiting_on"] == waiting_on
+    assert f"junction approvals approve {request.id}" in parked["to continue"]
+    assert f"POST /gateway/v1/approvals/{request.id}/approve" in parked["to continue"]
 
     # Finance decides through the gateway (only the resume sensor launches the next run).
     decider = bearer(make_key("finance-lead", "approvals:decide", principal="local-admin"))
@@ -78,6 +85,16 @@ def test_order_approval_parks_for_approval_syncs_flights_and_tells_finance(
     approved = location.launch(resume)
     assert approved.status == dg.DagsterRunStatus.SUCCESS
     assert approved.tags[parking.PARKED_STEP_TAG] == "refresh_flights", "now parked on the Sync child"
+    # Only the newest run of the execution says waiting; the one it moved past says who resumed it.
+    assert location.runs(**{parking.STATE_TAG: parking.WAITING}) == [approved]
+    moved_past = location.instance.get_run_by_id(first.run_id)
+    assert moved_past.tags[parking.STATE_TAG] == parking.RESUMED
+    assert moved_past.tags[parking.RESUMED_BY_TAG] == approved.run_id
+    assert moved_past.tags[parking.WAITING_ON_TAG] == f"nothing: resumed by run {approved.run_id[:8]}…"
+    (child_run,) = location.runs(
+        **{"junction/execution_id": execution_id, "junction/sync_step": "refresh_flights"}
+    )
+    assert approved.tags[parking.WAITING_ON_TAG] == f"sync run {child_run.run_id[:8]}… (flights_pipeline)"
 
     child = run_the_flights_child(location, execution_id, "refresh_flights")
     assert child.tags["order"] == "A-1001"
@@ -88,6 +105,18 @@ def test_order_approval_parks_for_approval_syncs_flights_and_tells_finance(
     synced = location.outputs(finished)["refresh_flights"]["output"]
     assert (synced["run_id"], synced["loaded"]) == (child.run_id, FLIGHTS_LOADED)
     assert not location.tick(RESUME_SENSOR_NAME).run_requests, "finished: nothing left to resume"
+    # Finished: no run of the execution says waiting.
+    assert location.runs(**{parking.STATE_TAG: parking.WAITING}) == []
+    states = {
+        run.run_id: (run.tags.get(parking.STATE_TAG), run.tags.get(parking.RESUMED_BY_TAG))
+        for run in location.runs(**{"junction/execution_id": execution_id})
+        if run.job_name == "order_approval"
+    }
+    assert states == {
+        first.run_id: (parking.RESUMED, approved.run_id),
+        approved.run_id: (parking.RESUMED, finished.run_id),
+        finished.run_id: (None, None),
+    }
 
     (message,) = outbox(junction_home, "finance")
     assert message["subject"] == "Order A-1001 approved (decision)"
@@ -139,7 +168,7 @@ def test_order_approval_auto_approves_and_compensates_when_the_refresh_is_cancel
     """A small order is auto-approved; an operator cancels the flights refresh (as the UI's
     Terminate does); the resumed Sync step fails, and the failure sensor notifies ops and asks for
     the compensation run, which releases the order's hold and tells finance, last completed first."""
-    from orchestration.workflows.compensation import FAILURE_SENSOR_NAME
+    from orchestration.workflows.compensation import COMPENSATED_BY_TAG, COMPENSATION_TAG, FAILURE_SENSOR_NAME
 
     api_server.answer("/orders/A-7", 200, ORDER | {"total": 70})
     api_server.answer("/orders/A-7/release", 200, {"released": True})
@@ -169,7 +198,12 @@ def test_order_approval_auto_approves_and_compensates_when_the_refresh_is_cancel
     assert compensation.run_key == f"compensate:{execution_id}"
     plan = compensation.run_config["ops"]["compensate"]["config"]["plan"]
     assert plan == ["tell_finance_rolled_back", "release_hold"], "sign_off completed after lookup_order"
-    assert location.launch(compensation).status == dg.DagsterRunStatus.SUCCESS
+    assert location.instance.get_run_by_id(failed.run_id).tags[COMPENSATION_TAG] == "requested"
+    compensating = location.launch(compensation)
+    assert compensating.status == dg.DagsterRunStatus.SUCCESS
+    # The failed run's row says its compensation ran, and which run did it.
+    failed_tags = location.instance.get_run_by_id(failed.run_id).tags
+    assert (failed_tags[COMPENSATION_TAG], failed_tags[COMPENSATED_BY_TAG]) == ("done", compensating.run_id)
 
     release = [r for r in api_server.requests if r.path == "/orders/A-7/release"]
     assert [(r.method, json.loads(r.body)) for r in release] == [

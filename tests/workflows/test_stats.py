@@ -203,7 +203,7 @@ def test_the_cli_prints_statistics_and_executions(store_url, platform_instance, 
     result = runner.invoke(cli, ["workflows", "executions", "stats_flow", "--status", "waiting"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 2 and lines[1].startswith(ids["parked"]) and "pause (delay)" in lines[1]
+    assert len(lines) == 2 and lines[1].startswith(ids["parked"]) and "pause: delay until " in lines[1]
 
     result = runner.invoke(cli, ["workflows", "executions", "stats_flow", "--json"])
     found = {item["execution_id"]: item for item in map(json.loads, result.output.splitlines())}

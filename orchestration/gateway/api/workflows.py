@@ -45,6 +45,9 @@ class WaitingInfo(BaseModel):
     kind: str = Field(description="The parked step's type: approval, delay, sync.")
     since: datetime | None
     wake_at: datetime | None = Field(description="When the execution is due (none: on a decision).")
+    summary: str = Field(
+        default="", description="What it waits for, as the parked run's junction/waiting_on tag says."
+    )
 
 
 class ExecutionInfo(BaseModel):

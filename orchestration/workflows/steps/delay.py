@@ -51,11 +51,16 @@ def wake_up_time(config: DelayConfig, context: StepContext) -> datetime:
 
 
 def delay(config: DelayConfig, context: StepContext) -> dict[str, Any]:
-    from orchestration.workflows.parking import ParkStep, utc_now
+    from orchestration.workflows.parking import ParkStep, moment_text, utc_now
 
     wake_at = wake_up_time(config, context)
     if wake_at > utc_now():
-        raise ParkStep(f"delayed until {wake_at.isoformat()}", wake_at)
+        raise ParkStep(
+            f"delayed until {wake_at.isoformat()}",
+            wake_at,
+            summary=f"delay until {moment_text(wake_at)}",
+            guidance=(f"wakes at {wake_at.isoformat()}: the resume sensor continues the execution then",),
+        )
     return {"waited_until": wake_at.isoformat()}
 
 

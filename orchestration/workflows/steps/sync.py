@@ -231,6 +231,13 @@ def sync(config: SyncConfig, context: StepContext) -> dict[str, Any]:
             + (f" until {deadline.isoformat()}" if deadline else ""),
             deadline,
             waiting_on_run_id=child.run_id,
+            summary=f"sync run {parking.short_id(child.run_id)} ({child.job_name})"
+            + (f", until {parking.moment_text(deadline)}" if deadline else ""),
+            guidance=(
+                f"resumes by itself once run {child.run_id} ({child.job_name}) has finished"
+                + (f", or fails at {parking.moment_text(deadline)} if it has not" if deadline else ""),
+                f"the child run in the UI: /runs/{child.run_id}",
+            ),
         )
     result = child_result(instance, child)
     if result["status"] != "SUCCESS":
