@@ -87,7 +87,11 @@ def mark_resumed(instance: Any, parked_run_id: str, by_run_id: str) -> None:
     waits. (Dagster cannot remove a tag, so `junction/waiting_on` is overwritten, not dropped.)"""
     instance.add_run_tags(
         parked_run_id,
-        {STATE_TAG: RESUMED, RESUMED_BY_TAG: by_run_id, WAITING_ON_TAG: f"nothing: resumed by run {short_id(by_run_id)}"},
+        {
+            STATE_TAG: RESUMED,
+            RESUMED_BY_TAG: by_run_id,
+            WAITING_ON_TAG: f"nothing: resumed by run {short_id(by_run_id)}",
+        },
     )
 
 

@@ -113,7 +113,7 @@ def approval_guidance(request: Any) -> tuple[str, ...]:
     lines = [
         f"decide from the CLI: junction approvals approve {request.id} (or: junction approvals reject {request.id})",
         f"or through the API (scope approvals:decide): POST /gateway/v1/approvals/{request.id}/approve "
-        f"(or .../reject) with {{\"comment\": \"...\"}}",
+        f'(or .../reject) with {{"comment": "..."}}',
     ]
     if request.timeout_at:
         lines.append(f"undecided at {request.timeout_at.isoformat()}: on_timeout {request.on_timeout}")
