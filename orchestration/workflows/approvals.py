@@ -341,7 +341,63 @@ def decide(
         return _info(session, row), event
 
     info, _ = run_audited(record, engine=engine)
+    if info.status == PENDING:
+        retag_parked_run(info, engine=engine)
     return info
+
+
+def waiting_summary(request: ApprovalInfo) -> str:
+    """`approval f6d5…: 1 of 2 from local-admin or finance, until 2026-12-06 18:00 UTC`: the parked
+    run's `junction/waiting_on` tag."""
+    approved = sum(1 for decision in request.decisions if decision.decision == "approve")
+    who = " or ".join([*request.approver_principals, *request.approver_groups]) or "anyone allowed"
+    until = f", until {parking.moment_text(request.timeout_at)}" if request.timeout_at else ""
+    return f"approval {parking.short_id(request.id)}: {approved} of {request.required_approvals} from {who}{until}"
+
+
+def deciding_guidance(request: ApprovalInfo) -> tuple[str, ...]:
+    """The exact command and call that decide the request (the parked step's log and metadata)."""
+    lines = [
+        f"decide from the CLI: junction approvals approve {request.id} "
+        f"(or: junction approvals reject {request.id})",
+        f"or through the API (scope approvals:decide): POST /gateway/v1/approvals/{request.id}/approve "
+        '(or .../reject) with {"comment": "..."}',
+    ]
+    if request.timeout_at:
+        lines.append(f"undecided at {request.timeout_at.isoformat()}: on_timeout {request.on_timeout}")
+    return tuple(lines)
+
+
+def retag_parked_run(request: ApprovalInfo, *, engine: Engine | None = None) -> None:
+    """After a decision that leaves the request pending (1 of 2 approved), the parked run's
+    `junction/waiting_on` says so. Best effort: the decision is recorded whatever happens here, and
+    without a reachable Dagster instance the tag keeps the count of when the run parked."""
+    import logging
+
+    checkpoint = parking.get_checkpoint(request.execution_id, engine=engine)
+    if (
+        checkpoint is None
+        or checkpoint.state != parking.WAITING
+        or checkpoint.parked_step != request.step_id
+        or not checkpoint.parked_run_id
+    ):
+        return
+    try:
+        from dagster import DagsterInstance
+
+        from orchestration.settings import get_settings
+
+        dagster_home = get_settings().dagster_home
+        if not dagster_home.is_dir():  # no Dagster instance here (a gateway elsewhere): nothing to retag
+            return
+        with DagsterInstance.from_config(str(dagster_home)) as instance:
+            instance.add_run_tags(
+                checkpoint.parked_run_id, {parking.WAITING_ON_TAG: waiting_summary(request)}
+            )
+    except Exception:  # noqa: BLE001 - the tag is a courtesy; the decision stands
+        logging.getLogger("junction.approvals").warning(
+            "could not update the waiting_on tag of run %s", checkpoint.parked_run_id, exc_info=True
+        )
 
 
 class _NotTimedOut(Exception):

@@ -112,9 +112,16 @@ def test_reject_takes_the_rejected_branch(store_url, instance):
 
 def test_n_of_m_waits_for_enough_approvers(store_url, instance):
     flow = Parking(instance, [purchase(required_approvals=2)])
-    _, request = park(flow)
+    first, request = park(flow)
+    assert flow.run_tags(first)[parking.WAITING_ON_TAG].startswith(
+        f"approval {request.id[:8]}…: 0 of 2 from "
+    )
     assert decide(request.id, "ann").status == approvals.PENDING
     assert flow.tick() == []
+    # The parked run's summary follows the decisions that do not settle the request.
+    assert flow.run_tags(first)[parking.WAITING_ON_TAG].startswith(
+        f"approval {request.id[:8]}…: 1 of 2 from "
+    )
     with pytest.raises(approvals.ApprovalConflict, match="ann already decided"):
         decide(request.id, "ann")
     # An approver by group: dave is in finance.

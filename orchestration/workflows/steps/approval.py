@@ -98,28 +98,6 @@ class ApprovalConfig(StepConfig):
         return self
 
 
-def approval_summary(request: Any) -> str:
-    """`approval f6d5…: 1 of 2 from local-admin or finance, until 2026-12-06 18:00 UTC`."""
-    from orchestration.workflows.parking import moment_text, short_id
-
-    approved = sum(1 for decision in request.decisions if decision.decision == "approve")
-    who = " or ".join([*request.approver_principals, *request.approver_groups]) or "anyone allowed"
-    until = f", until {moment_text(request.timeout_at)}" if request.timeout_at else ""
-    return f"approval {short_id(request.id)}: {approved} of {request.required_approvals} from {who}{until}"
-
-
-def approval_guidance(request: Any) -> tuple[str, ...]:
-    """The exact commands and calls that decide the request."""
-    lines = [
-        f"decide from the CLI: junction approvals approve {request.id} (or: junction approvals reject {request.id})",
-        f"or through the API (scope approvals:decide): POST /gateway/v1/approvals/{request.id}/approve "
-        f'(or .../reject) with {{"comment": "..."}}',
-    ]
-    if request.timeout_at:
-        lines.append(f"undecided at {request.timeout_at.isoformat()}: on_timeout {request.on_timeout}")
-    return tuple(lines)
-
-
 def request_approval(config: ApprovalConfig, context: StepContext) -> dict[str, Any]:
     from orchestration.kernel.conditions import evaluate, parse_condition
     from orchestration.kernel.times import parse_duration
@@ -171,8 +149,8 @@ def request_approval(config: ApprovalConfig, context: StepContext) -> dict[str, 
         raise ParkStep(
             f"waiting for approval request {request.id}",
             request.timeout_at,
-            summary=approval_summary(request),
-            guidance=approval_guidance(request),
+            summary=approvals.waiting_summary(request),
+            guidance=approvals.deciding_guidance(request),
         )
     if request.status == approvals.FAILED:
         raise JunctionError(f"approval request {request.id} timed out (on_timeout: fail)")
