@@ -55,7 +55,9 @@ def test_sync_through_the_daemon_and_the_run_queue(start_platform, tmp_path):
     resumed, child, first = wait_until(
         all_three_finished, 300, "parent, child and resumed run", poll_s=1
     )  # newest first
-    assert first.run_id == run_id and first.tags["junction/state"] == "waiting"
+    # The parked run, once resumed, says so and by which run (no longer `waiting`).
+    assert first.run_id == run_id and first.tags["junction/state"] == "resumed"
+    assert first.tags["junction/resumed_by"] == resumed.run_id
     assert child.job_name == "orders_pipeline" and child.status == dg.DagsterRunStatus.SUCCESS
     assert child.tags["junction/parent_run"] == run_id
     assert resumed.status == dg.DagsterRunStatus.SUCCESS
@@ -131,7 +133,9 @@ def test_a_child_running_past_the_timeout_is_terminated_and_fails_the_step(start
         return len(runs) == 3 and all(run.is_finished for run in runs) and runs
 
     resumed, _, first = wait_until(all_three_finished, 240, "the timeout to end the child", poll_s=1)
-    assert first.run_id == run_id and first.tags["junction/state"] == "waiting"
+    # The parked run, once resumed, says so and by which run (no longer `waiting`).
+    assert first.run_id == run_id and first.tags["junction/state"] == "resumed"
+    assert first.tags["junction/resumed_by"] == resumed.run_id
     assert resumed.tags["dagster/run_key"] == f"resume:{run_id}:load"
     assert resumed.status == dg.DagsterRunStatus.FAILURE
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
