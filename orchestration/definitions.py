@@ -15,6 +15,7 @@ from assets.etl.spec import load_pipelines, pipeline_files
 from orchestration import platform_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
+from resources.cache import CacheResource, load_namespaces
 from sensors.definitions import streaming_definitions
 
 
@@ -29,6 +30,8 @@ def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
 
 # Loaded once: the asset factory and the stream triggers both read the same specs.
 pipelines = load_pipelines(pipeline_files(get_settings().pipelines_dir))
+# A bad caches.yaml fails the code location here, in the kernel's format, not at a cache's first use.
+load_namespaces(get_settings().caches_file)
 
 defs = dg.Definitions.merge(
     analyst_definitions(),
@@ -40,4 +43,6 @@ defs = dg.Definitions.merge(
     pipeline_definitions(pipelines=pipelines),
     # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
     streaming_definitions(pipelines=pipelines),
+    # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`.
+    dg.Definitions(resources={"cache": CacheResource()}),
 )

@@ -51,6 +51,10 @@ class JunctionSettings(BaseSettings):
     streams_dir: Path = Field(
         default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations."
     )
+    caches_file: Path = Field(
+        default=PROJECT_ROOT / "resources" / "caches.yaml",
+        description="Cache namespaces: layers, TTLs, size bounds, compression, serializer.",
+    )
     channels_file: Path = Field(
         default=PROJECT_ROOT / "resources" / "channels.yaml",
         description="Named notification channels (secrets referenced by env-var name).",

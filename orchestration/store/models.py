@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -296,3 +297,26 @@ class ApprovalDecision(Base):
     comment: Mapped[str] = mapped_column(Text, nullable=False)
     inputs: Mapped[dict] = mapped_column(JSON, nullable=False)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class CacheEntry(Base):
+    """The cache's database layer (L3): one encoded value per namespace and versioned key."""
+
+    __tablename__ = "cache_entries"
+
+    namespace: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    fresh_until: Mapped[float] = mapped_column(Float, nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    tags: Mapped[list] = mapped_column(JSON, nullable=False)
+
+
+class CacheEntryTag(Base):
+    """Which cache entries carry a tag (invalidation by tag)."""
+
+    __tablename__ = "cache_entry_tags"
+
+    namespace: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)

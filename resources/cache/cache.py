@@ -1,0 +1,373 @@
+"""`Cache`: one namespace's layers read in order and filled back, with stampede protection and
+invalidation that reaches every process.
+
+Reads go memory → Redis → database; a hit in a lower layer is written back into the layers above
+it. Writes are write-through: the lowest layer first, so a value in memory is always also below.
+A layer that does not answer is skipped (counted in its `errors`, logged once a minute) unless the
+namespace says `require_l2` and that layer is Redis; a stored entry that does not decode is a miss
+(counted as `corrupt`, and removed).
+
+`get_or_set(key, loader)`:
+- a fresh value is returned;
+- a stale one (past the ttl, within `stale_grace`) is returned at once while one thread of this
+  process refreshes it in the background;
+- on a miss, one caller per process loads (single-flight: the others wait for its result), and with
+  Redis one process at a time: the loader's process holds `SET lock NX PX lock_timeout`; the others
+  poll Redis for the value until the lock is released or times out, so a crashed holder delays them
+  at most `lock_timeout`, never longer.
+
+Invalidation (`delete`, `invalidate_tags`) removes the entries from every layer and, with Redis,
+publishes the keys and tags on the channel `junction:cache:invalidations`; each process listening
+drops them from its memory layer as the message arrives (milliseconds). While Redis is unreachable a
+memory entry another process invalidated lives at most until its own expiry: the namespace's ttl
+plus stale grace is the bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import orjson
+
+from resources.cache import serializers
+from resources.cache.config import NamespaceSpec
+from resources.cache.layers import Layer, LayerUnavailable, MemoryLayer, RedisLayer, StoredEntry
+from resources.cache.stats import NamespaceStats
+
+logger = logging.getLogger("junction.cache")
+INVALIDATION_CHANNEL = "junction:cache:invalidations"
+# How often a process waiting for another's load looks for the value in Redis.
+LOCK_POLL_S = 0.01
+_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_MISSING = object()
+
+
+class CacheUnavailable(Exception):
+    """A layer the namespace requires (`require_l2`) did not answer."""
+
+
+class Cache:
+    def __init__(
+        self,
+        name: str,
+        spec: NamespaceSpec,
+        layers: list[Layer],
+        *,
+        redis_client: Any | None = None,
+        process_id: str | None = None,
+    ):
+        self.name = name
+        self.spec = spec
+        self.layers = layers
+        self.memory = next((layer for layer in layers if isinstance(layer, MemoryLayer)), None)
+        self.redis = redis_client
+        self.process_id = process_id or uuid.uuid4().hex
+        self.stats = NamespaceStats.for_layers([layer.name for layer in layers])
+        self._flights: dict[str, Future] = {}
+        self._flights_lock = threading.Lock()
+        self._refreshing: set[str] = set()
+        self._last_warning: dict[str, float] = {}
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def _unavailable(self, layer: Layer, exc: LayerUnavailable) -> None:
+        self.stats.layers[layer.name].errors += 1
+        if self.spec.require_l2 and isinstance(layer, RedisLayer):
+            raise CacheUnavailable(f"cache namespace {self.name!r} requires Redis: {exc}") from None
+        now = time.monotonic()
+        if now - self._last_warning.get(layer.name, -60.0) >= 60:
+            self._last_warning[layer.name] = now
+            logger.warning(
+                "cache %s: layer %s unavailable, degraded to the others: %s", self.name, layer.name, exc
+            )
+
+    def _lookup(self, key: str) -> tuple[Any, StoredEntry] | None:
+        """(value, entry) from the first layer holding an unexpired, decodable entry, filled back."""
+        now = time.time()
+        for index, layer in enumerate(self.layers):
+            started = time.perf_counter()
+            try:
+                entry = layer.get(key)
+            except LayerUnavailable as exc:
+                self._unavailable(layer, exc)
+                continue
+            layer_stats = self.stats.layers[layer.name]
+            if entry is None or entry.is_expired(now):
+                layer_stats.misses += 1
+                continue
+            try:
+                value = serializers.decode(entry.data)
+            except serializers.CorruptEntry:
+                layer_stats.corrupt += 1
+                layer_stats.misses += 1
+                self._quietly(layer.delete, [key])
+                continue
+            layer_stats.hits += 1
+            layer_stats.hit_seconds.append(time.perf_counter() - started)
+            for above in self.layers[:index]:
+                self._store(above, key, entry)
+            return value, entry
+        return None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value (fresh or within its stale grace), else `default`."""
+        found = self._lookup(key)
+        self.stats.add(gets=1, hits=1 if found else 0)
+        return default if found is None else found[0]
+
+    # --- writing ------------------------------------------------------------------------------------
+
+    def _quietly(self, function: Callable, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except LayerUnavailable:
+            return None
+
+    def _store(self, layer: Layer, key: str, entry: StoredEntry) -> None:
+        try:
+            kept = layer.set(key, entry)
+        except LayerUnavailable as exc:
+            self._unavailable(layer, exc)
+            return
+        self.stats.layers[layer.name].sets += 1
+        if not kept:
+            self.stats.layers[layer.name].refused += 1
+
+    def _entry(self, value: Any, ttl: float | None, tags: Iterable[str]) -> StoredEntry:
+        data, raw_size = serializers.encode_sized(value, self.spec.serializer, self.spec.compress_over_bytes)
+        self.stats.add(raw_bytes=raw_size, stored_bytes=len(data))
+        now = time.time()
+        fresh_until = now + (self.spec.ttl_s if ttl is None else ttl)
+        return StoredEntry(data, fresh_until, fresh_until + self.spec.stale_grace_s, tuple(sorted(set(tags))))
+
+    def set(self, key: str, value: Any, ttl: float | None = None, tags: Iterable[str] = ()) -> None:
+        """Write through: the database first, then Redis, then memory."""
+        entry = self._entry(value, ttl, tags)
+        for layer in reversed(self.layers):
+            self._store(layer, key, entry)
+
+    def delete(self, *keys: str) -> None:
+        for layer in self.layers:
+            try:
+                layer.delete(keys)
+            except LayerUnavailable as exc:
+                self._unavailable(layer, exc)
+        self._publish(keys=list(keys))
+
+    def invalidate_tags(self, *tags: str) -> set[str]:
+        """Drop every entry carrying one of `tags`, in every layer and every process's memory."""
+        dropped: set[str] = set()
+        for layer in reversed(self.layers):
+            try:
+                dropped |= layer.delete_tags(tags)
+            except LayerUnavailable as exc:
+                self._unavailable(layer, exc)
+        if self.memory is not None:
+            self.memory.delete(dropped)
+        self._publish(keys=sorted(dropped), tags=list(tags))
+        return dropped
+
+    def _publish(self, keys: list[str] = (), tags: list[str] = ()) -> None:
+        if self.redis is None or self.memory is None:
+            return
+        message = {"namespace": self.name, "version": self.spec.version, "keys": keys, "tags": tags}
+        try:
+            self.redis.publish(INVALIDATION_CHANNEL, orjson.dumps({**message, "from": self.process_id}))
+        except Exception as exc:  # noqa: BLE001 - other processes' memory then expires by itself
+            logger.warning(
+                "cache %s: invalidation not broadcast (%s); other processes' memory expires by ttl",
+                self.name,
+                exc,
+            )
+
+    def drop_from_memory(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> None:
+        """What another process invalidated (the invalidation listener calls this)."""
+        if self.memory is not None:
+            self.memory.delete_tags(tags)
+            self.memory.delete(keys)
+
+    # --- loading ------------------------------------------------------------------------------------
+
+    def get_or_set(
+        self, key: str, loader: Callable[[], Any], ttl: float | None = None, tags: Iterable[str] = ()
+    ) -> Any:
+        """Cache-aside with stampede protection and stale-while-revalidate (see the module doc)."""
+        found = self._lookup(key)
+        self.stats.add(gets=1, hits=1 if found else 0)
+        if found is not None:
+            value, entry = found
+            if not entry.is_fresh(time.time()):
+                self.stats.add(stale_served=1)
+                self._refresh_in_background(key, loader, ttl, tags)
+            return value
+        return self._single_flight(key, lambda: self._load_once_across_processes(key, loader, ttl, tags))
+
+    def _found_meanwhile(self, key: str) -> Any:
+        """The value a load that finished since this caller's miss stored, or _MISSING: a caller
+        that missed just before a load finished must not start a second one."""
+        found = self._lookup(key)
+        return _MISSING if found is None or not found[1].is_fresh(time.time()) else found[0]
+
+    def _single_flight(self, key: str, work: Callable[[], Any]) -> Any:
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = Future()
+        if not leader:
+            return flight.result()
+        try:
+            value = work()
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        else:
+            flight.set_result(value)
+            return value
+        finally:
+            with self._flights_lock:
+                self._flights.pop(key, None)
+
+    def _load(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]) -> Any:
+        started = time.perf_counter()
+        value = loader()
+        self.stats.add(loader_calls=1, loader_seconds=time.perf_counter() - started)
+        self.set(key, value, ttl, tags)
+        return value
+
+    def _lock_key(self, key: str) -> str:
+        return f"jc:{self.name}:v{self.spec.version}:lock:{key}"
+
+    def _load_once_across_processes(
+        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]
+    ) -> Any:
+        meanwhile = self._found_meanwhile(key)
+        if meanwhile is not _MISSING:
+            return meanwhile
+        redis_layer = next((layer for layer in self.layers if isinstance(layer, RedisLayer)), None)
+        if redis_layer is None:
+            return self._load(key, loader, ttl, tags)
+        token = uuid.uuid4().hex
+        timeout_ms = int(self.spec.lock_timeout_s * 1000)
+        deadline = time.monotonic() + self.spec.lock_timeout_s
+        waited = False
+        while True:
+            try:
+                acquired = bool(redis_layer.client.set(self._lock_key(key), token, nx=True, px=timeout_ms))
+            except Exception as exc:  # noqa: BLE001 - Redis down: load here, as without Redis
+                self._unavailable(redis_layer, LayerUnavailable(str(exc)))
+                return self._load(key, loader, ttl, tags)
+            if acquired:
+                try:
+                    meanwhile = self._found_meanwhile(key)  # loaded by another process just before
+                    if meanwhile is not _MISSING:
+                        return meanwhile
+                    return self._load(key, loader, ttl, tags)
+                finally:
+                    self._quietly_release(redis_layer, key, token)
+            if not waited:
+                self.stats.add(lock_waits=1)
+                waited = True
+            # Another process loads: take its value as soon as it is in Redis.
+            while time.monotonic() < deadline:
+                time.sleep(LOCK_POLL_S)
+                found = self._lookup(key)
+                if found is not None:
+                    return found[0]
+                if not redis_layer.client.exists(self._lock_key(key)):
+                    break  # released without a value (its loader failed): try to take the lock
+            else:
+                return self._load(key, loader, ttl, tags)  # the holder is gone or too slow
+
+    def _quietly_release(self, redis_layer: RedisLayer, key: str, token: str) -> None:
+        try:
+            redis_layer.client.eval(_RELEASE_LOCK, 1, self._lock_key(key), token)
+        except Exception:  # noqa: BLE001 - the lock then expires by its timeout
+            logger.warning("cache %s: could not release the load lock of %r", self.name, key)
+
+    def _refresh_in_background(
+        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]
+    ) -> None:
+        with self._flights_lock:
+            if key in self._refreshing:
+                return
+            self._refreshing.add(key)
+
+        def refresh() -> None:
+            try:
+                self._single_flight(key, lambda: self._load_once_across_processes(key, loader, ttl, tags))
+            except Exception:  # noqa: BLE001 - the stale value stays until its grace ends
+                logger.warning("cache %s: background refresh of %r failed", self.name, key, exc_info=True)
+            finally:
+                with self._flights_lock:
+                    self._refreshing.discard(key)
+
+        threading.Thread(target=refresh, name=f"cache-refresh-{self.name}", daemon=True).start()
+
+    # --- async --------------------------------------------------------------------------------------
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        import anyio
+
+        return await anyio.to_thread.run_sync(lambda: self.get(key, default))
+
+    async def aset(self, key: str, value: Any, ttl: float | None = None, tags: Iterable[str] = ()) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(lambda: self.set(key, value, ttl, tags))
+
+    async def adelete(self, *keys: str) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(lambda: self.delete(*keys))
+
+    async def ainvalidate_tags(self, *tags: str) -> set[str]:
+        import anyio
+
+        return await anyio.to_thread.run_sync(lambda: self.invalidate_tags(*tags))
+
+    async def aget_or_set(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        ttl: float | None = None,
+        tags: Iterable[str] = (),
+    ) -> Any:
+        """`get_or_set` for an async loader: one load per key in this event loop at a time."""
+        import asyncio
+
+        found = await self.aget(key, _MISSING)
+        if found is not _MISSING:
+            return found
+        flights: dict[str, asyncio.Future] = self.__dict__.setdefault("_async_flights", {})
+        flight = flights.get(key)
+        if flight is not None:
+            return await asyncio.shield(flight)
+        flight = flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            started = time.perf_counter()
+            value = await loader()
+            self.stats.add(loader_calls=1, loader_seconds=time.perf_counter() - started)
+            await self.aset(key, value, ttl, tags)
+            flight.set_result(value)
+            return value
+        except BaseException as exc:
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            flights.pop(key, None)
+
+    def to_json(self) -> dict[str, Any]:
+        figures = self.stats.to_json()
+        if self.memory is not None:
+            figures["layers"]["memory"].update(
+                entries=len(self.memory), bytes=self.memory.bytes, evictions=self.memory.evictions
+            )
+        return {"namespace": self.name, "layers_declared": [layer.name for layer in self.layers], **figures}

@@ -1,0 +1,133 @@
+"""Cache namespaces as declared in `resources/caches.yaml` (setting `JUNCTION_CACHES_FILE`).
+
+Each use of the cache has its own namespace and so its own policy and figures:
+
+```yaml
+namespaces:
+  lookups:
+    layers: [memory, redis, database]   # read in this order, filled back on a miss
+    ttl: 1h                             # how long a value is fresh
+    stale_grace: 10m                    # then served stale while one caller refreshes it
+    memory: {max_entries: 10000, max_bytes: 64MB}
+    compress_over_bytes: 1024           # zstandard above this size
+    serializer: json                    # json (orjson) or msgpack; never pickle
+    version: 1                          # bump when the values' shape changes: old entries are misses
+```
+
+A file that is missing declares only the `default` namespace; a bad file fails with every problem in
+the kernel's format (`caches.yaml: namespaces.lookups.ttl: ...`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from orchestration.kernel.spec_errors import read_yaml, validate_spec
+from orchestration.kernel.times import DurationText, parse_duration
+
+Layer = Literal["memory", "redis", "database"]
+LAYER_ORDER: tuple[Layer, ...] = ("memory", "redis", "database")
+NAMESPACE_PATTERN = r"^[a-z][a-z0-9_]*$"
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+def parse_size(value: int | str) -> int:
+    """`64MB` -> 67108864; an int is bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size (bytes, or 512KB, 64MB, 1GB)")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower() or None]
+
+
+def _check_size(value: int | str) -> int | str:
+    parse_size(value)
+    return value
+
+
+Size = Annotated[int | str, AfterValidator(_check_size)]
+
+
+class MemoryLayerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_entries: int = Field(default=10_000, ge=1, description="Entries kept in the process")
+    max_bytes: Size = Field(default="64MB", description="Bytes of encoded values kept in the process")
+    max_value_bytes: Size = Field(
+        default="1MB", description="A larger value is not kept in memory (it goes to the layers below)"
+    )
+
+
+class NamespaceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[Layer] = Field(default_factory=lambda: list(LAYER_ORDER), min_length=1)
+    ttl: DurationText = Field(default="1h", description="How long a value is fresh")
+    stale_grace: DurationText | None = Field(
+        default=None, description="After the ttl, a stale value is served while one caller refreshes it"
+    )
+    memory: MemoryLayerSpec = Field(default_factory=MemoryLayerSpec)
+    compress_over_bytes: int | None = Field(
+        default=1024, ge=0, description="zstandard-compress encoded values larger than this (null: never)"
+    )
+    serializer: Literal["json", "msgpack"] = "json"
+    version: int = Field(default=1, ge=1, description="Part of every key: bump it to drop old entries")
+    lock_timeout: DurationText = Field(
+        default="30s",
+        description="How long other processes wait for the one loading a cold key (a crashed holder "
+        "blocks nobody longer)",
+    )
+    require_l2: bool = Field(
+        default=False, description="Fail calls while Redis is down (default: degrade to the other layers)"
+    )
+
+    @model_validator(mode="after")
+    def _layers_in_order(self) -> NamespaceSpec:
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers: each layer at most once")
+        if self.layers != sorted(self.layers, key=LAYER_ORDER.index):
+            raise ValueError(f"layers: read from the fastest down, in the order {', '.join(LAYER_ORDER)}")
+        if self.require_l2 and "redis" not in self.layers:
+            raise ValueError("require_l2 needs the redis layer")
+        return self
+
+    @property
+    def ttl_s(self) -> float:
+        return parse_duration(self.ttl).total_seconds()
+
+    @property
+    def stale_grace_s(self) -> float:
+        return parse_duration(self.stale_grace).total_seconds() if self.stale_grace else 0.0
+
+    @property
+    def lock_timeout_s(self) -> float:
+        return parse_duration(self.lock_timeout).total_seconds()
+
+
+class CachesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    SPEC_SHAPE: ClassVar[str] = "a caches file is a mapping: namespaces: {name: {layers: [...], ttl: ...}}"
+
+    namespaces: dict[Annotated[str, Field(pattern=NAMESPACE_PATTERN)], NamespaceSpec] = Field(
+        default_factory=dict
+    )
+
+
+DEFAULT_NAMESPACE = "default"
+
+
+def load_namespaces(path: str | Path | None = None) -> dict[str, NamespaceSpec]:
+    """The namespaces of `path` (default: the setting), plus `default` unless the file declares it."""
+    if path is None:
+        from orchestration.settings import get_settings
+
+        path = get_settings().caches_file
+    path = Path(path)
+    declared = validate_spec(read_yaml(path) or {}, CachesFile, path).namespaces if path.exists() else {}
+    return {DEFAULT_NAMESPACE: NamespaceSpec(), **declared}

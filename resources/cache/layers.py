@@ -1,0 +1,348 @@
+"""The cache's layers, one class each behind one interface (cashews' backends are the model):
+`MemoryLayer` (L1, this process), `RedisLayer` (L2, shared), `DatabaseLayer` (L3, the platform store).
+
+Every layer stores the same `StoredEntry`: the encoded value (`serializers.py`), when it stops being
+fresh, when it expires (fresh time plus the namespace's stale grace) and its tags. A layer that cannot
+be reached raises `LayerUnavailable`; the cache above decides whether that degrades or fails.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TLRUCache
+
+
+class LayerUnavailable(Exception):
+    """The layer's service (Redis, the database) did not answer."""
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    data: bytes
+    fresh_until: float  # epoch seconds
+    expires_at: float  # epoch seconds: fresh_until + the stale grace
+    tags: tuple[str, ...] = ()
+
+    def is_expired(self, now: float) -> bool:
+        return self.expires_at <= now
+
+    def is_fresh(self, now: float) -> bool:
+        return self.fresh_until > now
+
+
+class Layer(ABC):
+    name: str
+
+    @abstractmethod
+    def get(self, key: str) -> StoredEntry | None: ...
+
+    @abstractmethod
+    def set(self, key: str, entry: StoredEntry) -> bool:
+        """Store the entry; False when this layer refuses it (too large for memory)."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def delete_tags(self, tags: Iterable[str]) -> set[str]:
+        """Drop every entry carrying one of `tags`; returns their keys."""
+
+    def close(self) -> None:  # noqa: B027 - most layers hold nothing to close
+        pass
+
+
+# --- L1 ----------------------------------------------------------------------------------------------
+
+# What an entry costs beyond its bytes in a CPython dict and the entry object (measured roughly with
+# sys.getsizeof): counted so that a bound in bytes holds for many small values too.
+ENTRY_OVERHEAD_BYTES = 200
+
+
+class _BoundedTLRU(TLRUCache):
+    """cachetools' TLRU cache (per-item expiry, least recently used out first) bounded in bytes by
+    `maxsize`, in entries by `max_entries`, and telling its owner what it evicted."""
+
+    def __init__(self, max_bytes: int, max_entries: int, on_evict):
+        super().__init__(
+            maxsize=max_bytes,
+            ttu=lambda _key, entry, _now: entry.expires_at,
+            timer=time.time,
+            getsizeof=lambda entry: len(entry.data) + ENTRY_OVERHEAD_BYTES,
+        )
+        self.max_entries = max_entries
+        self.on_evict = on_evict
+
+    def popitem(self):
+        key, entry = super().popitem()
+        self.on_evict(key, entry)
+        return key, entry
+
+    def __setitem__(self, key, value, cache_setitem=TLRUCache.__setitem__):
+        cache_setitem(self, key, value)
+        while len(self) > self.max_entries:
+            self.popitem()
+
+
+class MemoryLayer(Layer):
+    """L1: this process's memory, bounded in entries and bytes, LRU with per-entry expiry (cachetools)."""
+
+    name = "memory"
+
+    def __init__(self, max_entries: int, max_bytes: int, max_value_bytes: int):
+        self.max_value_bytes = max_value_bytes
+        self.evictions = 0
+        self._lock = threading.Lock()
+        self._tags: dict[str, set[str]] = {}
+        self._entries = _BoundedTLRU(max_bytes, max_entries, self._evicted)
+
+    def _evicted(self, key: str, entry: StoredEntry) -> None:
+        self.evictions += 1
+        self._untag(key, entry)
+
+    def _untag(self, key: str, entry: StoredEntry) -> None:
+        for tag in entry.tags:
+            keys = self._tags.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._tags[tag]
+
+    @property
+    def bytes(self) -> int:
+        return int(self._entries.currsize)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> StoredEntry | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def set(self, key: str, entry: StoredEntry) -> bool:
+        if len(entry.data) > self.max_value_bytes:
+            return False
+        with self._lock:
+            previous = self._entries.get(key)
+            if previous is not None:
+                self._untag(key, previous)
+            try:
+                self._entries[key] = entry
+            except ValueError:  # larger than the whole byte bound
+                return False
+            for tag in entry.tags:
+                self._tags.setdefault(tag, set()).add(key)
+        return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self._untag(key, entry)
+
+    def delete_tags(self, tags: Iterable[str]) -> set[str]:
+        with self._lock:
+            keys = set().union(*(self._tags.pop(tag, set()) for tag in tags))
+        self.delete(keys)
+        return keys
+
+
+# --- L2 ----------------------------------------------------------------------------------------------
+
+_TIMES = struct.Struct("!dd")  # fresh_until, expires_at ahead of the value in Redis
+
+
+class RedisLayer(Layer):
+    """L2: Redis. An entry is one string key `jc:{namespace}:v{version}:{key}` holding the two times
+    and the value, expiring with the entry; each tag is a set of keys, expiring with its last entry."""
+
+    name = "redis"
+
+    def __init__(self, client: Any, prefix: str):
+        self.client = client
+        self.prefix = prefix
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def _tag(self, tag: str) -> str:
+        return f"{self.prefix}tag:{tag}"
+
+    def _call(self, function, *args):
+        import redis
+
+        try:
+            return function(*args)
+        except redis.RedisError as exc:
+            raise LayerUnavailable(f"Redis: {exc}") from None
+
+    def get(self, key: str) -> StoredEntry | None:
+        raw = self._call(self.client.get, self._key(key))
+        if raw is None:
+            return None
+        if len(raw) < _TIMES.size:
+            return StoredEntry(b"", 0.0, 0.0)  # truncated: decodes as corrupt
+        fresh_until, expires_at = _TIMES.unpack_from(raw)
+        return StoredEntry(raw[_TIMES.size :], fresh_until, expires_at)
+
+    def set(self, key: str, entry: StoredEntry) -> bool:
+        milliseconds = max(1, int((entry.expires_at - time.time()) * 1000))
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(
+                self._key(key), _TIMES.pack(entry.fresh_until, entry.expires_at) + entry.data, px=milliseconds
+            )
+            for tag in entry.tags:
+                pipe.sadd(self._tag(tag), key)
+                # A tag set lives as long as its longest-lived entry (NX for a new set, GT after).
+                pipe.pexpire(self._tag(tag), milliseconds, nx=True)
+                pipe.pexpire(self._tag(tag), milliseconds, gt=True)
+            pipe.execute()
+
+        self._call(write)
+        return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        names = [self._key(key) for key in keys]
+        if names:
+            self._call(self.client.delete, *names)
+
+    def delete_tags(self, tags: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for tag in tags:
+            members = self._call(self.client.smembers, self._tag(tag))
+            found.update(member.decode() if isinstance(member, bytes) else member for member in members)
+            self._call(self.client.delete, self._tag(tag))
+        self.delete(found)
+        return found
+
+
+# --- L3 ----------------------------------------------------------------------------------------------
+
+# Expired rows are purged on one write in this many (reads ignore them anyway).
+PURGE_EVERY_WRITES = 500
+
+
+class DatabaseLayer(Layer):
+    """L3: the platform store's `cache_entries` table (with `cache_entry_tags`), SQLite or PostgreSQL."""
+
+    name = "database"
+
+    def __init__(self, engine: Any, namespace: str, version: int):
+        self.engine = engine
+        self.namespace = namespace
+        self.prefix = f"v{version}:"
+        self._writes = 0
+
+    def _session(self):
+        from orchestration.store.db import session_scope
+
+        return session_scope(self.engine)
+
+    def _guard(self, function):
+        import sqlalchemy as sa
+
+        try:
+            return function()
+        except sa.exc.OperationalError as exc:
+            raise LayerUnavailable(f"database: {str(exc.orig).strip().splitlines()[0]}") from None
+
+    def get(self, key: str) -> StoredEntry | None:
+        from orchestration.store.models import CacheEntry
+
+        def read() -> StoredEntry | None:
+            with self._session() as session:
+                row = session.get(CacheEntry, (self.namespace, self.prefix + key))
+                if row is None:
+                    return None
+                return StoredEntry(bytes(row.value), row.fresh_until, row.expires_at, tuple(row.tags or ()))
+
+        return self._guard(read)
+
+    def set(self, key: str, entry: StoredEntry) -> bool:
+        from sqlalchemy import delete
+
+        from orchestration.store.models import CacheEntry, CacheEntryTag
+
+        stored_key = self.prefix + key
+        self._writes += 1
+        purge = self._writes % PURGE_EVERY_WRITES == 0
+
+        def write() -> None:
+            with self._session() as session:
+                session.execute(
+                    delete(CacheEntryTag)
+                    .where(CacheEntryTag.namespace == self.namespace)
+                    .where(CacheEntryTag.key == stored_key)
+                )
+                session.merge(
+                    CacheEntry(
+                        namespace=self.namespace,
+                        key=stored_key,
+                        value=entry.data,
+                        fresh_until=entry.fresh_until,
+                        expires_at=entry.expires_at,
+                        tags=list(entry.tags),
+                    )
+                )
+                for tag in entry.tags:
+                    session.add(CacheEntryTag(namespace=self.namespace, tag=tag, key=stored_key))
+                if purge:
+                    session.execute(
+                        delete(CacheEntry)
+                        .where(CacheEntry.namespace == self.namespace)
+                        .where(CacheEntry.expires_at < time.time())
+                    )
+
+        self._guard(write)
+        return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        from sqlalchemy import delete
+
+        from orchestration.store.models import CacheEntry, CacheEntryTag
+
+        stored = [self.prefix + key for key in keys]
+        if not stored:
+            return
+
+        def remove() -> None:
+            with self._session() as session:
+                for start in range(0, len(stored), 500):
+                    part = stored[start : start + 500]
+                    for model in (CacheEntryTag, CacheEntry):
+                        session.execute(
+                            delete(model).where(model.namespace == self.namespace).where(model.key.in_(part))
+                        )
+
+        self._guard(remove)
+
+    def delete_tags(self, tags: Iterable[str]) -> set[str]:
+        from sqlalchemy import select
+
+        from orchestration.store.models import CacheEntryTag
+
+        tags = list(tags)
+
+        def keys_of() -> set[str]:
+            with self._session() as session:
+                return set(
+                    session.scalars(
+                        select(CacheEntryTag.key)
+                        .where(CacheEntryTag.namespace == self.namespace)
+                        .where(CacheEntryTag.tag.in_(tags))
+                    )
+                )
+
+        stored = self._guard(keys_of)
+        keys = {key.removeprefix(self.prefix) for key in stored if key.startswith(self.prefix)}
+        self.delete(keys)
+        return keys
