@@ -5,7 +5,9 @@ Reads go memory → Redis → database; a hit in a lower layer is written back i
 it. Writes are write-through: the lowest layer first, so a value in memory is always also below.
 A layer that does not answer is skipped (counted in its `errors`, logged once a minute) unless the
 namespace says `require_l2` and that layer is Redis; a stored entry that does not decode is a miss
-(counted as `corrupt`, and removed).
+(counted as `corrupt`, and removed). A memory hit hands back the very object the memory layer holds
+(as cashews' and aiocache's memory backends do, and for the same reason: no decoding on the fastest
+path), so treat cached values as read-only.
 
 `get_or_set(key, loader)`:
 - a fresh value is returned;
@@ -31,13 +33,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
 from resources.cache import serializers
 from resources.cache.config import NamespaceSpec
-from resources.cache.layers import Layer, LayerUnavailable, MemoryLayer, RedisLayer, StoredEntry
+from resources.cache.layers import NOT_DECODED, Layer, LayerUnavailable, MemoryLayer, RedisLayer, StoredEntry
 from resources.cache.stats import NamespaceStats
 
 logger = logging.getLogger("junction.cache")
@@ -101,13 +104,16 @@ class Cache:
             if entry is None or entry.is_expired(now):
                 layer_stats.misses += 1
                 continue
-            try:
-                value = serializers.decode(entry.data)
-            except serializers.CorruptEntry:
-                layer_stats.corrupt += 1
-                layer_stats.misses += 1
-                self._quietly(layer.delete, [key])
-                continue
+            value = entry.value
+            if value is NOT_DECODED:
+                try:
+                    value = serializers.decode(entry.data)
+                except serializers.CorruptEntry:
+                    layer_stats.corrupt += 1
+                    layer_stats.misses += 1
+                    self._quietly(layer.delete, [key])
+                    continue
+                entry = replace(entry, value=value)
             layer_stats.hits += 1
             layer_stats.hit_seconds.append(time.perf_counter() - started)
             for above in self.layers[:index]:
@@ -115,10 +121,16 @@ class Cache:
             return value, entry
         return None
 
+    def _count_get(self, hit: bool) -> None:
+        # Unlocked: two threads may lose an increment between them; figures, not accounting.
+        self.stats.gets += 1
+        if hit:
+            self.stats.hits += 1
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value (fresh or within its stale grace), else `default`."""
         found = self._lookup(key)
-        self.stats.add(gets=1, hits=1 if found else 0)
+        self._count_get(found is not None)
         return default if found is None else found[0]
 
     # --- writing ------------------------------------------------------------------------------------
@@ -144,7 +156,9 @@ class Cache:
         self.stats.add(raw_bytes=raw_size, stored_bytes=len(data))
         now = time.time()
         fresh_until = now + (self.spec.ttl_s if ttl is None else ttl)
-        return StoredEntry(data, fresh_until, fresh_until + self.spec.stale_grace_s, tuple(sorted(set(tags))))
+        return StoredEntry(
+            data, fresh_until, fresh_until + self.spec.stale_grace_s, tuple(sorted(set(tags))), value
+        )
 
     def set(self, key: str, value: Any, ttl: float | None = None, tags: Iterable[str] = ()) -> None:
         """Write through: the database first, then Redis, then memory."""
@@ -199,7 +213,7 @@ class Cache:
     ) -> Any:
         """Cache-aside with stampede protection and stale-while-revalidate (see the module doc)."""
         found = self._lookup(key)
-        self.stats.add(gets=1, hits=1 if found else 0)
+        self._count_get(found is not None)
         if found is not None:
             value, entry = found
             if not entry.is_fresh(time.time()):
@@ -351,10 +365,16 @@ class Cache:
             return await asyncio.shield(flight)
         flight = flights[key] = asyncio.get_running_loop().create_future()
         try:
-            started = time.perf_counter()
-            value = await loader()
-            self.stats.add(loader_calls=1, loader_seconds=time.perf_counter() - started)
-            await self.aset(key, value, ttl, tags)
+            # A load that finished between this caller's miss and its taking the lead stored it.
+            import anyio
+
+            found = await anyio.to_thread.run_sync(self._lookup, key)
+            value = _MISSING if found is None else found[0]
+            if value is _MISSING:
+                started = time.perf_counter()
+                value = await loader()
+                self.stats.add(loader_calls=1, loader_seconds=time.perf_counter() - started)
+                await self.aset(key, value, ttl, tags)
             flight.set_result(value)
             return value
         except BaseException as exc:

@@ -13,7 +13,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachetools import TLRUCache
@@ -23,12 +23,18 @@ class LayerUnavailable(Exception):
     """The layer's service (Redis, the database) did not answer."""
 
 
+NOT_DECODED = object()
+
+
 @dataclass(frozen=True)
 class StoredEntry:
     data: bytes
     fresh_until: float  # epoch seconds
     expires_at: float  # epoch seconds: fresh_until + the stale grace
     tags: tuple[str, ...] = ()
+    # The value itself, kept by the memory layer beside its bytes so that a memory hit decodes
+    # nothing (the bytes still count towards the byte bound). Other layers leave it NOT_DECODED.
+    value: Any = field(default=NOT_DECODED, compare=False, repr=False)
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at <= now

@@ -12,6 +12,7 @@ serializer or threshold without invalidating what is stored. Bytes that do not d
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -21,9 +22,27 @@ import zstandard
 JSON, MSGPACK = 1, 2
 COMPRESSED = 0x80
 SERIALIZERS = {"json": JSON, "msgpack": MSGPACK}
-# Level 3 (zstd's default) compresses JSON records 5-10x at several hundred MB/s.
-_COMPRESSOR = zstandard.ZstdCompressor(level=3)
-_DECOMPRESSOR = zstandard.ZstdDecompressor()
+# Level 3 (zstd's default) compresses JSON records 5-10x at several hundred MB/s. python-zstandard's
+# (de)compressor objects must not be used by two threads at once (that crashes the interpreter), so
+# each thread has its own.
+_ZSTD_LEVEL = 3
+_per_thread = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    compressor = getattr(_per_thread, "compressor", None)
+    if compressor is None:
+        compressor = _per_thread.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    decompressor = getattr(_per_thread, "decompressor", None)
+    if decompressor is None:
+        decompressor = _per_thread.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
 # A decompressed entry larger than this is refused as corrupt (a zstd bomb in a shared Redis).
 MAX_DECODED_BYTES = 256 * 1024 * 1024
 
@@ -48,7 +67,7 @@ def encode_sized(
             f"the cache stores {serializer} values only: cannot encode {type(value).__name__} ({exc})"
         ) from None
     if compress_over_bytes is not None and len(payload) > compress_over_bytes:
-        compressed = _COMPRESSOR.compress(payload)
+        compressed = _compressor().compress(payload)
         if len(compressed) < len(payload):
             return bytes([kind | COMPRESSED]) + compressed, len(payload) + 1
     return bytes([kind]) + payload, len(payload) + 1
@@ -61,7 +80,7 @@ def decode(data: bytes) -> Any:
     kind = header & ~COMPRESSED
     try:
         if header & COMPRESSED:
-            payload = _DECOMPRESSOR.decompress(payload, max_output_size=MAX_DECODED_BYTES)
+            payload = _decompressor().decompress(payload, max_output_size=MAX_DECODED_BYTES)
         if kind == JSON:
             return orjson.loads(payload)
         if kind == MSGPACK:

@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -183,6 +184,20 @@ def test_serializers_are_safe_and_compression_pays_on_real_records(capsys):
     ratio = raw / len(data)
     print(f"zstd on 1,000 flight records: {raw:,} -> {len(data):,} bytes, ratio {ratio:.1f}x")
     assert ratio > 4
+
+
+def test_threads_compress_and_decompress_at_once():
+    # python-zstandard's compressor objects crash the interpreter when two threads share one (the
+    # cache benchmark's warming threads found it): each thread has its own.
+    value = [{"row": index, "text": "flight " * 50} for index in range(200)]
+
+    def roundtrip(_):
+        for _ in range(20):
+            data = serializers.encode(value)
+            assert serializers.is_compressed(data) and serializers.decode(data) == value
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(roundtrip, range(64)))
 
 
 def test_a_thousand_concurrent_cold_gets_call_the_loader_once(cache_of):
