@@ -22,6 +22,7 @@ COMMANDS = {
     "workflows": "orchestration.cli.workflows:workflows",
     "approvals": "orchestration.cli.approvals:approvals",
     "notifications": "orchestration.cli.notifications:notifications",
+    "cache": "orchestration.cli.cache:cache",
 }
 
 

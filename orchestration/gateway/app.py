@@ -23,6 +23,7 @@ from orchestration.gateway.api import (
     approval_links,
     approvals,
     audit,
+    caches,
     jobs,
     keys,
     pipelines,
@@ -52,6 +53,7 @@ V1_ROUTERS = [
     pipelines.router,
     approval_links.router,
     workflows.router,
+    caches.router,
 ]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30

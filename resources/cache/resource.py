@@ -144,6 +144,12 @@ def _listener_failed(exc: BaseException, pubsub: Any, thread: Any) -> None:
     time.sleep(1.0)
 
 
+def opened_caches() -> list[Cache]:
+    """The caches this process has opened (what its metrics report)."""
+    with _registry_lock:
+        return list(_caches.values())
+
+
 def close_caches() -> None:
     """Forget this process's caches and stop its listeners (tests; a process's end does it anyway)."""
     with _registry_lock:

@@ -31,6 +31,8 @@ FUZZ_SCOPES = [
     "approvals:read",
     "approvals:decide",
     "pipelines:read",
+    "caches:read",
+    "caches:manage",
     "workflows:read",
     "workflows:launch",
 ]
@@ -51,6 +53,8 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/approvals/{request_id}/confirm"),
     # A workflow's inputs are typed by its spec, not by the OpenAPI document.
     ("POST", "/v1/workflows/{name}/executions"),
+    # An invalidation names at least one key or tag (either list may be empty on its own).
+    ("POST", "/v1/caches/{namespace}/invalidations"),
 }
 
 
@@ -142,6 +146,12 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("POST", "/v1/runs/{run_id}/cancel"): {"path_parameters": {"run_id": run_id}},
         ("GET", "/v1/audit"): {},
         ("GET", "/v1/keys"): {},
+        ("GET", "/v1/caches"): {},
+        ("GET", "/v1/caches/{namespace}"): {"path_parameters": {"namespace": "lookups"}},
+        ("POST", "/v1/caches/{namespace}/invalidations"): {
+            "path_parameters": {"namespace": "lookups"},
+            "body": {"tags": ["made-by-fuzz-check"]},
+        },
         ("POST", "/v1/keys"): {"body": {"name": "made-by-fuzz-check", "scopes": ["runs:read"]}},
         ("DELETE", "/v1/keys/{name}"): {"path_parameters": {"name": "to-revoke"}},
         ("GET", "/v1/analytics/requests"): {},

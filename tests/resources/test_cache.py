@@ -410,3 +410,79 @@ def test_the_resource_in_an_asset(store_url, clean_redis_url, caches_file):
     result = dg.materialize([enriched], resources={"cache": resource})
     (materialization,) = result.asset_materializations_for_node("enriched")
     assert materialization.metadata["first"].value == materialization.metadata["second"].value == 1.08
+
+
+def test_the_gateway_lists_namespaces_and_invalidates_with_scopes(gateway):
+    from support import bearer
+
+    from orchestration.kernel import audit
+    from orchestration.kernel.principals import create_api_key
+
+    client = gateway()
+    _, reader = create_api_key("cache-reader", scopes=["caches:read"], created_by="test")
+    _, manager = create_api_key("cache-manager", scopes=["caches:manage", "caches:read"], created_by="test")
+    assert client.get("/v1/caches").status_code == 401
+    listed = client.get("/v1/caches", headers=bearer(reader))
+    assert listed.status_code == 200, listed.text
+    namespaces = {item["namespace"]: item for item in listed.json()["namespaces"]}
+    assert {"default", "lookups", "http"} <= set(namespaces)
+    assert namespaces["default"]["layers_active"] == ["memory", "database"], "no Redis configured here"
+    assert namespaces["lookups"]["policy"]["ttl"] == "6h"
+
+    lookups = open_cache("lookups")
+    lookups.set("airport:JFK", {"name": "John F Kennedy Intl"}, tags=["airports"])
+    lookups.set("airport:LGA", {"name": "La Guardia"}, tags=["airports"])
+    body = {"tags": ["airports"]}
+    assert (
+        client.post("/v1/caches/lookups/invalidations", json=body, headers=bearer(reader)).status_code == 403
+    )
+    answer = client.post("/v1/caches/lookups/invalidations", json=body, headers=bearer(manager))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"namespace": "lookups", "keys": ["airport:JFK", "airport:LGA"]}
+    assert lookups.get("airport:JFK") is None
+    (entry,) = audit.query(action="cache.invalidate")
+    assert entry.actor == "cache-manager" and entry.details["tags"] == ["airports"]
+    unknown = client.post("/v1/caches/nope/invalidations", json=body, headers=bearer(manager))
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+    assert (
+        client.post("/v1/caches/lookups/invalidations", json={}, headers=bearer(manager)).status_code == 422
+    )
+    detail = client.get("/v1/caches/lookups", headers=bearer(reader)).json()
+    assert detail["figures"]["layers"]["memory"]["sets"] == 2
+
+
+def test_the_cli_shows_gets_and_invalidates(store_url):
+    from click.testing import CliRunner
+
+    from orchestration.cli import cli
+
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["cache", "namespaces"])
+    assert shown.exit_code == 0, shown.output
+    assert any(line.split()[:2] == ["lookups", "memory,database"] for line in shown.output.splitlines()[1:])
+    missing = runner.invoke(cli, ["cache", "get", "lookups", "rate:EUR"])
+    assert missing.exit_code == 1 and "'rate:EUR' is not cached in lookups" in missing.output
+    open_cache("lookups").set("rate:EUR", {"rate": 1.08}, tags=["rates"])
+    found = runner.invoke(cli, ["cache", "get", "lookups", "rate:EUR"])
+    assert found.exit_code == 0 and found.output.strip() == '{"rate": 1.08}'
+    dropped = runner.invoke(cli, ["cache", "invalidate", "lookups", "--tag", "rates"])
+    assert dropped.exit_code == 0 and dropped.output.strip() == "dropped 1 key(s) from lookups: rate:EUR"
+    assert runner.invoke(cli, ["cache", "get", "nope", "k"]).exit_code == 2
+
+
+def test_the_gateway_metrics_carry_this_processs_cache_figures(store_url):
+    """The cache families `/gateway/metrics` adds (that endpoint also needs Dagster: tested live)."""
+    from orchestration.gateway.api.analytics import cache_metric_families
+
+    cache = open_cache("http")
+    cache.get_or_set("GET /rates", lambda: {"EUR": 1.08})
+    cache.get("GET /rates")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in cache_metric_families()
+        for sample in family.samples
+    }
+    hits = ("junction_cache_lookups_total", (("layer", "memory"), ("namespace", "http"), ("outcome", "hits")))
+    assert samples[hits] == 1
+    assert samples[("junction_cache_loader_calls_total", (("namespace", "http"),))] == 1
+    assert samples[("junction_cache_memory_bytes", (("namespace", "http"),))] > 0

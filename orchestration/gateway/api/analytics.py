@@ -225,10 +225,44 @@ async def prometheus_metrics(
                 value=int(streams_up),
             )
             yield from stream_metric_families(streams)
+            yield from cache_metric_families()
 
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+def cache_metric_families() -> list:
+    """This gateway process's cache figures per namespace and layer (only namespaces it has opened:
+    a scrape opens nothing)."""
+    from resources.cache.resource import opened_caches
+
+    lookups = CounterMetricFamily(
+        "junction_cache_lookups",
+        "Cache lookups by namespace, layer and outcome.",
+        labels=["namespace", "layer", "outcome"],
+    )
+    errors = CounterMetricFamily(
+        "junction_cache_layer_errors",
+        "Lookups and writes a layer did not answer (degraded).",
+        labels=["namespace", "layer"],
+    )
+    loads = CounterMetricFamily(
+        "junction_cache_loader_calls", "Loader calls on misses.", labels=["namespace"]
+    )
+    memory_bytes = GaugeMetricFamily(
+        "junction_cache_memory_bytes", "Bytes in the memory layer.", labels=["namespace"]
+    )
+    for cache in opened_caches():
+        figures = cache.to_json()
+        for layer, numbers in figures["layers"].items():
+            for outcome in ("hits", "misses", "corrupt"):
+                lookups.add_metric([cache.name, layer, outcome], numbers[outcome])
+            errors.add_metric([cache.name, layer], numbers["errors"])
+        loads.add_metric([cache.name], figures["loader_calls"])
+        if "memory" in figures["layers"]:
+            memory_bytes.add_metric([cache.name], figures["layers"]["memory"]["bytes"])
+    return [lookups, errors, loads, memory_bytes]
 
 
 def stream_metric_families(streams: list) -> list:

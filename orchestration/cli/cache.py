@@ -1,0 +1,95 @@
+"""`junction cache`: the declared namespaces, a value, and invalidation by key or tag.
+
+Figures are kept per process (see `GET /gateway/v1/caches` for the gateway's); what these commands
+read and invalidate is the shared part: Redis and the platform store, and every listening process's
+memory through Redis.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from orchestration.cli.common import render_table
+
+
+@click.group()
+def cache() -> None:
+    """The multi-layer cache (namespaces in JUNCTION_CACHES_FILE, default resources/caches.yaml)."""
+
+
+@cache.command()
+def namespaces() -> None:
+    """Each namespace's layers and policy (a bad caches.yaml is reported with every problem)."""
+    from resources.cache import load_namespaces, open_cache
+
+    rows = []
+    for name, spec in sorted(load_namespaces().items()):
+        active = [layer.name for layer in open_cache(name).layers]
+        rows.append(
+            (
+                name,
+                ",".join(active) + ("" if active == spec.layers else f" (declared {','.join(spec.layers)})"),
+                spec.ttl,
+                spec.stale_grace or "-",
+                f"{spec.memory.max_entries:,} / {spec.memory.max_bytes}",
+                spec.serializer,
+                "-" if spec.compress_over_bytes is None else f">{spec.compress_over_bytes} B",
+            )
+        )
+    headers = ("namespace", "layers", "ttl", "stale grace", "memory entries / bytes", "serializer", "zstd")
+    click.echo(render_table(headers, rows))
+
+
+@cache.command()
+@click.argument("namespace")
+@click.argument("key")
+def get(namespace: str, key: str) -> None:
+    """Print the value of KEY in NAMESPACE as JSON (exit 1 when it is not cached)."""
+    from resources.cache import open_cache
+
+    value = _open(namespace, open_cache).get(key, _MISSING)
+    if value is _MISSING:
+        raise click.ClickException(f"{key!r} is not cached in {namespace}")
+    click.echo(json.dumps(value, default=str, ensure_ascii=False))
+
+
+@cache.command()
+@click.argument("namespace")
+@click.option("--key", "keys", multiple=True, help="A key to drop (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Drop every entry with this tag (repeatable).")
+def invalidate(namespace: str, keys: tuple[str, ...], tags: tuple[str, ...]) -> None:
+    """Drop keys and tagged entries from every layer and every process's memory (audited)."""
+    from orchestration.cli.keys import cli_actor
+    from orchestration.kernel import audit
+    from orchestration.store.bootstrap import migrate_store
+    from resources.cache import open_cache
+
+    if not keys and not tags:
+        raise click.UsageError("name at least one --key or --tag")
+    migrate_store()
+    opened = _open(namespace, open_cache)
+    dropped = set(keys)
+    if keys:
+        opened.delete(*keys)
+    if tags:
+        dropped |= opened.invalidate_tags(*tags)
+    audit.append(
+        "cache.invalidate",
+        actor=cli_actor(),
+        target=f"cache:{namespace}",
+        origin="cli",
+        details={"keys": list(keys), "tags": list(tags), "dropped": len(dropped)},
+    )
+    click.echo(f"dropped {len(dropped)} key(s) from {namespace}: {', '.join(sorted(dropped)) or '-'}")
+
+
+_MISSING = object()
+
+
+def _open(namespace: str, open_cache):
+    try:
+        return open_cache(namespace)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="NAMESPACE") from None
