@@ -47,7 +47,6 @@ logger = logging.getLogger("junction.cache")
 INVALIDATION_CHANNEL = "junction:cache:invalidations"
 # How often a process waiting for another's load looks for the value in Redis.
 LOCK_POLL_S = 0.01
-_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _MISSING = object()
 
 
@@ -71,6 +70,7 @@ class Cache:
         self.memory = next((layer for layer in layers if isinstance(layer, MemoryLayer)), None)
         self.redis = redis_client
         self.process_id = process_id or uuid.uuid4().hex
+        self.topology_identity: str | None = None  # the Redis servers it shares with other processes
         self.stats = NamespaceStats.for_layers([layer.name for layer in layers])
         self._flights: dict[str, Future] = {}
         self._flights_lock = threading.Lock()
@@ -255,9 +255,6 @@ class Cache:
         self.set(key, value, ttl, tags)
         return value
 
-    def _lock_key(self, key: str) -> str:
-        return f"jc:{self.name}:v{self.spec.version}:lock:{key}"
-
     def _load_once_across_processes(
         self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]
     ) -> Any:
@@ -273,9 +270,9 @@ class Cache:
         waited = False
         while True:
             try:
-                acquired = bool(redis_layer.client.set(self._lock_key(key), token, nx=True, px=timeout_ms))
-            except Exception as exc:  # noqa: BLE001 - Redis down: load here, as without Redis
-                self._unavailable(redis_layer, LayerUnavailable(str(exc)))
+                acquired = redis_layer.acquire_lock(key, token, timeout_ms)
+            except LayerUnavailable as exc:  # Redis down: load here, as without Redis
+                self._unavailable(redis_layer, exc)
                 return self._load(key, loader, ttl, tags)
             if acquired:
                 try:
@@ -294,15 +291,15 @@ class Cache:
                 found = self._lookup(key)
                 if found is not None:
                     return found[0]
-                if not redis_layer.client.exists(self._lock_key(key)):
+                if not self._quietly(redis_layer.lock_held, key):
                     break  # released without a value (its loader failed): try to take the lock
             else:
                 return self._load(key, loader, ttl, tags)  # the holder is gone or too slow
 
     def _quietly_release(self, redis_layer: RedisLayer, key: str, token: str) -> None:
         try:
-            redis_layer.client.eval(_RELEASE_LOCK, 1, self._lock_key(key), token)
-        except Exception:  # noqa: BLE001 - the lock then expires by its timeout
+            redis_layer.release_lock(key, token)
+        except LayerUnavailable:  # the lock then expires by its timeout
             logger.warning("cache %s: could not release the load lock of %r", self.name, key)
 
     def _refresh_in_background(

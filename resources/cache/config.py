@@ -28,6 +28,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from orchestration.kernel.spec_errors import read_yaml, validate_spec
 from orchestration.kernel.times import DurationText, parse_duration
+from resources.cache.topology import RedisTopologySpec
 
 Layer = Literal["memory", "redis", "database"]
 LAYER_ORDER: tuple[Layer, ...] = ("memory", "redis", "database")
@@ -112,7 +113,12 @@ class NamespaceSpec(BaseModel):
 
 class CachesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    SPEC_SHAPE: ClassVar[str] = "a caches file is a mapping: namespaces: {name: {layers: [...], ttl: ...}}"
+    SPEC_SHAPE: ClassVar[str] = (
+        "a caches file is a mapping: namespaces: {name: {layers: [...], ttl: ...}}, and optionally "
+        "redis: {mode: single|cluster|ring, urls: [...]}"
+    )
+
+    redis: RedisTopologySpec = Field(default_factory=RedisTopologySpec)
 
     namespaces: dict[Annotated[str, Field(pattern=NAMESPACE_PATTERN)], NamespaceSpec] = Field(
         default_factory=dict
@@ -122,12 +128,18 @@ class CachesFile(BaseModel):
 DEFAULT_NAMESPACE = "default"
 
 
-def load_namespaces(path: str | Path | None = None) -> dict[str, NamespaceSpec]:
-    """The namespaces of `path` (default: the setting), plus `default` unless the file declares it."""
+def load_caches_file(path: str | Path | None = None) -> CachesFile:
+    """`path` (default: the setting) validated, with `default` among its namespaces unless declared."""
     if path is None:
         from orchestration.settings import get_settings
 
         path = get_settings().caches_file
     path = Path(path)
-    declared = validate_spec(read_yaml(path) or {}, CachesFile, path).namespaces if path.exists() else {}
-    return {DEFAULT_NAMESPACE: NamespaceSpec(), **declared}
+    caches = validate_spec(read_yaml(path) or {}, CachesFile, path) if path.exists() else CachesFile()
+    caches.namespaces = {DEFAULT_NAMESPACE: NamespaceSpec(), **caches.namespaces}
+    return caches
+
+
+def load_namespaces(path: str | Path | None = None) -> dict[str, NamespaceSpec]:
+    """The namespaces of `path` (default: the setting), plus `default` unless the file declares it."""
+    return load_caches_file(path).namespaces

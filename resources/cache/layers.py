@@ -166,13 +166,15 @@ _TIMES = struct.Struct("!dd")  # fresh_until, expires_at ahead of the value in R
 
 
 class RedisLayer(Layer):
-    """L2: Redis. An entry is one string key `jc:{namespace}:v{version}:{key}` holding the two times
-    and the value, expiring with the entry; each tag is a set of keys, expiring with its last entry."""
+    """L2: Redis (one server, a cluster or a ring: `topology.py`). An entry is one string key
+    `jc:{namespace}:v{version}:{key}` holding the two times and the value, expiring with the entry;
+    each tag is a set of keys, expiring with its last entry. The load lock of a cold key is one more
+    string key beside it."""
 
     name = "redis"
 
-    def __init__(self, client: Any, prefix: str):
-        self.client = client
+    def __init__(self, topology: Any, prefix: str):
+        self.topology = topology
         self.prefix = prefix
 
     def _key(self, key: str) -> str:
@@ -181,16 +183,20 @@ class RedisLayer(Layer):
     def _tag(self, tag: str) -> str:
         return f"{self.prefix}tag:{tag}"
 
-    def _call(self, function, *args):
+    def _lock(self, key: str) -> str:
+        return f"{self.prefix}lock:{key}"
+
+    def _call(self, function, *args, **kwargs):
         import redis
 
         try:
-            return function(*args)
+            return function(*args, **kwargs)
         except redis.RedisError as exc:
             raise LayerUnavailable(f"Redis: {exc}") from None
 
     def get(self, key: str) -> StoredEntry | None:
-        raw = self._call(self.client.get, self._key(key))
+        name = self._key(key)
+        raw = self._call(self.topology.client_for(name).get, name)
         if raw is None:
             return None
         if len(raw) < _TIMES.size:
@@ -200,35 +206,62 @@ class RedisLayer(Layer):
 
     def set(self, key: str, entry: StoredEntry) -> bool:
         milliseconds = max(1, int((entry.expires_at - time.time()) * 1000))
+        name = self._key(key)
+        pipes: dict[int, Any] = {}
+
+        def pipe_for(redis_key: str) -> Any:
+            client = self.topology.client_for(redis_key)
+            pipe = pipes.get(id(client))
+            if pipe is None:
+                pipe = pipes[id(client)] = client.pipeline(transaction=False)
+            return pipe
 
         def write() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(
-                self._key(key), _TIMES.pack(entry.fresh_until, entry.expires_at) + entry.data, px=milliseconds
+            pipe_for(name).set(
+                name, _TIMES.pack(entry.fresh_until, entry.expires_at) + entry.data, px=milliseconds
             )
             for tag in entry.tags:
+                pipe = pipe_for(self._tag(tag))
                 pipe.sadd(self._tag(tag), key)
                 # A tag set lives as long as its longest-lived entry (NX for a new set, GT after).
                 pipe.pexpire(self._tag(tag), milliseconds, nx=True)
                 pipe.pexpire(self._tag(tag), milliseconds, gt=True)
-            pipe.execute()
+            for pipe in pipes.values():
+                pipe.execute()
 
         self._call(write)
         return True
 
     def delete(self, keys: Iterable[str]) -> None:
-        names = [self._key(key) for key in keys]
-        if names:
-            self._call(self.client.delete, *names)
+        for client, names in self.topology.group_by_client(self._key(key) for key in keys):
+            self._call(client.delete, *names)
 
     def delete_tags(self, tags: Iterable[str]) -> set[str]:
         found: set[str] = set()
         for tag in tags:
-            members = self._call(self.client.smembers, self._tag(tag))
+            client = self.topology.client_for(self._tag(tag))
+            members = self._call(client.smembers, self._tag(tag))
             found.update(member.decode() if isinstance(member, bytes) else member for member in members)
-            self._call(self.client.delete, self._tag(tag))
+            self._call(client.delete, self._tag(tag))
         self.delete(found)
         return found
+
+    # The load lock of a cold key (cache.py): one holder across processes, expiring by itself.
+
+    def acquire_lock(self, key: str, token: str, timeout_ms: int) -> bool:
+        name = self._lock(key)
+        return bool(self._call(self.topology.client_for(name).set, name, token, nx=True, px=timeout_ms))
+
+    def lock_held(self, key: str) -> bool:
+        name = self._lock(key)
+        return bool(self._call(self.topology.client_for(name).exists, name))
+
+    def release_lock(self, key: str, token: str) -> None:
+        name = self._lock(key)
+        self._call(self.topology.client_for(name).eval, _RELEASE_LOCK, 1, name, token)
+
+
+_RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 # --- L3 ----------------------------------------------------------------------------------------------

@@ -22,14 +22,16 @@ import dagster as dg
 import orjson
 
 from resources.cache.cache import INVALIDATION_CHANNEL, Cache
-from resources.cache.config import DEFAULT_NAMESPACE, NamespaceSpec, load_namespaces, parse_size
+from resources.cache.config import DEFAULT_NAMESPACE, NamespaceSpec, load_caches_file, parse_size
 from resources.cache.layers import DatabaseLayer, Layer, MemoryLayer, RedisLayer
+from resources.cache.topology import RedisTopology, RedisTopologySpec
 
 logger = logging.getLogger("junction.cache")
 PROCESS_ID = uuid.uuid4().hex
 _registry_lock = threading.Lock()
 _caches: dict[tuple[str, str | None, str, str], Cache] = {}
 _listeners: dict[str, Any] = {}
+_topologies: dict[tuple[str, str | None], RedisTopology | None] = {}
 
 
 def _settings_defaults(redis_url: str | None, database_url: str | None, caches_file: str | None):
@@ -43,7 +45,9 @@ def _settings_defaults(redis_url: str | None, database_url: str | None, caches_f
     )
 
 
-def build_layers(name: str, spec: NamespaceSpec, redis_client: Any | None, store_url: str) -> list[Layer]:
+def build_layers(
+    name: str, spec: NamespaceSpec, topology: RedisTopology | None, store_url: str
+) -> list[Layer]:
     layers: list[Layer] = []
     for layer in spec.layers:
         if layer == "memory":
@@ -54,8 +58,8 @@ def build_layers(name: str, spec: NamespaceSpec, redis_client: Any | None, store
                     parse_size(spec.memory.max_value_bytes),
                 )
             )
-        elif layer == "redis" and redis_client is not None:
-            layers.append(RedisLayer(redis_client, f"jc:{name}:v{spec.version}:"))
+        elif layer == "redis" and topology is not None:
+            layers.append(RedisLayer(topology, f"jc:{name}:v{spec.version}:"))
         elif layer == "database":
             from orchestration.store.db import get_engine
 
@@ -77,36 +81,39 @@ def open_cache(
         cache = _caches.get(registry_key)
         if cache is not None:
             return cache
-        namespaces = load_namespaces(caches_file)
-        if namespace not in namespaces:
-            known = ", ".join(sorted(namespaces))
+        caches = load_caches_file(caches_file)
+        if namespace not in caches.namespaces:
+            known = ", ".join(sorted(caches.namespaces))
             raise KeyError(f"no cache namespace {namespace!r} in {caches_file} (namespaces: {known})")
-        spec = namespaces[namespace]
-        redis_client = _redis_client(redis_url) if redis_url and "redis" in spec.layers else None
+        spec = caches.namespaces[namespace]
+        topology = _topology(caches.redis, redis_url) if "redis" in spec.layers else None
         cache = Cache(
             namespace,
             spec,
-            build_layers(namespace, spec, redis_client, store_url),
-            redis_client=redis_client,
+            build_layers(namespace, spec, topology, store_url),
+            redis_client=topology.bus if topology is not None else None,
             process_id=PROCESS_ID,
         )
+        cache.topology_identity = topology.identity if topology is not None else None
         _caches[registry_key] = cache
-        if redis_client is not None and cache.memory is not None:
-            _listen(redis_url, redis_client)
+        if topology is not None and cache.memory is not None:
+            _listen(topology)
         return cache
 
 
-def _redis_client(url: str) -> Any:
-    import redis
+def _topology(spec: RedisTopologySpec, single_url: str | None) -> RedisTopology | None:
+    """One set of Redis clients per topology, shared by the namespaces on it (caller holds the lock)."""
+    key = (spec.model_dump_json(), single_url)
+    if key not in _topologies:
+        _topologies[key] = RedisTopology.connect(spec, single_url)
+    return _topologies[key]
 
-    # Short timeouts: a Redis that does not answer must degrade the cache, not hang its callers.
-    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=30)
 
-
-def _listen(redis_url: str, client: Any) -> None:
-    """One pub/sub listener thread per Redis URL, dropping other processes' invalidations from the
+def _listen(topology: RedisTopology) -> None:
+    """One pub/sub listener thread per topology, dropping other processes' invalidations from the
     memory layers of this process's caches."""
-    if redis_url in _listeners:
+    identity, client = topology.identity, topology.bus
+    if identity in _listeners:
         return
 
     def apply(message: dict[str, Any]) -> None:
@@ -116,9 +123,9 @@ def _listen(redis_url: str, client: Any) -> None:
             return
         if event.get("from") == PROCESS_ID:
             return
-        for (name, url, _, _), cache in list(_caches.items()):
+        for (name, _, _, _), cache in list(_caches.items()):
             if (
-                url == redis_url
+                cache.topology_identity == identity
                 and name == event.get("namespace")
                 and cache.spec.version == event.get("version")
             ):
@@ -127,12 +134,12 @@ def _listen(redis_url: str, client: Any) -> None:
     try:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(**{INVALIDATION_CHANNEL: apply})
-        _listeners[redis_url] = pubsub.run_in_thread(
+        _listeners[identity] = pubsub.run_in_thread(
             sleep_time=0.05, daemon=True, exception_handler=_listener_failed
         )
     except Exception as exc:  # noqa: BLE001 - Redis down at start: memory entries then expire by ttl
         logger.warning(
-            "cache: cannot listen for invalidations on %s (%s); memory entries expire by ttl", redis_url, exc
+            "cache: cannot listen for invalidations on %s (%s); memory entries expire by ttl", identity, exc
         )
 
 
@@ -160,6 +167,10 @@ def close_caches() -> None:
                 pass
         _listeners.clear()
         _caches.clear()
+        for topology in _topologies.values():
+            if topology is not None:
+                topology.close()
+        _topologies.clear()
 
 
 class CacheResource(dg.ConfigurableResource):
