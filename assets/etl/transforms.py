@@ -57,7 +57,6 @@ aggregate
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +80,7 @@ from assets.etl.spec import (
 )
 from orchestration.errors import JunctionError
 from orchestration.kernel import conditions, expressions
+from orchestration.kernel.imports import resolve_callable
 
 __all__ = ["Step", "TransformError", "build_steps", "cast_column"]
 
@@ -496,18 +496,6 @@ class DedupeLast(Step):
         return released
 
 
-def resolve_function(path: str) -> Callable[..., Any]:
-    """`package.module:function` or `package.module.function` -> the function."""
-    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise TransformError(f"cannot import {path}: {exc}") from None
-    if not callable(function):
-        raise TransformError(f"{path} is not a function")
-    return function
-
-
 class PythonFunction(Step):
     def __init__(self, name: str, options: PythonStep):
         super().__init__(name)
@@ -516,7 +504,7 @@ class PythonFunction(Step):
 
     def apply(self, batch: Batch, quarantine: Quarantine, counts: RowCounts) -> Batch:
         if self.function is None:
-            self.function = resolve_function(self.options.function)
+            self.function = resolve_callable(self.options.function, TransformError)
         if self.options.frame == "pandas":
             import pandas as pd
 

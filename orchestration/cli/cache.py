@@ -1,4 +1,5 @@
-"""`junction cache`: the declared namespaces, a value, and invalidation by key or tag.
+"""`junction cache`: the declared namespaces, a value, invalidation by key or tag, and draining a
+write-behind queue.
 
 Figures are kept per process (see `GET /gateway/v1/caches` for the gateway's); what these commands
 read and invalidate is the shared part: Redis and the platform store, and every listening process's
@@ -83,6 +84,46 @@ def invalidate(namespace: str, keys: tuple[str, ...], tags: tuple[str, ...]) -> 
         details={"keys": list(keys), "tags": list(tags), "dropped": len(dropped)},
     )
     click.echo(f"dropped {len(dropped)} key(s) from {namespace}: {', '.join(sorted(dropped)) or '-'}")
+
+
+@cache.command()
+@click.argument("namespace")
+@click.option(
+    "--timeout", "timeout_s", default=300.0, show_default=True, help="Give up after this many seconds."
+)
+def flush(namespace: str, timeout_s: float) -> None:
+    """Apply NAMESPACE's queued write-behind writes to its origin now, until none is left.
+
+    Waits for a flusher of another process to finish its turn (its lease); exits 1 while the
+    writer keeps failing or the time runs out, with the writes left queued (none is lost).
+    """
+    import time
+
+    from orchestration.store.bootstrap import migrate_store
+    from resources.cache import open_cache
+
+    migrate_store()
+    opened = _open(namespace, open_cache)
+    write_behind = opened.write_behind
+    if write_behind is None:
+        raise click.BadParameter(f"namespace {namespace!r} declares no write_behind", param_hint="NAMESPACE")
+    deadline = time.monotonic() + timeout_s
+    applied = 0
+    while (left := write_behind.pending()) > 0:
+        failures = write_behind.failures
+        applied += write_behind.flush()
+        click.echo(f"applied {applied:,}, queued {write_behind.pending():,}", err=True)
+        if write_behind.failures > failures:
+            raise click.ClickException(
+                f"the writer {write_behind.spec.writer} failed; {left:,} write(s) stay queued"
+            )
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"timed out with {left:,} write(s) queued (another flusher holds the lease?)"
+            )
+        if write_behind.pending() == left:
+            time.sleep(0.5)  # another process's flusher holds the lease: wait for its turn to end
+    click.echo(f"{namespace}: {applied:,} write(s) applied to {write_behind.spec.writer}; none queued")
 
 
 _MISSING = object()

@@ -1,6 +1,6 @@
 """Durations and instants as people write them in specs and on the command line.
 
-`30s`, `90m`, `12h`, `30d`, `2w` for durations; ISO 8601 for instants, naive meaning UTC. One syntax for
+`500ms`, `30s`, `90m`, `12h`, `30d`, `2w` for durations; ISO 8601 for instants, naive meaning UTC. One syntax for
 stream retention, CLI `--since`/`--expires`, and (later) workflow delays.
 """
 
@@ -12,12 +12,19 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_DURATION = re.compile(r"^(\d+)(ms|[smhdw])$")
+_DURATION_UNITS = {
+    "ms": "milliseconds",
+    "s": "seconds",
+    "m": "minutes",
+    "h": "hours",
+    "d": "days",
+    "w": "weeks",
+}
 
 
 def parse_duration(text: str) -> timedelta | None:
-    """`30s`, `90m`, `12h`, `30d`, `2w` -> a timedelta; anything else -> None."""
+    """`500ms`, `30s`, `90m`, `12h`, `30d`, `2w` -> a timedelta; anything else -> None."""
     match = _DURATION.match(text.strip())
     if not match:
         return None

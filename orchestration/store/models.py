@@ -320,3 +320,38 @@ class CacheEntryTag(Base):
     namespace: Mapped[str] = mapped_column(String(100), primary_key=True)
     tag: Mapped[str] = mapped_column(String(200), primary_key=True)
     key: Mapped[str] = mapped_column(String(500), primary_key=True)
+
+
+class CacheLease(Base):
+    """Who holds a cache duty (a namespace's write-behind flusher) until when."""
+
+    __tablename__ = "cache_leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(100), nullable=False)
+    expires_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class CacheKeyHits(Base):
+    """Sampled reads per cache key: the most read keys are the ones warming preloads."""
+
+    __tablename__ = "cache_key_hits"
+    __table_args__ = (Index("ix_cache_key_hits_namespace_hits", "namespace", "hits"),)
+
+    namespace: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_hit_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class CacheProcessStats(Base):
+    """One process's figures for one namespace, written every few seconds (analytics across processes)."""
+
+    __tablename__ = "cache_process_stats"
+
+    process_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
+    figures: Mapped[dict] = mapped_column(JSON, nullable=False)

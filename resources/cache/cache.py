@@ -71,6 +71,7 @@ class Cache:
         self.redis = redis_client
         self.process_id = process_id or uuid.uuid4().hex
         self.topology_identity: str | None = None  # the Redis servers it shares with other processes
+        self.write_behind: Any = None  # a WriteBehind when the namespace declares `write_behind`
         self.stats = NamespaceStats.for_layers([layer.name for layer in layers])
         self._flights: dict[str, Future] = {}
         self._flights_lock = threading.Lock()
@@ -161,12 +162,18 @@ class Cache:
         )
 
     def set(self, key: str, value: Any, ttl: float | None = None, tags: Iterable[str] = ()) -> None:
-        """Write through: the database first, then Redis, then memory."""
+        """Write through: the database first, then Redis, then memory. With write-behind, the write
+        is first queued for the origin (`write_behind.py`): it returns once the write is durable."""
         entry = self._entry(value, ttl, tags)
+        if self.write_behind is not None:
+            self.write_behind.enqueue(key, value)
         for layer in reversed(self.layers):
             self._store(layer, key, entry)
 
     def delete(self, *keys: str) -> None:
+        if self.write_behind is not None:
+            for key in keys:
+                self.write_behind.enqueue(key, None, deleted=True)
         for layer in self.layers:
             try:
                 layer.delete(keys)
@@ -387,4 +394,6 @@ class Cache:
             figures["layers"]["memory"].update(
                 entries=len(self.memory), bytes=self.memory.bytes, evictions=self.memory.evictions
             )
+        if self.write_behind is not None:
+            figures["write_behind"] = self.write_behind.to_json()
         return {"namespace": self.name, "layers_declared": [layer.name for layer in self.layers], **figures}

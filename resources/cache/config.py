@@ -12,6 +12,9 @@ namespaces:
     compress_over_bytes: 1024           # zstandard above this size
     serializer: json                    # json (orjson) or msgpack; never pickle
     version: 1                          # bump when the values' shape changes: old entries are misses
+    write_behind:                       # optional: `set` queues the write, a flusher applies it
+      stream: cache.profiles.writes     # a declared event stream: the durable queue
+      writer: mypackage.profiles:save   # applies a batch of QueuedWrite to the origin
 ```
 
 A file that is missing declares only the `default` namespace; a bad file fails with every problem in
@@ -65,6 +68,36 @@ class MemoryLayerSpec(BaseModel):
     )
 
 
+class WriteBehindSpec(BaseModel):
+    """Writes acknowledged once queued on an event stream, applied to the origin by one flusher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: str = Field(description="A declared event stream (sensors/streams/) holding the queued writes")
+    writer: str = Field(
+        description="`package.module:function` applying a batch of writes (list[QueuedWrite]) to the origin"
+    )
+    batch_size: int = Field(default=500, ge=1, le=10_000, description="Writes per call of the writer")
+    flush_interval: DurationText = Field(default="1s", description="How often the flusher looks for writes")
+    background: bool = Field(
+        default=True,
+        description="Flush from a thread of every process that opens the namespace (false: only where "
+        "`junction cache flush` runs)",
+    )
+    lease: DurationText = Field(
+        default="10s",
+        description="How long a flusher's turn lasts unrenewed: a killed flusher's queue is taken over after it",
+    )
+
+    @property
+    def flush_interval_s(self) -> float:
+        return parse_duration(self.flush_interval).total_seconds()
+
+    @property
+    def lease_s(self) -> float:
+        return parse_duration(self.lease).total_seconds()
+
+
 class NamespaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +119,9 @@ class NamespaceSpec(BaseModel):
     )
     require_l2: bool = Field(
         default=False, description="Fail calls while Redis is down (default: degrade to the other layers)"
+    )
+    write_behind: WriteBehindSpec | None = Field(
+        default=None, description="Queue writes for the origin instead of writing it in the caller"
     )
 
     @model_validator(mode="after")

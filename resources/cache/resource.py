@@ -25,6 +25,7 @@ from resources.cache.cache import INVALIDATION_CHANNEL, Cache
 from resources.cache.config import DEFAULT_NAMESPACE, NamespaceSpec, load_caches_file, parse_size
 from resources.cache.layers import DatabaseLayer, Layer, MemoryLayer, RedisLayer
 from resources.cache.topology import RedisTopology, RedisTopologySpec
+from resources.cache.write_behind import WriteBehind, holder_id
 
 logger = logging.getLogger("junction.cache")
 PROCESS_ID = uuid.uuid4().hex
@@ -95,10 +96,27 @@ def open_cache(
             process_id=PROCESS_ID,
         )
         cache.topology_identity = topology.identity if topology is not None else None
+        if spec.write_behind is not None:
+            cache.write_behind = _write_behind(namespace, spec, redis_url, store_url)
         _caches[registry_key] = cache
         if topology is not None and cache.memory is not None:
             _listen(topology)
         return cache
+
+
+def _write_behind(namespace: str, spec: NamespaceSpec, redis_url: str | None, store_url: str) -> WriteBehind:
+    """The namespace's queue for the origin on the platform's event stream, and its flusher thread
+    (which first applies whatever an earlier process left queued)."""
+    from orchestration.store.db import get_engine
+    from resources.event_stream import open_event_stream
+
+    events = open_event_stream(redis_url=redis_url, store_url=store_url)
+    write_behind = WriteBehind(
+        namespace, spec.write_behind, events, get_engine(store_url), holder_id(PROCESS_ID)
+    )
+    if spec.write_behind.background:
+        write_behind.start()
+    return write_behind
 
 
 def _topology(spec: RedisTopologySpec, single_url: str | None) -> RedisTopology | None:
@@ -166,6 +184,10 @@ def close_caches() -> None:
             except Exception:  # noqa: BLE001
                 pass
         _listeners.clear()
+        for cache in _caches.values():
+            if cache.write_behind is not None:
+                cache.write_behind.stop()
+                cache.write_behind.events.close()
         _caches.clear()
         for topology in _topologies.values():
             if topology is not None:

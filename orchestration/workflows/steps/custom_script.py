@@ -27,7 +27,6 @@ compute logs as it is written). The example is `orchestration/workflows/scripts/
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from orchestration.errors import JunctionError
+from orchestration.kernel.imports import resolve_callable
 from orchestration.workflows.context import StepContext
 from orchestration.workflows.steps.base import StepConfig, StepType
 
@@ -97,21 +97,10 @@ class CustomScriptConfig(StepConfig):
         return self
 
 
-def resolve(path: str) -> Any:
-    module_name, _, attribute = path.rpartition(":") if ":" in path else path.rpartition(".")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise JunctionError(f"cannot import {path}: {exc}") from None
-    if not callable(function):
-        raise JunctionError(f"{path} is not callable")
-    return function
-
-
 def run_script(config: CustomScriptConfig, context: StepContext) -> Any:
     if config.command is not None:
         return run_program(config, context)
-    function = resolve(config.callable)
+    function = resolve_callable(config.callable)
     output = function(context, **context.render(config.arguments))
     try:
         json.dumps(output)
