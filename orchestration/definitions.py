@@ -13,9 +13,10 @@ import assets
 from assets.etl.factory import pipeline_definitions
 from assets.etl.spec import load_pipelines, pipeline_files
 from orchestration import platform_definitions
+from orchestration.cache_definitions import cache_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
-from resources.cache import CacheResource, load_namespaces
+from resources.cache import CacheResource
 from sensors.definitions import streaming_definitions
 
 
@@ -30,8 +31,6 @@ def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
 
 # Loaded once: the asset factory and the stream triggers both read the same specs.
 pipelines = load_pipelines(pipeline_files(get_settings().pipelines_dir))
-# A bad caches.yaml fails the code location here, in the kernel's format, not at a cache's first use.
-load_namespaces(get_settings().caches_file)
 
 defs = dg.Definitions.merge(
     analyst_definitions(),
@@ -43,6 +42,8 @@ defs = dg.Definitions.merge(
     pipeline_definitions(pipelines=pipelines),
     # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
     streaming_definitions(pipelines=pipelines),
-    # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`.
+    # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`, with its
+    # statistics and warming assets (a bad caches.yaml fails the code location here).
+    cache_definitions(get_settings().caches_file),
     dg.Definitions(resources={"cache": CacheResource()}),
 )

@@ -437,6 +437,12 @@ class EnrichStep(StrictModel):
         default="error",
         description="A key found more than once in the lookup: fail the run (error) or use its first row",
     )
+    cache: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="A cache namespace (caches.yaml) holding the lookup between runs, for its ttl: a run "
+        "then reads the lookup only when the cache has none (invalidate tag `lookup:<step>` to force)",
+    )
 
     @model_validator(mode="before")
     @classmethod

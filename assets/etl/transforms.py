@@ -563,19 +563,53 @@ class Enrich(Step):
             "unmatched_rows": self.options.unmatched,
         }
 
-    def _read_lookup(self) -> None:
-        if self.open_lookup is None:
-            raise TransformError(f"{self.name}: no way to open the lookup (run it through the runner)")
+    def _read_source(self) -> tuple[str, pa.Table]:
+        """The lookup source's description and whole table (it must read cleanly)."""
         source = self.open_lookup(self.options.lookup)
-        self.lookup_name = source.description
         problems = Quarantine()
         tables = [batch.table for batch in source.read(problems)]
         if len(problems):
             raise TransformError(
-                f"{self.name}.lookup: {len(problems)} malformed record(s) in {self.lookup_name} "
+                f"{self.name}.lookup: {len(problems)} malformed record(s) in {source.description} "
                 f"(first: {next(iter(problems))}); a lookup must read cleanly"
             )
-        table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        return source.description, (
+            pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        )
+
+    def _read_cached(self) -> tuple[str, pa.Table]:
+        """The lookup from its cache namespace, read from the source only on a miss. Kept as Arrow IPC
+        (types exact) in base64, which every serializer of the cache can hold."""
+        import base64
+        import hashlib
+
+        from resources.cache import open_cache
+
+        def load() -> dict[str, str]:
+            description, table = self._read_source()
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            return {
+                "description": description,
+                "ipc": base64.b64encode(sink.getvalue().to_pybytes()).decode(),
+            }
+
+        # The source's identity (a file's path, size and time; a table's...): a changed lookup is a new key.
+        source_identity = self.open_lookup(self.options.lookup).identity()
+        identity = hashlib.sha256(repr(source_identity).encode()).hexdigest()[:24]
+        try:
+            cache = open_cache(self.options.cache)
+        except KeyError as exc:
+            raise TransformError(f"{self.name}.cache: {exc.args[0]}") from None
+        held = cache.get_or_set(f"enrich:{identity}", load, tags=[f"lookup:{self.name}"])
+        table = pa.ipc.open_stream(base64.b64decode(held["ipc"])).read_all()
+        return held["description"], table
+
+    def _read_lookup(self) -> None:
+        if self.open_lookup is None:
+            raise TransformError(f"{self.name}: no way to open the lookup (run it through the runner)")
+        self.lookup_name, table = self._read_cached() if self.options.cache else self._read_source()
         self.lookup_rows = table.num_rows
         keys = list(self.options.on.values())
         missing = [name for name in [*keys, *(self.options.columns or [])] if name not in table.column_names]

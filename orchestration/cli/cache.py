@@ -1,5 +1,5 @@
-"""`junction cache`: the declared namespaces, a value, invalidation by key or tag, and draining a
-write-behind queue.
+"""`junction cache`: the declared namespaces, figures across processes, a value, invalidation by key
+or tag, warming, and draining a write-behind queue.
 
 Figures are kept per process (see `GET /gateway/v1/caches` for the gateway's); what these commands
 read and invalidate is the shared part: Redis and the platform store, and every listening process's
@@ -124,6 +124,95 @@ def flush(namespace: str, timeout_s: float) -> None:
         if write_behind.pending() == left:
             time.sleep(0.5)  # another process's flusher holds the lease: wait for its turn to end
     click.echo(f"{namespace}: {applied:,} write(s) applied to {write_behind.spec.writer}; none queued")
+
+
+@cache.command()
+@click.argument("namespace", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stats(namespace: str | None, as_json: bool) -> None:
+    """Hits, misses, latencies, bytes and loads per namespace and layer, summed over the processes
+    that reported in the last minute (every process using the cache reports every 5 s)."""
+    from orchestration.settings import get_settings
+    from orchestration.store.bootstrap import migrate_store
+    from orchestration.store.db import get_engine
+    from resources.cache import load_namespaces
+    from resources.cache.reporting import stored_figures
+
+    if namespace is not None and namespace not in load_namespaces():
+        raise click.BadParameter(f"no cache namespace {namespace!r}", param_hint="NAMESPACE")
+    migrate_store()
+    figures = stored_figures(get_engine(get_settings().store_url), namespace)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    if not figures:
+        click.echo("no process reported cache figures in the last minute")
+        return
+    rows = []
+    for name, merged in figures.items():
+        for layer, values in merged["layers"].items():
+            rows.append(
+                (
+                    name,
+                    layer,
+                    f"{values['hits']:,}",
+                    f"{values['misses']:,}",
+                    "-" if values["hit_rate"] is None else f"{values['hit_rate']:.1%}",
+                    "-" if values["hit_p50_us"] is None else f"{values['hit_p50_us']:,.1f}",
+                    "-" if values["hit_p99_us"] is None else f"{values['hit_p99_us']:,.1f}",
+                    f"{values['bytes']:,}" if layer == "memory" else "-",
+                    f"{values['evictions']:,}" if layer == "memory" else "-",
+                )
+            )
+        rows.append(
+            (
+                name,
+                "(all)",
+                f"{merged['hits']:,}",
+                f"{merged['gets'] - merged['hits']:,}",
+                "-" if merged["hit_rate"] is None else f"{merged['hit_rate']:.1%}",
+                "",
+                "",
+                f"loads {merged['loader_calls']:,} ({merged['loader_seconds']:.2f} s)",
+                f"{merged['processes']} process(es)",
+            )
+        )
+    headers = ("namespace", "layer", "hits", "misses", "hit rate", "p50 µs", "p99 µs", "bytes", "evictions")
+    click.echo(render_table(headers, rows))
+
+
+@cache.command()
+@click.argument("namespace")
+@click.option("--top", type=click.IntRange(min=1), help="How many of the most read keys (default: warm.top).")
+def warm(namespace: str, top: int | None) -> None:
+    """Load NAMESPACE's most read keys through its warm loader into every layer (exit 1 if any failed)."""
+    from orchestration.store.bootstrap import migrate_store
+    from resources.cache import open_cache
+    from resources.cache.warming import NothingToWarm
+    from resources.cache.warming import warm as warm_namespace
+
+    migrate_store()
+    opened = _open(namespace, open_cache)
+    with click.progressbar(
+        length=top or 1, label=f"warming {namespace}", file=click.get_text_stream("stderr")
+    ) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(1)
+
+        try:
+            result = warm_namespace(opened, top=top, progress=progress)
+        except NothingToWarm as exc:
+            raise click.BadParameter(str(exc), param_hint="NAMESPACE") from None
+    click.echo(
+        f"{namespace}: warmed {result.loaded:,} of {result.candidates:,} most read key(s) in {result.seconds} s"
+        + (f"; {result.failed:,} failed" if result.failed else "")
+    )
+    for error in result.errors:
+        click.echo(f"  {error}", err=True)
+    if result.failed:
+        raise SystemExit(1)
 
 
 _MISSING = object()

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -85,3 +86,13 @@ def session_scope(engine: Engine | None = None, *, write_lock: bool = False) -> 
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+def upsertable_insert(engine: Engine, model: Any) -> Any:
+    """`INSERT` for `model` in the engine's dialect, which offers `on_conflict_do_nothing/update`
+    (both SQLite and PostgreSQL spell an upsert `ON CONFLICT`)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(model)

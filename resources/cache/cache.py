@@ -28,6 +28,8 @@ plus stale grace is the bound.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 import uuid
@@ -39,12 +41,16 @@ from typing import Any
 import orjson
 
 from resources.cache import serializers
-from resources.cache.config import NamespaceSpec
+from resources.cache.config import NamespaceSpec, parse_size
 from resources.cache.layers import NOT_DECODED, Layer, LayerUnavailable, MemoryLayer, RedisLayer, StoredEntry
+from resources.cache.sizing import AdaptiveBound
 from resources.cache.stats import NamespaceStats
 
 logger = logging.getLogger("junction.cache")
 INVALIDATION_CHANNEL = "junction:cache:invalidations"
+# One read in this many is counted against its key (what warming preloads): cheap, and the most read
+# keys still stand out after a few thousand reads.
+SAMPLE_EVERY = 16
 # How often a process waiting for another's load looks for the value in Redis.
 LOCK_POLL_S = 0.01
 _MISSING = object()
@@ -73,6 +79,18 @@ class Cache:
         self.topology_identity: str | None = None  # the Redis servers it shares with other processes
         self.write_behind: Any = None  # a WriteBehind when the namespace declares `write_behind`
         self.stats = NamespaceStats.for_layers([layer.name for layer in layers])
+        self.store_url: str | None = None  # the platform store its figures and key hits go to
+        self.warmed_on_start = False
+        # Sampled reads per key (one read in SAMPLE_EVERY), moved to the store by the reporter.
+        self.key_hits: dict[str, int] = {}
+        self.adaptive: AdaptiveBound | None = None
+        if self.memory is not None and spec.memory.min_bytes is not None:
+            self.adaptive = AdaptiveBound(
+                parse_size(spec.memory.min_bytes),
+                parse_size(spec.memory.max_bytes),
+                spec.memory.target_hit_rate,
+            )
+            self.memory.resize(self.adaptive.min_bytes)  # grows when reads show it should
         self._flights: dict[str, Future] = {}
         self._flights_lock = threading.Lock()
         self._refreshing: set[str] = set()
@@ -122,16 +140,32 @@ class Cache:
             return value, entry
         return None
 
-    def _count_get(self, hit: bool) -> None:
+    def _count_get(self, key: str, hit: bool) -> None:
         # Unlocked: two threads may lose an increment between them; figures, not accounting.
         self.stats.gets += 1
         if hit:
             self.stats.hits += 1
+        if self.stats.gets % SAMPLE_EVERY == 0:
+            self.key_hits[key] = self.key_hits.get(key, 0) + 1
+
+    def take_key_hits(self) -> dict[str, int]:
+        """The sampled reads per key since the last call (the reporter stores them)."""
+        taken, self.key_hits = self.key_hits, {}
+        return taken
+
+    def adapt_memory(self) -> None:
+        """One adaptive sizing decision (`sizing.py`), from the memory layer's reads so far."""
+        if self.adaptive is None:
+            return
+        figures = self.stats.layers[self.memory.name]
+        bound = self.adaptive.decide(self.memory, figures.hits, figures.misses)
+        if bound is not None:
+            self.memory.resize(bound)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value (fresh or within its stale grace), else `default`."""
         found = self._lookup(key)
-        self._count_get(found is not None)
+        self._count_get(key, found is not None)
         return default if found is None else found[0]
 
     # --- writing ------------------------------------------------------------------------------------
@@ -220,14 +254,26 @@ class Cache:
     ) -> Any:
         """Cache-aside with stampede protection and stale-while-revalidate (see the module doc)."""
         found = self._lookup(key)
-        self._count_get(found is not None)
+        self._count_get(key, found is not None)
         if found is not None:
             value, entry = found
-            if not entry.is_fresh(time.time()):
+            now = time.time()
+            if not entry.is_fresh(now):
                 self.stats.add(stale_served=1)
                 self._refresh_in_background(key, loader, ttl, tags)
+            elif self.spec.early_refresh is not None and self._refresh_early(entry, now):
+                if self._refresh_in_background(key, loader, ttl, tags, early=True):
+                    self.stats.add(early_refreshes=1)
             return value
         return self._single_flight(key, lambda: self._load_once_across_processes(key, loader, ttl, tags))
+
+    def _refresh_early(self, entry: StoredEntry, now: float) -> bool:
+        """XFetch (Vattani et al., "Optimal Probabilistic Cache Stampede Prevention"): refresh when
+        `now - delta * beta * ln(random())` passes the fresh time, delta being the loader's mean
+        time here; each caller decides alone, so refreshes spread out instead of piling up."""
+        calls = self.stats.loader_calls
+        delta = self.stats.loader_seconds / calls if calls else 0.0
+        return now - delta * self.spec.early_refresh * math.log(1.0 - random.random()) >= entry.fresh_until
 
     def _found_meanwhile(self, key: str) -> Any:
         """The value a load that finished since this caller's miss stored, or _MISSING: a caller
@@ -263,9 +309,10 @@ class Cache:
         return value
 
     def _load_once_across_processes(
-        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]
+        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str], early: bool = False
     ) -> Any:
-        meanwhile = self._found_meanwhile(key)
+        """Load unless another load stored a fresh value meanwhile (`early`: reload a fresh one)."""
+        meanwhile = _MISSING if early else self._found_meanwhile(key)
         if meanwhile is not _MISSING:
             return meanwhile
         redis_layer = next((layer for layer in self.layers if isinstance(layer, RedisLayer)), None)
@@ -283,12 +330,15 @@ class Cache:
                 return self._load(key, loader, ttl, tags)
             if acquired:
                 try:
-                    meanwhile = self._found_meanwhile(key)  # loaded by another process just before
+                    # Loaded by another process just before?
+                    meanwhile = _MISSING if early else self._found_meanwhile(key)
                     if meanwhile is not _MISSING:
                         return meanwhile
                     return self._load(key, loader, ttl, tags)
                 finally:
                     self._quietly_release(redis_layer, key, token)
+            if early:
+                return None  # another process is reloading it already
             if not waited:
                 self.stats.add(lock_waits=1)
                 waited = True
@@ -310,16 +360,19 @@ class Cache:
             logger.warning("cache %s: could not release the load lock of %r", self.name, key)
 
     def _refresh_in_background(
-        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]
-    ) -> None:
+        self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str], early: bool = False
+    ) -> bool:
+        """Reload `key` in a thread unless one does already; whether this call started one."""
         with self._flights_lock:
             if key in self._refreshing:
-                return
+                return False
             self._refreshing.add(key)
 
         def refresh() -> None:
             try:
-                self._single_flight(key, lambda: self._load_once_across_processes(key, loader, ttl, tags))
+                self._single_flight(
+                    key, lambda: self._load_once_across_processes(key, loader, ttl, tags, early)
+                )
             except Exception:  # noqa: BLE001 - the stale value stays until its grace ends
                 logger.warning("cache %s: background refresh of %r failed", self.name, key, exc_info=True)
             finally:
@@ -327,6 +380,7 @@ class Cache:
                     self._refreshing.discard(key)
 
         threading.Thread(target=refresh, name=f"cache-refresh-{self.name}", daemon=True).start()
+        return True
 
     # --- async --------------------------------------------------------------------------------------
 
@@ -396,4 +450,6 @@ class Cache:
             )
         if self.write_behind is not None:
             figures["write_behind"] = self.write_behind.to_json()
+        if self.adaptive is not None:
+            figures["sizing"] = self.adaptive.to_json(self.memory)
         return {"namespace": self.name, "layers_declared": [layer.name for layer in self.layers], **figures}

@@ -66,6 +66,20 @@ class MemoryLayerSpec(BaseModel):
     max_value_bytes: Size = Field(
         default="1MB", description="A larger value is not kept in memory (it goes to the layers below)"
     )
+    min_bytes: Size | None = Field(
+        default=None,
+        description="Adaptive sizing: the byte bound moves between this and max_bytes with the hit rate "
+        "and evictions (unset: fixed at max_bytes)",
+    )
+    target_hit_rate: float = Field(
+        default=0.95, gt=0, le=1, description="Adaptive sizing grows the memory layer while below this"
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> MemoryLayerSpec:
+        if self.min_bytes is not None and parse_size(self.min_bytes) > parse_size(self.max_bytes):
+            raise ValueError("min_bytes: must not exceed max_bytes")
+        return self
 
 
 class WriteBehindSpec(BaseModel):
@@ -98,6 +112,33 @@ class WriteBehindSpec(BaseModel):
         return parse_duration(self.lease).total_seconds()
 
 
+class WarmSpec(BaseModel):
+    """Warming: the most read keys (sampled, `cache_key_hits`) loaded again through `loader`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loader: str = Field(description="`package.module:function` returning the value of one key")
+    top: int = Field(default=1000, ge=1, le=1_000_000, description="How many of the most read keys")
+    match: str = Field(
+        default="*", description="Only keys matching this pattern (`airport:*`; fnmatch) are the loader's"
+    )
+    schedule: str | None = Field(
+        default=None, description="Cron: warm before this time (a Dagster schedule of the warming asset)"
+    )
+    on_start: bool = Field(
+        default=False, description="Warm in the background when a process first opens the namespace"
+    )
+
+    @model_validator(mode="after")
+    def _cron(self) -> WarmSpec:
+        if self.schedule is not None:
+            from dagster._utils.schedules import is_valid_cron_string
+
+            if not is_valid_cron_string(self.schedule):
+                raise ValueError(f"schedule: {self.schedule!r} is not a cron expression")
+        return self
+
+
 class NamespaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -123,6 +164,14 @@ class NamespaceSpec(BaseModel):
     write_behind: WriteBehindSpec | None = Field(
         default=None, description="Queue writes for the origin instead of writing it in the caller"
     )
+    early_refresh: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Probabilistic early refresh (XFetch's beta, 1 is usual): a fresh value is reloaded in "
+        "the background shortly before its ttl ends, more likely the closer and the slower its loader",
+    )
+    warm: WarmSpec | None = Field(default=None, description="Preload the most read keys through a loader")
 
     @model_validator(mode="after")
     def _layers_in_order(self) -> NamespaceSpec:

@@ -72,10 +72,12 @@ ENTRY_OVERHEAD_BYTES = 200
 
 
 class _BoundedTLRU(TLRUCache):
-    """cachetools' TLRU cache (per-item expiry, least recently used out first) bounded in bytes by
-    `maxsize`, in entries by `max_entries`, and telling its owner what it evicted."""
+    """cachetools' TLRU cache (per-item expiry, least recently used out first) bounded in entries by
+    `max_entries` and in bytes by `byte_bound` (which adaptive sizing moves below cachetools' fixed
+    `maxsize`, the namespace's ceiling), telling its owner what it evicted."""
 
     def __init__(self, max_bytes: int, max_entries: int, on_evict):
+        self.byte_bound = max_bytes
         super().__init__(
             maxsize=max_bytes,
             ttu=lambda _key, entry, _now: entry.expires_at,
@@ -92,7 +94,7 @@ class _BoundedTLRU(TLRUCache):
 
     def __setitem__(self, key, value, cache_setitem=TLRUCache.__setitem__):
         cache_setitem(self, key, value)
-        while len(self) > self.max_entries:
+        while len(self) > self.max_entries or self.currsize > self.byte_bound:
             self.popitem()
 
 
@@ -123,6 +125,17 @@ class MemoryLayer(Layer):
     @property
     def bytes(self) -> int:
         return int(self._entries.currsize)
+
+    @property
+    def byte_bound(self) -> int:
+        return self._entries.byte_bound
+
+    def resize(self, byte_bound: int) -> None:
+        """Move the byte bound (at most the declared `max_bytes`), evicting down to it at once."""
+        with self._lock:
+            self._entries.byte_bound = min(byte_bound, int(self._entries.maxsize))
+            while self._entries.currsize > self._entries.byte_bound:
+                self._entries.popitem()
 
     def __len__(self) -> int:
         return len(self._entries)

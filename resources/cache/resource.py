@@ -24,6 +24,7 @@ import orjson
 from resources.cache.cache import INVALIDATION_CHANNEL, Cache
 from resources.cache.config import DEFAULT_NAMESPACE, NamespaceSpec, load_caches_file, parse_size
 from resources.cache.layers import DatabaseLayer, Layer, MemoryLayer, RedisLayer
+from resources.cache.reporting import Reporter
 from resources.cache.topology import RedisTopology, RedisTopologySpec
 from resources.cache.write_behind import WriteBehind, holder_id
 
@@ -33,6 +34,7 @@ _registry_lock = threading.Lock()
 _caches: dict[tuple[str, str | None, str, str], Cache] = {}
 _listeners: dict[str, Any] = {}
 _topologies: dict[tuple[str, str | None], RedisTopology | None] = {}
+_reporter: Reporter | None = None
 
 
 def _settings_defaults(redis_url: str | None, database_url: str | None, caches_file: str | None):
@@ -96,12 +98,45 @@ def open_cache(
             process_id=PROCESS_ID,
         )
         cache.topology_identity = topology.identity if topology is not None else None
+        cache.store_url = store_url
         if spec.write_behind is not None:
             cache.write_behind = _write_behind(namespace, spec, redis_url, store_url)
         _caches[registry_key] = cache
         if topology is not None and cache.memory is not None:
             _listen(topology)
-        return cache
+        _start_reporter()
+    if spec.warm is not None and spec.warm.on_start and not cache.warmed_on_start:
+        cache.warmed_on_start = True
+        threading.Thread(
+            target=_warm_quietly, args=(cache,), name=f"cache-warm-{namespace}", daemon=True
+        ).start()
+    return cache
+
+
+def _warm_quietly(cache: Cache) -> None:
+    from resources.cache.warming import warm
+
+    try:
+        result = warm(cache)
+        logger.info(
+            "cache %s: warmed %d key(s) on start (%d failed)", cache.name, result.loaded, result.failed
+        )
+    except Exception:  # noqa: BLE001 - a cold cache still answers, through its loaders
+        logger.warning("cache %s: warming on start failed", cache.name, exc_info=True)
+
+
+def _start_reporter() -> None:
+    """The process's reporter thread (`reporting.py`), once (caller holds the registry lock)."""
+    global _reporter
+    if _reporter is None:
+        _reporter = Reporter(opened_caches, PROCESS_ID)
+        _reporter.start()
+
+
+def report_figures_now() -> None:
+    """Write this process's figures to the store now (commands that end before the reporter's turn)."""
+    if _reporter is not None:
+        _reporter.report_now()
 
 
 def _write_behind(namespace: str, spec: NamespaceSpec, redis_url: str | None, store_url: str) -> WriteBehind:
@@ -176,8 +211,12 @@ def opened_caches() -> list[Cache]:
 
 
 def close_caches() -> None:
-    """Forget this process's caches and stop its listeners (tests; a process's end does it anyway)."""
+    """Forget this process's caches and stop its threads (tests; a process's end does it anyway)."""
+    global _reporter
     with _registry_lock:
+        if _reporter is not None:
+            _reporter.stop()
+            _reporter = None
         for thread in _listeners.values():
             try:
                 thread.stop()

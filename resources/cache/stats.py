@@ -52,6 +52,7 @@ class NamespaceStats:
     gets: int = 0
     hits: int = 0
     stale_served: int = 0
+    early_refreshes: int = 0
     loader_calls: int = 0
     loader_seconds: float = 0.0
     lock_waits: int = 0
@@ -74,9 +75,12 @@ class NamespaceStats:
             "hits": self.hits,
             "hit_rate": round(self.hits / self.gets, 4) if self.gets else None,
             "stale_served": self.stale_served,
+            "early_refreshes": self.early_refreshes,
             "loader_calls": self.loader_calls,
             "loader_seconds": round(self.loader_seconds, 4),
             "lock_waits": self.lock_waits,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
             "compression_ratio": round(self.raw_bytes / self.stored_bytes, 2) if self.stored_bytes else None,
             "layers": {name: layer.to_json() for name, layer in self.layers.items()},
         }

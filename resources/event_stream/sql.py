@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from orchestration.store.db import session_scope
+from orchestration.store.db import session_scope, upsertable_insert
 from orchestration.store.models import (
     StreamConsumerGroup,
     StreamEvent,
@@ -91,11 +91,7 @@ class SqlEventStream(EventStream):
     # -- helpers ---------------------------------------------------------------------------------
 
     def _insert(self, model):
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        return insert(model)
+        return upsertable_insert(self.engine, model)
 
     def _locked_head(self, session: Session, stream: str) -> StreamHead:
         """The stream's head row, locked until the transaction ends (created on first use)."""

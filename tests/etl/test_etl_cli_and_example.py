@@ -222,3 +222,30 @@ def test_both_shipped_pipelines_materialize_through_the_dagster_instance_with_li
     )
     share = ours["delayed_arrivals"] / ours["arrivals"]
     assert (ours["delayed_share"] - share).abs().max() < 1e-12
+
+
+def test_the_analyst_asset_with_cached_names_each_airport_once(store_url):
+    """`assets/busiest_destinations.py`: `@cached` airport lookups in the shipped `lookups` namespace;
+    a second materialization, even after the process forgot its memory, loads no airport."""
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    from assets.busiest_destinations import airport, airport_for_key, busiest_destinations
+    from resources.cache import close_caches
+
+    close_caches()
+    first = dg.materialize([busiest_destinations])
+    assert first.success
+    metadata = first.asset_materializations_for_node("busiest_destinations")[0].metadata
+    assert metadata["airport_loads"].value == 10
+    table = pq.read_table(metadata["path"].value)
+    assert table.column("dest").to_pylist()[:3] == ["ORD", "ATL", "LAX"]
+    assert table.column("airport").to_pylist()[0] == "Chicago Ohare Intl"
+    close_caches()  # a new process: memory is empty, the platform store still holds the airports
+    second = dg.materialize([busiest_destinations])
+    assert (
+        second.asset_materializations_for_node("busiest_destinations")[0].metadata["airport_loads"].value == 0
+    )
+    assert airport("ZZZ") is None
+    assert airport_for_key("airport:JFK")["name"] == "John F Kennedy Intl"
+    close_caches()

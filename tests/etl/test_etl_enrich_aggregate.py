@@ -71,6 +71,50 @@ def run(tmp_path: Path, table: pa.Table, *transforms: dict, batch_size: int = 10
 # --- enrich -------------------------------------------------------------------------------------------
 
 
+def test_enrich_with_a_cache_namespace_reads_the_lookup_once_across_runs(
+    tmp_path: Path, store_url, monkeypatch
+):
+    import os
+
+    from orchestration.settings import reset_settings_cache
+    from resources.cache import close_caches, open_cache
+
+    close_caches()
+    caches = tmp_path / "caches.yaml"
+    caches.write_text(
+        yaml.safe_dump({"namespaces": {"refs": {"layers": ["memory", "database"], "ttl": "1h"}}})
+    )
+    monkeypatch.setenv("JUNCTION_CACHES_FILE", str(caches))
+    reset_settings_cache()
+    lookup = tmp_path / "customers.csv"
+    lookup.write_text(CUSTOMERS_CSV)
+    first = run(tmp_path, ORDERS, enrich("keep", cache="refs"))
+    second = run(tmp_path, ORDERS, enrich("keep", cache="refs"))
+    assert first.to_table() == second.to_table()
+    assert second.to_table().column("customer_name").to_pylist() == [
+        "Alice",
+        "Bob",
+        None,
+        "Alice",
+        None,
+        "Carol",
+    ]
+    refs = open_cache("refs")
+    assert refs.stats.loader_calls == 1 and refs.stats.hits == 1, "the second run took the cached lookup"
+    # A changed lookup file is another source identity, so another key: read again, never stale.
+    lookup.write_text(CUSTOMERS_CSV.replace("Alice", "Alicia"))
+    os.utime(lookup, ns=(1, 1))
+    third = run(tmp_path, ORDERS, enrich("keep", cache="refs"))
+    assert (
+        third.to_table().column("customer_name").to_pylist()[0] == "Alicia" and refs.stats.loader_calls == 2
+    )
+    # The step's tag drops it on demand.
+    assert len(refs.invalidate_tags("lookup:transforms[0].enrich")) == 2
+    with pytest.raises(TransformError, match=r"transforms\[0\].enrich.cache: .*no cache namespace 'nope'"):
+        run(tmp_path, ORDERS, enrich("keep", cache="nope"))
+    close_caches()
+
+
 @pytest.mark.parametrize("batch_size", [1000, 2])
 def test_enrich_keep_drop_quarantine_and_the_counts_add_up(tmp_path: Path, batch_size: int):
     (tmp_path / "customers.csv").write_text(CUSTOMERS_CSV)

@@ -225,3 +225,37 @@ def test_notification_to_an_unknown_channel_fails_naming_it(webhook, run_spec):
     assert not run.result.success
     assert "unknown notification channel 'nobody' (declared: finance)" in failure_text(run)
     assert webhook == []
+
+
+def test_a_cached_get_is_asked_once_per_url_and_credential(api_server, run_spec, junction_home, monkeypatch):
+    """`cache: {namespace, ttl}`: the second run takes the answer from the shipped `http` namespace
+    (memory here; Redis too when configured), another URL or token asks the server again."""
+    from resources.cache import close_caches
+
+    close_caches()
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    api_server.answer("/orders/A-1", 200, ORDER)
+    api_server.answer("/orders/A-2", 200, ORDER | {"total": 1})
+    cached = {"cache": {"namespace": "http", "ttl": "1m"}, "auth": {"type": "bearer", "token_env": TOKEN_ENV}}
+    first = run_spec(lookup_workflow(api_server.url, **cached))
+    second = run_spec(lookup_workflow(api_server.url, **cached))
+    assert first.result.success and second.result.success
+    assert first.output("lookup_order")["output"]["cached"] is False
+    assert second.output("lookup_order")["output"]["cached"] is True
+    assert second.output("lookup_order")["output"]["extracted"]["amount"] == 2500
+    assert len(api_server.requests) == 1
+    other_order = run_spec(lookup_workflow(api_server.url, **cached), order_id="A-2")
+    assert other_order.output("lookup_order")["output"]["extracted"]["amount"] == 1
+    monkeypatch.setenv(TOKEN_ENV, "another-token")
+    run_spec(lookup_workflow(api_server.url, **cached))
+    assert len(api_server.requests) == 3, "another credential does not read the first one's answer"
+    close_caches()
+
+
+def test_only_reads_can_be_cached():
+    from orchestration.kernel.spec_errors import SpecError
+    from orchestration.workflows.spec import parse_workflow
+
+    spec = lookup_workflow("http://127.0.0.1:9", method="POST", cache={"namespace": "http"})
+    with pytest.raises(SpecError, match="only GET and HEAD answers are cached, not POST"):
+        parse_workflow(spec, "test.yaml")

@@ -1,8 +1,9 @@
 """The cache's namespaces and invalidation: `GET /v1/caches[/{namespace}]` (scope `caches:read`) and
 `POST /v1/caches/{namespace}/invalidations` (scope `caches:manage`, audited).
 
-The figures are this gateway process's own (its memory layer, its lookups): each process keeps its
-own; what the layers below hold is shared. An invalidation is global: it removes the keys or tags
+`figures` are this gateway process's own (its memory layer, its lookups); `all_processes` sums
+every process that reported to the platform store in the last minute (`resources/cache/reporting.py`).
+What the layers below memory hold is shared. An invalidation is global: it removes the keys or tags
 from every layer and, through Redis, from every process's memory.
 """
 
@@ -32,6 +33,11 @@ class NamespaceInfo(BaseModel):
     figures: dict[str, Any] = Field(
         description="This process's figures: hits, misses, latencies, bytes, loads."
     )
+    all_processes: dict[str, Any] | None = Field(
+        default=None,
+        description="The figures of every process that reported in the last minute, summed (latency "
+        "percentiles: the slowest process's); null before any reported.",
+    )
 
 
 class NamespaceList(BaseModel):
@@ -60,7 +66,7 @@ class Invalidated(BaseModel):
     keys: list[str] = Field(description="The keys given and those the tags covered.")
 
 
-def _info(name: str) -> NamespaceInfo:
+def _info(name: str, across: dict[str, Any]) -> NamespaceInfo:
     from resources.cache import open_cache
 
     cache = open_cache(name)
@@ -70,7 +76,15 @@ def _info(name: str) -> NamespaceInfo:
         policy=cache.spec.model_dump(),
         layers_active=figures.pop("layers_declared"),
         figures={key: value for key, value in figures.items() if key != "namespace"},
+        all_processes=across.get(name),
     )
+
+
+def _across_processes(namespace: str | None = None) -> dict[str, Any]:
+    from orchestration.store.db import get_engine
+    from resources.cache.reporting import stored_figures
+
+    return stored_figures(get_engine(), namespace)
 
 
 def _known(name: str) -> None:
@@ -89,7 +103,8 @@ async def list_caches(_: Annotated[Principal, Depends(requires("caches:read", re
     from resources.cache import load_namespaces
 
     def infos() -> list[NamespaceInfo]:
-        return [_info(name) for name in sorted(load_namespaces())]
+        across = _across_processes()
+        return [_info(name, across) for name in sorted(load_namespaces())]
 
     return NamespaceList(namespaces=await anyio.to_thread.run_sync(infos))
 
@@ -102,7 +117,7 @@ async def get_cache(
 ):
     """One namespace's policy and this process's figures."""
     _known(namespace)
-    return await anyio.to_thread.run_sync(_info, namespace)
+    return await anyio.to_thread.run_sync(lambda: _info(namespace, _across_processes(namespace)))
 
 
 @router.post(

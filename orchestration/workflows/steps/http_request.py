@@ -17,10 +17,11 @@ import os
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestration.errors import JunctionError
 from orchestration.kernel.spec_errors import SpecProblem
+from orchestration.kernel.times import DurationText
 from orchestration.workflows.context import StepContext
 from orchestration.workflows.steps.base import StepConfig, StepType
 
@@ -48,6 +49,15 @@ class RequestRetry(BaseModel):
     max_backoff_s: float = Field(default=30.0, ge=0, description="Also caps a server's Retry-After.")
 
 
+class ResponseCache(BaseModel):
+    """Successful GET/HEAD answers kept in a cache namespace (caches.yaml), keyed by the rendered
+    method, URL, query and headers (credentials hashed in, never stored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    namespace: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="A namespace of caches.yaml")
+    ttl: DurationText | None = Field(default=None, description="Default: the namespace's ttl")
+
+
 class HttpRequestConfig(StepConfig):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
     url: str = Field(description="Template; must render to an http:// or https:// URL.")
@@ -61,9 +71,16 @@ class HttpRequestConfig(StepConfig):
     )
     extract: dict[str, str] = Field(default_factory=dict, description="Name -> JSONPath into the JSON body.")
     retry: RequestRetry = RequestRetry()
+    cache: ResponseCache | None = Field(default=None, description="Reuse successful GET/HEAD answers")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    not_templates = frozenset({"method", "auth", "timeout_s", "expected_status", "extract", "retry"})
+    not_templates = frozenset({"method", "auth", "timeout_s", "expected_status", "extract", "retry", "cache"})
+
+    @model_validator(mode="after")
+    def _cache_reads_only(self) -> HttpRequestConfig:
+        if self.cache is not None and self.method not in ("GET", "HEAD"):
+            raise ValueError(f"cache: only GET and HEAD answers are cached, not {self.method}")
+        return self
 
     @field_validator("expected_status")
     @classmethod
@@ -128,6 +145,42 @@ def _extract(body: Any, paths: dict[str, str]) -> dict[str, Any]:
 
 
 def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
+    """The request (or, with `cache`, its cached answer: `cached: true`)."""
+    if config.cache is None:
+        return _request(config, context)
+    import hashlib
+
+    import orjson
+
+    from orchestration.kernel.times import parse_duration
+    from resources.cache import open_cache
+
+    auth_headers, basic = _auth(config)
+    identity = {
+        "method": config.method,
+        "url": context.render(config.url),
+        "params": context.render(config.params),
+        "headers": context.render(config.headers),
+        # Whose answer it is: another credential must not read it. Hashed with the rest, never stored.
+        "auth": [auth_headers, list(basic) if basic is not None else None],
+    }
+    key = "http:" + hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    ttl = parse_duration(config.cache.ttl).total_seconds() if config.cache.ttl else None
+    try:
+        cache = open_cache(config.cache.namespace)
+    except KeyError as exc:
+        raise JunctionError(f"cache.namespace: {exc.args[0]}") from None
+    fetched: list[bool] = []
+
+    def load() -> dict[str, Any]:
+        fetched.append(True)
+        return _request(config, context)
+
+    answer = cache.get_or_set(key, load, ttl=ttl)
+    return {**answer, "cached": not fetched}
+
+
+def _request(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
     import httpx
     import tenacity
 
