@@ -266,6 +266,19 @@ def test_processes_loading_one_cold_key_call_the_loader_once(store_url, clean_re
     assert int(client.get("test:loader_calls")) == 1
 
 
+def test_lookup_tells_a_revalidating_caller_whether_the_value_is_fresh(cache_of):
+    cache = cache_of("stale")
+    assert cache.lookup("answer") is None
+    cache.set("answer", {"etag": '"v1"', "body": [1, 2]}, ttl=0.05)
+    fresh = cache.lookup("answer")
+    assert fresh.fresh and fresh.value["etag"] == '"v1"'
+    time.sleep(0.1)
+    stale = cache.lookup("answer")
+    assert not stale.fresh and stale.value["body"] == [1, 2], "within the stale grace: kept for If-None-Match"
+    cache.set("answer", stale.value)  # the origin answered 304 Not Modified
+    assert cache.lookup("answer").fresh
+
+
 def test_a_stale_value_is_served_while_one_caller_refreshes_it(cache_of):
     cache = cache_of("stale")
     calls = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, service_unavailable
+from support import free_port, service_unavailable, wait_until
 
 from resources.cache import close_caches, open_cache
 from resources.cache.layers import RedisLayer
@@ -41,20 +41,25 @@ def _start_servers(directory: Path, count: int, *extra: str) -> tuple[list[subpr
                     "",
                     "--appendonly",
                     "no",
+                    "--logfile",
+                    str(node / "redis.log"),
                     *extra,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
             )
         )
-    for port in ports:
-        for _ in range(200):
+    for port, server in zip(ports, servers, strict=True):
+        log = directory / str(port) / "redis.log"
+
+        def ready(port=port, server=server, log=log) -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"redis-server on port {port} exited: {log.read_text()[-2000:]}")
             reply = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
-            if reply.stdout.strip() == b"PONG":
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"redis-server on port {port} did not start")
+            return reply.stdout.strip() == b"PONG"
+
+        # Generous: on a loaded CI machine a server can take seconds to answer its first ping.
+        wait_until(ready, 60, f"redis-server on port {port}", poll_s=0.1)
     return servers, ports
 
 
