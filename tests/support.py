@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import pytest
@@ -13,6 +14,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port a Redis Cluster node can use: at most 55535, with its bus port (+10000) free too
+    (an ephemeral port from the kernel is often above 55535, which redis-server refuses)."""
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as first, socket.socket() as bus:
+                first.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair (port, port + 10000) below 55536")
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -11,18 +11,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, service_unavailable, wait_until
+from support import free_cluster_port, free_port, service_unavailable, wait_until
 
 from resources.cache import close_caches, open_cache
 from resources.cache.layers import RedisLayer
 from resources.cache.topology import RedisTopology, RedisTopologySpec
 
 
-def _start_servers(directory: Path, count: int, *extra: str) -> tuple[list[subprocess.Popen], list[int]]:
+def _start_servers(
+    directory: Path, count: int, *extra: str, cluster: bool = False
+) -> tuple[list[subprocess.Popen], list[int]]:
     """`count` redis-servers of this test's own on free ports, keeping nothing on disk."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         service_unavailable("redis-server and redis-cli (Debian's redis-server package) for local servers")
-    ports = [free_port() for _ in range(count)]
+    ports: list[int] = []
+    while len(ports) < count:  # distinct: nothing listens on them until all are chosen
+        port = free_cluster_port() if cluster else free_port()
+        if port not in ports and port + 10000 not in ports and port - 10000 not in ports:
+            ports.append(port)
     servers = []
     for port in ports:
         node = directory / str(port)
@@ -75,7 +81,7 @@ def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int
     """A real 3-node Redis Cluster (no replicas), as `redis-cli --cluster create` makes one."""
     directory = tmp_path_factory.mktemp("redis-cluster")
     servers, ports = _start_servers(
-        directory, 3, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
+        directory, 3, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", cluster=True
     )
     try:
         subprocess.run(
