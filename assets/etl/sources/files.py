@@ -1,13 +1,5 @@
-"""Sources: where a pipeline's records come from, read in batches of Arrow tables.
+"""File sources: CSV, JSON, JSON Lines, XML and Parquet files, read in batches of Arrow tables.
 
-Every source implements `Source`: `read(quarantine)` yields `Batch`es (an Arrow table plus each row's
-position in the source) and quarantines the records it cannot parse; `identity()` describes the input
-(file paths with size and modification time or a content hash; a query with its parameters), so the
-load slice can derive load ids from the input rather than from the run. SQL, REST and other assets'
-outputs slot in behind the same two methods.
-
-File formats
-------------
 CSV and JSON Lines are split into lines and decoded by us, in chunks of `batch_size` lines, then parsed
 by pyarrow (`pyarrow.csv` with an `invalid_row_handler`, `pyarrow.json`). Doing the line split
 ourselves is what makes every malformed line quarantinable with its number instead of fatal. The
@@ -48,13 +40,6 @@ held in memory.
 
 Parquet is read with `pyarrow.parquet.ParquetFile.iter_batches`.
 
-Other assets
-------------
-`AssetSource` reads another pipeline's published output where that pipeline published it: a SQL
-target streamed like a SQL source, a Parquet target in row batches, a CSV target like a CSV source
-(columns as strings: cast them). The publisher's load id column is dropped. Its identity is the
-file's (path, size, mtime) or, for a table, the load ids the table holds, so re-running on an
-unchanged upstream gives the same load id and a new publish gives a new one.
 
 Compressed files: ``.gz`` and ``.bz2`` through Arrow's streams, ``.zip`` (one member) through the
 stdlib's `zipfile`, which Arrow does not read.
@@ -68,11 +53,9 @@ import glob
 import hashlib
 import io
 import json
-import os
 import re
 import zipfile
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,70 +69,19 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from assets.etl.quarantine import Batch, Quarantine
+from assets.etl.sources.base import (
+    CARRIAGE_RETURN,
+    NEWLINE,
+    READ_BLOCK_BYTES,
+    READ_STEP,
+    InputIdentity,
+    Source,
+    clip_record,
+)
 from assets.etl.spec import (
-    AssetSourceSpec,
     FileSourceSpec,
-    LoadedPipeline,
-    SqlSourceSpec,
-    SqlTargetSpec,
-    load_pipelines,
 )
 from orchestration.errors import ConfigurationError, JunctionError
-
-__all__ = [
-    "ArrowTableSource",
-    "AssetSource",
-    "FileSource",
-    "InputIdentity",
-    "Source",
-    "SqlSource",
-    "open_source",
-]
-
-READ_STEP = "read"
-READ_BLOCK_BYTES = 1 << 20
-NEWLINE, CARRIAGE_RETURN = ord("\n"), ord("\r")
-RECORD_TEXT_LIMIT = 2_000  # a quarantined raw record is kept up to this many characters
-
-
-@dataclass(frozen=True)
-class InputIdentity:
-    """What was read, precisely enough that reading the same input again yields the same load id."""
-
-    kind: str
-    parts: tuple[tuple[str, ...], ...]
-
-    @property
-    def load_id(self) -> str:
-        digest = hashlib.sha256(json.dumps([self.kind, self.parts]).encode()).hexdigest()
-        return digest[:32]
-
-
-class Source(ABC):
-    """A pipeline input: batches of rows, the records it could not parse, and its identity."""
-
-    @property
-    @abstractmethod
-    def description(self) -> str:
-        """A short human description (a path or glob, a table) for messages and metadata."""
-
-    @abstractmethod
-    def identity(self) -> InputIdentity: ...
-
-    @abstractmethod
-    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
-        """Yield the rows in batches; unparseable records go to `quarantine` with step ``read``."""
-
-    def notes(self) -> list[str]:
-        """What the last `read` decided by itself (a detected XML record element): logged by the run."""
-        return []
-
-    def empty_input_problem(self) -> str | None:
-        """After a `read` that gave no record at all: what the input holds instead, or None when it
-        holds nothing (an empty table or query result, a CSV of only a header). The runner fails such
-        a read unless the spec allows it: a spec that misses its records must not publish an empty
-        table with a perfect score."""
-        return None
 
 
 @dataclass(frozen=True)
@@ -174,10 +106,6 @@ class _Lines:
         if mask.all():
             return pa.py_buffer(self.data), self.numbers, self.rows
         return _joined_lines(self.lines.filter(pa.array(mask))), self.numbers[mask], self.rows[mask]
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= RECORD_TEXT_LIMIT else text[:RECORD_TEXT_LIMIT] + "…"
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -378,7 +306,7 @@ class FileSource(Source):
         for offset, (reason, raw) in undecodable.items():
             quarantine.add(
                 str(path), READ_STEP, reason, line=first_line + offset, row=int(rows[offset]),
-                record=_clip(raw.decode(self.spec.encoding, errors="replace")),
+                record=clip_record(raw.decode(self.spec.encoding, errors="replace")),
             )  # fmt: skip
         offsets = np.concatenate([starts, [len(data)]]).astype(np.int64)
         lines = pa.LargeBinaryArray.from_buffers(
@@ -474,7 +402,7 @@ class FileSource(Source):
             for index in np.flatnonzero(unclosed):  # the few bad lines, one by one
                 quarantine.add(
                     str(path), READ_STEP, "unclosed quote", line=int(chunk.numbers[index]),
-                    row=int(chunk.rows[index]), record=_clip(chunk.line_text(index)),
+                    row=int(chunk.rows[index]), record=clip_record(chunk.line_text(index)),
                 )  # fmt: skip
             fed_mask = chunk.usable & ~unclosed
             if not fed_mask.any():
@@ -529,7 +457,7 @@ class FileSource(Source):
                 f"expected {row.expected_columns} fields, found {row.actual_columns}",
                 line=int(line_numbers[number - 1]),
                 row=int(record_numbers[number - 1]),
-                record=_clip(row.text),
+                record=clip_record(row.text),
             )
         if table.num_rows != int(keep.sum()):
             raise JunctionError(
@@ -583,7 +511,7 @@ class FileSource(Source):
                 READ_STEP,
                 f"expected {row.expected_columns} fields, found {row.actual_columns}",
                 row=row.number,
-                record=_clip(row.text),
+                record=clip_record(row.text),
             )
         total = table.num_rows + len(malformed)
         records = [number for number in range(1, total + 1) if number not in bad_records]
@@ -612,7 +540,7 @@ class FileSource(Source):
                         good[index] = False
                         quarantine.add(
                             str(path), READ_STEP, reason, line=int(chunk.numbers[index]),
-                            row=int(chunk.rows[index]), record=_clip(chunk.line_text(int(index))),
+                            row=int(chunk.rows[index]), record=clip_record(chunk.line_text(int(index))),
                         )  # fmt: skip
                 if not good.any():
                     continue
@@ -689,7 +617,7 @@ class FileSource(Source):
                     f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
                     line=line_at(start),
                     row=record_number,
-                    record=_clip(text[start:end].strip()),
+                    record=clip_record(text[start:end].strip()),
                 )
                 if following is None:
                     break
@@ -700,7 +628,7 @@ class FileSource(Source):
             if not isinstance(value, dict):
                 quarantine.add(
                     str(path), READ_STEP, f"a record must be a JSON object, got {type(value).__name__}",
-                    line=line_at(start), row=record_number, record=_clip(json.dumps(value)),
+                    line=line_at(start), row=record_number, record=clip_record(json.dumps(value)),
                 )  # fmt: skip
                 continue
             records.append(value)
@@ -926,7 +854,7 @@ class _XmlRecords:
                 self.quarantine.add(
                     self.source, READ_STEP, f"the <{self.record_tag}> is not closed before the next one",
                     line=state["line"], row=self.record_number,
-                    record=_clip(json.dumps(state["record"], ensure_ascii=False)),
+                    record=clip_record(json.dumps(state["record"], ensure_ascii=False)),
                 )  # fmt: skip
                 state.update(record=None, problem=None)
             if state["record"] is None:
@@ -952,7 +880,7 @@ class _XmlRecords:
                 if state["problem"]:
                     self.quarantine.add(
                         self.source, READ_STEP, state["problem"], line=state["line"], row=self.record_number,
-                        record=_clip(json.dumps(record, ensure_ascii=False)),
+                        record=clip_record(json.dumps(record, ensure_ascii=False)),
                     )  # fmt: skip
                 else:
                     done.append((record, state["line"], self.record_number))
@@ -994,7 +922,7 @@ class _XmlRecords:
                     f"malformed XML: {expat.ErrorString(exc.code)} (line {line} column {column})",
                     line=state["line"],
                     row=self.record_number,
-                    record=_clip(self._text_between(self._record_start(error_at), following)),
+                    record=clip_record(self._text_between(self._record_start(error_at), following)),
                 )
             elif following is not None or not self._only_closing_tags_after(error_at):
                 self.record_number += 1
@@ -1023,233 +951,3 @@ class _XmlRecords:
         # expat points inside the tag it stumbled on (after "</"): start from that tag's "<".
         tag_start = max(self.data.rfind(b"<", 0, error_at + 1), 0)
         return re.fullmatch(rb"(\s*</[^>]+>)*\s*", self.data[tag_start:]) is not None
-
-
-class ArrowTableSource(Source):
-    """An Arrow table already in memory as a source (an analyst's data, tests); identity = content hash."""
-
-    def __init__(self, table: pa.Table, name: str = "table", batch_size: int = 50_000):
-        self.table = table
-        self.name = name
-        self.batch_size = batch_size
-
-    @property
-    def description(self) -> str:
-        return self.name
-
-    def identity(self) -> InputIdentity:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, self.table.schema) as writer:
-            writer.write_table(self.table)
-        return InputIdentity("arrow", ((self.name, hashlib.sha256(sink.getvalue()).hexdigest()),))
-
-    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
-        for start in range(0, self.table.num_rows, self.batch_size):
-            piece = self.table.slice(start, self.batch_size)
-            yield Batch.from_table(piece, self.name, first_row=start + 1)
-
-
-# --- SQL ----------------------------------------------------------------------------------------------
-
-
-def resolve_sqlite_url(url: str, base_dir: Path | None) -> str:
-    """A relative SQLite database path in `url` made absolute against `base_dir`, as relative file
-    paths are (a source's against its spec's folder, a target's against $JUNCTION_HOME); any other URL
-    (another database, ``:memory:``, an absolute path, a ``file:`` URI) is returned as it is."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    database = parsed.database or ""
-    if (
-        base_dir is None
-        or parsed.get_backend_name() != "sqlite"
-        or database in ("", ":memory:")
-        or database.startswith("file:")
-        or Path(database).is_absolute()
-    ):
-        return url
-    return parsed.set(database=str(Path(base_dir) / database)).render_as_string(hide_password=False)
-
-
-class SqlSource(Source):
-    """A table or parameterized query through SQLAlchemy, streamed with a server-side cursor.
-
-    `stream_results` makes PostgreSQL (psycopg2) use a named cursor and SQLite step through its
-    cursor, so memory is bounded by `batch_size` rows whatever the result's size.
-    """
-
-    def __init__(self, spec: SqlSourceSpec, batch_size: int, base_dir: Path | None = None):
-        self.spec = spec
-        self.batch_size = batch_size
-        self.base_dir = base_dir
-
-    @property
-    def description(self) -> str:
-        return f"table {self.spec.table}" if self.spec.table else "query"
-
-    def url(self) -> str:
-        if self.spec.url is not None:
-            return resolve_sqlite_url(self.spec.url, self.base_dir)
-        value = os.environ.get(self.spec.url_env or "")
-        if not value:
-            raise ConfigurationError(
-                f"environment variable {self.spec.url_env} (the source's url_env) is not set"
-            )
-        return resolve_sqlite_url(value, self.base_dir)
-
-    def identity(self) -> InputIdentity:
-        from sqlalchemy.engine import make_url
-
-        url = make_url(self.url()).render_as_string(hide_password=True)
-        what = self.spec.table or self.spec.query or ""
-        return InputIdentity("sql", ((url, what, json.dumps(self.spec.params, sort_keys=True, default=str)),))
-
-    def _statement(self) -> Any:
-        import sqlalchemy as sa
-
-        if self.spec.query is not None:
-            return sa.text(self.spec.query)
-        schema, _, name = (self.spec.table or "").rpartition(".")
-        return sa.select(sa.text("*")).select_from(sa.table(name, schema=schema or None))
-
-    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(self.url())
-        next_row = 1
-        try:
-            with engine.connect() as connection:
-                result = connection.execution_options(
-                    stream_results=True, max_row_buffer=self.batch_size
-                ).execute(self._statement(), self.spec.params)
-                names = list(result.keys())
-                for rows in result.partitions(self.batch_size):
-                    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-                    table = pa.table(
-                        {name: pa.array(column) for name, column in zip(names, columns, strict=True)}
-                    )
-                    yield Batch.from_table(table, self.description, first_row=next_row)
-                    next_row += table.num_rows
-        except sa.exc.SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise JunctionError(f"cannot read {self.description}: {reason}") from None
-        except (pa.ArrowException, TypeError) as exc:
-            raise JunctionError(f"cannot read {self.description} as Arrow: {exc}") from None
-        finally:
-            engine.dispose()
-
-
-# --- other pipelines' published assets ----------------------------------------------------------------
-
-
-class AssetSource(Source):
-    """Another pipeline's published output, read in chunks from where that pipeline published it."""
-
-    def __init__(self, upstream: LoadedPipeline, batch_size: int):
-        # Imported here: `loads` resolves SQLite URLs with this module, so this module cannot import it first.
-        from assets.etl.loads import FileTarget, target_base_dir
-
-        target = upstream.spec.target
-        if target is None:
-            raise ConfigurationError(
-                f"pipeline {upstream.name!r} has no target: it publishes nothing to read"
-            )
-        self.upstream = upstream
-        self.inner: FileSource | SqlSource
-        self.path: Path | None = None
-        if isinstance(target, SqlTargetSpec):
-            self.table = target.table
-            self.inner = SqlSource(
-                SqlSourceSpec(kind="sql", url=target.url, url_env=target.url_env, table=target.table),
-                batch_size,
-                target_base_dir(),  # a relative SQLite target lives where the upstream published it
-            )
-        else:
-            self.path = FileTarget(target, target_base_dir()).path
-            self.inner = FileSource(
-                FileSourceSpec(format=target.format, path=str(self.path)), self.path.parent, batch_size
-            )
-
-    @property
-    def description(self) -> str:
-        return f"asset {self.upstream.name}"
-
-    def _not_published(self, where: str) -> JunctionError:
-        return JunctionError(
-            f"pipeline {self.upstream.name!r} has not published yet ({where} does not exist): "
-            f"materialize the asset {self.upstream.name} first"
-        )
-
-    def identity(self) -> InputIdentity:
-        if self.path is not None:
-            if not self.path.exists():
-                raise self._not_published(str(self.path))
-            return InputIdentity("asset", ((self.upstream.name,), *self.inner.identity().parts))
-        return InputIdentity("asset", ((self.upstream.name,), *self.inner.identity().parts, self._load_ids()))
-
-    def _load_ids(self) -> tuple[str, ...]:
-        """The load ids the published table holds: they change with every publish that changes it."""
-        import sqlalchemy as sa
-
-        from assets.etl.loads import LOAD_ID_COLUMN
-
-        assert isinstance(self.inner, SqlSource)
-        engine = sa.create_engine(self.inner.url())
-        quote = engine.dialect.identifier_preparer.quote
-        schema, _, name = self.table.rpartition(".")
-        qualified = f"{quote(schema)}.{quote(name)}" if schema else quote(name)
-        try:
-            with engine.connect() as connection:
-                if not sa.inspect(connection).has_table(name, schema=schema or None):
-                    raise self._not_published(f"table {self.table}")
-                columns = {
-                    column["name"] for column in sa.inspect(connection).get_columns(name, schema or None)
-                }
-                if LOAD_ID_COLUMN not in columns:
-                    return ()
-                ids = connection.execute(sa.text(f"SELECT DISTINCT {quote(LOAD_ID_COLUMN)} FROM {qualified}"))
-                return tuple(sorted(str(value) for value in ids.scalars()))
-        finally:
-            engine.dispose()
-
-    def read(self, quarantine: Quarantine) -> Iterator[Batch]:
-        if self.path is not None and not self.path.exists():
-            raise self._not_published(str(self.path))
-        if self.path is None:
-            self._load_ids()  # a clear error when the table was never published
-        from assets.etl.loads import LOAD_ID_COLUMN
-
-        for batch in self.inner.read(quarantine):
-            table = batch.table
-            if LOAD_ID_COLUMN in table.column_names:
-                table = table.drop_columns([LOAD_ID_COLUMN])
-            yield Batch(table, self.description, batch.lines, batch.rows)
-
-
-def published_pipeline(
-    spec: AssetSourceSpec, upstream: Mapping[str, LoadedPipeline] | None
-) -> LoadedPipeline:
-    """The pipeline an asset source names: from the loader's `upstream`, else from the spec folder
-    (an analyst's spec built in Python)."""
-    name = spec.pipeline or spec.asset or ""
-    if upstream is not None and name in upstream:
-        return upstream[name]
-    pipelines = load_pipelines()
-    if name not in pipelines:
-        raise ConfigurationError(f"no pipeline named {name!r} publishes an asset to read")
-    return pipelines[name]
-
-
-def open_source(
-    spec: FileSourceSpec | SqlSourceSpec | AssetSourceSpec,
-    base_dir: Path,
-    batch_size: int,
-    upstream: Mapping[str, LoadedPipeline] | None = None,
-) -> Source:
-    """The `Source` for a spec's `source:` section (or an enrich lookup); relative file paths resolve
-    against `base_dir`, other pipelines' assets through `upstream` (`LoadedPipeline.upstream`)."""
-    if isinstance(spec, FileSourceSpec):
-        return FileSource(spec, base_dir, batch_size)
-    if isinstance(spec, AssetSourceSpec):
-        return AssetSource(published_pipeline(spec, upstream), batch_size)
-    return SqlSource(spec, batch_size, base_dir)
