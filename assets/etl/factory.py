@@ -54,6 +54,7 @@ from assets.etl.report import PIPELINE_TAG, QUALITY_REPORT, QUARANTINE_BY_REASON
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
+from assets.etl.state import CursorState, IncrementalWindow
 
 __all__ = [
     "PIPELINE_TAG",
@@ -70,6 +71,7 @@ __all__ = [
 KIND_TAG = "junction/kind"
 QUALITY_SUMMARY = "quality_summary"
 STAGING_REMOVED = "staging_removed"
+INCREMENTAL = "incremental"
 RUNS_PAGE = 500
 COULD_NOT_REMOVE = "could not remove it"
 
@@ -137,11 +139,15 @@ def stage(
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
-    source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream)
+    window = None
+    if spec.incremental is not None and target is not None:
+        state = target.read_state(pipeline.name)
+        window = IncrementalWindow.of(pipeline.name, spec.incremental, state, spec.load.mode)
+    source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream, window)
 
     started = time.perf_counter()
     try:
-        result = run_pipeline(pipeline, source=source, target=target, stage_while_reading=True)
+        result = run_pipeline(pipeline, source=source, target=target, stage_while_reading=True, window=window)
     except SchemaDriftError as exc:
         # Nothing was staged: the target and the staging place stay as they were.
         raise dg.Failure(
@@ -156,6 +162,13 @@ def stage(
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )
+    if result.incremental is not None:
+        window_read = result.incremental
+        log.info(
+            f"incremental on {window_read['cursor']}: from {window_read['start']} (last published "
+            f"{window_read['before']}), {window_read['records_in_window']:,} records in the window, "
+            f"up to {window_read['after']}"
+        )
 
     # The COPY into the staging place (streamed since the first clean batch, or the whole table when
     # the target cannot stream) finishes in a thread beside the checks, which read the in-memory
@@ -214,6 +227,11 @@ def stage(
     }
     if drift is not None:
         metadata["schema_drift"] = dg.MetadataValue.json(drift.as_metadata())
+    if result.incremental is not None:
+        metadata[INCREMENTAL] = dg.MetadataValue.json(result.incremental)
+    for name in ("requests_made", "pages_read"):  # a REST source's
+        if hasattr(source, name):
+            metadata[f"source_{name}"] = getattr(source, name)
     return metadata, report.outcomes
 
 
@@ -315,9 +333,15 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             staged_event = _staged_event(context, staged_key)
             target = open_pipeline_target(staged_event.run_id if staged_event else context.run_id)
             assert target is not None
+            staged_metadata = (
+                staged_event.asset_materialization.metadata
+                if (staged_event and staged_event.asset_materialization)
+                else {}
+            )
+            state = _state_to_commit(name, staged_metadata, staged_event)
             try:
                 started = time.perf_counter()
-                outcome = target.publish(spec.load.mode, spec.load.keys)
+                outcome = target.publish(spec.load.mode, spec.load.keys, state)
                 seconds = time.perf_counter() - started
                 cleanup = _clean_after_publish(context, name, target)
             finally:
@@ -338,17 +362,21 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            for count in ("rows_new", "rows_updated", "rows_unchanged"):
+                if getattr(outcome, count) is not None:
+                    metadata[count] = getattr(outcome, count)
+            if INCREMENTAL in staged_metadata:
+                window_read = staged_metadata[INCREMENTAL].value
+                committed = outcome.state.value if outcome.state is not None else window_read["before"]
+                metadata[INCREMENTAL] = dg.MetadataValue.json(
+                    {"cursor": window_read["cursor"], "before": window_read["before"], "after": committed}
+                )
             metadata[STAGING_REMOVED] = dg.MetadataValue.json(cleanup.removed)
             if cleanup.kept:
                 metadata["staging_kept"] = dg.MetadataValue.json(cleanup.kept)
             metadata.update(report_link(name, context))
             # The published rows are the staged rows: their schema is on the staged materialization
             # (reading the staging table back just for it would cost a pass over the data).
-            staged_metadata = (
-                staged_event.asset_materialization.metadata
-                if (staged_event and staged_event.asset_materialization)
-                else {}
-            )
             for key in ("dagster/column_schema", "schema_drift"):
                 if key in staged_metadata:
                     metadata[key] = staged_metadata[key]
@@ -375,6 +403,20 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
         else []
     )
     return dg.Definitions(assets=assets, jobs=[job], schedules=schedules)
+
+
+def _state_to_commit(
+    name: str, staged_metadata: Mapping[str, Any], staged_event: dg.EventLogEntry | None
+) -> CursorState | None:
+    """The cursor value the staged run read up to, to commit with its rows (None: nothing new)."""
+    if INCREMENTAL not in staged_metadata:
+        return None
+    window_read = staged_metadata[INCREMENTAL].value
+    if window_read["after"] is None or window_read["after"] == window_read["before"]:
+        return None
+    return CursorState(
+        name, window_read["cursor"], window_read["after"], staged_event.run_id if staged_event else None
+    )
 
 
 @dataclass

@@ -45,7 +45,9 @@ file in the target's folder and renamed over the target (atomic on one file syst
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import queue
 import re
@@ -67,6 +69,7 @@ from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
 from assets.etl.sources import resolve_sqlite_url
 from assets.etl.spec import FileTargetSpec, SqlTargetSpec
+from assets.etl.state import PARQUET_STATE_KEY, STATE_TABLE, CursorState
 from assets.etl.transforms import DedupeLast, Step
 from orchestration.errors import ConfigurationError, JunctionError
 
@@ -110,6 +113,12 @@ class PublishOutcome:
     rows_published: int
     target_rows: int
     skipped_reason: str | None = None
+    # A merge: staged rows whose key was new, whose key existed with other values (updated), and
+    # whose key existed with the same values (left as they were: not written).
+    rows_new: int | None = None
+    rows_updated: int | None = None
+    rows_unchanged: int | None = None
+    state: CursorState | None = None  # the incremental state committed with the rows
 
 
 def target_base_dir() -> Path:
@@ -157,7 +166,20 @@ class Target(ABC):
         return None
 
     @abstractmethod
-    def publish(self, mode: str, keys: list[str]) -> PublishOutcome: ...
+    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
+        """Move the staged rows in, in one transaction with `state` (incremental sync) when given."""
+
+    def read_state(self, pipeline: str) -> CursorState | None:
+        """The incremental state this target holds for `pipeline` (None: never published one)."""
+        return None
+
+    def write_state(self, state: CursorState) -> None:
+        """Set a pipeline's state outside a publish (`junction pipelines state reset --to`)."""
+        raise ConfigurationError(f"{self.description} keeps no incremental state")
+
+    def delete_state(self, pipeline: str) -> bool:
+        """Forget a pipeline's state (the next run starts at `initial`); whether there was one."""
+        raise ConfigurationError(f"{self.description} keeps no incremental state")
 
     @abstractmethod
     def write_quarantine(self, quarantine: Quarantine, load_id: str, run_id: str) -> None: ...
@@ -491,69 +513,151 @@ class SqlTarget(Target):
         if duplicate is not None:
             raise JunctionError(_duplicate_key_message(self.description, keys, duplicate[:-1], duplicate[-1]))
 
-    def publish(self, mode: str, keys: list[str]) -> PublishOutcome:
+    def _write_state(self, connection: Any, state: CursorState) -> None:
+        import sqlalchemy as sa
+
+        table = self._qualified(STATE_TABLE)
+        connection.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {table} (pipeline VARCHAR(200) PRIMARY KEY, state TEXT NOT NULL)"
+            )
+        )
+        connection.execute(
+            sa.text(
+                f"INSERT INTO {table} (pipeline, state) VALUES (:pipeline, :state) "
+                "ON CONFLICT (pipeline) DO UPDATE SET state = excluded.state"
+            ),
+            {"pipeline": state.pipeline, "state": state.as_json()},
+        )
+
+    def read_state(self, pipeline: str) -> CursorState | None:
+        import sqlalchemy as sa
+
+        with self.engine.connect() as connection:
+            if not self._exists(connection, STATE_TABLE):
+                return None
+            text = connection.execute(
+                sa.text(f"SELECT state FROM {self._qualified(STATE_TABLE)} WHERE pipeline = :pipeline"),
+                {"pipeline": pipeline},
+            ).scalar_one_or_none()
+        return None if text is None else CursorState.from_json(text)
+
+    def write_state(self, state: CursorState) -> None:
+        with self.engine.begin() as connection:
+            self._write_state(connection, state)
+
+    def delete_state(self, pipeline: str) -> bool:
+        import sqlalchemy as sa
+
+        with self.engine.begin() as connection:
+            if not self._exists(connection, STATE_TABLE):
+                return False
+            deleted = connection.execute(
+                sa.text(f"DELETE FROM {self._qualified(STATE_TABLE)} WHERE pipeline = :pipeline"),
+                {"pipeline": pipeline},
+            )
+            return deleted.rowcount > 0
+
+    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
+        with self.engine.begin() as connection:
+            outcome = self._publish(connection, mode, keys)
+            if state is not None:
+                # In the publish transaction: the rows and the cursor commit together or not at all.
+                self._write_state(connection, state)
+                outcome = dataclasses.replace(outcome, state=state)
+            return outcome
+
+    def _publish(self, connection: Any, mode: str, keys: list[str]) -> PublishOutcome:
         import sqlalchemy as sa
 
         target, staged = self._qualified(self.table), self._qualified(self.staged_name)
-        with self.engine.begin() as connection:
-            if not self._exists(connection, self.staged_name):
-                raise JunctionError(
-                    f"nothing is staged for {self.description}: materialize the staged asset first"
+        if not self._exists(connection, self.staged_name):
+            raise JunctionError(
+                f"nothing is staged for {self.description}: materialize the staged asset first"
+            )
+        staged_rows = self._count(connection, self.staged_name)
+        columns = self._staged_columns(connection)
+        names = ", ".join(self._quote(name) for name in columns)
+        if mode == "replace":
+            return self._replace(connection, columns, staged_rows)
+        if not self._exists(connection, self.table):
+            connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT * FROM {staged} WHERE 1 = 0"))
+        self._add_missing_columns(connection, columns)
+        if mode == "append":
+            load_ids = (
+                connection.execute(sa.text(f"SELECT DISTINCT {self._quote(LOAD_ID_COLUMN)} FROM {staged}"))
+                .scalars()
+                .all()
+            )
+            already = load_ids and self._count(
+                connection,
+                self.table,
+                f"WHERE {self._quote(LOAD_ID_COLUMN)} = :load_id",
+                load_id=load_ids[0],
+            )
+            if already:
+                connection.execute(sa.text(f"DROP TABLE {staged}"))
+                return PublishOutcome(
+                    0,
+                    self._count(connection, self.table),
+                    f"load id {load_ids[0]} is already in the target",
                 )
-            staged_rows = self._count(connection, self.staged_name)
-            columns = self._staged_columns(connection)
-            names = ", ".join(self._quote(name) for name in columns)
-            if mode == "replace":
-                return self._replace(connection, columns, staged_rows)
-            if not self._exists(connection, self.table):
-                connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT * FROM {staged} WHERE 1 = 0"))
-            self._add_missing_columns(connection, columns)
-            if mode == "append":
-                load_ids = (
-                    connection.execute(
-                        sa.text(f"SELECT DISTINCT {self._quote(LOAD_ID_COLUMN)} FROM {staged}")
-                    )
-                    .scalars()
-                    .all()
-                )
-                already = load_ids and self._count(
-                    connection,
-                    self.table,
-                    f"WHERE {self._quote(LOAD_ID_COLUMN)} = :load_id",
-                    load_id=load_ids[0],
-                )
-                if already:
-                    connection.execute(sa.text(f"DROP TABLE {staged}"))
-                    return PublishOutcome(
-                        0,
-                        self._count(connection, self.table),
-                        f"load id {load_ids[0]} is already in the target",
-                    )
-                connection.execute(sa.text(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}"))
-            elif mode == "merge":
-                self._refuse_duplicate_keys(connection, keys)
-                key_list = ", ".join(self._quote(key) for key in keys)
-                index = self._quote(f"{self.table}_merge_keys")
-                connection.execute(
-                    sa.text(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {target} ({key_list})")
-                )
-                updates = ", ".join(
-                    f"{self._quote(name)} = excluded.{self._quote(name)}"
-                    for name in columns
-                    if name not in keys
-                )
-                action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-                # `WHERE true` keeps SQLite's parser from reading ON CONFLICT as part of the SELECT.
-                connection.execute(
-                    sa.text(
-                        f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged} WHERE true "
-                        f"ON CONFLICT ({key_list}) {action}"
-                    )
-                )
-            else:
-                raise ConfigurationError(f"unknown load mode {mode!r}")
-            connection.execute(sa.text(f"DROP TABLE {staged}"))
-            return PublishOutcome(staged_rows, self._count(connection, self.table))
+            connection.execute(sa.text(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}"))
+        elif mode == "merge":
+            self._refuse_duplicate_keys(connection, keys)
+            key_list = ", ".join(self._quote(key) for key in keys)
+            index = self._quote(f"{self.table}_merge_keys")
+            connection.execute(sa.text(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {target} ({key_list})"))
+            return self._merge(connection, columns, keys, staged_rows)
+        else:
+            raise ConfigurationError(f"unknown load mode {mode!r}")
+        connection.execute(sa.text(f"DROP TABLE {staged}"))
+        return PublishOutcome(staged_rows, self._count(connection, self.table))
+
+    def _merge(
+        self, connection: Any, columns: list[str], keys: list[str], staged_rows: int
+    ) -> PublishOutcome:
+        """Upsert by key, writing only the rows that are new or differ from the target's (a re-read
+        of unchanged records writes nothing); the counts of new, updated and unchanged rows."""
+        import sqlalchemy as sa
+
+        target, staged = self._qualified(self.table), self._qualified(self.staged_name)
+        names = ", ".join(self._quote(name) for name in columns)
+        key_list = ", ".join(self._quote(key) for key in keys)
+        on_keys = " AND ".join(f"t.{self._quote(key)} = s.{self._quote(key)}" for key in keys)
+        existing = connection.execute(
+            sa.text(f"SELECT COUNT(*) FROM {staged} s JOIN {target} t ON {on_keys}")
+        ).scalar_one()
+        values = [name for name in columns if name not in keys]
+        compared = [name for name in values if name != LOAD_ID_COLUMN]
+        updates = ", ".join(f"{self._quote(name)} = excluded.{self._quote(name)}" for name in values)
+        distinct = "IS DISTINCT FROM" if self.dialect == "postgresql" else "IS NOT"
+        changed = " OR ".join(
+            f"t.{self._quote(name)} {distinct} excluded.{self._quote(name)}" for name in compared
+        )
+        if not updates:
+            action = "DO NOTHING"
+        elif changed:
+            action = f"DO UPDATE SET {updates} WHERE {changed}"
+        else:
+            action = "DO NOTHING"  # only keys (and the load id): an existing key has nothing to change
+        # `WHERE true` keeps SQLite's parser from reading ON CONFLICT as part of the SELECT.
+        written = connection.execute(
+            sa.text(
+                f"INSERT INTO {target} AS t ({names}) SELECT {names} FROM {staged} WHERE true "
+                f"ON CONFLICT ({key_list}) {action}"
+            )
+        ).rowcount
+        connection.execute(sa.text(f"DROP TABLE {staged}"))
+        new = staged_rows - existing
+        updated = max(written - new, 0)
+        return PublishOutcome(
+            new + updated,
+            self._count(connection, self.table),
+            rows_new=new,
+            rows_updated=updated,
+            rows_unchanged=existing - updated,
+        )
 
     def write_quarantine(self, quarantine: Quarantine, load_id: str, run_id: str) -> None:
         import sqlalchemy as sa
@@ -817,7 +921,47 @@ class FileTarget(Target):
     def stage(self, table: pa.Table, load_id: str) -> None:
         self._replace_file(self.staged_path, with_load_id(table, load_id), "parquet")
 
-    def publish(self, mode: str, keys: list[str]) -> PublishOutcome:
+    def _states(self) -> dict[str, str]:
+        """The Parquet target's incremental states, by pipeline (its schema metadata)."""
+        if self.spec.format != "parquet" or not self.path.exists():
+            return {}
+        metadata = pq.read_schema(self.path).metadata or {}
+        return json.loads(metadata.get(PARQUET_STATE_KEY, b"{}"))
+
+    def _with_states(self, table: pa.Table, states: dict[str, str]) -> pa.Table:
+        metadata = {
+            key: value for key, value in (table.schema.metadata or {}).items() if key != PARQUET_STATE_KEY
+        }
+        if states:
+            metadata[PARQUET_STATE_KEY] = json.dumps(states).encode()
+        return table.replace_schema_metadata(metadata or None)
+
+    def _require_state_place(self) -> None:
+        if self.spec.format != "parquet":
+            raise ConfigurationError(f"{self.description} keeps no incremental state (a Parquet file does)")
+
+    def read_state(self, pipeline: str) -> CursorState | None:
+        text = self._states().get(pipeline)
+        return None if text is None else CursorState.from_json(text)
+
+    def write_state(self, state: CursorState) -> None:
+        self._require_state_place()
+        table = pq.read_table(self.path) if self.path.exists() else pa.table({})
+        states = {**self._states(), state.pipeline: state.as_json()}
+        self._replace_file(self.path, self._with_states(table, states), "parquet")
+
+    def delete_state(self, pipeline: str) -> bool:
+        self._require_state_place()
+        states = self._states()
+        if pipeline not in states:
+            return False
+        del states[pipeline]
+        self._replace_file(self.path, self._with_states(pq.read_table(self.path), states), "parquet")
+        return True
+
+    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
+        if state is not None:
+            self._require_state_place()
         if not self.staged_path.exists():
             raise JunctionError(
                 f"nothing is staged for {self.description}: materialize the staged asset first"
@@ -840,11 +984,23 @@ class FileTarget(Target):
             _refuse_duplicate_keys_in(staged, keys, self.description)
             kept = current.join(staged.select(keys), keys=keys, join_type="left anti")
             result = pa.concat_tables([kept, staged], promote_options="permissive")
+            merged = (current.num_rows - kept.num_rows, staged.num_rows - (current.num_rows - kept.num_rows))
         else:
             raise ConfigurationError(f"unknown load mode {mode!r}")
+        if self.spec.format == "parquet":
+            states = self._states()
+            if state is not None:
+                states[state.pipeline] = state.as_json()
+            # The state rides in the file's own metadata: one atomic rename publishes rows and cursor.
+            result = self._with_states(result, states)
         self._replace_file(self.path, result, self.spec.format)
         self.staged_path.unlink()
-        return PublishOutcome(staged.num_rows, result.num_rows)
+        if mode == "merge" and current is not None:
+            existing, new = merged
+            return PublishOutcome(
+                staged.num_rows, result.num_rows, rows_new=new, rows_updated=existing, state=state
+            )
+        return PublishOutcome(staged.num_rows, result.num_rows, state=state)
 
     def write_quarantine(self, quarantine: Quarantine, load_id: str, run_id: str) -> None:
         rows = quarantine_table(quarantine, load_id, run_id)

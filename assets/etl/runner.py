@@ -33,6 +33,7 @@ from assets.etl.loads import PublishOutcome, StagingStream, Target, load_steps
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources import READ_STEP, ArrowTableSource, InputIdentity, Source, open_source
 from assets.etl.spec import LoadedPipeline, PipelineSpec
+from assets.etl.state import IncrementalStep, IncrementalWindow
 from assets.etl.transforms import Step, build_steps
 from orchestration.errors import JunctionError
 
@@ -62,6 +63,9 @@ class PipelineResult:
     # With `stage_while_reading`: the target's staging stream, fed every clean table; its `finish`
     # tells whether the staging place holds them all (else stage `to_table()` as usual).
     staging: StagingStream | None = None
+    # An incremental read: the window (cursor, before, start, end), the largest cursor value read
+    # (`after`, what the publish commits) and the records in the window.
+    incremental: dict[str, Any] | None = None
 
     def to_table(self) -> pa.Table:
         """Every clean row in one table; batches whose inferred types differ are promoted (int -> double)."""
@@ -108,17 +112,20 @@ def iter_pipeline(
     quarantine: Quarantine,
     counts: RowCounts,
     *,
+    before: Sequence[Step] = (),
     after: Sequence[Step] = (),
     open_lookup: Callable[[Any], Source] | None = None,
     step_reports: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream the clean tables; `quarantine` and `counts` fill as it goes (counts are final at the end).
 
-    `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
+    `before`: steps run ahead of the spec's transforms, on the records as read (the incremental
+    window). `after`: steps run after the spec's transforms (the load's: drift policy, merge-key dedupe).
     `open_lookup` opens enrich lookups (default: relative to the working directory); `step_reports`,
     when given, receives what steps report about themselves at the end (enrich: lookup and matches).
     """
     steps = [
+        *before,
         *build_steps(spec.transforms, open_lookup=open_lookup or lookup_opener(spec, Path.cwd())),
         *after,
     ]
@@ -157,6 +164,7 @@ def run_pipeline(
     source: Source | None = None,
     target: Target | None = None,
     stage_while_reading: bool = False,
+    window: IncrementalWindow | None = None,
 ) -> PipelineResult:
     """Read, transform and collect. Relative file paths resolve against the spec's folder (`base_dir`).
 
@@ -164,6 +172,8 @@ def run_pipeline(
     current schema (`result.drift`) and, for a merge, one row per key (the last). With
     `stage_while_reading` too, each clean table also goes to the target's staging stream as it is
     produced (`result.staging`, when the target has one); a failed run rolls that stream back.
+    With an incremental `window` (`state.IncrementalWindow`), only its records are kept, and
+    `result.incremental` tells the largest cursor value read.
     """
     upstream: Mapping[str, LoadedPipeline] | None = None
     if isinstance(pipeline, LoadedPipeline):
@@ -172,7 +182,8 @@ def run_pipeline(
         spec = pipeline
     base_dir = base_dir or Path.cwd()
     if source is None:
-        source = open_source(spec.source, base_dir, spec.batch_size, upstream)
+        source = open_source(spec.source, base_dir, spec.batch_size, upstream, window)
+    before = [] if window is None else [IncrementalStep(window)]
     open_lookup = lookup_opener(spec, base_dir, upstream)
     identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
@@ -183,7 +194,14 @@ def run_pipeline(
     tables = []
     try:
         for table in iter_pipeline(
-            spec, source, quarantine, counts, after=after, open_lookup=open_lookup, step_reports=step_reports
+            spec,
+            source,
+            quarantine,
+            counts,
+            before=before,
+            after=after,
+            open_lookup=open_lookup,
+            step_reports=step_reports,
         ):
             tables.append(table)
             if staging is not None:
@@ -205,6 +223,7 @@ def run_pipeline(
         schema,
         step_reports,
         staging,
+        before[0].summary() if before else None,
     )
 
 

@@ -39,12 +39,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from orchestration.kernel.conditions import Condition, compile_regex, parse_condition
 from orchestration.kernel.expressions import Expression, parse_expression
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, load_specs
+from orchestration.kernel.times import DurationText, parse_instant
 from resources.event_stream.core import STREAM_NAME_PATTERN
 
 __all__ = [
     "AGGREGATE_FUNCTIONS",
     "AggregateStep",
     "AssetSourceSpec",
+    "IncrementalSpec",
+    "RestSourceSpec",
     "CompiledCondition",
     "CompiledExpression",
     "EnrichStep",
@@ -317,7 +320,137 @@ class SqlSourceSpec(SourceOptions):
         return self
 
 
-def _tagged(models: dict[str, type[BaseModel]], default: str | None) -> PlainValidator:
+# --- REST sources (read by assets/etl/sources/rest.py) --------------------------------------------------
+
+EnvVarName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of an env var")]
+
+
+class BearerAuthSpec(StrictModel):
+    """`Authorization: Bearer <token>`."""
+
+    type: Literal["bearer"]
+    token_env: EnvVarName
+
+
+class ApiKeyAuthSpec(StrictModel):
+    """An API key in a header or a query parameter."""
+
+    type: Literal["api_key"]
+    key_env: EnvVarName
+    name: str = Field(default="X-API-Key", min_length=1, description="The header or query parameter")
+    location: Literal["header", "query"] = "header"
+
+
+class BasicAuthSpec(StrictModel):
+    """HTTP basic authentication."""
+
+    type: Literal["basic"]
+    username: str | None = Field(default=None, description="Or username_env")
+    username_env: EnvVarName | None = None
+    password_env: EnvVarName
+
+    @model_validator(mode="after")
+    def _one_username(self) -> BasicAuthSpec:
+        if (self.username is None) == (self.username_env is None):
+            raise ValueError("give exactly one of username and username_env")
+        return self
+
+
+class OAuth2ClientCredentialsSpec(StrictModel):
+    """OAuth2 client credentials: a token fetched from `token_url`, kept until it expires, fetched
+    again once when the API answers 401."""
+
+    type: Literal["oauth2_client_credentials"]
+    token_url: str = Field(pattern=r"^https?://", description="The authorization server's token endpoint")
+    client_id_env: EnvVarName
+    client_secret_env: EnvVarName
+    scopes: list[str] = Field(default_factory=list)
+    credentials_in: Literal["body", "basic"] = Field(
+        default="body", description="Send the client id and secret in the form body or as basic auth"
+    )
+
+
+class PageNumberPaginatorSpec(StrictModel):
+    """`?page=1`, `?page=2`, ... until `total_pages` (or the total records) is reached or a page is empty."""
+
+    type: Literal["page_number"]
+    page_param: str = "page"
+    base_page: int = Field(default=1, ge=0, description="The first page's number")
+    total_pages_path: str | None = Field(default=None, description="JSONPath to the number of pages")
+    total_path: str | None = Field(default=None, description="JSONPath to the number of records")
+
+
+class OffsetPaginatorSpec(StrictModel):
+    """`?offset=0&limit=100`, `?offset=100&limit=100`, ... until a short page or the total."""
+
+    type: Literal["offset"]
+    limit: int = Field(ge=1, description="Records per page")
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    total_path: str | None = Field(default=None, description="JSONPath to the number of records")
+
+
+class CursorPaginatorSpec(StrictModel):
+    """The next page's cursor is in the body (`cursor_path`) and goes into `cursor_param`; no cursor
+    (missing, null, empty) ends the pages."""
+
+    type: Literal["cursor"]
+    cursor_path: str = Field(min_length=1, description="JSONPath to the next cursor, e.g. meta.next_cursor")
+    cursor_param: str = Field(default="cursor", min_length=1)
+
+
+class NextUrlPaginatorSpec(StrictModel):
+    """The next page's URL is in the body (`next_url_path`); none ends the pages."""
+
+    type: Literal["next_url"]
+    next_url_path: str = Field(default="next", min_length=1)
+
+
+class LinkHeaderPaginatorSpec(StrictModel):
+    """The next page's URL is in the `Link` header (RFC 8288), `rel="next"`."""
+
+    type: Literal["link_header"]
+    rel: str = "next"
+
+
+class SinglePagePaginatorSpec(StrictModel):
+    type: Literal["single_page"]
+
+
+class AutoPaginatorSpec(StrictModel):
+    """Detected from the first answer (a Link header, a next URL, a cursor or a page count in the body)
+    and logged; a first page that looks full with nothing detected fails the run."""
+
+    type: Literal["auto"] = "auto"
+
+
+PAGINATOR_SPECS: dict[str, type[StrictModel]] = {
+    "auto": AutoPaginatorSpec,
+    "page_number": PageNumberPaginatorSpec,
+    "offset": OffsetPaginatorSpec,
+    "cursor": CursorPaginatorSpec,
+    "next_url": NextUrlPaginatorSpec,
+    "link_header": LinkHeaderPaginatorSpec,
+    "single_page": SinglePagePaginatorSpec,
+}
+AUTH_SPECS: dict[str, type[StrictModel]] = {
+    "bearer": BearerAuthSpec,
+    "api_key": ApiKeyAuthSpec,
+    "basic": BasicAuthSpec,
+    "oauth2_client_credentials": OAuth2ClientCredentialsSpec,
+}
+
+
+class RestRetrySpec(StrictModel):
+    """Connection errors, 429 and 5xx are retried with exponential backoff and jitter, waiting what
+    `Retry-After` asks when the server sends it."""
+
+    max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts per request in all (1: no retry)")
+    initial_backoff: DurationText = "500ms"
+    max_backoff: DurationText = Field(default="30s", description="Also caps a server's Retry-After")
+
+
+def _tagged(models: dict[str, type[BaseModel]], default: str | None, tag: str = "kind") -> PlainValidator:
     """Validate a union tagged by `kind` with the tagged model itself.
 
     pydantic's discriminated unions put the tag into error locations (``source.file.path``); validating
@@ -330,9 +463,9 @@ def _tagged(models: dict[str, type[BaseModel]], default: str | None) -> PlainVal
             return value
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping, got {type(value).__name__}")
-        kind = value.get("kind", default)
+        kind = value.get(tag, default)
         if kind not in models:
-            raise ValueError(f"kind must be {expected}" + ("" if kind is None else f", got {kind!r}"))
+            raise ValueError(f"{tag} must be {expected}" + ("" if kind is None else f", got {kind!r}"))
         return models[kind].model_validate(value)
 
     union = models[next(iter(models))]
@@ -367,9 +500,93 @@ class AssetSourceSpec(SourceOptions):
         return "pipeline" if self.pipeline is not None else "asset"
 
 
+def _tagged_by_type(models: dict[str, type[BaseModel]], default: str | None) -> PlainValidator:
+    """As `_tagged`, for unions tagged by `type` (paginators, auth); a bare string names the type."""
+    inner = _tagged(models, default, tag="type")
+
+    def validate(value: Any) -> BaseModel:
+        return inner.func({"type": value} if isinstance(value, str) else value)  # type: ignore[call-arg]
+
+    union = models[next(iter(models))]
+    for model in list(models.values())[1:]:
+        union = union | model
+    return PlainValidator(validate, json_schema_input_type=union | str)
+
+
+PaginatorSpec = Annotated[
+    AutoPaginatorSpec
+    | PageNumberPaginatorSpec
+    | OffsetPaginatorSpec
+    | CursorPaginatorSpec
+    | NextUrlPaginatorSpec
+    | LinkHeaderPaginatorSpec
+    | SinglePagePaginatorSpec,
+    _tagged_by_type(PAGINATOR_SPECS, default=None),
+    PlainSerializer(lambda model: model.model_dump()),
+]
+AuthSpec = Annotated[
+    BearerAuthSpec | ApiKeyAuthSpec | BasicAuthSpec | OAuth2ClientCredentialsSpec,
+    _tagged_by_type(AUTH_SPECS, default=None),
+    PlainSerializer(lambda model: model.model_dump()),
+]
+
+
+class RestSourceSpec(SourceOptions):
+    """An HTTP API answering JSON, read page by page (assets/etl/sources/rest.py).
+
+    `path`, `params` and `headers` are kernel templates: `incremental` (start, end, last_value,
+    initial) and `platform.url` (the platform's public URL) are defined.
+    """
+
+    kind: Literal["rest"]
+    base_url: str = Field(min_length=1, description="e.g. https://api.example.com/v2 (a template)")
+    path: str = Field(default="", description="Appended to base_url, e.g. orders (a template)")
+    method: Literal["GET", "POST"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict, description="Templates; secrets go in auth")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Query parameters; strings are templates"
+    )
+    auth: AuthSpec | None = None
+    paginator: PaginatorSpec = Field(default_factory=AutoPaginatorSpec)
+    data_selector: str | None = Field(
+        default=None,
+        description="JSONPath to the records in a page (default: the body when it is a list, else its "
+        "list of objects, detected and logged)",
+    )
+    nested: Literal["flatten", "json"] = Field(
+        default="flatten",
+        description="Nested objects: flatten to columns joined by `separator` (a.b -> a__b), or keep each "
+        "top-level object as a JSON text column. Lists are kept as JSON text.",
+    )
+    separator: str = Field(default="__", min_length=1)
+    timeout: DurationText = Field(default="30s", description="Per request")
+    rate_limit: float | None = Field(default=None, gt=0, description="Requests per second at most")
+    max_pages: int | None = Field(default=None, ge=1, description="Stop after this many pages (a guard)")
+    retry: RestRetrySpec = Field(default_factory=RestRetrySpec)
+
+    @model_validator(mode="after")
+    def _templates_parse(self) -> RestSourceSpec:
+        from orchestration.kernel.templates import TemplateRenderError, compile_template
+
+        for name, text in [
+            ("base_url", self.base_url),
+            ("path", self.path),
+            *self.headers.items(),
+            *((key, value) for key, value in self.params.items() if isinstance(value, str)),
+        ]:
+            try:
+                compile_template(text)
+            except TemplateRenderError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+
 SourceSpec = Annotated[
-    FileSourceSpec | SqlSourceSpec | AssetSourceSpec,
-    _tagged({"file": FileSourceSpec, "sql": SqlSourceSpec, "asset": AssetSourceSpec}, default="file"),
+    FileSourceSpec | SqlSourceSpec | AssetSourceSpec | RestSourceSpec,
+    _tagged(
+        {"file": FileSourceSpec, "sql": SqlSourceSpec, "asset": AssetSourceSpec, "rest": RestSourceSpec},
+        default="file",
+    ),
     PlainSerializer(lambda model: model.model_dump(by_alias=True)),
 ]
 
@@ -668,6 +885,51 @@ class StreamTrigger(StrictModel):
     )
 
 
+CursorValue = Annotated[str | int | float, Field(description="An ISO 8601 date/time or a number")]
+
+
+class IncrementalSpec(StrictModel):
+    """Read only what changed since the last published run: records whose `cursor` field is past the
+    cursor value the target holds (assets/etl/state.py). The value commits with the data, in the
+    publish transaction, so a failed run reads the same range again."""
+
+    cursor: FieldName = Field(description="The source field that grows with each change, e.g. updated_at")
+    initial: CursorValue = Field(description="Where the first run starts, e.g. '2024-01-01' or 0")
+    lag: DurationText | float | None = Field(
+        default=None,
+        description="Re-read this much before the last value (a duration for times, a number for "
+        "numbers): late writers are caught, and merge by key makes the overlap idempotent",
+    )
+    end: CursorValue | None = Field(default=None, description="Records at or past this value are not read")
+
+    @model_validator(mode="after")
+    def _one_kind_of_value(self) -> IncrementalSpec:
+        kind = _cursor_kind(self.initial)
+        if kind is None:
+            raise ValueError(f"initial: {self.initial!r} is neither a number nor an ISO 8601 date/time")
+        if self.end is not None and _cursor_kind(self.end) != kind:
+            raise ValueError(f"end: {self.end!r} is not a {kind} as initial is")
+        if isinstance(self.lag, str) and kind != "time":
+            raise ValueError("lag: a duration goes with a time cursor; give a number for a number cursor")
+        if isinstance(self.lag, int | float) and not isinstance(self.lag, bool) and kind != "number":
+            raise ValueError("lag: a time cursor takes a duration (10m, 1h)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return _cursor_kind(self.initial) or "number"
+
+
+def _cursor_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str) and parse_instant(value) is not None:
+        return "time"
+    return None
+
+
 def _check_cron(value: str) -> str:
     # Dagster's own check: the schedule is handed to Dagster as is. Imported here because the spec
     # module must stay cheap; dagster is loaded anyway wherever schedules are built.
@@ -700,6 +962,28 @@ class PipelineSpec(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
     group: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     triggers: list[StreamTrigger] = Field(default_factory=list)
+    incremental: IncrementalSpec | None = None
+
+    @model_validator(mode="after")
+    def _incremental_fits(self) -> PipelineSpec:
+        incremental = self.incremental
+        if incremental is None:
+            return self
+        if not isinstance(self.source, RestSourceSpec | SqlSourceSpec):
+            raise ValueError(f"incremental: reads REST and SQL sources, not {self.source.kind} sources")
+        if self.target is None or (self.target.kind == "file" and self.target.format != "parquet"):
+            raise ValueError(
+                "incremental: needs a SQL or Parquet target, which keeps the cursor with the data"
+            )
+        if self.load.mode == "replace":
+            raise ValueError(
+                "incremental: a replace would drop every row outside the range read; use merge or append"
+            )
+        if incremental.lag and self.load.mode != "merge":
+            raise ValueError(
+                "incremental.lag re-reads records: it needs load.mode merge, which makes that idempotent"
+            )
+        return self
 
     @field_validator("rules")
     @classmethod

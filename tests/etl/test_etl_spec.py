@@ -102,7 +102,7 @@ BAD_SPECS = [
     ),
     pytest.param(
         {"source": {"kind": "ftp", "path": "a"}},
-        "source: kind must be 'file' or 'sql' or 'asset', got 'ftp'",
+        "source: kind must be 'file' or 'sql' or 'asset' or 'rest', got 'ftp'",
         id="source-kind",
     ),
     pytest.param(

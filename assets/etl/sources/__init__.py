@@ -24,7 +24,8 @@ from assets.etl.sources.tables import (
     published_pipeline,
     resolve_sqlite_url,
 )
-from assets.etl.spec import AssetSourceSpec, FileSourceSpec, LoadedPipeline, SqlSourceSpec
+from assets.etl.spec import AssetSourceSpec, FileSourceSpec, LoadedPipeline, RestSourceSpec, SqlSourceSpec
+from assets.etl.state import IncrementalWindow
 
 __all__ = [
     "READ_STEP",
@@ -41,15 +42,21 @@ __all__ = [
 
 
 def open_source(
-    spec: FileSourceSpec | SqlSourceSpec | AssetSourceSpec,
+    spec: FileSourceSpec | SqlSourceSpec | AssetSourceSpec | RestSourceSpec,
     base_dir: Path,
     batch_size: int,
     upstream: Mapping[str, LoadedPipeline] | None = None,
+    window: IncrementalWindow | None = None,
 ) -> Source:
     """The `Source` for a spec's `source:` section (or an enrich lookup); relative file paths resolve
-    against `base_dir`, other pipelines' assets through `upstream` (`LoadedPipeline.upstream`)."""
+    against `base_dir`, other pipelines' assets through `upstream` (`LoadedPipeline.upstream`). An
+    incremental `window` narrows what SQL and REST sources ask for."""
     if isinstance(spec, FileSourceSpec):
         return FileSource(spec, base_dir, batch_size)
     if isinstance(spec, AssetSourceSpec):
         return AssetSource(published_pipeline(spec, upstream), batch_size)
-    return SqlSource(spec, batch_size, base_dir)
+    if isinstance(spec, RestSourceSpec):
+        from assets.etl.sources.rest import RestSource
+
+        return RestSource(spec, batch_size, window)
+    return SqlSource(spec, batch_size, base_dir, window)
