@@ -4,6 +4,8 @@ Loading must stay light: nothing here imports great_expectations or other heavy 
 imported inside the ops and checks that use them.
 """
 
+import importlib
+import pkgutil
 import warnings
 from types import ModuleType
 
@@ -19,14 +21,29 @@ from orchestration.workflows.factory import workflow_definitions
 from resources.cache import CacheResource
 from sensors.definitions import streaming_definitions
 
+# The ETL library lives under `assets/` beside the analysts' modules but defines nothing itself; its
+# REST modules import httpx, which the code location must not pay for at load.
+LIBRARY_PACKAGES = ("assets.etl",)
+
+
+def analyst_modules(package: ModuleType) -> list[ModuleType]:
+    """Every module under `package`, nested packages included, except the ETL library's."""
+    found = [package]
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        if info.name in LIBRARY_PACKAGES:
+            continue
+        module = importlib.import_module(info.name)
+        found.extend(analyst_modules(module) if info.ispkg else [module])
+    return found
+
 
 def analyst_definitions(package: ModuleType = assets) -> dg.Definitions:
     """Every module an analyst adds under `assets/` is picked up here without touching this file."""
     with warnings.catch_warnings():
-        # `load_definitions_from_package_module` is marked preview; it is the one loader that also
-        # picks up the jobs, schedules and sensors an analyst writes beside their assets.
+        # `load_definitions_from_modules` is marked preview; it is the one loader that also picks up
+        # the jobs, schedules and sensors an analyst writes beside their assets.
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        return dg.load_definitions_from_package_module(package)
+        return dg.load_definitions_from_modules(analyst_modules(package))
 
 
 # Loaded once: the asset factory and the stream triggers both read the same specs.

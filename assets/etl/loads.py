@@ -580,6 +580,13 @@ class SqlTarget(Target):
         names = ", ".join(self._quote(name) for name in columns)
         if mode == "replace":
             return self._replace(connection, columns, staged_rows)
+        if staged_rows == 0 and mode in ("append", "merge"):
+            # Nothing new (an incremental window with no changes): the target stays as it is. The
+            # staged table may have no columns at all, so there is nothing to align or merge on.
+            connection.execute(sa.text(f"DROP TABLE {staged}"))
+            target_rows = self._count(connection, self.table) if self._exists(connection, self.table) else 0
+            unchanged = {"rows_new": 0, "rows_updated": 0, "rows_unchanged": 0} if mode == "merge" else {}
+            return PublishOutcome(0, target_rows, **unchanged)
         if not self._exists(connection, self.table):
             connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT * FROM {staged} WHERE 1 = 0"))
         self._add_missing_columns(connection, columns)
@@ -967,8 +974,14 @@ class FileTarget(Target):
                 f"nothing is staged for {self.description}: materialize the staged asset first"
             )
         staged = pq.read_table(self.staged_path)
-        current = self._read_file(self.path, self.spec.format, staged.schema) if self.path.exists() else None
-        if mode == "replace" or current is None:
+        # Nothing new (an incremental window with no changes): the rows stay, the cursor still moves.
+        nothing_new = staged.num_rows == 0 and mode in ("append", "merge")
+        schema = None if nothing_new else staged.schema
+        current = self._read_file(self.path, self.spec.format, schema) if self.path.exists() else None
+        if nothing_new:
+            result = current if current is not None else staged
+            merged = (0, 0)
+        elif mode == "replace" or current is None:
             result = staged
         elif mode == "append":
             load_ids = pc.unique(staged.column(LOAD_ID_COLUMN)).to_pylist()
@@ -995,10 +1008,16 @@ class FileTarget(Target):
             result = self._with_states(result, states)
         self._replace_file(self.path, result, self.spec.format)
         self.staged_path.unlink()
-        if mode == "merge" and current is not None:
-            existing, new = merged
+        if mode == "merge":
+            # A first merge (no file yet) writes every staged row as new.
+            existing, new = merged if current is not None else (0, staged.num_rows)
             return PublishOutcome(
-                staged.num_rows, result.num_rows, rows_new=new, rows_updated=existing, state=state
+                staged.num_rows,
+                result.num_rows,
+                rows_new=new,
+                rows_updated=existing,
+                rows_unchanged=0 if nothing_new else None,
+                state=state,
             )
         return PublishOutcome(staged.num_rows, result.num_rows, state=state)
 

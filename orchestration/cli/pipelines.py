@@ -5,6 +5,8 @@
 the UI, and prints the quality summary and the report link. `report NAME` reads the same instance and
 prints (or writes as HTML / JSON) the quality report of the newest run, or of `--run-id`.
 `clean-staging NAME` removes the staging places the newest publish superseded, as each publish does.
+`state show|reset NAME` reads or resets an incremental pipeline's cursor state, which lives in its
+target beside the rows (a reset is audited).
 """
 
 from __future__ import annotations
@@ -252,3 +254,111 @@ def clean_staging(name: str, dry_run: bool) -> None:
         f"{verb} {count} staging place{'s' if count != 1 else ''} superseded by run {published.run_id}, "
         f"kept {len(cleanup.kept)}"
     )
+
+
+@pipelines.group()
+def state() -> None:
+    """The incremental state of a pipeline: the cursor value its target has published up to."""
+
+
+def _incremental_target(name: str):
+    """(spec, target) of pipeline NAME, which must be incremental; the caller disposes the target."""
+    from assets.etl.loads import open_target, target_base_dir
+    from assets.etl.spec import load_pipelines
+
+    loaded = load_pipelines()
+    if name not in loaded:
+        known = ", ".join(sorted(loaded)) or "none"
+        raise click.ClickException(f"no pipeline named {name!r} (known: {known})")
+    spec = loaded[name].spec
+    if spec.incremental is None or spec.target is None:
+        raise click.ClickException(f"pipeline {name!r} is not incremental: it reads everything each run")
+    return spec, open_target(spec.target, target_base_dir())
+
+
+@state.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def show_state(name: str, as_json: bool) -> None:
+    """Print where pipeline NAME's next run starts: the committed cursor value, or the spec's initial."""
+    from assets.etl.state import IncrementalWindow, cursor_text
+
+    spec, target = _incremental_target(name)
+    try:
+        current = target.read_state(name)
+    finally:
+        target.dispose()
+    incremental = spec.incremental
+    assert incremental is not None
+    window = IncrementalWindow.of(name, incremental, current, spec.load.mode)
+    shown = {
+        "pipeline": name,
+        "cursor": incremental.cursor,
+        "value": current.value if current else None,
+        "committed_by_run": current.run_id if current else None,
+        "committed_at": current.updated_at if current else None,
+        "next_start": cursor_text(window.start),
+        "target": target.description,
+    }
+    if as_json:
+        click.echo(json.dumps(shown, indent=2, default=str))
+        return
+    if current is None:
+        click.echo(
+            f"{name}: no state in {target.description}; the next run starts at initial {shown['next_start']}"
+        )
+        return
+    click.echo(
+        f"{name}: {incremental.cursor} = {current.value} (committed by run {current.run_id or '-'} at "
+        f"{current.updated_at or '-'}); the next run starts at {shown['next_start']}"
+    )
+
+
+@state.command("reset")
+@click.argument("name")
+@click.option("--to", "to_value", help="Set the cursor to this value instead of forgetting it.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset_state(name: str, to_value: str | None, yes: bool) -> None:
+    """Forget pipeline NAME's state (the next run reads from initial) or set it --to a value (audited)."""
+    from assets.etl.state import CursorState, cursor_text, parse_cursor
+    from orchestration.cli.keys import cli_actor
+    from orchestration.errors import JunctionError
+    from orchestration.kernel import audit
+    from orchestration.store.bootstrap import migrate_store
+
+    spec, target = _incremental_target(name)
+    incremental = spec.incremental
+    assert incremental is not None
+    try:
+        before = target.read_state(name)
+        if to_value is not None:
+            try:
+                value = cursor_text(parse_cursor(to_value, incremental.kind))
+            except JunctionError as exc:
+                raise click.BadParameter(str(exc), param_hint="--to") from None
+        what = (
+            f"set {name}'s {incremental.cursor} to {value}"
+            if to_value is not None
+            else f"forget {name}'s state"
+        )
+        if not yes:
+            click.confirm(f"{what} (was {before.value if before else 'none'})?", abort=True)
+        if to_value is not None:
+            target.write_state(CursorState(name, incremental.cursor, value, run_id=None))
+        else:
+            target.delete_state(name)
+    finally:
+        target.dispose()
+    migrate_store()
+    audit.append(
+        "pipeline.state_reset",
+        actor=cli_actor(),
+        target=f"pipeline:{name}",
+        origin="cli",
+        details={
+            "cursor": incremental.cursor,
+            "before": before.value if before else None,
+            "after": value if to_value is not None else None,
+        },
+    )
+    click.echo(f"{what[0].upper()}{what[1:]} (was {before.value if before else 'none'})")

@@ -191,6 +191,12 @@ class RestSource(Source):
                     if selector is None:
                         selector = self._detect_selector(body)
                     records = _select(body, selector)
+                    if records is None:
+                        keys = ", ".join(body) if isinstance(body, dict) else type(body).__name__
+                        raise JunctionError(
+                            f"{self.description}: source.data_selector {selector!r} matches nothing in "
+                            f"page {number} (the page holds: {keys or 'nothing'})"
+                        )
                     for position, record in enumerate(records, start=1):
                         if isinstance(record, dict):
                             rows.append(flatten(record, self.spec.separator, self.spec.nested))
@@ -321,10 +327,16 @@ def _json_body(response: Any) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
-def _select(body: Any, selector: str) -> list[Any]:
+def _select(body: Any, selector: str) -> list[Any] | None:
+    """The records `selector` picks from a page: [] when it holds null, None when it matches nothing."""
     if selector == "$":
         return body if isinstance(body, list) else [body]
-    found = body.get(selector) if isinstance(body, dict) and selector in body else find_first(body, selector)
+    if isinstance(body, dict) and selector in body:
+        found = body[selector]
+    else:
+        found = find_first(body, selector)
+        if found is None:
+            return None
     if found is None:
         return []
     return found if isinstance(found, list) else [found]
