@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.etl.checks import CheckOutcome, QualityCheck, quality_checks, summary_markdown, validate
+from assets.etl.deletes import DELETES, full_compare_due, plan_of
 from assets.etl.drift import SchemaDriftError
 from assets.etl.loads import (
     LOAD_ID_COLUMN,
@@ -139,10 +140,12 @@ def stage(
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
     """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
     spec = pipeline.spec
-    window = None
+    window, state = None, None
     if spec.incremental is not None and target is not None:
         state = target.read_state(pipeline.name)
-        window = IncrementalWindow.of(pipeline.name, spec.incremental, state, spec.load.mode)
+    full_compare = full_compare_due(spec.load.deletes, spec.incremental is not None, state)
+    if spec.incremental is not None and target is not None:
+        window = IncrementalWindow.of(pipeline.name, spec.incremental, state, spec.load.mode, full_compare)
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream, window)
 
     started = time.perf_counter()
@@ -229,6 +232,10 @@ def stage(
         metadata["schema_drift"] = dg.MetadataValue.json(drift.as_metadata())
     if result.incremental is not None:
         metadata[INCREMENTAL] = dg.MetadataValue.json(result.incremental)
+    if spec.load.deletes is not None:
+        metadata[DELETES] = dg.MetadataValue.json(
+            _deletes_read(pipeline, full_compare, counts, state, step_reports, log)
+        )
     for name in ("requests_made", "pages_read"):  # a REST source's
         if hasattr(source, name):
             metadata[f"source_{name}"] = getattr(source, name)
@@ -339,9 +346,12 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
                 else {}
             )
             state = _state_to_commit(name, staged_metadata, staged_event)
+            deletes = plan_of(
+                spec.load.deletes, staged_metadata[DELETES].value if DELETES in staged_metadata else None
+            )
             try:
                 started = time.perf_counter()
-                outcome = target.publish(spec.load.mode, spec.load.keys, state)
+                outcome = target.publish(spec.load.mode, spec.load.keys, state, deletes)
                 seconds = time.perf_counter() - started
                 cleanup = _clean_after_publish(context, name, target)
             finally:
@@ -362,7 +372,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
-            for count in ("rows_new", "rows_updated", "rows_unchanged"):
+            for count in ("rows_new", "rows_updated", "rows_unchanged", "rows_deleted"):
                 if getattr(outcome, count) is not None:
                     metadata[count] = getattr(outcome, count)
             if INCREMENTAL in staged_metadata:
@@ -408,15 +418,60 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
 def _state_to_commit(
     name: str, staged_metadata: Mapping[str, Any], staged_event: dg.EventLogEntry | None
 ) -> CursorState | None:
-    """The cursor value the staged run read up to, to commit with its rows (None: nothing new)."""
+    """The cursor value the staged run read up to, to commit with its rows (None: nothing new), and
+    when keys were last compared in full (this run's staging time when it compared)."""
     if INCREMENTAL not in staged_metadata:
         return None
     window_read = staged_metadata[INCREMENTAL].value
-    if window_read["after"] is None or window_read["after"] == window_read["before"]:
+    deletes = staged_metadata[DELETES].value if DELETES in staged_metadata else {}
+    compared = deletes.get("full_compare") and not deletes.get("skipped")
+    moved = window_read["after"] is not None and window_read["after"] != window_read["before"]
+    if not moved and not (compared and window_read["after"] is not None):
         return None
     return CursorState(
-        name, window_read["cursor"], window_read["after"], staged_event.run_id if staged_event else None
+        name,
+        window_read["cursor"],
+        window_read["after"],
+        staged_event.run_id if staged_event else None,
+        full_compare_at=deletes.get("read_at") if compared else deletes.get("previous_full_compare_at"),
     )
+
+
+def _deletes_read(
+    pipeline: LoadedPipeline,
+    full_compare: bool,
+    counts: Any,
+    state: CursorState | None,
+    step_reports: dict[str, Any],
+    log: Any,
+) -> dict[str, Any]:
+    """What the staged run tells its publish about deletes: whether it read everything to compare
+    keys, and why a compare is skipped (doubt never deletes)."""
+    spec = pipeline.spec
+    skipped = None
+    if full_compare and counts.quarantined_total:
+        skipped = (
+            f"{counts.quarantined_total:,} records were quarantined and their keys may still exist: "
+            "no row is deleted by comparison this run (the next run compares again)"
+        )
+    elif full_compare and counts.read == 0 and not getattr(spec.source, "allow_empty", False):
+        skipped = (
+            "the full read returned no records: deleting every target row needs source.allow_empty "
+            "(the next run compares again)"
+        )
+    if full_compare:
+        log.info(f"deletes: compared every key with the target ({skipped or 'a full read'})")
+    if skipped:
+        log.warning(f"deletes: {skipped}")
+    tombstones = step_reports.get("load.deletes", {}).get("tombstones")
+    return {
+        "mode": spec.load.deletes.mode,
+        "full_compare": full_compare,
+        "skipped": skipped,
+        "tombstones": tombstones,
+        "read_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "previous_full_compare_at": state.full_compare_at if state else None,
+    }
 
 
 @dataclass

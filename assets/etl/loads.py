@@ -57,6 +57,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from assets.etl.deletes import DELETED_AT_COLUMN, DeletePlan, MarkTombstones, needs_marks
 from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
 from assets.etl.sources import resolve_sqlite_url
-from assets.etl.spec import FileTargetSpec, SqlTargetSpec
+from assets.etl.spec import DeletesSpec, FileTargetSpec, SqlTargetSpec
 from assets.etl.state import PARQUET_STATE_KEY, STATE_TABLE, CursorState
 from assets.etl.transforms import DedupeLast, Step
 from orchestration.errors import ConfigurationError, JunctionError
@@ -118,6 +120,8 @@ class PublishOutcome:
     rows_new: int | None = None
     rows_updated: int | None = None
     rows_unchanged: int | None = None
+    # Delete detection: target rows deleted (or flagged) because the source no longer has them.
+    rows_deleted: int | None = None
     state: CursorState | None = None  # the incremental state committed with the rows
 
 
@@ -166,8 +170,15 @@ class Target(ABC):
         return None
 
     @abstractmethod
-    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
-        """Move the staged rows in, in one transaction with `state` (incremental sync) when given."""
+    def publish(
+        self,
+        mode: str,
+        keys: list[str],
+        state: CursorState | None = None,
+        deletes: DeletePlan | None = None,
+    ) -> PublishOutcome:
+        """Move the staged rows in, in one transaction with `state` (incremental sync) and the
+        `deletes` (delete detection: SQL targets) when given."""
 
     def read_state(self, pipeline: str) -> CursorState | None:
         """The incremental state this target holds for `pipeline` (None: never published one)."""
@@ -435,7 +446,7 @@ class SqlTarget(Target):
         inspector = sa.inspect(connection)
         present = {column["name"] for column in inspector.get_columns(self.table, self.schema)}
         for column in inspector.get_columns(self.staged_name, self.schema):
-            if column["name"] not in present:
+            if column["name"] in columns and column["name"] not in present:
                 type_sql = column["type"].compile(dialect=self.engine.dialect)
                 connection.execute(
                     sa.text(
@@ -558,16 +569,24 @@ class SqlTarget(Target):
             )
             return deleted.rowcount > 0
 
-    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
+    def publish(
+        self,
+        mode: str,
+        keys: list[str],
+        state: CursorState | None = None,
+        deletes: DeletePlan | None = None,
+    ) -> PublishOutcome:
         with self.engine.begin() as connection:
-            outcome = self._publish(connection, mode, keys)
+            outcome = self._publish(connection, mode, keys, deletes)
             if state is not None:
                 # In the publish transaction: the rows and the cursor commit together or not at all.
                 self._write_state(connection, state)
                 outcome = dataclasses.replace(outcome, state=state)
             return outcome
 
-    def _publish(self, connection: Any, mode: str, keys: list[str]) -> PublishOutcome:
+    def _publish(
+        self, connection: Any, mode: str, keys: list[str], deletes: DeletePlan | None = None
+    ) -> PublishOutcome:
         import sqlalchemy as sa
 
         target, staged = self._qualified(self.table), self._qualified(self.staged_name)
@@ -575,8 +594,13 @@ class SqlTarget(Target):
             raise JunctionError(
                 f"nothing is staged for {self.description}: materialize the staged asset first"
             )
-        staged_rows = self._count(connection, self.staged_name)
         columns = self._staged_columns(connection)
+        deleted = None
+        if mode == "merge" and deletes is not None:
+            deleted = self._apply_deletes(connection, keys, deletes, columns)
+            if deletes.mode == "delete":
+                columns = [name for name in columns if name != DELETED_AT_COLUMN]
+        staged_rows = self._count(connection, self.staged_name)
         names = ", ".join(self._quote(name) for name in columns)
         if mode == "replace":
             return self._replace(connection, columns, staged_rows)
@@ -586,9 +610,9 @@ class SqlTarget(Target):
             connection.execute(sa.text(f"DROP TABLE {staged}"))
             target_rows = self._count(connection, self.table) if self._exists(connection, self.table) else 0
             unchanged = {"rows_new": 0, "rows_updated": 0, "rows_unchanged": 0} if mode == "merge" else {}
-            return PublishOutcome(0, target_rows, **unchanged)
+            return PublishOutcome(0, target_rows, **unchanged, rows_deleted=deleted)
         if not self._exists(connection, self.table):
-            connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT * FROM {staged} WHERE 1 = 0"))
+            connection.execute(sa.text(f"CREATE TABLE {target} AS SELECT {names} FROM {staged} WHERE 1 = 0"))
         self._add_missing_columns(connection, columns)
         if mode == "append":
             load_ids = (
@@ -615,7 +639,8 @@ class SqlTarget(Target):
             key_list = ", ".join(self._quote(key) for key in keys)
             index = self._quote(f"{self.table}_merge_keys")
             connection.execute(sa.text(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {target} ({key_list})"))
-            return self._merge(connection, columns, keys, staged_rows)
+            merged = self._merge(connection, columns, keys, staged_rows)
+            return dataclasses.replace(merged, rows_deleted=deleted)
         else:
             raise ConfigurationError(f"unknown load mode {mode!r}")
         connection.execute(sa.text(f"DROP TABLE {staged}"))
@@ -665,6 +690,51 @@ class SqlTarget(Target):
             rows_updated=updated,
             rows_unchanged=existing - updated,
         )
+
+    def _apply_deletes(self, connection: Any, keys: list[str], plan: DeletePlan, columns: list[str]) -> int:
+        """Delete (or flag) the target rows the staged rows say are gone, and drop the tombstones from
+        the staging table (never inserted): the number of target rows deleted or newly flagged."""
+        import sqlalchemy as sa
+
+        target, staged = self._qualified(self.table), self._qualified(self.staged_name)
+        marked = self._quote(DELETED_AT_COLUMN)
+        soft = plan.soft and DELETED_AT_COLUMN in columns
+        if not self._exists(connection, self.table):
+            if soft:
+                connection.execute(sa.text(f"DELETE FROM {staged} WHERE {marked} IS NOT NULL"))
+            return 0
+        if plan.mode == "flag":
+            if DELETED_AT_COLUMN in columns:
+                self._add_missing_columns(connection, [DELETED_AT_COLUMN])
+            else:  # staged with no column at all (an empty read): the target's own type is there or added
+                present = {c["name"] for c in sa.inspect(connection).get_columns(self.table, self.schema)}
+                if DELETED_AT_COLUMN not in present:
+                    connection.execute(sa.text(f"ALTER TABLE {target} ADD COLUMN {marked} TIMESTAMP"))
+        now = datetime.now(UTC).replace(tzinfo=None)  # stored as UTC wall time, as staged timestamps are
+        at: Any = now.isoformat(sep=" ", timespec="microseconds") if self.dialect == "sqlite" else now
+
+        def remove_where(condition: str) -> int:
+            if plan.mode == "delete":
+                return connection.execute(sa.text(f"DELETE FROM {target} AS t WHERE {condition}")).rowcount
+            return connection.execute(
+                sa.text(f"UPDATE {target} AS t SET {marked} = :at WHERE t.{marked} IS NULL AND {condition}"),
+                {"at": at},
+            ).rowcount
+
+        has_keys = all(key in columns for key in keys)
+        on_keys = " AND ".join(f"s.{self._quote(key)} = t.{self._quote(key)}" for key in keys)
+        removed = 0
+        if soft:
+            removed += remove_where(
+                f"EXISTS (SELECT 1 FROM {staged} s WHERE {on_keys} AND s.{marked} IS NOT NULL)"
+            )
+            connection.execute(sa.text(f"DELETE FROM {staged} WHERE {marked} IS NOT NULL"))
+        if plan.full_compare:
+            if has_keys:
+                removed += remove_where(f"NOT EXISTS (SELECT 1 FROM {staged} s WHERE {on_keys})")
+            else:  # nothing was staged (an empty read the spec allows): every key is gone
+                removed += remove_where("1 = 1")
+        return removed
 
     def write_quarantine(self, quarantine: Quarantine, load_id: str, run_id: str) -> None:
         import sqlalchemy as sa
@@ -966,7 +1036,15 @@ class FileTarget(Target):
         self._replace_file(self.path, self._with_states(pq.read_table(self.path), states), "parquet")
         return True
 
-    def publish(self, mode: str, keys: list[str], state: CursorState | None = None) -> PublishOutcome:
+    def publish(
+        self,
+        mode: str,
+        keys: list[str],
+        state: CursorState | None = None,
+        deletes: DeletePlan | None = None,
+    ) -> PublishOutcome:
+        if deletes is not None:  # the spec refuses it; a caller of the Python API is told the same
+            raise ConfigurationError("load.deletes: applies to SQL targets, not files")
         if state is not None:
             self._require_state_place()
         if not self.staged_path.exists():
@@ -1064,9 +1142,17 @@ def _refuse_duplicate_keys_in(staged: pa.Table, keys: list[str], target: str) ->
         )
 
 
-def load_steps(target: Target, drift_policy: str, mode: str, keys: list[str]) -> list[Step]:
+def load_steps(
+    target: Target,
+    drift_policy: str,
+    mode: str,
+    keys: list[str],
+    deletes: DeletesSpec | None = None,
+    read_at: datetime | None = None,
+) -> list[Step]:
     """The steps a load adds after the spec's transforms: the drift policy against the target's current
-    schema (none before the first run) and, for merge, keeping the last row of each key."""
+    schema (none before the first run), the tombstone marks of delete detection and, for merge,
+    keeping the last row of each key."""
     steps: list[Step] = []
     current = target.current_schema()
     if current is not None:
@@ -1076,9 +1162,11 @@ def load_steps(target: Target, drift_policy: str, mode: str, keys: list[str]) ->
                 current,
                 target.description,
                 stored_kind=target.stored_kind,
-                ignored=(LOAD_ID_COLUMN,),
+                ignored=(LOAD_ID_COLUMN, DELETED_AT_COLUMN),
             )
         )
+    if deletes is not None and needs_marks(deletes):
+        steps.append(MarkTombstones(deletes, read_at or datetime.now(UTC)))
     if mode == "merge":
         steps.append(DedupeLast(MERGE_STEP, keys))
     return steps

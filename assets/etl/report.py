@@ -251,6 +251,9 @@ class RunReport:
     skipped: str | None
     failures: list[dict[str, Any]] = field(default_factory=list)  # {step, error, error_class}
     links: dict[str, str] = field(default_factory=dict)
+    # A merge's sync figures: rows new/updated/unchanged/deleted, the incremental cursor before and
+    # after, whether keys were compared in full (None: not a merge, or nothing published).
+    sync: dict[str, Any] | None = None
 
     @classmethod
     def from_facts(cls, facts: RunFacts) -> RunReport:
@@ -316,6 +319,7 @@ class RunReport:
             load_mode=published.get("load_mode"),
             skipped=published.get("skipped"),
             failures=_failures(facts),
+            sync=_sync(staged, facts.published),
         )
 
     @classmethod
@@ -390,6 +394,8 @@ class RunReport:
             f"{c['published']:,} published",
             *failures,
         ]
+        if self.sync is not None:
+            lines.append(_sync_text(self.sync))
         for check in self.failed_checks:
             sample = ", ".join(map(str, check["sample_bad_values"])) or check["detail"] or "-"
             lines.append(
@@ -415,6 +421,37 @@ class RunReport:
         for label, url in self.links.items():
             lines.append(f"{label}: {url}")
         return "\n".join(lines)
+
+
+def _sync(staged: dict[str, Any], published: dict[str, Any] | None) -> dict[str, Any] | None:
+    if published is None or published.get("load_mode") != "merge":
+        return None
+    window = published.get("incremental") or {}
+    deletes = staged.get("deletes") or {}
+    return {
+        **{
+            name: published.get(name)
+            for name in ("rows_new", "rows_updated", "rows_unchanged", "rows_deleted")
+        },
+        "cursor": window.get("cursor"),
+        "cursor_before": window.get("before"),
+        "cursor_after": window.get("after"),
+        "full_compare": bool(deletes.get("full_compare")) and not deletes.get("skipped"),
+    }
+
+
+def _sync_text(sync: dict[str, Any]) -> str:
+    counts = [
+        f"{sync[f'rows_{name}']:,} {name}"
+        for name in ("new", "updated", "unchanged", "deleted")
+        if sync.get(f"rows_{name}") is not None
+    ]
+    text = "merge: " + ", ".join(counts)
+    if sync["cursor"]:
+        text += (
+            f"; cursor {sync['cursor']} {sync['cursor_before'] or '(first run)'} -> {sync['cursor_after']}"
+        )
+    return text + ("; keys compared in full" if sync["full_compare"] else "")
 
 
 def _stage(name: str, seconds: Any, rows: Any) -> Stage:

@@ -187,7 +187,11 @@ def run_pipeline(
     open_lookup = lookup_opener(spec, base_dir, upstream)
     identity = input_identity(spec, source, open_lookup)
     quarantine, counts = Quarantine(), RowCounts()
-    after = [] if target is None else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys)
+    after = (
+        []
+        if target is None
+        else load_steps(target, spec.contract.drift, spec.load.mode, spec.load.keys, spec.load.deletes)
+    )
     staging = target.stage_stream(identity.load_id) if target is not None and stage_while_reading else None
     started = time.perf_counter()
     step_reports: dict[str, dict[str, Any]] = {}

@@ -855,9 +855,37 @@ TargetSpec = Annotated[
 ]
 
 
+class DeletesSpec(StrictModel):
+    """How a merge learns that a source record is gone (assets/etl/loads.py applies it at publish).
+
+    `soft`: the source's own tombstones, a condition on the record (`{field: status, op: eq, value:
+    deleted}`). `detect: full_compare`: a full read whose keys are compared with the target's; target
+    keys the source no longer returns are deleted. With `incremental`, the full read happens once per
+    `every` (the other runs read their window); without it, every run reads everything and compares.
+    `mode`: `delete` removes the target's row, `flag` keeps it with `_junction_deleted_at` set (a key
+    that comes back is live again).
+    """
+
+    soft: ConditionField | None = Field(default=None, description="A record matching it is a tombstone")
+    detect: Literal["full_compare"] | None = None
+    every: DurationText | None = Field(
+        default=None, description="With detect and incremental: how often a run reads everything (1d)"
+    )
+    mode: Literal["delete", "flag"] = "delete"
+
+    @model_validator(mode="after")
+    def _something_to_detect(self) -> DeletesSpec:
+        if self.soft is None and self.detect is None:
+            raise ValueError("deletes: give soft (a tombstone condition), detect: full_compare, or both")
+        if self.every is not None and self.detect is None:
+            raise ValueError("deletes.every: sets how often detect: full_compare runs; give detect too")
+        return self
+
+
 class LoadSpec(StrictModel):
     mode: Literal["append", "replace", "merge"] = "append"
     keys: list[FieldName] = Field(default_factory=list, description="Merge keys")
+    deletes: DeletesSpec | None = Field(default=None, description="Delete detection (merge only)")
 
     @model_validator(mode="after")
     def _keys_for_merge(self) -> LoadSpec:
@@ -865,6 +893,8 @@ class LoadSpec(StrictModel):
             raise ValueError("merge needs keys")
         if self.mode != "merge" and self.keys:
             raise ValueError(f"keys only apply to merge, not {self.mode}")
+        if self.deletes is not None and self.mode != "merge":
+            raise ValueError(f"deletes: apply to a merge by keys, not to {self.mode}")
         return self
 
 
@@ -982,6 +1012,25 @@ class PipelineSpec(StrictModel):
         if incremental.lag and self.load.mode != "merge":
             raise ValueError(
                 "incremental.lag re-reads records: it needs load.mode merge, which makes that idempotent"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _deletes_fit(self) -> PipelineSpec:
+        deletes = self.load.deletes
+        if deletes is None:
+            return self
+        if self.target is None or self.target.kind != "sql":
+            raise ValueError("load.deletes: applies to SQL targets (a table the merge can delete from)")
+        if deletes.detect is not None and deletes.every is None and self.incremental is not None:
+            raise ValueError(
+                "load.deletes.every: with incremental, say how often a run reads everything to compare "
+                "keys (e.g. 1d)"
+            )
+        if deletes.every is not None and self.incremental is None:
+            raise ValueError(
+                "load.deletes.every: without incremental every run reads everything and compares; "
+                "drop every, or add incremental"
             )
         return self
 

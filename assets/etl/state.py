@@ -56,6 +56,8 @@ class CursorState:
     value: Any  # a number, or an ISO 8601 text (UTC, `Z`)
     run_id: str | None = None
     updated_at: str | None = None
+    # When a full read last compared the source's keys with the target's (`load.deletes.detect`).
+    full_compare_at: str | None = None
 
     def as_json(self) -> str:
         return json.dumps(
@@ -65,6 +67,7 @@ class CursorState:
                 "value": self.value,
                 "run_id": self.run_id,
                 "updated_at": self.updated_at or now_text(),
+                "full_compare_at": self.full_compare_at,
             }
         )
 
@@ -72,7 +75,12 @@ class CursorState:
     def from_json(cls, text: str) -> CursorState:
         data = json.loads(text)
         return cls(
-            data["pipeline"], data["cursor"], data["value"], data.get("run_id"), data.get("updated_at")
+            data["pipeline"],
+            data["cursor"],
+            data["value"],
+            data.get("run_id"),
+            data.get("updated_at"),
+            data.get("full_compare_at"),
         )
 
 
@@ -107,16 +115,25 @@ def parse_cursor(value: Any, kind: str) -> Any:
 
 @dataclass(frozen=True)
 class IncrementalWindow:
-    """The range one run reads: from `start` (inclusive, or exclusive when `strict`) to `end`."""
+    """The range one run reads: from `start` (inclusive, or exclusive when `strict`) to `end`.
+
+    A `full` window reads from `initial` whatever the last value (a full compare of the keys for
+    delete detection); the cursor still moves on from the last value, never back."""
 
     pipeline: str
     spec: IncrementalSpec
     last_value: Any | None  # parsed; None on the first run
     strict: bool  # an append without lag: records equal to the last value were published already
+    full: bool = False
 
     @classmethod
     def of(
-        cls, pipeline: str, spec: IncrementalSpec, state: CursorState | None, mode: str
+        cls,
+        pipeline: str,
+        spec: IncrementalSpec,
+        state: CursorState | None,
+        mode: str,
+        full: bool = False,
     ) -> IncrementalWindow:
         last = None
         if state is not None:
@@ -126,11 +143,12 @@ class IncrementalWindow:
                     f"{spec.cursor!r}: reset it (junction pipelines state reset {pipeline})"
                 )
             last = parse_cursor(state.value, spec.kind)
-        return cls(pipeline, spec, last, strict=mode == "append" and not spec.lag and last is not None)
+        strict = mode == "append" and not spec.lag and last is not None and not full
+        return cls(pipeline, spec, last, strict=strict, full=full)
 
     @property
     def start(self) -> Any:
-        if self.last_value is None:
+        if self.last_value is None or self.full:
             return parse_cursor(self.spec.initial, self.spec.kind)
         lag = self.spec.lag
         if not lag:
@@ -163,6 +181,7 @@ class IncrementalWindow:
             "before": cursor_text(self.last_value),
             "start": cursor_text(self.start),
             "end": cursor_text(self.end),
+            "full": self.full,
         }
 
 

@@ -152,7 +152,7 @@ def test_incremental_merge_reads_only_what_changed_and_commits_the_cursor_with_t
     assert first.success
     assert staged(first)["incremental"] == {
         "cursor": "updated_at", "before": None, "start": "2024-01-01T00:00:00Z", "end": None,
-        "after": "2024-01-25T00:00:00Z", "records_in_window": 25,
+        "after": "2024-01-25T00:00:00Z", "records_in_window": 25, "full": False,
     }  # fmt: skip
     assert staged(first)["source_requests_made"] == 3
     assert upstream.requests_to("cursor")[0]["since"] == ["2024-01-01T00:00:00Z"]
