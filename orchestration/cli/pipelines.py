@@ -109,7 +109,10 @@ def run(name: str) -> None:
     from assets.etl.spec import load_pipelines
     from orchestration.cli.run_output import QUIET_CONSOLE, fail_with_run_error, follow_run
     from orchestration.instance import prepare_dagster_home
+    from orchestration.kernel.principals import export_local_admin_key
+    from orchestration.settings import get_settings
 
+    export_local_admin_key(get_settings().admin_key_file)
     loaded = load_pipelines()
     if name not in loaded:
         known = ", ".join(sorted(loaded)) or "none"
@@ -180,7 +183,10 @@ def report(name: str, run_id: str | None, output: Path | None, as_json: bool) ->
     )
     from assets.etl.spec import load_pipelines
     from orchestration.instance import prepare_dagster_home
+    from orchestration.kernel.principals import export_local_admin_key
+    from orchestration.settings import get_settings
 
+    export_local_admin_key(get_settings().admin_key_file)
     loaded = load_pipelines()
     if name not in loaded:
         known = ", ".join(sorted(loaded)) or "none"
@@ -221,7 +227,10 @@ def clean_staging(name: str, dry_run: bool) -> None:
     from assets.etl.loads import open_target, target_base_dir
     from assets.etl.spec import load_pipelines
     from orchestration.instance import prepare_dagster_home
+    from orchestration.kernel.principals import export_local_admin_key
+    from orchestration.settings import get_settings
 
+    export_local_admin_key(get_settings().admin_key_file)
     loaded = load_pipelines()
     if name not in loaded:
         known = ", ".join(sorted(loaded)) or "none"

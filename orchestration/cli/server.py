@@ -40,7 +40,7 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     first start. Stop with Ctrl-C.
     """
     from orchestration.instance import prepare_dagster_home
-    from orchestration.kernel.principals import ensure_local_admin_key
+    from orchestration.kernel.principals import ensure_local_admin_key, export_local_admin_key
     from orchestration.platform_lock import hold_platform_lock
     from orchestration.server import check_port_free, default_workspace_file, serve_platform, workspace_target
     from orchestration.settings import export_public_url, get_settings
@@ -58,6 +58,7 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     revision = migrate_store()
     streams = StreamRegistry(get_engine()).sync_declared(settings.streams_dir)
     key, created = ensure_local_admin_key(settings.admin_key_file)
+    export_local_admin_key(settings.admin_key_file)  # for the code server, the daemon, run workers
     click.echo(f"junction: state in {settings.home_dir}  (DAGSTER_HOME={dagster_home}, store at {revision})")
     click.echo(f"junction: {len(streams)} stream(s) declared in {settings.streams_dir}")
     verb = "created" if created else "kept"

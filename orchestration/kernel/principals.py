@@ -456,6 +456,17 @@ def _write_secret_file(path: Path, token: str) -> None:
         raise
 
 
+# The environment variable `junction dev` exports the local admin key in, for the processes it starts.
+LOCAL_ADMIN_KEY_ENV = "JUNCTION_LOCAL_ADMIN_KEY"
+
+
+def export_local_admin_key(path: Path) -> None:
+    """JUNCTION_LOCAL_ADMIN_KEY from the local admin key file, unless set or there is no file: pipelines
+    that read the platform's own API (assets/pipelines/platform_audit.yaml) name it as their token."""
+    if LOCAL_ADMIN_KEY_ENV not in os.environ and path.is_file():
+        os.environ[LOCAL_ADMIN_KEY_ENV] = path.read_text().strip()
+
+
 def ensure_local_admin_key(path: Path, *, engine: Engine | None = None) -> tuple[ApiKeyInfo, bool]:
     """Make sure `path` holds a usable admin key for the local platform; return (info, created).
 
