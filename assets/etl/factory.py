@@ -108,6 +108,8 @@ def _target_kind(pipeline: LoadedPipeline) -> str:
         return "arrow"
     if target.kind == "file":
         return target.format
+    if target.kind == "rest":
+        return "rest"
     url = target.url or ""
     return "postgres" if url.startswith("postgres") else "sqlite" if url.startswith("sqlite") else "sql"
 
@@ -284,6 +286,8 @@ def target_label(pipeline: LoadedPipeline) -> str:
         return "none (staged in memory)"
     if target.kind == "file":
         return f"{target.format} file {target.path}"
+    if target.kind == "rest":
+        return f"{target.method} {target.url}"
     return f"{_target_kind(pipeline)} table {target.table}"
 
 
@@ -300,7 +304,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     staged_key = dg.AssetKey(f"{name}_staged")
 
     def open_pipeline_target(run_id: str) -> Target | None:
-        return None if spec.target is None else open_target(spec.target, target_base_dir(), run_id)
+        return None if spec.target is None else open_target(spec.target, target_base_dir(), run_id, name)
 
     @dg.asset(
         key=staged_key,
@@ -372,7 +376,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
-            for count in ("rows_new", "rows_updated", "rows_unchanged", "rows_deleted"):
+            for count in ("rows_new", "rows_updated", "rows_unchanged", "rows_deleted", "rows_failed"):
                 if getattr(outcome, count) is not None:
                     metadata[count] = getattr(outcome, count)
             if INCREMENTAL in staged_metadata:

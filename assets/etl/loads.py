@@ -70,7 +70,7 @@ from assets.etl.deletes import DELETED_AT_COLUMN, DeletePlan, MarkTombstones, ne
 from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
 from assets.etl.sources import resolve_sqlite_url
-from assets.etl.spec import DeletesSpec, FileTargetSpec, SqlTargetSpec
+from assets.etl.spec import DeletesSpec, FileTargetSpec, RestTargetSpec, SqlTargetSpec
 from assets.etl.state import PARQUET_STATE_KEY, STATE_TABLE, CursorState
 from assets.etl.transforms import DedupeLast, Step
 from orchestration.errors import ConfigurationError, JunctionError
@@ -122,6 +122,8 @@ class PublishOutcome:
     rows_unchanged: int | None = None
     # Delete detection: target rows deleted (or flagged) because the source no longer has them.
     rows_deleted: int | None = None
+    # A REST target: rows the API refused (quarantined with the status and body).
+    rows_failed: int | None = None
     state: CursorState | None = None  # the incremental state committed with the rows
 
 
@@ -1172,12 +1174,22 @@ def load_steps(
     return steps
 
 
-def open_target(spec: SqlTargetSpec | FileTargetSpec, base_dir: Path, run_id: str | None = None) -> Target:
+def open_target(
+    spec: SqlTargetSpec | FileTargetSpec | RestTargetSpec,
+    base_dir: Path,
+    run_id: str | None = None,
+    pipeline: str | None = None,
+) -> Target:
     """The `Target` of a spec's `target:`; relative file paths and SQLite database paths resolve
     against `base_dir`.
 
     `run_id` names the staging place (one per run); without it, the target has one shared staging place.
+    `pipeline` names a REST target's ledger (`assets/etl/rest_target.py`).
     """
     if isinstance(spec, SqlTargetSpec):
         return SqlTarget(spec, run_id, base_dir)
+    if isinstance(spec, RestTargetSpec):
+        from assets.etl.rest_target import open_rest_target  # it builds on the file target here
+
+        return open_rest_target(spec, base_dir, run_id, pipeline)
     return FileTarget(spec, base_dir, run_id)

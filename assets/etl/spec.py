@@ -848,9 +848,54 @@ class FileTargetSpec(StrictModel):
     path: str = Field(min_length=1)
 
 
+class RestTargetSpec(StrictModel):
+    """Rows pushed to an HTTP API, one request per row or per `batch_size` rows (reverse sync;
+    assets/etl/rest_target.py). `url`, `body`, `headers` and `idempotency_key` are kernel templates
+    with `row` (the request's first row), `rows` (all of them) and `platform.url`; with `batch_size` >
+    1 the default body is the list of the rows. With `load.mode: merge` only rows new or changed since
+    their last successful push are sent (a ledger of what was sent, under $JUNCTION_HOME/rest/).
+    """
+
+    kind: Literal["rest"]
+    url: str = Field(min_length=1, description="e.g. https://crm.example.com/api/contacts/{{ row.id }}")
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict, description="Templates; secrets go in auth")
+    auth: AuthSpec | None = None
+    batch_size: int = Field(default=1, ge=1, le=1000, description="Rows per request")
+    body: dict[str, Any] | str | None = Field(
+        default=None,
+        description="A mapping whose strings are templates, or one template rendering to JSON text "
+        "(use `| tojson` for typed values); default: the row as a JSON object",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        description="Sent as the Idempotency-Key header (a template), so a re-sent row is applied once",
+    )
+    timeout: DurationText = Field(default="30s", description="Per request")
+    rate_limit: float | None = Field(default=None, gt=0, description="Requests per second at most")
+    retry: RestRetrySpec = Field(default_factory=RestRetrySpec)
+    max_failed_rows: int = Field(
+        default=0, ge=0, description="Rows the API may refuse before the publish fails (they are quarantined)"
+    )
+
+    @model_validator(mode="after")
+    def _templates_parse(self) -> RestTargetSpec:
+        from orchestration.kernel.templates import TemplateRenderError, compile_template
+
+        texts = [("url", self.url), ("idempotency_key", self.idempotency_key or ""), *self.headers.items()]
+        if isinstance(self.body, str):
+            texts.append(("body", self.body))
+        for name, text in texts:
+            try:
+                compile_template(text)
+            except TemplateRenderError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+
 TargetSpec = Annotated[
-    SqlTargetSpec | FileTargetSpec,
-    _tagged({"sql": SqlTargetSpec, "file": FileTargetSpec}, default=None),
+    SqlTargetSpec | FileTargetSpec | RestTargetSpec,
+    _tagged({"sql": SqlTargetSpec, "file": FileTargetSpec, "rest": RestTargetSpec}, default=None),
     PlainSerializer(lambda model: model.model_dump(by_alias=True)),
 ]
 
@@ -1003,7 +1048,7 @@ class PipelineSpec(StrictModel):
             raise ValueError(f"incremental: reads REST and SQL sources, not {self.source.kind} sources")
         if self.target is None or (self.target.kind == "file" and self.target.format != "parquet"):
             raise ValueError(
-                "incremental: needs a SQL or Parquet target, which keeps the cursor with the data"
+                "incremental: needs a SQL, Parquet or REST target, which keeps the cursor with the data"
             )
         if self.load.mode == "replace":
             raise ValueError(
@@ -1012,6 +1057,14 @@ class PipelineSpec(StrictModel):
         if incremental.lag and self.load.mode != "merge":
             raise ValueError(
                 "incremental.lag re-reads records: it needs load.mode merge, which makes that idempotent"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rest_target_fits(self) -> PipelineSpec:
+        if self.target is not None and self.target.kind == "rest" and self.load.mode == "replace":
+            raise ValueError(
+                "load.mode: a REST target cannot be replaced; use append (send every row) or merge"
             )
         return self
 

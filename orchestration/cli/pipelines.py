@@ -239,7 +239,7 @@ def clean_staging(name: str, dry_run: bool) -> None:
     if spec.target is None:
         raise click.ClickException(f"pipeline {name!r} has no target: its runs stage in memory only")
     prepare_dagster_home()
-    target = open_target(spec.target, target_base_dir())
+    target = open_target(spec.target, target_base_dir(), pipeline=name)
     try:
         with dg.DagsterInstance.get() as instance:
             published = instance.get_latest_materialization_event(dg.AssetKey(name))
@@ -282,7 +282,7 @@ def _incremental_target(name: str):
     spec = loaded[name].spec
     if spec.incremental is None or spec.target is None:
         raise click.ClickException(f"pipeline {name!r} is not incremental: it reads everything each run")
-    return spec, open_target(spec.target, target_base_dir())
+    return spec, open_target(spec.target, target_base_dir(), pipeline=name)
 
 
 @state.command("show")

@@ -38,12 +38,12 @@ from assets.etl.quarantine import Batch, Quarantine
 from assets.etl.sources.auth import SourceAuth, open_auth
 from assets.etl.sources.base import READ_STEP, InputIdentity, Source, clip_record
 from assets.etl.sources.paginators import AutoPaginator, Page, find_first, open_paginator
-from assets.etl.spec import RestSourceSpec
+from assets.etl.spec import RestRetrySpec, RestSourceSpec
 from assets.etl.state import IncrementalWindow
 from orchestration.errors import JunctionError
 from orchestration.kernel.times import parse_duration
 
-__all__ = ["RestSource", "mask"]
+__all__ = ["RateLimit", "RestSource", "RetriesExhausted", "mask", "send"]
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Where a page's records usually are when the body is an object.
@@ -265,51 +265,27 @@ class RestSource(Source):
         self, client: Any, url: str, params: dict[str, Any], auth: SourceAuth | None, number: int
     ) -> Any:
         import httpx
-        import tenacity
 
-        from resources.notifications import retry_after_seconds
-
-        policy = self.spec.retry
-        initial = (parse_duration(policy.initial_backoff) or parse_duration("500ms")).total_seconds()  # type: ignore[union-attr]
-        ceiling = (parse_duration(policy.max_backoff) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
         secrets = auth.secrets if auth is not None else ()
 
-        def wait(state: tenacity.RetryCallState) -> float:
-            failure = state.outcome.exception() if state.outcome else None
-            asked = getattr(failure, "retry_after_s", None)
-            if asked is not None:
-                return min(asked, ceiling)
-            backoff = initial * 2 ** (state.attempt_number - 1)
-            return min(backoff * (0.5 + random.random() / 2), ceiling)  # jitter: half to all of it
-
-        def attempt() -> Any:
+        def counted() -> None:
             self.requests_made += 1
-            # params=None, not {}: httpx replaces the query of a next-page URL with an empty mapping.
-            response = client.request(self.spec.method, url, params=params or None)
-            if response.status_code in RETRIED_STATUSES:
-                raise _Retryable(
-                    response.status_code, retry_after_seconds(response.headers.get("Retry-After"))
-                )
-            return response
 
         try:
-            response = tenacity.Retrying(
-                stop=tenacity.stop_after_attempt(policy.max_attempts),
-                wait=wait,
-                retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
-                reraise=True,
-            )(attempt)
-        except _Retryable as exc:
+            # params=None, not {}: httpx replaces the query of a next-page URL with an empty mapping.
+            response = send(
+                client, self.spec.method, url, self.spec.retry, params=params or None, on_attempt=counted
+            )
+        except RetriesExhausted as exc:
             shown = mask(str(httpx.URL(url, params=params or None)), secrets)
+            if exc.status is not None:
+                raise JunctionError(
+                    f"{self.spec.method} {shown} (page {number}) answered {exc.status} after "
+                    f"{exc.attempts} attempts"
+                ) from None
             raise JunctionError(
-                f"{self.spec.method} {shown} (page {number}) answered {exc.status} after "
-                f"{policy.max_attempts} attempts"
-            ) from None
-        except httpx.HTTPError as exc:
-            shown = mask(str(httpx.URL(url, params=params or None)), secrets)
-            raise JunctionError(
-                f"{self.spec.method} {shown} (page {number}) failed after {policy.max_attempts} attempts: "
-                f"{type(exc).__name__}: {mask(str(exc), secrets)}"
+                f"{self.spec.method} {shown} (page {number}) failed after {exc.attempts} attempts: "
+                f"{mask(exc.detail, secrets)}"
             ) from None
         if not response.is_success:
             shown = mask(str(response.url), secrets)
@@ -318,6 +294,64 @@ class RestSource(Source):
                 f"{mask(response.text[:300], secrets)}"
             )
         return response
+
+
+class RetriesExhausted(Exception):
+    """Every attempt failed: the last retried status (429, 5xx), or None after connection errors."""
+
+    def __init__(self, status: int | None, detail: str, attempts: int):
+        super().__init__(detail)
+        self.status, self.detail, self.attempts = status, detail, attempts
+
+
+def send(
+    client: Any,
+    method: str,
+    url: str,
+    policy: RestRetrySpec,
+    *,
+    on_attempt: Any = None,
+    **request: Any,
+) -> Any:
+    """One HTTP request with the platform's retry habits, for the REST source and the REST target:
+    exponential backoff with jitter on connection errors, 429 and 5xx, waiting what `Retry-After`
+    asks (capped by `max_backoff`). Returns the first answer that is not retried, whatever its status;
+    raises `RetriesExhausted` when the attempts run out. `request`: httpx's (params, json, headers...)."""
+    import httpx
+    import tenacity
+
+    from resources.notifications import retry_after_seconds
+
+    initial = (parse_duration(policy.initial_backoff) or parse_duration("500ms")).total_seconds()  # type: ignore[union-attr]
+    ceiling = (parse_duration(policy.max_backoff) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        asked = getattr(failure, "retry_after_s", None)
+        if asked is not None:
+            return min(asked, ceiling)
+        backoff = initial * 2 ** (state.attempt_number - 1)
+        return min(backoff * (0.5 + random.random() / 2), ceiling)  # jitter: half to all of it
+
+    def attempt() -> Any:
+        if on_attempt is not None:
+            on_attempt()
+        response = client.request(method, url, **request)
+        if response.status_code in RETRIED_STATUSES:
+            raise _Retryable(response.status_code, retry_after_seconds(response.headers.get("Retry-After")))
+        return response
+
+    try:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(policy.max_attempts),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type((_Retryable, httpx.TransportError)),
+            reraise=True,
+        )(attempt)
+    except _Retryable as exc:
+        raise RetriesExhausted(exc.status, f"answered {exc.status}", policy.max_attempts) from None
+    except httpx.HTTPError as exc:
+        raise RetriesExhausted(None, f"{type(exc).__name__}: {exc}", policy.max_attempts) from None
 
 
 def _json_body(response: Any) -> tuple[Any, str | None]:
