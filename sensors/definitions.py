@@ -14,6 +14,7 @@ import dagster as dg
 
 from sensors.event_triggers import event_trigger_sensors, pipeline_triggers
 from sensors.platform_events import platform_event_sensors
+from sensors.poll_triggers import poll_sensors
 
 if TYPE_CHECKING:
     from assets.etl.spec import LoadedPipeline
@@ -22,7 +23,13 @@ if TYPE_CHECKING:
 def streaming_definitions(
     pipelines_dir: str | Path | None = None, *, pipelines: Mapping[str, LoadedPipeline] | None = None
 ) -> dg.Definitions:
-    """Sensors of the pipelines' `triggers:` (a bad trigger fails the code location) and the
-    sensors publishing to `platform.runs` / `platform.assets`."""
-    triggers = pipeline_triggers(pipelines_dir, pipelines=pipelines)
-    return dg.Definitions(sensors=[*event_trigger_sensors(triggers), *platform_event_sensors()])
+    """Sensors of the pipelines' `triggers:` (stream and poll; a bad trigger fails the code location)
+    and the sensors publishing to `platform.runs` / `platform.assets`."""
+    from assets.etl.spec import load_pipelines, pipeline_files
+
+    if pipelines is None:
+        pipelines = load_pipelines(pipeline_files(Path(pipelines_dir) if pipelines_dir is not None else None))
+    triggers = pipeline_triggers(pipelines=pipelines)
+    return dg.Definitions(
+        sensors=[*event_trigger_sensors(triggers), *poll_sensors(pipelines), *platform_event_sensors()]
+    )

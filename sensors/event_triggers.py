@@ -597,12 +597,14 @@ def pipeline_triggers(
     problems: list[SpecProblem] = []
     for name, pipeline in pipelines.items():
         group = pipeline.spec.group or name
-        names = [trigger_sensor_name(name, declared.stream) for declared in pipeline.spec.triggers]
-        for index, declared in enumerate(pipeline.spec.triggers):
+        # Stream triggers only (poll triggers are `sensors/poll_triggers.py`'s), with their place in the spec.
+        declared_streams = [(at, t) for at, t in enumerate(pipeline.spec.triggers) if t.type == "stream"]
+        names = [trigger_sensor_name(name, declared.stream) for _, declared in declared_streams]
+        for index, (at, declared) in enumerate(declared_streams):
             if declared.max_events_per_run and declared.debounce_seconds:
                 problems.append(
                     SpecProblem(
-                        f"triggers[{index}]",
+                        f"triggers[{at}]",
                         "set either max_events_per_run (count batches) or debounce_seconds (time windows)",
                         str(pipeline.file),
                     )

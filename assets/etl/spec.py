@@ -39,7 +39,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from orchestration.kernel.conditions import Condition, compile_regex, parse_condition
 from orchestration.kernel.expressions import Expression, parse_expression
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, load_specs
-from orchestration.kernel.times import DurationText, parse_instant
+from orchestration.kernel.times import DurationText, parse_duration, parse_instant
 from resources.event_stream.core import STREAM_NAME_PATTERN
 
 __all__ = [
@@ -946,6 +946,7 @@ class LoadSpec(StrictModel):
 class StreamTrigger(StrictModel):
     """Run the pipeline on events of a declared stream (a sensor of `sensors/event_triggers.py`)."""
 
+    type: Literal["stream"] = "stream"
     stream: Annotated[str, Field(pattern=STREAM_NAME_PATTERN, description="A declared stream, e.g. orders")]
     condition: ConditionField | None = None
     debounce_seconds: int = Field(
@@ -959,6 +960,21 @@ class StreamTrigger(StrictModel):
         description="Seconds between two evaluations of the trigger's sensor (the daemon loops every ~5 s)",
     )
 
+
+class PollTrigger(StrictModel):
+    """Run the pipeline when its API has records past the committed cursor: a Dagster sensor asking
+    for the first page of the incremental window every `every` (`sensors/poll_triggers.py`), for APIs
+    that publish no change events."""
+
+    type: Literal["poll"]
+    every: DurationText = Field(default="1m", description="How often the API is asked (at least 5s)")
+
+
+TriggerSpec = Annotated[
+    StreamTrigger | PollTrigger,
+    _tagged({"stream": StreamTrigger, "poll": PollTrigger}, default="stream", tag="type"),
+    PlainSerializer(lambda model: model.model_dump()),
+]
 
 CursorValue = Annotated[str | int | float, Field(description="An ISO 8601 date/time or a number")]
 
@@ -1036,7 +1052,7 @@ class PipelineSpec(StrictModel):
     owners: list[str] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
     group: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-    triggers: list[StreamTrigger] = Field(default_factory=list)
+    triggers: list[TriggerSpec] = Field(default_factory=list)
     incremental: IncrementalSpec | None = None
 
     @model_validator(mode="after")
@@ -1058,6 +1074,20 @@ class PipelineSpec(StrictModel):
             raise ValueError(
                 "incremental.lag re-reads records: it needs load.mode merge, which makes that idempotent"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _poll_triggers_fit(self) -> PipelineSpec:
+        for trigger in self.triggers:
+            if isinstance(trigger, PollTrigger):
+                if not isinstance(self.source, RestSourceSpec) or self.incremental is None:
+                    raise ValueError(
+                        "triggers: a poll trigger asks a REST source for records past the cursor; it needs "
+                        "source.kind rest and incremental"
+                    )
+                every = parse_duration(trigger.every)
+                if every is None or every.total_seconds() < 5:
+                    raise ValueError("triggers: a poll trigger's every is at least 5s (the daemon's loop)")
         return self
 
     @model_validator(mode="after")

@@ -223,6 +223,28 @@ class RestSource(Source):
         if rows:
             yield self._batch(rows, first_row, number)
 
+    def probe(self) -> list[dict[str, Any]]:
+        """The records of the first page alone, flattened (one request, no quarantine): what a poll
+        trigger looks at to tell whether a run would find anything past the cursor."""
+        import httpx
+
+        url, params, headers = self._rendered()
+        auth = open_auth(self.spec.auth)
+        timeout = (parse_duration(self.spec.timeout) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+        params = open_paginator(self.spec.paginator).first(params)
+        with httpx.Client(auth=auth, timeout=timeout, headers=headers, follow_redirects=True) as client:
+            response = self._request(client, url, params, auth, 1)
+        body, problem = _json_body(response)
+        if problem is not None:
+            raise JunctionError(f"{self.description}: the first page is not JSON: {problem}")
+        selector = self.spec.data_selector or self._detect_selector(body)
+        records = _select(body, selector) or []
+        return [
+            flatten(record, self.spec.separator, self.spec.nested)
+            for record in records
+            if isinstance(record, dict)
+        ]
+
     def _detect_selector(self, body: Any) -> str:
         if isinstance(body, list):
             chosen = "$"
