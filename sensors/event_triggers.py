@@ -46,14 +46,11 @@ from assets.etl.spec import DEFAULT_TRIGGER_INTERVAL_S
 from orchestration.kernel.conditions import Condition, evaluate, parse_condition
 from orchestration.kernel.spec_errors import SpecError, SpecProblem
 from resources.event_stream import Event, EventId, EventsLost, EventStream
+from resources.event_stream.triggered import COUNT_TAG, FIRST_ID_TAG, LAST_ID_TAG, STREAM_TAG, TriggeredRange
 
 if TYPE_CHECKING:
     from assets.etl.spec import LoadedPipeline
 
-STREAM_TAG = "junction/stream"
-FIRST_ID_TAG = "junction/events_first"
-LAST_ID_TAG = "junction/events_last"
-COUNT_TAG = "junction/events_count"
 TRIGGER_TAG = "junction/trigger"
 REPLAY_TAG = "junction/replay"
 # The sensor metadata entry describing a trigger (stream, mode, filter, how its runs are launched).
@@ -83,8 +80,7 @@ class EventRangeConfig(dg.Config):
     def read(self, events: EventStream) -> Iterator[Event]:
         """The range's events that match the trigger's filter, in id order."""
         condition = parse_condition(json.loads(self.condition_json)) if self.condition_json else None
-        after = str(EventId.parse(self.first_id).previous())
-        for event in events.iter_events(self.stream, after_id=after, until_id=self.last_id):
+        for event in TriggeredRange(self.stream, self.first_id, self.last_id, self.count).read(events):
             if condition is None or matches(condition, event):
                 yield event
 

@@ -3,7 +3,8 @@
 `/{style}/records` serves the same records with each pagination style: `page` (page numbers and
 `total_pages`), `offset` (offset/limit and `total`), `cursor` (`next_cursor` in the body), `next`
 (the next page's URL in the body), `link` (an RFC 8288 Link header, the body a bare list) and `single`
-(one list). `?since=` keeps the records updated at or after it (incremental reads). Authentication
+(one list). `?since=` keeps the records updated at or after it (incremental reads), `?ids=3,7`
+only those records. Authentication
 is one of: none, bearer, API key (header or query), basic, or OAuth2 client credentials
 (`/oauth/token`); faults are set per page: statuses to answer first (429 with `Retry-After`, 503),
 a body that is not JSON, an answer slower than the client's timeout.
@@ -80,6 +81,9 @@ def _page(
     """(status, headers, body, page number) of one answer."""
     since = query.get("since", [None])[0]
     records = [r for r in upstream.records if since is None or r["updated_at"] >= since]
+    if "ids" in query:  # ?ids=3,7: only those records (an event-narrowed read)
+        wanted = set(query["ids"][0].split(","))
+        records = [r for r in records if str(r["id"]) in wanted]
     size = int(query.get("per_page", query.get("limit", [upstream.page_size]))[0])
     base = f"{upstream.url}/{style}/records"
     if style in ("page", "link"):

@@ -56,6 +56,7 @@ from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 from assets.etl.state import CursorState, IncrementalWindow
+from resources.event_stream.triggered import TriggeredRange
 
 __all__ = [
     "PIPELINE_TAG",
@@ -138,9 +139,16 @@ def _stage_rows(
 
 
 def stage(
-    pipeline: LoadedPipeline, target: Target | None, run_id: str, log: Any
+    pipeline: LoadedPipeline,
+    target: Target | None,
+    run_id: str,
+    log: Any,
+    run_tags: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[CheckOutcome]]:
-    """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes)."""
+    """Read, transform, stage, store the quarantine and validate: (metadata, check outcomes).
+
+    A run a stream trigger launched (`run_tags`) gives a REST source its events as `trigger`; a read
+    its templates narrow to them commits no cursor (it read a few keys, not the window)."""
     spec = pipeline.spec
     window, state = None, None
     if spec.incremental is not None and target is not None:
@@ -149,6 +157,9 @@ def stage(
     if spec.incremental is not None and target is not None:
         window = IncrementalWindow.of(pipeline.name, spec.incremental, state, spec.load.mode, full_compare)
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream, window)
+    triggered = TriggeredRange.of_run(run_tags or {})
+    if triggered is not None and hasattr(source, "trigger"):
+        source.trigger = trigger_context(pipeline, triggered)
 
     started = time.perf_counter()
     try:
@@ -167,6 +178,18 @@ def stage(
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )
+    if result.incremental is not None and getattr(source, "narrowed", False):
+        assert source.trigger is not None
+        result.incremental = {
+            **result.incremental,
+            "after": result.incremental["before"],
+            "narrowed_to": {name: source.trigger[name] for name in ("stream", "first_id", "last_id", "keys")},
+        }
+        log.info(
+            f"narrowed to {len(source.trigger['keys']):,} key(s) of events {source.trigger['first_id']} .. "
+            f"{source.trigger['last_id']} of {source.trigger['stream']}: the cursor stays (a full window "
+            "is the schedule's)"
+        )
     if result.incremental is not None:
         window_read = result.incremental
         log.info(
@@ -321,7 +344,7 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
     def staged(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         target = open_pipeline_target(context.run_id)
         try:
-            metadata, outcomes = stage(pipeline, target, context.run_id, context.log)
+            metadata, outcomes = stage(pipeline, target, context.run_id, context.log, context.run.tags)
         finally:
             if target is not None:
                 target.dispose()
@@ -439,6 +462,37 @@ def _state_to_commit(
         staged_event.run_id if staged_event else None,
         full_compare_at=deletes.get("read_at") if compared else deletes.get("previous_full_compare_at"),
     )
+
+
+def trigger_context(pipeline: LoadedPipeline, triggered: TriggeredRange) -> dict[str, Any]:
+    """`trigger` in a source's templates: the run's events that match its trigger's filter, and their
+    `key` values (distinct, in event order)."""
+    from orchestration.kernel.conditions import evaluate, lookup
+    from resources.event_stream import open_event_stream
+
+    declared = next(
+        (t for t in pipeline.spec.triggers if t.type == "stream" and t.stream == triggered.stream), None
+    )
+    condition = declared.condition.tree if declared is not None and declared.condition is not None else None
+    with open_event_stream() as events:
+        payloads = [
+            event.payload
+            for event in triggered.read(events)
+            if condition is None
+            or (isinstance(event.payload, Mapping) and evaluate(condition, event.payload))
+        ]
+    keys: list[Any] = []
+    if declared is not None and declared.key:
+        found = (lookup(p, declared.key) if isinstance(p, Mapping) else None for p in payloads)
+        keys = list(dict.fromkeys(value for value in found if value is not None))
+    return {
+        "stream": triggered.stream,
+        "first_id": triggered.first_id,
+        "last_id": triggered.last_id,
+        "count": len(payloads),
+        "events": payloads,
+        "keys": keys,
+    }
 
 
 def _deletes_read(

@@ -953,6 +953,11 @@ class StreamTrigger(StrictModel):
         default=0, ge=0, description="One run per closed time window of this length (0: no windows)"
     )
     max_events_per_run: int | None = Field(default=None, ge=1, description="One run per N events")
+    key: str | None = Field(
+        default=None,
+        description="A payload field (dotted: customer.id) whose values narrow the run's read: `trigger.keys` "
+        "in a REST source's templates, e.g. params: {ids: \"{{ trigger.keys | join(',') if trigger else '' }}\"}",
+    )
     minimum_interval_seconds: int = Field(
         default=DEFAULT_TRIGGER_INTERVAL_S,
         ge=1,

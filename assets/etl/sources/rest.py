@@ -117,6 +117,9 @@ class RestSource(Source):
         self._notes: list[str] = []
         self.requests_made = 0
         self.pages_read = 0
+        # A stream-triggered run's events (`trigger.*` in templates: stream, ids, count, keys,
+        # events), set by the staged asset; None otherwise.
+        self.trigger: dict[str, Any] | None = None
 
     @property
     def description(self) -> str:
@@ -138,12 +141,31 @@ class RestSource(Source):
         return {
             "incremental": self.window.template_values() if self.window is not None else None,
             "platform": {"url": get_settings().public_url.rstrip("/")},
+            "trigger": self.trigger,
         }
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether this read is narrowed to a triggered run's events (its templates use `trigger`)."""
+        from orchestration.kernel.templates import referenced_variables
+
+        if self.trigger is None:
+            return False
+        texts = [self.spec.base_url, self.spec.path, *self.spec.headers.values()]
+        texts += [value for value in self.spec.params.values() if isinstance(value, str)]
+        return any(
+            path == "trigger" or path.startswith("trigger.")
+            for text in texts
+            for path in referenced_variables(text)
+        )
 
     def _rendered(self) -> tuple[str, dict[str, Any], dict[str, str]]:
         from orchestration.kernel.templates import TemplateRenderError, render, render_data
 
-        context = {name: value for name, value in self._context().items() if value is not None}
+        # `trigger` stays defined as None outside triggered runs, so `if trigger` works in a template.
+        context = {
+            name: value for name, value in self._context().items() if value is not None or name == "trigger"
+        }
         try:
             base = render(self.spec.base_url, context)
             path = render(self.spec.path, context)
