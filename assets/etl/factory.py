@@ -55,7 +55,7 @@ from assets.etl.report import PIPELINE_TAG, QUALITY_REPORT, QUARANTINE_BY_REASON
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
-from assets.etl.state import CursorState, IncrementalWindow
+from assets.etl.state import FILES_CURSOR, CursorState, IncrementalWindow
 from resources.event_stream.triggered import TriggeredRange
 
 __all__ = [
@@ -154,9 +154,13 @@ def stage(
     if spec.incremental is not None and target is not None:
         state = target.read_state(pipeline.name)
     full_compare = full_compare_due(spec.load.deletes, spec.incremental is not None, state)
-    if spec.incremental is not None and target is not None:
+    by_file = spec.incremental is not None and spec.incremental.by_file
+    if spec.incremental is not None and target is not None and not by_file:
         window = IncrementalWindow.of(pipeline.name, spec.incremental, state, spec.load.mode, full_compare)
     source = open_source(spec.source, pipeline.base_dir, spec.batch_size, pipeline.upstream, window)
+    if by_file and target is not None and not full_compare:
+        # Only files that are new or changed since the last publish (the state holds their prints).
+        source.skip_files(dict(state.value) if state is not None else {})
     triggered = TriggeredRange.of_run(run_tags or {})
     if triggered is not None and hasattr(source, "trigger"):
         source.trigger = trigger_context(pipeline, triggered)
@@ -178,6 +182,18 @@ def stage(
     log.info(
         f"read {counts.read:,} rows from {source.description}, {counts.loaded:,} clean ({read_seconds:.2f} s)"
     )
+    if by_file and target is not None:
+        read, known = source.files_read, source.skipped
+        result.incremental = {
+            "cursor": FILES_CURSOR,
+            "before": len(state.value) if state is not None else None,
+            "after": len(source.prints),
+            "files_read": [str(path) for path in read],
+            "files_unchanged": known,
+            "files": source.prints,
+            "records_in_window": counts.read,
+        }
+        log.info(f"incremental by file: {len(read)} new or changed file(s) read, {known} unchanged skipped")
     if result.incremental is not None and getattr(source, "narrowed", False):
         assert source.trigger is not None
         result.incremental = {
@@ -190,7 +206,7 @@ def stage(
             f"{source.trigger['last_id']} of {source.trigger['stream']}: the cursor stays (a full window "
             "is the schedule's)"
         )
-    if result.incremental is not None:
+    if result.incremental is not None and not by_file:
         window_read = result.incremental
         log.info(
             f"incremental on {window_read['cursor']}: from {window_read['start']} (last published "
@@ -405,6 +421,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             if INCREMENTAL in staged_metadata:
                 window_read = staged_metadata[INCREMENTAL].value
                 committed = outcome.state.value if outcome.state is not None else window_read["before"]
+                if window_read["cursor"] == FILES_CURSOR:  # files known before and after: counts, not prints
+                    committed = window_read["after"] if outcome.state is not None else window_read["before"]
                 metadata[INCREMENTAL] = dg.MetadataValue.json(
                     {"cursor": window_read["cursor"], "before": window_read["before"], "after": committed}
                 )
@@ -450,6 +468,13 @@ def _state_to_commit(
     if INCREMENTAL not in staged_metadata:
         return None
     window_read = staged_metadata[INCREMENTAL].value
+    run_id = staged_event.run_id if staged_event else None
+    if window_read["cursor"] == FILES_CURSOR:  # incremental by file: the prints of every file seen
+        return (
+            CursorState(name, FILES_CURSOR, window_read["files"], run_id)
+            if window_read["files_read"]
+            else None
+        )
     deletes = staged_metadata[DELETES].value if DELETES in staged_metadata else {}
     compared = deletes.get("full_compare") and not deletes.get("skipped")
     moved = window_read["after"] is not None and window_read["after"] != window_read["before"]

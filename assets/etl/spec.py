@@ -987,10 +987,18 @@ CursorValue = Annotated[str | int | float, Field(description="An ISO 8601 date/t
 class IncrementalSpec(StrictModel):
     """Read only what changed since the last published run: records whose `cursor` field is past the
     cursor value the target holds (assets/etl/state.py). The value commits with the data, in the
-    publish transaction, so a failed run reads the same range again."""
+    publish transaction, so a failed run reads the same range again.
 
-    cursor: FieldName = Field(description="The source field that grows with each change, e.g. updated_at")
-    initial: CursorValue = Field(description="Where the first run starts, e.g. '2024-01-01' or 0")
+    A file source is incremental by file, with no cursor (`incremental: {}`): only files that are new
+    or changed since the last publish are read, told apart by path + size + modification time, or by
+    content hash with `source.identity: content`."""
+
+    cursor: FieldName | None = Field(
+        default=None, description="The source field that grows with each change, e.g. updated_at"
+    )
+    initial: CursorValue | None = Field(
+        default=None, description="Where the first run starts, e.g. '2024-01-01' or 0"
+    )
     lag: DurationText | float | None = Field(
         default=None,
         description="Re-read this much before the last value (a duration for times, a number for "
@@ -1000,6 +1008,17 @@ class IncrementalSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_kind_of_value(self) -> IncrementalSpec:
+        if self.cursor is None:
+            given = [name for name in ("initial", "lag", "end") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: go with a cursor (a file source is incremental by file)"
+                )
+            return self
+        if self.initial is None:
+            raise ValueError(
+                "initial: where the first run starts, e.g. '2024-01-01' or 0, goes with a cursor"
+            )
         kind = _cursor_kind(self.initial)
         if kind is None:
             raise ValueError(f"initial: {self.initial!r} is neither a number nor an ISO 8601 date/time")
@@ -1014,6 +1033,10 @@ class IncrementalSpec(StrictModel):
     @property
     def kind(self) -> str:
         return _cursor_kind(self.initial) or "number"
+
+    @property
+    def by_file(self) -> bool:
+        return self.cursor is None
 
 
 def _cursor_kind(value: Any) -> str | None:
@@ -1065,8 +1088,14 @@ class PipelineSpec(StrictModel):
         incremental = self.incremental
         if incremental is None:
             return self
-        if not isinstance(self.source, RestSourceSpec | SqlSourceSpec):
-            raise ValueError(f"incremental: reads REST and SQL sources, not {self.source.kind} sources")
+        if not isinstance(self.source, RestSourceSpec | SqlSourceSpec | FileSourceSpec):
+            raise ValueError(f"incremental: reads REST, SQL and file sources, not {self.source.kind} sources")
+        if isinstance(self.source, FileSourceSpec) != incremental.by_file:
+            raise ValueError(
+                "incremental: a file source is incremental by file (no cursor: `incremental: {}`)"
+                if incremental.cursor is not None
+                else "incremental.cursor: a REST or SQL source needs the field that grows with each change"
+            )
         if self.target is None or (self.target.kind == "file" and self.target.format != "parquet"):
             raise ValueError(
                 "incremental: needs a SQL, Parquet or REST target, which keeps the cursor with the data"

@@ -33,6 +33,7 @@ from orchestration.errors import JunctionError
 from orchestration.kernel.times import parse_duration, parse_instant
 
 __all__ = [
+    "FILES_CURSOR",
     "INCREMENTAL_STEP",
     "STATE_TABLE",
     "CursorState",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 STATE_TABLE = "_junction_state"
+# The state of a source incremental by file: {path: print} of the files published so far.
+FILES_CURSOR = "files"
 INCREMENTAL_STEP = "incremental"
 PARQUET_STATE_KEY = b"junction_state"
 

@@ -299,6 +299,19 @@ def show_state(name: str, as_json: bool) -> None:
         target.dispose()
     incremental = spec.incremental
     assert incremental is not None
+    if incremental.by_file:
+        files = dict(current.value) if current is not None else {}
+        shown = {"pipeline": name, "cursor": "files", "files": files, "target": target.description}
+        if as_json:
+            click.echo(json.dumps(shown, indent=2, default=str))
+        else:
+            click.echo(
+                f"{name}: {len(files)} file(s) published so far in {target.description}; the next run reads "
+                "only files that are new or changed"
+            )
+            for path in sorted(files):
+                click.echo(f"  {path}")
+        return
     window = IncrementalWindow.of(name, incremental, current, spec.load.mode)
     shown = {
         "pipeline": name,
@@ -338,6 +351,10 @@ def reset_state(name: str, to_value: str | None, yes: bool) -> None:
     spec, target = _incremental_target(name)
     incremental = spec.incremental
     assert incremental is not None
+    if incremental.by_file and to_value is not None:
+        raise click.BadParameter(
+            "a file source's state is the files it read: reset forgets them", param_hint="--to"
+        )
     try:
         before = target.read_state(name)
         if to_value is not None:

@@ -119,6 +119,11 @@ class FileSource(Source):
         self._notes: list[str] = []
         # Per XML file read: the record element used and the survey of the file's elements.
         self._xml_reads: list[tuple[Path, str, XmlSurvey]] = []
+        # Incremental by file (`skip_files`): the prints of files already published, by path.
+        self._known: dict[str, str] | None = None
+        self.prints: dict[str, str] = {}  # every matching file's print after a read
+        self.files_read: list[Path] = []
+        self.skipped = 0
 
     def notes(self) -> list[str]:
         return list(self._notes)
@@ -160,19 +165,32 @@ class FileSource(Source):
             raise JunctionError(f"no file matches {pattern}")
         return files
 
+    def skip_files(self, known: dict[str, str]) -> None:
+        """Read only files whose print (path + size + mtime, or content hash) is not in `known`."""
+        self._known = known
+
+    def _print(self, path: Path) -> tuple[str, ...]:
+        if self.spec.identity == "content":
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(READ_BLOCK_BYTES), b""):
+                    digest.update(block)
+            return (digest.hexdigest(),)
+        stat = path.stat()
+        return (str(stat.st_size), str(stat.st_mtime_ns))
+
+    def _to_read(self) -> list[Path]:
+        files = self.files()
+        if self._known is None:
+            return files
+        prints = {str(path): ":".join(self._print(path)) for path in files}
+        self.prints = {**self._known, **prints}
+        chosen = [path for path in files if self._known.get(str(path)) != prints[str(path)]]
+        self.skipped = len(files) - len(chosen)
+        return chosen
+
     def identity(self) -> InputIdentity:
-        parts = []
-        for path in self.files():
-            if self.spec.identity == "content":
-                digest = hashlib.sha256()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda handle=handle: handle.read(READ_BLOCK_BYTES), b""):
-                        digest.update(block)
-                parts.append((str(path), digest.hexdigest()))
-            else:
-                stat = path.stat()
-                parts.append((str(path), str(stat.st_size), str(stat.st_mtime_ns)))
-        return InputIdentity("file", tuple(parts))
+        return InputIdentity("file", tuple((str(path), *self._print(path)) for path in self._to_read()))
 
     def read(self, quarantine: Quarantine) -> Iterator[Batch]:
         self._notes.clear()
@@ -184,7 +202,8 @@ class FileSource(Source):
             "xml": self._read_xml,
             "parquet": self._read_parquet,
         }[self.spec.format]
-        for path in self.files():
+        self.files_read = self._to_read()
+        for path in self.files_read:
             yield from reader(path, quarantine)
 
     # -- bytes and lines --
