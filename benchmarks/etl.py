@@ -64,6 +64,7 @@ from assets.etl.quarantine import Batch, Quarantine, RowCounts  # noqa: E402
 from assets.etl.sources import InputIdentity, Source  # noqa: E402
 from assets.etl.spec import SqlTargetSpec, load_pipelines  # noqa: E402
 from assets.etl.transforms import Step  # noqa: E402
+from benchmarks.support import ensure_database  # noqa: E402
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/junction_bench_etl"
 TABLE = "bench_orders"
@@ -182,22 +183,6 @@ def write_spec(directory: Path, csv_path: Path, url: str) -> Path:
     path = directory / f"{TABLE}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-def ensure_database(url: str) -> None:
-    import sqlalchemy as sa
-
-    target = sa.engine.make_url(url)
-    engine = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            exists = connection.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": target.database}
-            ).scalar()
-            if not exists:
-                connection.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
-    finally:
-        engine.dispose()
 
 
 # --- timing hooks -------------------------------------------------------------------------------------

@@ -116,3 +116,20 @@ def running_platform(env: dict[str, str], cwd: Path) -> Iterator[tuple[str, subp
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
+
+
+def ensure_database(url: str) -> None:
+    """Create the PostgreSQL database of `url` when it does not exist (the benchmarks load into it)."""
+    import sqlalchemy as sa
+
+    target = sa.engine.make_url(url)
+    engine = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": target.database}
+            ).scalar()
+            if not exists:
+                connection.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
+    finally:
+        engine.dispose()

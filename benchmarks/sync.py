@@ -47,7 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.support import free_port  # noqa: E402
+from benchmarks.support import ensure_database, free_port  # noqa: E402
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/junction_bench_sync"
 NAME = "bench_records"
@@ -156,20 +156,6 @@ def start_upstream(count: int) -> tuple[subprocess.Popen, str]:
 
 
 # --- Junction -----------------------------------------------------------------------------------------
-
-
-def ensure_database(url: str) -> None:
-    target = sa.engine.make_url(url)
-    engine = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            exists = connection.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": target.database}
-            ).scalar()
-            if not exists:
-                connection.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
-    finally:
-        engine.dispose()
 
 
 def drop_tables(url: str) -> None:

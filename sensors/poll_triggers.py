@@ -28,6 +28,7 @@ def poll_sensor_name(pipeline: str) -> str:
 def newest_past(records: list[dict[str, Any]], cursor: str, kind: str, last: Any | None) -> Any | None:
     """The newest cursor value among `records` past `last` (all of them on a first run), or None."""
     from assets.etl.state import parse_cursor
+    from orchestration.errors import JunctionError
 
     newest = None
     for record in records:
@@ -36,7 +37,7 @@ def newest_past(records: list[dict[str, Any]], cursor: str, kind: str, last: Any
             continue
         try:
             parsed = parse_cursor(value, kind)
-        except Exception:  # noqa: BLE001 - a record the run will quarantine; not a reason to run
+        except JunctionError:  # a record the run will quarantine: not a reason to run
             continue
         if (last is None or parsed > last) and (newest is None or parsed > newest):
             newest = parsed

@@ -103,10 +103,6 @@ class DeletePlan:
     soft: bool  # the staged rows carry tombstone marks
     full_compare: bool  # target keys missing from the staged rows are gone
 
-    @property
-    def marked(self) -> bool:
-        return self.soft or self.mode == "flag"
-
 
 def plan_of(deletes: DeletesSpec | None, staged: dict[str, Any] | None) -> DeletePlan | None:
     """The plan for a publish: the spec's mode, what the staged run read (a full compare only when

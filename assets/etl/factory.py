@@ -162,7 +162,7 @@ def stage(
         # Only files that are new or changed since the last publish (the state holds their prints).
         source.skip_files(dict(state.value) if state is not None else {})
     triggered = TriggeredRange.of_run(run_tags or {})
-    if triggered is not None and hasattr(source, "trigger"):
+    if triggered is not None and getattr(source, "uses_trigger", False):
         source.trigger = trigger_context(pipeline, triggered)
 
     started = time.perf_counter()

@@ -29,7 +29,6 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assets.etl.deletes import DeletePlan
@@ -37,11 +36,10 @@ from assets.etl.loads import LOAD_ID_COLUMN, FileTarget, PublishOutcome, quarant
 from assets.etl.quarantine import Quarantine
 from assets.etl.sources.auth import open_auth
 from assets.etl.sources.base import clip_record
-from assets.etl.sources.rest import RateLimit, RetriesExhausted, mask, send
+from assets.etl.sources.rest import RateLimit, RetriesExhausted, mask, seconds, send
 from assets.etl.spec import FileTargetSpec, RestTargetSpec
 from assets.etl.state import CursorState
 from orchestration.errors import ConfigurationError, JunctionError
-from orchestration.kernel.times import parse_duration
 
 __all__ = ["PUBLISH_STEP", "RestTarget"]
 
@@ -204,7 +202,7 @@ class RestTarget(FileTarget):
         auth = open_auth(spec.auth)
         secrets = auth.secrets if auth is not None else ()
         limit = RateLimit(spec.rate_limit)
-        timeout = (parse_duration(spec.timeout) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+        timeout = seconds(spec.timeout)
         platform = {"url": get_settings().public_url.rstrip("/")}
         accepted: list[tuple[dict[str, Any], str, int]] = []
 
@@ -269,11 +267,3 @@ def open_rest_target(
     if pipeline is None:
         raise ConfigurationError("a REST target is opened for a pipeline (its ledger is named after it)")
     return RestTarget(spec, base_dir, run_id, pipeline)
-
-
-def refused_rows(target: RestTarget) -> pa.Table | None:
-    """The quarantined rows the API refused (step `publish`), for tests and the CLI."""
-    table = target.read_quarantine()
-    if table is None:
-        return None
-    return table.filter(pc.equal(table.column("step"), PUBLISH_STEP))

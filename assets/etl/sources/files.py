@@ -121,6 +121,7 @@ class FileSource(Source):
         self._xml_reads: list[tuple[Path, str, XmlSurvey]] = []
         # Incremental by file (`skip_files`): the prints of files already published, by path.
         self._known: dict[str, str] | None = None
+        self._chosen: list[Path] | None = None
         self.prints: dict[str, str] = {}  # every matching file's print after a read
         self.files_read: list[Path] = []
         self.skipped = 0
@@ -167,7 +168,7 @@ class FileSource(Source):
 
     def skip_files(self, known: dict[str, str]) -> None:
         """Read only files whose print (path + size + mtime, or content hash) is not in `known`."""
-        self._known = known
+        self._known, self._chosen = known, None
 
     def _print(self, path: Path) -> tuple[str, ...]:
         if self.spec.identity == "content":
@@ -180,6 +181,10 @@ class FileSource(Source):
         return (str(stat.st_size), str(stat.st_mtime_ns))
 
     def _to_read(self) -> list[Path]:
+        """The files this read takes: every match, or with `skip_files` the new or changed ones
+        (decided once per source: the identity and the read see the same files, hashed once)."""
+        if self._chosen is not None:
+            return self._chosen
         files = self.files()
         if self._known is None:
             return files
@@ -187,6 +192,7 @@ class FileSource(Source):
         self.prints = {**self._known, **prints}
         chosen = [path for path in files if self._known.get(str(path)) != prints[str(path)]]
         self.skipped = len(files) - len(chosen)
+        self._chosen = chosen
         return chosen
 
     def identity(self) -> InputIdentity:

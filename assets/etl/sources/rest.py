@@ -43,7 +43,7 @@ from assets.etl.state import IncrementalWindow
 from orchestration.errors import JunctionError
 from orchestration.kernel.times import parse_duration
 
-__all__ = ["RateLimit", "RestSource", "RetriesExhausted", "mask", "send"]
+__all__ = ["RateLimit", "RestSource", "RetriesExhausted", "mask", "seconds", "send"]
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Where a page's records usually are when the body is an object.
@@ -147,10 +147,13 @@ class RestSource(Source):
     @property
     def narrowed(self) -> bool:
         """Whether this read is narrowed to a triggered run's events (its templates use `trigger`)."""
+        return self.trigger is not None and self.uses_trigger
+
+    @property
+    def uses_trigger(self) -> bool:
+        """Whether the source's templates read `trigger` (only then does a triggered run read its events)."""
         from orchestration.kernel.templates import referenced_variables
 
-        if self.trigger is None:
-            return False
         texts = [self.spec.base_url, self.spec.path, *self.spec.headers.values()]
         texts += [value for value in self.spec.params.values() if isinstance(value, str)]
         return any(
@@ -186,7 +189,7 @@ class RestSource(Source):
         secrets = auth.secrets if auth is not None else ()
         paginator = open_paginator(self.spec.paginator)
         limit = RateLimit(self.spec.rate_limit)
-        timeout = (parse_duration(self.spec.timeout) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+        timeout = seconds(self.spec.timeout)
         params = paginator.first(params)
         selector = self.spec.data_selector
         rows: list[dict[str, Any]] = []
@@ -252,7 +255,7 @@ class RestSource(Source):
 
         url, params, headers = self._rendered()
         auth = open_auth(self.spec.auth)
-        timeout = (parse_duration(self.spec.timeout) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+        timeout = seconds(self.spec.timeout)
         params = open_paginator(self.spec.paginator).first(params)
         with httpx.Client(auth=auth, timeout=timeout, headers=headers, follow_redirects=True) as client:
             response = self._request(client, url, params, auth, 1)
@@ -340,6 +343,13 @@ class RestSource(Source):
         return response
 
 
+def seconds(duration: str) -> float:
+    """A spec's duration (checked at load) in seconds: timeouts and backoffs."""
+    parsed = parse_duration(duration)
+    assert parsed is not None  # DurationText refused anything else at load
+    return parsed.total_seconds()
+
+
 class RetriesExhausted(Exception):
     """Every attempt failed: the last retried status (429, 5xx), or None after connection errors."""
 
@@ -366,8 +376,7 @@ def send(
 
     from resources.notifications import retry_after_seconds
 
-    initial = (parse_duration(policy.initial_backoff) or parse_duration("500ms")).total_seconds()  # type: ignore[union-attr]
-    ceiling = (parse_duration(policy.max_backoff) or parse_duration("30s")).total_seconds()  # type: ignore[union-attr]
+    initial, ceiling = seconds(policy.initial_backoff), seconds(policy.max_backoff)
 
     def wait(state: tenacity.RetryCallState) -> float:
         failure = state.outcome.exception() if state.outcome else None
