@@ -38,6 +38,11 @@ class Upstream:
     requests: list[tuple[float, str, dict[str, list[str]], dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    # Child resources: GET /customers/<id>/orders, two per page ({"data", "page", "total_pages"}).
+    children: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    child_delay: float = 0.0  # seconds each child page takes, to see requests overlap
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     def requests_to(self, style: str) -> list[dict[str, list[str]]]:
         return [query for _, path, query, _ in self.requests if path == f"/{style}/records"]
@@ -143,6 +148,22 @@ def start_upstream() -> tuple[Upstream, ThreadingHTTPServer]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _child_page(self, parent: int, page: int) -> None:
+            with upstream.lock:
+                upstream.in_flight += 1
+                upstream.most_in_flight = max(upstream.most_in_flight, upstream.in_flight)
+            try:
+                time.sleep(upstream.child_delay)
+                if parent not in upstream.children:
+                    self._send(404, {"title": f"no customer {parent}"})
+                    return
+                records = upstream.children[parent]
+                pages = max((len(records) + 1) // 2, 1)
+                self._send(200, {"data": records[(page - 1) * 2 : page * 2], "page": page, "total_pages": pages})
+            finally:
+                with upstream.lock:
+                    upstream.in_flight -= 1
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             form = parse_qs(self.rfile.read(length).decode())
@@ -165,6 +186,10 @@ def start_upstream() -> tuple[Upstream, ThreadingHTTPServer]:
             with upstream.lock:
                 upstream.requests.append((time.monotonic(), parsed.path, query, dict(self.headers)))
             style = parsed.path.strip("/").split("/")[0]
+            parts = parsed.path.strip("/").split("/")
+            if len(parts) == 3 and parts[0] == "customers" and parts[2] == "orders":
+                self._child_page(int(parts[1]), int(query.get("page", ["1"])[0]))
+                return
             if upstream.revoke_tokens_at is not None and query.get("page") == [
                 str(upstream.revoke_tokens_at[1])
             ]:

@@ -54,8 +54,9 @@ from assets.etl.quarantine import Quarantine
 from assets.etl.report import PIPELINE_TAG, QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
+from assets.etl.sources.rest import RestSource
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
-from assets.etl.state import FILES_CURSOR, CursorState, IncrementalWindow
+from assets.etl.state import FILES_CURSOR, CursorState, IncrementalWindow, RunWindow
 from resources.event_stream.triggered import TriggeredRange
 
 __all__ = [
@@ -161,6 +162,8 @@ def stage(
     if by_file and target is not None and not full_compare:
         # Only files that are new or changed since the last publish (the state holds their prints).
         source.skip_files(dict(state.value) if state is not None else {})
+    if isinstance(source, RestSource):
+        source.run = RunWindow.of(run_id, dict(run_tags or {}), spec.schedule, spec.timezone)
     triggered = TriggeredRange.of_run(run_tags or {})
     if triggered is not None and getattr(source, "uses_trigger", False):
         source.trigger = trigger_context(pipeline, triggered)
@@ -415,6 +418,8 @@ def build_pipeline(pipeline: LoadedPipeline) -> dg.Definitions:
             }
             if outcome.skipped_reason:
                 metadata["skipped"] = outcome.skipped_reason
+            if outcome.child_rows is not None:
+                metadata["child_rows"] = dg.MetadataValue.json(outcome.child_rows)
             for count in ("rows_new", "rows_updated", "rows_unchanged", "rows_deleted", "rows_failed"):
                 if getattr(outcome, count) is not None:
                     metadata[count] = getattr(outcome, count)

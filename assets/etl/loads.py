@@ -66,6 +66,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from assets.etl.child_tables import take_children, write_children
 from assets.etl.deletes import DELETED_AT_COLUMN, DeletePlan, MarkTombstones, needs_marks
 from assets.etl.drift import SchemaDriftStep, value_kind
 from assets.etl.quarantine import Quarantine
@@ -124,6 +125,8 @@ class PublishOutcome:
     rows_deleted: int | None = None
     # A REST target: rows the API refused (quarantined with the status and body).
     rows_failed: int | None = None
+    # Child tables (`target.children`): rows written per child table.
+    child_rows: dict[str, int] | None = None
     state: CursorState | None = None  # the incremental state committed with the rows
 
 
@@ -319,6 +322,10 @@ class SqlTarget(Target):
     def _quote(self, name: str) -> str:
         return self.engine.dialect.identifier_preparer.quote(name)
 
+    def sql_type(self, data_type: pa.DataType) -> str:
+        """The column type this target stores an Arrow type as."""
+        return _sql_type(data_type, self.dialect)
+
     def _qualified(self, table: str) -> str:
         return f"{self._quote(self.schema)}.{self._quote(table)}" if self.schema else self._quote(table)
 
@@ -333,7 +340,11 @@ class SqlTarget(Target):
             if not self._exists(connection, self.table):
                 return None
             columns = sa.inspect(connection).get_columns(self.table, self.schema)
-        return pa.schema([pa.field(c["name"], _arrow_type(c["type"], self.dialect)) for c in columns])
+        fields = [pa.field(c["name"], _arrow_type(c["type"], self.dialect)) for c in columns]
+        # A list field published as a child table is still a field of the records (JSON text).
+        present = {c["name"] for c in columns}
+        fields += [pa.field(name, pa.string()) for name in self.spec.children if name not in present]
+        return pa.schema(fields)
 
     def stored_kind(self, data_type: pa.DataType) -> str:
         """The kind of value a column of this type holds once stored (SQLite stores times as text)."""
@@ -579,7 +590,13 @@ class SqlTarget(Target):
         deletes: DeletePlan | None = None,
     ) -> PublishOutcome:
         with self.engine.begin() as connection:
+            children = []
+            if self.spec.children and self._exists(connection, self.staged_name):
+                children = take_children(self, connection, self.spec.children, keys)
             outcome = self._publish(connection, mode, keys, deletes)
+            if children:
+                # In the same transaction: the parents and their children commit together.
+                outcome = dataclasses.replace(outcome, child_rows=write_children(self, connection, children))
             if state is not None:
                 # In the publish transaction: the rows and the cursor commit together or not at all.
                 self._write_state(connection, state)

@@ -46,6 +46,7 @@ __all__ = [
     "AGGREGATE_FUNCTIONS",
     "AggregateStep",
     "AssetSourceSpec",
+    "RestParentSpec",
     "IncrementalSpec",
     "RestSourceSpec",
     "CompiledCondition",
@@ -531,11 +532,26 @@ AuthSpec = Annotated[
 ]
 
 
+class RestParentSpec(AssetSourceSpec):
+    """The parent resource of a REST source: another pipeline's published records, one child read
+    per parent record (`parent.<field>` in the child's templates, e.g. path `orders/{{ parent.id }}/lines`).
+    The child's staged asset depends on the parent's published asset, so lineage shows it after."""
+
+    kind: Literal["asset"] = "asset"
+    carry: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="Child column <- parent field, copied into each child row (e.g. {order_id: id}): "
+        "the parent's key. An incremental cursor naming a carried column reads only the parents in the window.",
+    )
+
+
 class RestSourceSpec(SourceOptions):
     """An HTTP API answering JSON, read page by page (assets/etl/sources/rest.py).
 
     `path`, `params` and `headers` are kernel templates: `incremental` (start, end, last_value,
-    initial) and `platform.url` (the platform's public URL) are defined.
+    initial), `run` (id, and start and end of the time the run stands for: from the schedule's tick
+    before to the tick that launched it), `platform.url` (the platform's public URL) and, in a
+    stream-triggered run, `trigger` (keys, events, ids) are defined.
     """
 
     kind: Literal["rest"]
@@ -563,10 +579,20 @@ class RestSourceSpec(SourceOptions):
     rate_limit: float | None = Field(default=None, gt=0, description="Requests per second at most")
     max_pages: int | None = Field(default=None, ge=1, description="Stop after this many pages (a guard)")
     retry: RestRetrySpec = Field(default_factory=RestRetrySpec)
+    parent: RestParentSpec | None = Field(
+        default=None, description="Read this resource once per record of another pipeline (parent -> child)"
+    )
+    max_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Requests in flight at once across a parent's children (each resource's pages "
+        "follow one another: a page tells the next)",
+    )
 
     @model_validator(mode="after")
     def _templates_parse(self) -> RestSourceSpec:
-        from orchestration.kernel.templates import TemplateRenderError, compile_template
+        from orchestration.kernel.templates import TemplateRenderError, compile_template, referenced_variables
 
         for name, text in [
             ("base_url", self.base_url),
@@ -578,7 +604,24 @@ class RestSourceSpec(SourceOptions):
                 compile_template(text)
             except TemplateRenderError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        uses_parent = any(
+            path == "parent" or path.startswith("parent.")
+            for text in self.template_texts()
+            for path in referenced_variables(text)
+        )
+        if uses_parent and self.parent is None:
+            raise ValueError("the templates read parent.*, but the source declares no parent")
+        if self.parent is not None and not uses_parent:
+            raise ValueError(
+                "parent: no template reads parent.* (e.g. path: orders/{{ parent.id }}/lines), so every "
+                "parent record would ask for the same thing"
+            )
         return self
+
+    def template_texts(self) -> list[str]:
+        """The source's texts that are templates: base_url, path, headers, string params."""
+        texts = [self.base_url, self.path, *self.headers.values()]
+        return texts + [value for value in self.params.values() if isinstance(value, str)]
 
 
 SourceSpec = Annotated[
@@ -834,6 +877,11 @@ class SqlTargetSpec(StrictModel):
         default=None, description="A relative SQLite path is relative to $JUNCTION_HOME (created if missing)"
     )
     table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")]
+    children: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list,
+        description="List fields published as child tables <table>__<field>, one row per element with "
+        "the parent's load.keys as <table>_<key> and _junction_list_index (assets/etl/child_tables.py)",
+    )
 
     @model_validator(mode="after")
     def _one_url(self) -> SqlTargetSpec:
@@ -1112,8 +1160,15 @@ class PipelineSpec(StrictModel):
 
     @model_validator(mode="after")
     def _poll_triggers_fit(self) -> PipelineSpec:
+        if sum(isinstance(trigger, PollTrigger) for trigger in self.triggers) > 1:
+            raise ValueError("triggers: one poll trigger per pipeline (one cursor to ask past)")
         for trigger in self.triggers:
             if isinstance(trigger, PollTrigger):
+                if isinstance(self.source, RestSourceSpec) and self.source.parent is not None:
+                    raise ValueError(
+                        "triggers: a child resource (source.parent) has no first page to poll; poll its "
+                        "parent pipeline and run this one after it"
+                    )
                 if not isinstance(self.source, RestSourceSpec) or self.incremental is None:
                     raise ValueError(
                         "triggers: a poll trigger asks a REST source for records past the cursor; it needs "
@@ -1122,6 +1177,15 @@ class PipelineSpec(StrictModel):
                 every = parse_duration(trigger.every)
                 if every is None or every.total_seconds() < 5:
                     raise ValueError("triggers: a poll trigger's every is at least 5s (the daemon's loop)")
+        return self
+
+    @model_validator(mode="after")
+    def _child_tables_have_a_parent_key(self) -> PipelineSpec:
+        if isinstance(self.target, SqlTargetSpec) and self.target.children and not self.load.keys:
+            raise ValueError(
+                "target.children: each child row carries its parent's key: use load.mode merge with keys "
+                "(a merge replaces the children of the parents it publishes)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -1272,6 +1336,8 @@ def asset_references(spec: PipelineSpec) -> list[tuple[Location, AssetSourceSpec
     found: list[tuple[Location, AssetSourceSpec]] = []
     if isinstance(spec.source, AssetSourceSpec):
         found.append((("source",), spec.source))
+    if isinstance(spec.source, RestSourceSpec) and spec.source.parent is not None:
+        found.append((("source", "parent"), spec.source.parent))
     for index, step in enumerate(spec.transforms):
         if step.enrich is not None and isinstance(step.enrich.lookup, AssetSourceSpec):
             found.append((("transforms", index, "enrich", "lookup"), step.enrich.lookup))

@@ -39,6 +39,7 @@ __all__ = [
     "CursorState",
     "IncrementalStep",
     "IncrementalWindow",
+    "RunWindow",
     "cursor_text",
     "parse_cursor",
 ]
@@ -185,6 +186,48 @@ class IncrementalWindow:
             "start": cursor_text(self.start),
             "end": cursor_text(self.end),
             "full": self.full,
+        }
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """The span of time a run stands for (`run.*` in a REST source's templates): it ends at the
+    schedule tick that launched the run (Dagster's scheduled-execution-time tag), or at the run's
+    start for a run launched by hand or by a sensor; it starts at the spec's cron tick before that end,
+    so a daily schedule's run covers the day before its tick. Without a schedule there is no start
+    (empty text: a query parameter left out)."""
+
+    run_id: str
+    start: datetime | None
+    end: datetime
+
+    @classmethod
+    def of(
+        cls,
+        run_id: str,
+        run_tags: dict[str, str],
+        schedule: str | None,
+        timezone: str | None,
+        now: datetime | None = None,
+    ) -> RunWindow:
+        from dagster._core.storage.tags import SCHEDULED_EXECUTION_TIME_TAG
+        from dagster._utils.schedules import reverse_cron_string_iterator
+
+        tick = run_tags.get(SCHEDULED_EXECUTION_TIME_TAG)
+        end = parse_instant(tick) if tick else None
+        end = (end or now or datetime.now(UTC)).astimezone(UTC)
+        start = None
+        if schedule:
+            # The tick strictly before the end: a run on its own tick covers the interval up to it.
+            previous = reverse_cron_string_iterator(end.timestamp() - 1, schedule, timezone or "UTC")
+            start = next(previous).astimezone(UTC)
+        return cls(run_id, start, end)
+
+    def template_values(self) -> dict[str, Any]:
+        return {
+            "id": self.run_id,
+            "start": "" if self.start is None else cursor_text(self.start),
+            "end": cursor_text(self.end),
         }
 
 

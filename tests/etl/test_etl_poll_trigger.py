@@ -99,3 +99,32 @@ def test_a_poll_trigger_needs_an_incremental_rest_source(tmp_path: Path):
     )
     with pytest.raises(SpecError, match="needs source.kind rest and incremental"):
         load_specs([path], PipelineSpec)
+
+
+
+POLLED = """incremental: {cursor: updated_at, initial: '2024-01-01T00:00:00Z'}
+target: {kind: sql, url: 'sqlite:///x.db', table: t}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "source: {kind: rest, base_url: 'http://x', path: orders}\n"
+            "triggers: [{type: poll, every: 1m}, {type: poll, every: 5m}]\n",
+            "one poll trigger per pipeline",
+        ),
+        (
+            "source: {kind: rest, base_url: 'http://x', path: 'c/{{ parent.id }}/orders',"
+            " parent: {pipeline: customers, carry: {customer_id: id}}}\n"
+            "triggers: [{type: poll, every: 1m}]\n",
+            "a child resource .source.parent. has no first page to poll",
+        ),
+    ],
+)
+def test_poll_triggers_refuse_a_second_one_and_child_resources(tmp_path: Path, text: str, expected: str):
+    path = tmp_path / "polled.yaml"
+    path.write_text(text + POLLED)
+    with pytest.raises(SpecError, match=expected):
+        load_specs([path], PipelineSpec)

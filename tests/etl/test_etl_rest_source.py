@@ -263,3 +263,45 @@ def test_rest_spec_problems_name_the_field(tmp_path):
     message = str(failure.value)
     assert "source.paginator" in message and "type must be" in message
     assert "source.auth.token_env" in message
+
+
+def test_a_scheduled_run_gives_its_time_window_to_the_templates(upstream: Upstream, tmp_path):
+    """`run.start`/`run.end`: from the schedule's tick before to the tick that launched the run."""
+    import dagster as dg
+    import yaml
+
+    from assets.etl.factory import build_pipeline
+    from assets.etl.spec import load_pipelines
+
+    spec = {
+        "source": {"kind": "rest", "base_url": upstream.url, "path": "/single/records",
+                   "params": {"from": "{{ run.start }}", "to": "{{ run.end }}", "run": "{{ run.id }}"}},
+        "target": {"kind": "sql", "url": f"sqlite:///{tmp_path / 'w.db'}", "table": "customers"},
+        "schedule": "0 6 * * *",
+        "timezone": "Europe/Paris",
+    }  # fmt: skip
+    (tmp_path / "daily.yaml").write_text(yaml.safe_dump(spec))
+    job = build_pipeline(load_pipelines([tmp_path / "daily.yaml"])["daily"]).resolve_job_def("daily_pipeline")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance, tags={".dagster/scheduled_execution_time": "2026-12-07T05:00:00+00:00"}
+        )
+    assert result.success
+    (query,) = upstream.requests_to("single")
+    # 06:00 in Paris is 05:00 UTC: the run stands for the day up to its tick.
+    assert query["from"] == ["2026-12-06T05:00:00Z"] and query["to"] == ["2026-12-07T05:00:00Z"]
+    assert query["run"] == [result.run_id]
+
+
+def test_a_run_by_hand_without_a_schedule_has_an_end_and_no_start(upstream: Upstream):
+    from datetime import UTC, datetime
+
+    from assets.etl.state import RunWindow
+
+    spec = rest_spec(upstream, "/single/records", params={"from": "{{ run.start }}", "to": "{{ run.end }}"})
+    source = open_source(spec.source, base_dir=None, batch_size=100)  # type: ignore[arg-type]
+    assert isinstance(source, RestSource)
+    source.run = RunWindow.of("r1", {}, None, None, now=datetime(2026, 12, 7, 8, 30, tzinfo=UTC))
+    list(source.read(Quarantine()))
+    (query,) = upstream.requests_to("single")
+    assert "from" not in query and query["to"] == ["2026-12-07T08:30:00Z"]

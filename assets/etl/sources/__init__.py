@@ -58,5 +58,5 @@ def open_source(
     if isinstance(spec, RestSourceSpec):
         from assets.etl.sources.rest import RestSource
 
-        return RestSource(spec, batch_size, window)
+        return RestSource(spec, batch_size, window, upstream)
     return SqlSource(spec, batch_size, base_dir, window)

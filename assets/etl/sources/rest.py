@@ -4,7 +4,7 @@ Built on httpx (already the platform's HTTP client) rather than dlt's `RESTClien
 into every run worker with its own config, state and schema machinery for a few hundred lines of
 paging and auth, which `paginators.py` and `auth.py` hold as one small class per kind.
 
-A read renders the source's templates once (`incremental.*`, `platform.url`), then walks the pages
+A read renders the source's templates once (`incremental.*`, `run.*`, `platform.url`, `trigger.*`), then walks the pages
 with the spec's paginator. Each request is retried on connection errors, 429 and 5xx with
 exponential backoff and jitter (tenacity), waiting what `Retry-After` asks when the server sends it
 (one parser for the platform: `resources.notifications.retry_after_seconds`), capped by
@@ -24,22 +24,25 @@ which quarantines what does not convert, rather than losing a value.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
-from assets.etl.quarantine import Batch, Quarantine
+from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources.auth import SourceAuth, open_auth
 from assets.etl.sources.base import READ_STEP, InputIdentity, Source, clip_record
 from assets.etl.sources.paginators import AutoPaginator, Page, find_first, open_paginator
-from assets.etl.spec import RestRetrySpec, RestSourceSpec
-from assets.etl.state import IncrementalWindow
+from assets.etl.spec import LoadedPipeline, RestRetrySpec, RestSourceSpec
+from assets.etl.state import IncrementalStep, IncrementalWindow, RunWindow
 from orchestration.errors import JunctionError
 from orchestration.kernel.times import parse_duration
 
@@ -109,17 +112,30 @@ def flatten(record: dict[str, Any], separator: str, nested: str) -> dict[str, An
 class RestSource(Source):
     """Records of one API resource (a `kind: rest` source)."""
 
-    def __init__(self, spec: RestSourceSpec, batch_size: int, window: IncrementalWindow | None = None):
+    def __init__(
+        self,
+        spec: RestSourceSpec,
+        batch_size: int,
+        window: IncrementalWindow | None = None,
+        upstream: Mapping[str, LoadedPipeline] | None = None,
+    ):
         self.spec = spec
         self.batch_size = batch_size
         self.window = window
         self.read_at = datetime.now(UTC)
+        self.upstream = upstream
         self._notes: list[str] = []
+        self._selector = spec.data_selector
+        self._lock = threading.Lock()  # children of several parents are read at once
         self.requests_made = 0
         self.pages_read = 0
+        self.children_read = 0
+        self.parents_skipped = 0
         # A stream-triggered run's events (`trigger.*` in templates: stream, ids, count, keys,
         # events), set by the staged asset; None otherwise.
         self.trigger: dict[str, Any] | None = None
+        # The span of time the run stands for (`run.*`: id, start, end), set by the staged asset.
+        self.run: RunWindow | None = None
 
     @property
     def description(self) -> str:
@@ -142,6 +158,7 @@ class RestSource(Source):
             "incremental": self.window.template_values() if self.window is not None else None,
             "platform": {"url": get_settings().public_url.rstrip("/")},
             "trigger": self.trigger,
+            "run": self.run.template_values() if self.run is not None else None,
         }
 
     @property
@@ -154,21 +171,22 @@ class RestSource(Source):
         """Whether the source's templates read `trigger` (only then does a triggered run read its events)."""
         from orchestration.kernel.templates import referenced_variables
 
-        texts = [self.spec.base_url, self.spec.path, *self.spec.headers.values()]
-        texts += [value for value in self.spec.params.values() if isinstance(value, str)]
         return any(
             path == "trigger" or path.startswith("trigger.")
-            for text in texts
+            for text in self.spec.template_texts()
             for path in referenced_variables(text)
         )
 
-    def _rendered(self) -> tuple[str, dict[str, Any], dict[str, str]]:
+    def _rendered(self, parent: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], dict[str, str]]:
+        """(url, params, headers) rendered; `parent`: the parent record a child resource is read for."""
         from orchestration.kernel.templates import TemplateRenderError, render, render_data
 
         # `trigger` stays defined as None outside triggered runs, so `if trigger` works in a template.
         context = {
             name: value for name, value in self._context().items() if value is not None or name == "trigger"
         }
+        if parent is not None:
+            context["parent"] = parent
         try:
             base = render(self.spec.base_url, context)
             path = render(self.spec.path, context)
@@ -184,86 +202,171 @@ class RestSource(Source):
     def read(self, quarantine: Quarantine) -> Iterator[Batch]:
         import httpx
 
-        url, params, headers = self._rendered()
         auth = open_auth(self.spec.auth)
-        secrets = auth.secrets if auth is not None else ()
-        paginator = open_paginator(self.spec.paginator)
         limit = RateLimit(self.spec.rate_limit)
-        timeout = seconds(self.spec.timeout)
-        params = paginator.first(params)
-        selector = self.spec.data_selector
+        pool = httpx.Limits(max_connections=self.spec.max_concurrency, max_keepalive_connections=self.spec.max_concurrency)
         rows: list[dict[str, Any]] = []
-        first_row = 1
-        number = 0
-        with httpx.Client(auth=auth, timeout=timeout, headers=headers, follow_redirects=True) as client:
-            while True:
-                number += 1
-                limit.wait()
-                response = self._request(client, url, params, auth, number)
-                self.pages_read += 1
-                body, problem = _json_body(response)
-                records: list[Any] = []
-                if problem is not None:
-                    shown = mask(str(response.url), auth.secrets if auth is not None else secrets)
-                    quarantine.add(
-                        f"{shown} (page {number})",
-                        READ_STEP,
-                        f"page {number} is not JSON: {problem}",
-                        row=number,
-                        record=clip_record(response.text),
-                    )
-                else:
-                    if selector is None:
-                        selector = self._detect_selector(body)
-                    records = _select(body, selector)
-                    if records is None:
-                        keys = ", ".join(body) if isinstance(body, dict) else type(body).__name__
-                        raise JunctionError(
-                            f"{self.description}: source.data_selector {selector!r} matches nothing in "
-                            f"page {number} (the page holds: {keys or 'nothing'})"
-                        )
-                    for position, record in enumerate(records, start=1):
-                        if isinstance(record, dict):
-                            rows.append(flatten(record, self.spec.separator, self.spec.nested))
-                        else:
-                            quarantine.add(
-                                f"{self.description} (page {number})",
-                                READ_STEP,
-                                f"record {position} of page {number} is not an object",
-                                record=clip_record(orjson.dumps(record).decode()),
-                            )
+        first_row, pages = 1, 0
+        with httpx.Client(auth=auth, timeout=seconds(self.spec.timeout), limits=pool, follow_redirects=True) as client:
+            for page_rows, problems in self._resources(client, auth, limit):
+                pages += 1
+                for problem in problems:
+                    quarantine.add(**problem)
+                rows.extend(page_rows)
                 if len(rows) >= self.batch_size:
-                    yield self._batch(rows, first_row, number)
+                    yield self._batch(rows, first_row, pages)
                     first_row += len(rows)
                     rows = []
-                following = paginator.next_request(url, params, Page(number, response, body, records))
-                if isinstance(paginator, AutoPaginator) and number == 1:
-                    self._notes.append(f"{self.description}: paginator detected: {paginator.chosen}")
-                if following is None:
-                    break
-                if self.spec.max_pages is not None and number >= self.spec.max_pages:
-                    self._notes.append(f"{self.description}: stopped after max_pages={self.spec.max_pages}")
-                    break
-                url, params = following
         if rows:
-            yield self._batch(rows, first_row, number)
+            yield self._batch(rows, first_row, pages)
+
+    def _resources(
+        self, client: Any, auth: SourceAuth | None, limit: RateLimit
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """(rows, quarantine entries) page by page: of the one resource, or of each parent's child
+        resource (up to `max_concurrency` children in flight, their pages yielded in parent order)."""
+        if self.spec.parent is None:
+            yield from self._walk(client, auth, limit, *self._rendered())
+            return
+        carry = self.spec.parent.carry
+
+        def read_child(parent: dict[str, Any]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+            pages = list(self._walk(client, auth, limit, *self._rendered(parent)))
+            carried = {column: parent.get(field) for column, field in carry.items()}
+            for rows, _ in pages:
+                for row in rows:
+                    row.update(carried)  # the parent's key wins over a child field of the same name
+            return pages
+
+        with ThreadPoolExecutor(self.spec.max_concurrency, thread_name_prefix="rest-child") as pool:
+            # A bounded window of parents at a time: the children of 100,000 parents are not all held.
+            parents = self._parents()
+            while chunk := list(itertools.islice(parents, self.spec.max_concurrency * 4)):
+                for pages in pool.map(read_child, chunk):
+                    self.children_read += 1
+                    yield from pages
+        self._note(
+            f"{self.description}: {self.children_read:,} child resource(s) read, one per record of "
+            f"{self.spec.parent.pipeline or self.spec.parent.asset} in the window ({self.parents_skipped:,} outside it)"
+        )
+
+    def _parents(self) -> Iterator[dict[str, Any]]:
+        """The parent pipeline's published records; with an incremental cursor that is a carried
+        column, only those whose carried field is in the window (the others have no new children)."""
+        from assets.etl.sources.tables import AssetSource, published_pipeline
+
+        parent = self.spec.parent
+        assert parent is not None
+        records = AssetSource(published_pipeline(parent, self.upstream), self.batch_size)
+        step = None
+        if self.window is not None and self.window.spec.cursor in parent.carry:
+            field = parent.carry[self.window.spec.cursor]
+            step = IncrementalStep(
+                dataclasses.replace(self.window, spec=self.window.spec.model_copy(update={"cursor": field}))
+            )
+        unused = Quarantine()  # a published table's rows parse; a parent without a cursor value is skipped
+        for batch in records.read(unused):
+            if step is not None:
+                kept = step.apply(batch, unused, RowCounts())
+                self.parents_skipped += batch.num_rows - kept.num_rows
+                batch = kept
+            yield from batch.table.to_pylist()
+
+    def _walk(
+        self,
+        client: Any,
+        auth: SourceAuth | None,
+        limit: RateLimit,
+        url: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """One resource's pages with the spec's paginator: each page's flattened records and the
+        quarantine entries of what could not be read (a page not JSON, a record not an object)."""
+        paginator = open_paginator(self.spec.paginator)
+        params = paginator.first(params)
+        secrets = auth.secrets if auth is not None else ()
+        number = 0
+        while True:
+            number += 1
+            limit.wait()
+            response = self._request(client, url, params, headers, auth, number)
+            with self._lock:
+                self.pages_read += 1
+            body, problem = _json_body(response)
+            records: list[Any] = []
+            rows: list[dict[str, Any]] = []
+            problems: list[dict[str, Any]] = []
+            if problem is not None:
+                problems.append(
+                    {
+                        "source": f"{mask(str(response.url), secrets)} (page {number})",
+                        "step": READ_STEP,
+                        "reason": f"page {number} is not JSON: {problem}",
+                        "row": number,
+                        "record": clip_record(response.text),
+                    }
+                )
+            else:
+                records = _select(body, self._selector_for(body))
+                if records is None:
+                    keys = ", ".join(body) if isinstance(body, dict) else type(body).__name__
+                    raise JunctionError(
+                        f"{self.description}: source.data_selector {self._selector!r} matches nothing in "
+                        f"page {number} of {mask(str(response.url), secrets)} (the page holds: {keys or 'nothing'})"
+                    )
+                for position, record in enumerate(records, start=1):
+                    if isinstance(record, dict):
+                        rows.append(flatten(record, self.spec.separator, self.spec.nested))
+                    else:
+                        problems.append(
+                            {
+                                "source": f"{self.description} (page {number})",
+                                "step": READ_STEP,
+                                "reason": f"record {position} of page {number} is not an object",
+                                "record": clip_record(orjson.dumps(record).decode()),
+                            }
+                        )
+            yield rows, problems
+            following = paginator.next_request(url, params, Page(number, response, body, records))
+            if isinstance(paginator, AutoPaginator) and number == 1:
+                self._note(f"{self.description}: paginator detected: {paginator.chosen}")
+            if following is None:
+                return
+            if self.spec.max_pages is not None and number >= self.spec.max_pages:
+                self._note(f"{self.description}: stopped after max_pages={self.spec.max_pages}")
+                return
+            url, params = following
+
+    def _selector_for(self, body: Any) -> str:
+        """The records' JSONPath: the spec's, else detected from the first page read (and kept)."""
+        with self._lock:
+            if self._selector is None:
+                self._selector = self._detect_selector(body)
+            return self._selector
+
+    def _note(self, text: str) -> None:
+        with self._lock:
+            if text not in self._notes:  # children of many parents decide the same thing once each
+                self._notes.append(text)
 
     def probe(self) -> list[dict[str, Any]]:
         """The records of the first page alone, flattened (one request, no quarantine): what a poll
         trigger looks at to tell whether a run would find anything past the cursor."""
         import httpx
 
+        if self.spec.parent is not None:
+            raise JunctionError(f"{self.description}: a child resource (source.parent) has no first page to probe")
         url, params, headers = self._rendered()
         auth = open_auth(self.spec.auth)
         timeout = seconds(self.spec.timeout)
         params = open_paginator(self.spec.paginator).first(params)
-        with httpx.Client(auth=auth, timeout=timeout, headers=headers, follow_redirects=True) as client:
-            response = self._request(client, url, params, auth, 1)
+        with httpx.Client(auth=auth, timeout=timeout, follow_redirects=True) as client:
+            response = self._request(client, url, params, headers, auth, 1)
         body, problem = _json_body(response)
         if problem is not None:
             raise JunctionError(f"{self.description}: the first page is not JSON: {problem}")
-        selector = self.spec.data_selector or self._detect_selector(body)
-        records = _select(body, selector) or []
+        records = _select(body, self._selector_for(body)) or []
         return [
             flatten(record, self.spec.separator, self.spec.nested)
             for record in records
@@ -309,19 +412,32 @@ class RestSource(Source):
         return Batch.from_table(table, self.description, first_row=first_row)
 
     def _request(
-        self, client: Any, url: str, params: dict[str, Any], auth: SourceAuth | None, number: int
+        self,
+        client: Any,
+        url: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+        auth: SourceAuth | None,
+        number: int,
     ) -> Any:
         import httpx
 
         secrets = auth.secrets if auth is not None else ()
 
         def counted() -> None:
-            self.requests_made += 1
+            with self._lock:
+                self.requests_made += 1
 
         try:
             # params=None, not {}: httpx replaces the query of a next-page URL with an empty mapping.
             response = send(
-                client, self.spec.method, url, self.spec.retry, params=params or None, on_attempt=counted
+                client,
+                self.spec.method,
+                url,
+                self.spec.retry,
+                params=params or None,
+                headers=headers or None,
+                on_attempt=counted,
             )
         except RetriesExhausted as exc:
             shown = mask(str(httpx.URL(url, params=params or None)), secrets)
