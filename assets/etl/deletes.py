@@ -9,8 +9,8 @@ run - says which keys are gone. **Full compare**: a run that reads everything (e
 `incremental`; once per `every` with it, from `initial`) stages every live key; the publish then
 treats target keys missing from the staged rows as deleted.
 
-The publish (`SqlTarget.publish`, in its transaction, so deletes commit with the rows and the cursor)
-deletes those target rows (`mode: delete`) or sets their `_junction_deleted_at` (`mode: flag`; a
+The publish (`SqlTarget.publish` in its transaction; `FileTarget.publish` in Arrow, written in its one
+atomic rename; either way deletes commit with the rows and the cursor) deletes those target rows (`mode: delete`) or sets their `_junction_deleted_at` (`mode: flag`; a
 flagged key that comes back live is un-flagged by the merge). Tombstones are never inserted.
 
 A full compare never deletes on doubt: when the read quarantined records (their keys are unknown) or

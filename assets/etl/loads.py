@@ -1062,8 +1062,6 @@ class FileTarget(Target):
         state: CursorState | None = None,
         deletes: DeletePlan | None = None,
     ) -> PublishOutcome:
-        if deletes is not None:  # the spec refuses it; a caller of the Python API is told the same
-            raise ConfigurationError("load.deletes: applies to SQL targets, not files")
         if state is not None:
             self._require_state_place()
         if not self.staged_path.exists():
@@ -1075,6 +1073,10 @@ class FileTarget(Target):
         nothing_new = staged.num_rows == 0 and mode in ("append", "merge")
         schema = None if nothing_new else staged.schema
         current = self._read_file(self.path, self.spec.format, schema) if self.path.exists() else None
+        deleted = None
+        if mode == "merge" and deletes is not None:
+            staged, current, deleted = _apply_deletes_to_file(staged, current, keys, deletes)
+            nothing_new = staged.num_rows == 0
         if nothing_new:
             result = current if current is not None else staged
             merged = (0, 0)
@@ -1114,6 +1116,7 @@ class FileTarget(Target):
                 rows_new=new,
                 rows_updated=existing,
                 rows_unchanged=0 if nothing_new else None,
+                rows_deleted=deleted,
                 state=state,
             )
         return PublishOutcome(staged.num_rows, result.num_rows, state=state)
@@ -1149,6 +1152,56 @@ class FileTarget(Target):
 
     def remove_staging(self, place: StagingPlace) -> None:
         Path(place.name).unlink(missing_ok=True)
+
+
+def _apply_deletes_to_file(
+    staged: pa.Table, current: pa.Table | None, keys: list[str], plan: DeletePlan
+) -> tuple[pa.Table, pa.Table | None, int]:
+    """`SqlTarget._apply_deletes` for a file target, in Arrow: (the staged rows without tombstones,
+    the current rows with the gone ones deleted or flagged, how many were). The caller writes the
+    result in its one atomic rename, so the deletes publish with the rows and the cursor."""
+    soft = plan.soft and DELETED_AT_COLUMN in staged.column_names
+    tombstones = staged.filter(pc.is_valid(staged.column(DELETED_AT_COLUMN))) if soft else staged.slice(0, 0)
+    if soft:
+        staged = staged.filter(pc.is_null(staged.column(DELETED_AT_COLUMN)))
+    if current is None:
+        return staged, None, 0
+    has_keys = all(key in staged.column_names for key in keys)
+    gone = pa.array([False] * current.num_rows)
+    if soft and tombstones.num_rows:
+        gone = _has_key_in(current, tombstones, keys)
+    if plan.full_compare:
+        live = staged.select(keys) if has_keys else None
+        missing = (
+            pc.invert(_has_key_in(current, live, keys)) if live is not None and live.num_rows else None
+        )  # nothing staged (an empty read the spec allows): every key is gone
+        gone = pc.or_(gone, missing) if missing is not None else pa.array([True] * current.num_rows)
+    if plan.mode == "delete":
+        return staged, current.filter(pc.invert(gone)), pc.sum(gone).as_py() or 0
+    now = pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC"))
+    if DELETED_AT_COLUMN in current.column_names:
+        was = pc.cast(current.column(DELETED_AT_COLUMN), pa.timestamp("us", "UTC"))
+    else:
+        was = pa.chunked_array([pa.nulls(current.num_rows, pa.timestamp("us", "UTC"))])
+    newly = pc.and_(gone, pc.is_null(was))
+    flagged = pc.if_else(newly, now, was)
+    if DELETED_AT_COLUMN in current.column_names:
+        index = current.column_names.index(DELETED_AT_COLUMN)
+        current = current.set_column(index, DELETED_AT_COLUMN, flagged)
+    else:
+        current = current.append_column(DELETED_AT_COLUMN, flagged)
+    return staged, current, pc.sum(newly).as_py() or 0
+
+
+def _has_key_in(rows: pa.Table, others: pa.Table, keys: list[str]) -> pa.ChunkedArray:
+    """For each row of `rows`: whether its key is among `others`' keys."""
+    if len(keys) == 1:
+        return pc.is_in(rows.column(keys[0]), value_set=pc.unique(others.column(keys[0]).combine_chunks()))
+    joined = "\x1f"
+
+    def text(table: pa.Table) -> pa.Array:
+        return pc.binary_join_element_wise(*[pc.cast(table.column(key), pa.string()) for key in keys], joined)
+    return pc.is_in(text(rows), value_set=pc.unique(text(others)))
 
 
 def _refuse_duplicate_keys_in(staged: pa.Table, keys: list[str], target: str) -> None:

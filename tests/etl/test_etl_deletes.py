@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -66,7 +67,11 @@ def write_spec(
             "data_selector": "data",
         },
         "transforms": [{"select": ["id", "name", "status", "updated_at"]}, {"cast": {"id": "int64"}}],
-        "target": {"kind": "sql", "url": url, "table": NAME},
+        "target": (
+            {"kind": "file", "format": "parquet", "path": url}
+            if url.endswith(".parquet")
+            else {"kind": "sql", "url": url, "table": NAME}
+        ),
         "load": {"mode": "merge", "keys": ["id"], "deletes": deletes},
     }
     if incremental:
@@ -90,6 +95,8 @@ def metadata(result: dg.ExecuteInProcessResult, node: str = NAME) -> dict[str, A
 
 
 def rows(url: str) -> dict[int, dict[str, Any]]:
+    if url.endswith(".parquet"):
+        return {row["id"]: row for row in pq.read_table(url).to_pylist()}
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
@@ -272,12 +279,50 @@ def test_delete_detection_specs_fail_naming_the_field(tmp_path: Path, load: str,
     assert message in str(failure.value) and "bad.yaml" in str(failure.value)
 
 
-def test_delete_detection_on_a_file_target_is_refused_at_load(tmp_path: Path):
-    path = tmp_path / "files.yaml"
+def test_a_parquet_target_deletes_tombstoned_keys_in_its_one_atomic_rename(upstream: Upstream, pipelines_dir: Path):
+    path = str(pipelines_dir / "customers.parquet")
+    write_spec(pipelines_dir, upstream, path, {"soft": TOMBSTONE})
+    instance = dg.DagsterInstance.ephemeral()
+    assert metadata(run(pipelines_dir, instance))["rows_deleted"] == 0
+    tombstone(upstream, [3, 4], "2024-02-01T00:00:00Z")
+    upstream.records.append(
+        {"id": 99, "name": "never seen", "status": "deleted", "updated_at": "2024-02-01T00:00:00Z"}
+    )
+    second = run(pipelines_dir, instance)
+    assert metadata(second)["rows_deleted"] == 2
+    assert sorted(rows(path)) == [1, 2, 5, 6, 7, 8, 9, 10]  # the unseen key's tombstone is not inserted
+    assert read_state(pipelines_dir).value == "2024-02-01T00:00:00Z"  # committed in the same file
+
+
+def test_a_parquet_target_flags_what_a_full_compare_misses_and_unflags_a_key_that_comes_back(
+    upstream: Upstream, pipelines_dir: Path
+):
+    path = str(pipelines_dir / "customers.parquet")
+    write_spec(pipelines_dir, upstream, path, {"detect": "full_compare", "mode": "flag"}, incremental=False)
+    instance = dg.DagsterInstance.ephemeral()
+    run(pipelines_dir, instance)
+    gone = [r for r in upstream.records if r["id"] in (2, 9)]
+    upstream.records = [r for r in upstream.records if r["id"] not in (2, 9)]
+    second = run(pipelines_dir, instance)
+    assert metadata(second)["rows_deleted"] == 2
+    flagged = rows(path)
+    assert len(flagged) == 10
+    assert {key for key, row in flagged.items() if row["_junction_deleted_at"] is not None} == {2, 9}
+    flagged_at = flagged[2]["_junction_deleted_at"]
+
+    assert metadata(run(pipelines_dir, instance))["rows_deleted"] == 0  # already flagged: not again
+    assert rows(path)[2]["_junction_deleted_at"] == flagged_at
+    upstream.records.append(gone[0])
+    run(pipelines_dir, instance)
+    assert rows(path)[2]["_junction_deleted_at"] is None and rows(path)[9]["_junction_deleted_at"] == flagged_at
+
+
+def test_delete_detection_on_a_rest_target_is_refused_at_load(tmp_path: Path):
+    path = tmp_path / "pushed.yaml"
     path.write_text(
         "source: {kind: rest, base_url: 'http://x'}\n"
-        "target: {kind: file, path: out.parquet, format: parquet}\n"
+        "target: {kind: rest, url: 'http://y/{{ row.id }}', method: PUT}\n"
         "load: {mode: merge, keys: [id], deletes: {detect: full_compare}}\n"
     )
-    with pytest.raises(SpecError, match="applies to SQL targets"):
+    with pytest.raises(SpecError, match="applies to SQL and file targets"):
         load_specs([path], PipelineSpec)
