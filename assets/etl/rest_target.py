@@ -78,7 +78,7 @@ class RestTarget(FileTarget):
         deletes: DeletePlan | None = None,
     ) -> PublishOutcome:
         if deletes is not None:
-            raise ConfigurationError("load.deletes: applies to SQL targets, not REST targets")
+            raise ConfigurationError("load.deletes: applies to SQL and file targets, not REST targets")
         if mode not in ("append", "merge"):
             raise ConfigurationError(f"a REST target is loaded by append or merge, not {mode}")
         if not self.staged_path.exists():

@@ -586,8 +586,9 @@ class RestSourceSpec(SourceOptions):
         default=4,
         ge=1,
         le=64,
-        description="Requests in flight at once across a parent's children (each resource's pages "
-        "follow one another: a page tells the next)",
+        description="Requests in flight at once: a parent's children, or the pages of a resource whose "
+        "first page says how many there are (page_number with total_pages_path, offset with total_path); "
+        "other paginators follow one page after another (each page tells the next)",
     )
 
     @model_validator(mode="after")

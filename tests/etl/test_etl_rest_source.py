@@ -163,10 +163,43 @@ def test_oauth2_fetches_one_token_and_renews_it_once_on_401(
     # The server forgets its tokens when page 2 is asked for: the client renews once and carries on.
     upstream.tokens_issued = 0
     upstream.revoke_tokens_at = ("page", 2)
-    rows, *_ = read(rest_spec(upstream, "page/records", auth=auth, paginator=PAGINATORS["page"]))
+    # One page at a time, so that page 3 is asked after the renewal (see the next test for overlap).
+    spec = rest_spec(upstream, "page/records", auth=auth, paginator=PAGINATORS["page"], max_concurrency=1)
+    rows, *_ = read(spec)
     assert len(rows) == 25 and upstream.tokens_issued == 2
     statuses = [query.get("page") for _, path, query, _ in upstream.requests if path == "/page/records"]
     assert statuses[-3:] == [["2"], ["2"], ["3"]]  # page 2 asked twice: refused, then with the new token
+
+
+def test_requests_refused_at_once_renew_the_oauth2_token_once(upstream: Upstream, monkeypatch: pytest.MonkeyPatch):
+    upstream.auth = ("oauth2", "client-1", "client-secret")
+    monkeypatch.setenv("CLIENT_ID", "client-1")
+    monkeypatch.setenv("CLIENT_SECRET", "client-secret")
+    auth = {
+        "type": "oauth2_client_credentials",
+        "token_url": f"{upstream.url}/oauth/token",
+        "client_id_env": "CLIENT_ID",
+        "client_secret_env": "CLIENT_SECRET",
+    }
+    upstream.set_records(80)
+    upstream.revoke_tokens_at = ("page", 2)  # the server forgets its token as pages 2..8 are asked at once
+    spec = rest_spec(upstream, "page/records", auth=auth, paginator=PAGINATORS["page"], max_concurrency=8)
+    rows, *_ = read(spec)
+    assert len(rows) == 80
+    assert upstream.tokens_issued == 2  # renewed once, however many pages were refused with the old one
+
+
+def test_pages_counted_by_the_first_page_are_asked_at_once_in_page_order(upstream: Upstream):
+    upstream.set_records(60)
+    upstream.slow = {("page", page): [0.1] for page in range(2, 7)}
+    rows, _, _, source = read(rest_spec(upstream, "page/records", paginator=PAGINATORS["page"], max_concurrency=5))
+    assert [row["id"] for row in rows] == list(range(1, 61))  # in order, whatever answered first
+    assert source.pages_read == 6
+    started = sorted(at for at, path, _, _ in upstream.requests if path == "/page/records")
+    assert started[-1] - started[1] < 0.09  # pages 2..6 were asked before any of them answered
+    # A cursor paginator cannot know its pages ahead: one after another.
+    rows, *_ = read(rest_spec(upstream, "cursor/records", paginator=PAGINATORS["cursor"], max_concurrency=5))
+    assert len(rows) == 60
 
 
 def test_429_waits_what_retry_after_asks_and_503s_are_retried(upstream: Upstream):

@@ -139,10 +139,14 @@ class OAuth2ClientCredentials(SourceAuth):
         request.headers["Authorization"] = f"Bearer {sent}"
         response = yield request
         if response.status_code == 401:
-            with self._lock:
-                stale = self._token == sent
-            request.headers["Authorization"] = f"Bearer {self.token(renew=stale)}"
+            request.headers["Authorization"] = f"Bearer {self._renewed(sent)}"
             yield request
+
+    def _renewed(self, refused: str) -> str:
+        """A token other than the `refused` one: fetched once, however many requests in flight were
+        refused with it (another thread may have renewed it already)."""
+        with self._lock:
+            return self._fetch() if self._token == refused or self._token is None else self._token
 
 
 AUTH_KINDS: dict[type, type[SourceAuth]] = {

@@ -81,6 +81,11 @@ class Paginator(ABC):
     def next_request(self, url: str, params: Params, page: Page) -> Request | None:
         """The next request after `page` (made with `url` and `params`), or None: no more pages."""
 
+    def later_requests(self, url: str, params: Params, first: Page) -> list[Request] | None:
+        """Every request after the first page when that page says how many there are (so they can
+        be made at once), else None: each page then tells the next."""
+        return None
+
     def describe(self) -> str:
         return self.name
 
@@ -125,6 +130,15 @@ class PageNumber(Paginator):
             return None
         return url, {**params, self.spec.page_param: number + 1}
 
+    def later_requests(self, url: str, params: Params, first: Page) -> list[Request] | None:
+        if not self.spec.total_pages_path or first.body is None or not first.records:
+            return None
+        total_pages = find_first(first.body, self.spec.total_pages_path)
+        if not isinstance(total_pages, int):
+            return None
+        base = self.spec.base_page
+        return [(url, {**params, self.spec.page_param: base + index}) for index in range(1, total_pages)]
+
     def describe(self) -> str:
         return f"page_number ({self.spec.page_param} from {self.spec.base_page})"
 
@@ -147,6 +161,15 @@ class Offset(Paginator):
             if isinstance(total, int) and offset >= total:
                 return None
         return url, {**params, self.spec.offset_param: offset}
+
+    def later_requests(self, url: str, params: Params, first: Page) -> list[Request] | None:
+        if not self.spec.total_path or first.body is None or len(first.records) < self.spec.limit:
+            return None
+        total = find_first(first.body, self.spec.total_path)
+        if not isinstance(total, int):
+            return None
+        limit = self.spec.limit
+        return [(url, {**params, self.spec.offset_param: offset}) for offset in range(limit, total, limit)]
 
 
 class Cursor(Paginator):

@@ -291,44 +291,18 @@ class RestSource(Source):
             number += 1
             limit.wait()
             response = self._request(client, url, params, headers, auth, number)
-            with self._lock:
-                self.pages_read += 1
-            body, problem = _json_body(response)
-            records: list[Any] = []
-            rows: list[dict[str, Any]] = []
-            problems: list[dict[str, Any]] = []
-            if problem is not None:
-                problems.append(
-                    {
-                        "source": f"{mask(str(response.url), secrets)} (page {number})",
-                        "step": READ_STEP,
-                        "reason": f"page {number} is not JSON: {problem}",
-                        "row": number,
-                        "record": clip_record(response.text),
-                    }
-                )
-            else:
-                records = _select(body, self._selector_for(body))
-                if records is None:
-                    keys = ", ".join(body) if isinstance(body, dict) else type(body).__name__
-                    raise JunctionError(
-                        f"{self.description}: source.data_selector {self._selector!r} matches nothing in "
-                        f"page {number} of {mask(str(response.url), secrets)} (the page holds: {keys or 'nothing'})"
-                    )
-                for position, record in enumerate(records, start=1):
-                    if isinstance(record, dict):
-                        rows.append(flatten(record, self.spec.separator, self.spec.nested))
-                    else:
-                        problems.append(
-                            {
-                                "source": f"{self.description} (page {number})",
-                                "step": READ_STEP,
-                                "reason": f"record {position} of page {number} is not an object",
-                                "record": clip_record(orjson.dumps(record).decode()),
-                            }
-                        )
+            body, records, rows, problems = self._page(response, number, secrets)
             yield rows, problems
-            following = paginator.next_request(url, params, Page(number, response, body, records))
+            page = Page(number, response, body, records)
+            if number == 1 and self.spec.parent is None and self.spec.max_concurrency > 1:
+                later = paginator.later_requests(url, params, page)
+                if later is not None:  # the first page said how many: ask for the rest at once
+                    if self.spec.max_pages is not None and len(later) >= self.spec.max_pages:
+                        later = later[: self.spec.max_pages - 1]
+                        self._note(f"{self.description}: stopped after max_pages={self.spec.max_pages}")
+                    yield from self._pages_at_once(client, auth, limit, headers, later)
+                    return
+            following = paginator.next_request(url, params, page)
             if isinstance(paginator, AutoPaginator) and number == 1:
                 self._note(f"{self.description}: paginator detected: {paginator.chosen}")
             if following is None:
@@ -337,6 +311,73 @@ class RestSource(Source):
                 self._note(f"{self.description}: stopped after max_pages={self.spec.max_pages}")
                 return
             url, params = following
+
+    def _pages_at_once(
+        self,
+        client: Any,
+        auth: SourceAuth | None,
+        limit: RateLimit,
+        headers: dict[str, str],
+        requests: list[tuple[str, dict[str, Any]]],
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """Pages 2.. of a resource whose first page told their number: up to `max_concurrency` in
+        flight, yielded in page order."""
+        secrets = auth.secrets if auth is not None else ()
+
+        def fetch(numbered: tuple[int, tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            number, (url, params) = numbered
+            limit.wait()
+            response = self._request(client, url, params, headers, auth, number)
+            _, _, rows, problems = self._page(response, number, secrets)
+            return rows, problems
+
+        with ThreadPoolExecutor(self.spec.max_concurrency, thread_name_prefix="rest-page") as pool:
+            numbered = enumerate(requests, start=2)
+            while chunk := list(itertools.islice(numbered, self.spec.max_concurrency * 4)):
+                yield from pool.map(fetch, chunk)
+
+    def _page(
+        self, response: Any, number: int, secrets: tuple[str, ...]
+    ) -> tuple[Any, list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(body, records, flattened rows, quarantine entries) of one answer: a page that is not JSON
+        and records that are not objects are quarantined, the rest flattened."""
+        with self._lock:
+            self.pages_read += 1
+        body, problem = _json_body(response)
+        records: list[Any] = []
+        rows: list[dict[str, Any]] = []
+        problems: list[dict[str, Any]] = []
+        if problem is not None:
+            problems.append(
+                {
+                    "source": f"{mask(str(response.url), secrets)} (page {number})",
+                    "step": READ_STEP,
+                    "reason": f"page {number} is not JSON: {problem}",
+                    "row": number,
+                    "record": clip_record(response.text),
+                }
+            )
+            return None, records, rows, problems
+        selected = _select(body, self._selector_for(body))
+        if selected is None:
+            keys = ", ".join(body) if isinstance(body, dict) else type(body).__name__
+            raise JunctionError(
+                f"{self.description}: source.data_selector {self._selector!r} matches nothing in "
+                f"page {number} of {mask(str(response.url), secrets)} (the page holds: {keys or 'nothing'})"
+            )
+        for position, record in enumerate(selected, start=1):
+            if isinstance(record, dict):
+                rows.append(flatten(record, self.spec.separator, self.spec.nested))
+            else:
+                problems.append(
+                    {
+                        "source": f"{self.description} (page {number})",
+                        "step": READ_STEP,
+                        "reason": f"record {position} of page {number} is not an object",
+                        "record": clip_record(orjson.dumps(record).decode()),
+                    }
+                )
+        return body, selected, rows, problems
 
     def _selector_for(self, body: Any) -> str:
         """The records' JSONPath: the spec's, else detected from the first page read (and kept)."""
