@@ -159,7 +159,9 @@ def start_upstream() -> tuple[Upstream, ThreadingHTTPServer]:
                     return
                 records = upstream.children[parent]
                 pages = max((len(records) + 1) // 2, 1)
-                self._send(200, {"data": records[(page - 1) * 2 : page * 2], "page": page, "total_pages": pages})
+                self._send(
+                    200, {"data": records[(page - 1) * 2 : page * 2], "page": page, "total_pages": pages}
+                )
             finally:
                 with upstream.lock:
                     upstream.in_flight -= 1

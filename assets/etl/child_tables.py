@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pyarrow as pa
 
+from assets.etl.sources.base import records_table
 from orchestration.errors import JunctionError
 
 if TYPE_CHECKING:
@@ -78,9 +79,11 @@ def explode(parents: pa.Table, field: str, table: str, keys: list[str]) -> Child
             row = flatten(element, "__", "flatten") if isinstance(element, dict) else {"value": element}
             rows.append({**row, **carried, LIST_INDEX_COLUMN: position})
     names = [*key_columns, LIST_INDEX_COLUMN]
-    child = pa.Table.from_pylist(rows) if rows else pa.table({name: pa.array([], pa.string()) for name in names})
-    ordered = names + [name for name in child.column_names if name not in names]
     parent_keys = pa.table(dict(zip(key_columns, [parents.column(key) for key in keys], strict=True)))
+    # No element at all: the key columns keep the parents' types (a child table created now is right).
+    empty = pa.schema([*parent_keys.schema, pa.field(LIST_INDEX_COLUMN, pa.int64())])
+    child = records_table(rows) if rows else empty.empty_table()
+    ordered = names + [name for name in child.column_names if name not in names]
     return ChildRows(field, child_table_name(table, field), child.select(ordered), parent_keys)
 
 
@@ -100,7 +103,9 @@ def take_children(target: SqlTarget, connection: Any, fields: list[str], keys: l
     names = ", ".join(target._quote(name) for name in [*keys, *taken])
     result = connection.execute(sa.text(f"SELECT {names} FROM {staged}"))
     columns = list(zip(*result.all(), strict=False)) or [() for _ in [*keys, *taken]]
-    parents = pa.table({name: pa.array(list(values)) for name, values in zip([*keys, *taken], columns, strict=True)})
+    parents = pa.table(
+        {name: pa.array(list(values)) for name, values in zip([*keys, *taken], columns, strict=True)}
+    )
     children = [explode(parents, field, target.table, keys) for field in taken]
     for field in taken:
         connection.execute(sa.text(f"ALTER TABLE {staged} DROP COLUMN {target._quote(field)}"))
@@ -117,7 +122,9 @@ def write_children(target: SqlTarget, connection: Any, children: list[ChildRows]
         if not target._exists(connection, child.table):
             target._create(connection, child.table, child.rows.schema)
         else:
-            present = {column["name"] for column in sa.inspect(connection).get_columns(child.table, target.schema)}
+            present = {
+                column["name"] for column in sa.inspect(connection).get_columns(child.table, target.schema)
+            }
             for schema_field in child.rows.schema:
                 if schema_field.name not in present:
                     connection.execute(
@@ -145,6 +152,8 @@ def _delete_children_of(target: SqlTarget, connection: Any, child: ChildRows) ->
     children = target._qualified(child.table)
     match = " AND ".join(f"{children}.{target._quote(key)} = p.{target._quote(key)}" for key in keys)
     connection.execute(
-        sa.text(f"DELETE FROM {children} WHERE EXISTS (SELECT 1 FROM {target._qualified(scratch)} AS p WHERE {match})")
+        sa.text(
+            f"DELETE FROM {children} WHERE EXISTS (SELECT 1 FROM {target._qualified(scratch)} AS p WHERE {match})"
+        )
     )
     connection.execute(sa.text(f"DROP TABLE {target._qualified(scratch)}"))

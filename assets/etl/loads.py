@@ -1201,6 +1201,7 @@ def _has_key_in(rows: pa.Table, others: pa.Table, keys: list[str]) -> pa.Chunked
 
     def text(table: pa.Table) -> pa.Array:
         return pc.binary_join_element_wise(*[pc.cast(table.column(key), pa.string()) for key in keys], joined)
+
     return pc.is_in(text(rows), value_set=pc.unique(text(others)))
 
 

@@ -1203,7 +1203,9 @@ class PipelineSpec(StrictModel):
         if deletes is None:
             return self
         if self.target is None or self.target.kind == "rest":
-            raise ValueError("load.deletes: applies to SQL and file targets (a table the merge can delete from)")
+            raise ValueError(
+                "load.deletes: applies to SQL and file targets (a table the merge can delete from)"
+            )
         if deletes.detect is not None and deletes.every is None and self.incremental is not None:
             raise ValueError(
                 "load.deletes.every: with incremental, say how often a run reads everything to compare "

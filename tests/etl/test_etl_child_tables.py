@@ -69,7 +69,11 @@ def rows(url: str, sql: str) -> list[tuple]:
 def test_list_fields_become_child_tables_replaced_per_parent_on_merge(
     upstream: Upstream, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ):
-    url = f"sqlite:///{tmp_path / 'w.db'}" if backend == "sqlite" else request.getfixturevalue("clean_postgres_url")
+    url = (
+        f"sqlite:///{tmp_path / 'w.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("clean_postgres_url")
+    )
     write_spec(tmp_path, upstream, url)
     lines_sql = 'SELECT customers_id, "_junction_list_index", sku, qty FROM customers__lines ORDER BY 1, 2'
     with dg.instance_for_test() as instance:

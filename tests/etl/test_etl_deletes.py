@@ -279,7 +279,9 @@ def test_delete_detection_specs_fail_naming_the_field(tmp_path: Path, load: str,
     assert message in str(failure.value) and "bad.yaml" in str(failure.value)
 
 
-def test_a_parquet_target_deletes_tombstoned_keys_in_its_one_atomic_rename(upstream: Upstream, pipelines_dir: Path):
+def test_a_parquet_target_deletes_tombstoned_keys_in_its_one_atomic_rename(
+    upstream: Upstream, pipelines_dir: Path
+):
     path = str(pipelines_dir / "customers.parquet")
     write_spec(pipelines_dir, upstream, path, {"soft": TOMBSTONE})
     instance = dg.DagsterInstance.ephemeral()
@@ -314,7 +316,9 @@ def test_a_parquet_target_flags_what_a_full_compare_misses_and_unflags_a_key_tha
     assert rows(path)[2]["_junction_deleted_at"] == flagged_at
     upstream.records.append(gone[0])
     run(pipelines_dir, instance)
-    assert rows(path)[2]["_junction_deleted_at"] is None and rows(path)[9]["_junction_deleted_at"] == flagged_at
+    assert (
+        rows(path)[2]["_junction_deleted_at"] is None and rows(path)[9]["_junction_deleted_at"] == flagged_at
+    )
 
 
 def test_delete_detection_on_a_rest_target_is_refused_at_load(tmp_path: Path):

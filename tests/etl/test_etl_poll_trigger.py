@@ -101,7 +101,6 @@ def test_a_poll_trigger_needs_an_incremental_rest_source(tmp_path: Path):
         load_specs([path], PipelineSpec)
 
 
-
 POLLED = """incremental: {cursor: updated_at, initial: '2024-01-01T00:00:00Z'}
 target: {kind: sql, url: 'sqlite:///x.db', table: t}
 """

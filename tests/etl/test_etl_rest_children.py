@@ -36,7 +36,8 @@ def upstream(served: Upstream) -> Upstream:
         record["updated_at"] = f"2024-01-{record['id']:02d}T00:00:00Z"
     served.children = {
         record["id"]: [
-            {"order_id": number, "amount": record["id"] * 100 + number} for number in range(1, record["id"] % 4 + 2)
+            {"order_id": number, "amount": record["id"] * 100 + number}
+            for number in range(1, record["id"] % 4 + 2)
         ]
         for record in served.records
     }
@@ -66,7 +67,10 @@ def write_specs(folder: Path, upstream: Upstream, **child_source: object) -> str
             "path": "customers/{{ parent.id }}/orders",
             "paginator": PAGES,
             "data_selector": "data",
-            "parent": {"pipeline": "customers", "carry": {"customer_id": "id", "customer_updated_at": "updated_at"}},
+            "parent": {
+                "pipeline": "customers",
+                "carry": {"customer_id": "id", "customer_updated_at": "updated_at"},
+            },
             **child_source,
         },
         "incremental": {"cursor": "customer_updated_at", "initial": "2024-01-01T00:00:00Z"},
@@ -80,14 +84,18 @@ def write_specs(folder: Path, upstream: Upstream, **child_source: object) -> str
 
 def run(folder: Path, instance: dg.DagsterInstance, name: str) -> dg.ExecuteInProcessResult:
     definitions = pipeline_definitions(folder)
-    return definitions.resolve_job_def(f"{name}_pipeline").execute_in_process(instance=instance, raise_on_error=False)
+    return definitions.resolve_job_def(f"{name}_pipeline").execute_in_process(
+        instance=instance, raise_on_error=False
+    )
 
 
 def orders(url: str) -> dict[tuple[int, int], int]:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
-            rows = connection.execute(sa.text("SELECT customer_id, order_id, amount FROM customer_orders")).all()
+            rows = connection.execute(
+                sa.text("SELECT customer_id, order_id, amount FROM customer_orders")
+            ).all()
     finally:
         engine.dispose()
     return {(row.customer_id, row.order_id): row.amount for row in rows}
@@ -97,7 +105,9 @@ def child_requests(upstream: Upstream) -> list[str]:
     return [path for _, path, _, _ in upstream.requests if path.startswith("/customers/")]
 
 
-def test_each_parent_record_reads_its_children_with_the_parent_key_carried(upstream: Upstream, tmp_path: Path):
+def test_each_parent_record_reads_its_children_with_the_parent_key_carried(
+    upstream: Upstream, tmp_path: Path
+):
     upstream.child_delay = 0.05
     url = write_specs(tmp_path, upstream, max_concurrency=3)
     with dg.instance_for_test() as instance:
@@ -130,10 +140,14 @@ def test_lineage_shows_the_child_after_its_parent(upstream: Upstream, tmp_path: 
     write_specs(tmp_path, upstream)
     graph = pipeline_definitions(tmp_path).resolve_asset_graph()
     assert dg.AssetKey("customers") in graph.get(dg.AssetKey("customer_orders_staged")).parent_keys
-    assert load_pipelines([tmp_path / "customer_orders.yaml"])["customer_orders"].upstream.keys() == {"customers"}
+    assert load_pipelines([tmp_path / "customer_orders.yaml"])["customer_orders"].upstream.keys() == {
+        "customers"
+    }
 
 
-def test_a_cursor_on_a_carried_column_reads_only_the_changed_parents_children(upstream: Upstream, tmp_path: Path):
+def test_a_cursor_on_a_carried_column_reads_only_the_changed_parents_children(
+    upstream: Upstream, tmp_path: Path
+):
     url = write_specs(tmp_path, upstream)
     with dg.instance_for_test() as instance:
         assert run(tmp_path, instance, "customers").success
@@ -191,4 +205,6 @@ def test_a_parent_that_no_pipeline_publishes_is_named(upstream: Upstream, tmp_pa
     (tmp_path / "customers.yaml").unlink()
     with pytest.raises(SpecError) as failure:
         load_pipelines([tmp_path / "customer_orders.yaml"])
-    assert "source.parent.pipeline" in str(failure.value) and "no pipeline named 'customers'" in str(failure.value)
+    assert "source.parent.pipeline" in str(failure.value) and "no pipeline named 'customers'" in str(
+        failure.value
+    )

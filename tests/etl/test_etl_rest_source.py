@@ -96,6 +96,14 @@ def test_nested_objects_are_flattened_and_lists_kept_as_json(upstream: Upstream)
     assert min(kept, key=lambda row: row["id"])["address"] == '{"city":"city 1","geo":{"lat":0.1}}'
 
 
+def test_a_field_the_first_records_lack_is_kept_from_the_records_that_have_it(upstream: Upstream):
+    upstream.records[3]["nickname"] = "Four"  # a sparse API: only some records carry the field
+    rows, _, counts, _ = read(rest_spec(upstream, "single/records", paginator="single_page"))
+    by_id = {row["id"]: row for row in rows}
+    assert by_id[4]["nickname"] == "Four" and by_id[1]["nickname"] is None
+    assert counts.read == 25
+
+
 def test_a_full_first_page_with_no_paginator_found_fails_instead_of_reading_one_page(upstream: Upstream):
     with pytest.raises(JunctionError, match="limit=10.*declare source.paginator"):
         read(rest_spec(upstream, "offset/records", params={"limit": 10}))
@@ -171,7 +179,9 @@ def test_oauth2_fetches_one_token_and_renews_it_once_on_401(
     assert statuses[-3:] == [["2"], ["2"], ["3"]]  # page 2 asked twice: refused, then with the new token
 
 
-def test_requests_refused_at_once_renew_the_oauth2_token_once(upstream: Upstream, monkeypatch: pytest.MonkeyPatch):
+def test_requests_refused_at_once_renew_the_oauth2_token_once(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+):
     upstream.auth = ("oauth2", "client-1", "client-secret")
     monkeypatch.setenv("CLIENT_ID", "client-1")
     monkeypatch.setenv("CLIENT_SECRET", "client-secret")
@@ -192,7 +202,9 @@ def test_requests_refused_at_once_renew_the_oauth2_token_once(upstream: Upstream
 def test_pages_counted_by_the_first_page_are_asked_at_once_in_page_order(upstream: Upstream):
     upstream.set_records(60)
     upstream.slow = {("page", page): [0.1] for page in range(2, 7)}
-    rows, _, _, source = read(rest_spec(upstream, "page/records", paginator=PAGINATORS["page"], max_concurrency=5))
+    rows, _, _, source = read(
+        rest_spec(upstream, "page/records", paginator=PAGINATORS["page"], max_concurrency=5)
+    )
     assert [row["id"] for row in rows] == list(range(1, 61))  # in order, whatever answered first
     assert source.pages_read == 6
     started = sorted(at for at, path, _, _ in upstream.requests if path == "/page/records")

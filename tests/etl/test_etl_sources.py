@@ -176,6 +176,12 @@ def test_json_lines_broken_lines_are_quarantined(tmp_path: Path):
     ]
 
 
+def test_a_json_field_the_first_records_lack_is_kept(tmp_path: Path):
+    (tmp_path / "sparse.json").write_text('[{"id": 1}, {"id": 2, "coupon": "WINTER"}]')
+    rows, *_ = read(tmp_path, format="json", path="sparse.json")
+    assert rows == [{"id": 1, "coupon": None}, {"id": 2, "coupon": "WINTER"}]
+
+
 def test_json_array_broken_elements_are_quarantined_and_reading_goes_on(tmp_path: Path):
     # After a broken element the reader resumes at the next line starting with "{".
     (tmp_path / "orders.json").write_text(

@@ -7,6 +7,9 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
 
 from assets.etl.quarantine import Batch, Quarantine
 
@@ -54,6 +57,13 @@ class Source(ABC):
         a read unless the spec allows it: a spec that misses its records must not publish an empty
         table with a perfect score."""
         return None
+
+
+def records_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Records as an Arrow table with every field any of them has: `pa.Table.from_pylist` takes the
+    fields of the first record only, so a field the first record lacks would be dropped silently."""
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return pa.table({name: [record.get(name) for record in records] for name in names})
 
 
 def clip_record(text: str) -> str:

@@ -77,6 +77,7 @@ from assets.etl.sources.base import (
     InputIdentity,
     Source,
     clip_record,
+    records_table,
 )
 from assets.etl.spec import (
     FileSourceSpec,
@@ -668,7 +669,7 @@ class FileSource(Source):
     @staticmethod
     def _records_batch(path: Path, records: list[dict[str, Any]], lines: list[int], rows: list[int]) -> Batch:
         try:
-            table = pa.Table.from_pylist(records)
+            table = records_table(records)
         except (pa.ArrowException, TypeError) as exc:
             raise JunctionError(
                 f"{path} lines {lines[0]}-{lines[-1]}: the records do not fit one table: {exc}"

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from assets.etl.quarantine import Batch, Quarantine, RowCounts
 from assets.etl.sources.auth import SourceAuth, open_auth
-from assets.etl.sources.base import READ_STEP, InputIdentity, Source, clip_record
+from assets.etl.sources.base import READ_STEP, InputIdentity, Source, clip_record, records_table
 from assets.etl.sources.paginators import AutoPaginator, Page, find_first, open_paginator
 from assets.etl.spec import LoadedPipeline, RestRetrySpec, RestSourceSpec
 from assets.etl.state import IncrementalStep, IncrementalWindow, RunWindow
@@ -204,10 +204,14 @@ class RestSource(Source):
 
         auth = open_auth(self.spec.auth)
         limit = RateLimit(self.spec.rate_limit)
-        pool = httpx.Limits(max_connections=self.spec.max_concurrency, max_keepalive_connections=self.spec.max_concurrency)
+        pool = httpx.Limits(
+            max_connections=self.spec.max_concurrency, max_keepalive_connections=self.spec.max_concurrency
+        )
         rows: list[dict[str, Any]] = []
         first_row, pages = 1, 0
-        with httpx.Client(auth=auth, timeout=seconds(self.spec.timeout), limits=pool, follow_redirects=True) as client:
+        with httpx.Client(
+            auth=auth, timeout=seconds(self.spec.timeout), limits=pool, follow_redirects=True
+        ) as client:
             for page_rows, problems in self._resources(client, auth, limit):
                 pages += 1
                 for problem in problems:
@@ -324,7 +328,9 @@ class RestSource(Source):
         flight, yielded in page order."""
         secrets = auth.secrets if auth is not None else ()
 
-        def fetch(numbered: tuple[int, tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        def fetch(
+            numbered: tuple[int, tuple[str, dict[str, Any]]],
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             number, (url, params) = numbered
             limit.wait()
             response = self._request(client, url, params, headers, auth, number)
@@ -397,7 +403,9 @@ class RestSource(Source):
         import httpx
 
         if self.spec.parent is not None:
-            raise JunctionError(f"{self.description}: a child resource (source.parent) has no first page to probe")
+            raise JunctionError(
+                f"{self.description}: a child resource (source.parent) has no first page to probe"
+            )
         url, params, headers = self._rendered()
         auth = open_auth(self.spec.auth)
         timeout = seconds(self.spec.timeout)
@@ -440,7 +448,7 @@ class RestSource(Source):
 
     def _batch(self, rows: list[dict[str, Any]], first_row: int, page: int) -> Batch:
         try:
-            table = pa.Table.from_pylist(rows)
+            table = records_table(rows)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             names = list(dict.fromkeys(name for row in rows for name in row))
             table = pa.table(
