@@ -54,7 +54,6 @@ from assets.etl.quarantine import Quarantine
 from assets.etl.report import PIPELINE_TAG, QUALITY_REPORT, QUARANTINE_BY_REASON, report_url
 from assets.etl.runner import run_pipeline
 from assets.etl.sources import open_source
-from assets.etl.sources.rest import RestSource
 from assets.etl.spec import LoadedPipeline, load_pipelines, pipeline_files
 from assets.etl.state import FILES_CURSOR, CursorState, IncrementalWindow, RunWindow
 from resources.event_stream.triggered import TriggeredRange
@@ -162,7 +161,7 @@ def stage(
     if by_file and target is not None and not full_compare:
         # Only files that are new or changed since the last publish (the state holds their prints).
         source.skip_files(dict(state.value) if state is not None else {})
-    if isinstance(source, RestSource):
+    if spec.source.kind == "rest":  # sources.rest imports httpx: not when the code location loads
         source.run = RunWindow.of(run_id, dict(run_tags or {}), spec.schedule, spec.timezone)
     triggered = TriggeredRange.of_run(run_tags or {})
     if triggered is not None and getattr(source, "uses_trigger", False):
