@@ -184,7 +184,12 @@ def stats(namespace: str | None, as_json: bool) -> None:
 @cache.command()
 @click.argument("namespace")
 @click.option("--top", type=click.IntRange(min=1), help="How many of the most read keys (default: warm.top).")
-def warm(namespace: str, top: int | None) -> None:
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=256),
+    help="Keys loaded at once (default: warm.concurrency).",
+)
+def warm(namespace: str, top: int | None, concurrency: int | None) -> None:
     """Load NAMESPACE's most read keys through its warm loader into every layer (exit 1 if any failed)."""
     from orchestration.store.bootstrap import migrate_store
     from resources.cache import open_cache
@@ -199,10 +204,10 @@ def warm(namespace: str, top: int | None) -> None:
 
         def progress(done: int, total: int) -> None:
             bar.length = total
-            bar.update(1)
+            bar.update(done - bar.pos)
 
         try:
-            result = warm_namespace(opened, top=top, progress=progress)
+            result = warm_namespace(opened, top=top, progress=progress, concurrency=concurrency)
         except NothingToWarm as exc:
             raise click.BadParameter(str(exc), param_hint="NAMESPACE") from None
     click.echo(

@@ -33,7 +33,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
@@ -133,23 +133,28 @@ class Cache:
             if entry is None or entry.expires_at <= now:
                 layer_stats.misses += 1
                 continue
-            value = entry.value
-            if value is NOT_DECODED:
-                try:
-                    value = serializers.decode(entry.data)
-                except serializers.CorruptEntry:
-                    layer_stats.corrupt += 1
-                    layer_stats.misses += 1
-                    self._quietly(layer.delete, [key])
+            if entry.value is NOT_DECODED:
+                entry = self._decoded(layer, key, entry)
+                if entry is None:
                     continue
-                entry = replace(entry, value=value)
             layer_stats.hits += 1
             layer_stats.hit_seconds.append(clock() - started)
             if index:
                 for above in self.layers[:index]:
                     self._store(above, key, entry)
-            return value, entry
+            return entry.value, entry
         return None
+
+    def _decoded(self, layer: Layer, key: str, entry: StoredEntry) -> StoredEntry | None:
+        """The entry with its value decoded, or None (counted as a corrupt miss, and removed)."""
+        try:
+            return replace(entry, value=serializers.decode(entry.data))
+        except serializers.CorruptEntry:
+            layer_stats = self.stats.layers[layer.name]
+            layer_stats.corrupt += 1
+            layer_stats.misses += 1
+            self._quietly(layer.delete, [key])
+            return None
 
     def _count_get(self, key: str, hit: bool) -> None:
         # Unlocked: two threads may lose an increment between them; figures, not accounting.
@@ -197,15 +202,17 @@ class Cache:
         except LayerUnavailable:
             return None
 
-    def _store(self, layer: Layer, key: str, entry: StoredEntry) -> None:
+    def _store(self, layer: Layer, key: str, entry: StoredEntry, lock_token: str | None = None) -> bool:
+        """Whether the layer answered; `lock_token`: Redis releases the key's load lock with the write."""
         try:
-            kept = layer.set(key, entry)
+            kept = layer.set(key, entry, lock_token) if lock_token is not None else layer.set(key, entry)
         except LayerUnavailable as exc:
             self._unavailable(layer, exc)
-            return
+            return False
         self.stats.layers[layer.name].sets += 1
         if not kept:
             self.stats.layers[layer.name].refused += 1
+        return True
 
     def _entry(self, value: Any, ttl: float | None, tags: Iterable[str]) -> StoredEntry:
         data, raw_size = serializers.encode_sized(value, self.spec.serializer, self.spec.compress_over_bytes)
@@ -219,11 +226,40 @@ class Cache:
     def set(self, key: str, value: Any, ttl: float | None = None, tags: Iterable[str] = ()) -> None:
         """Write through: the database first, then Redis, then memory. With write-behind, the write
         is first queued for the origin (`write_behind.py`): it returns once the write is durable."""
+        self._write(key, value, ttl, tags)
+
+    def _write(
+        self, key: str, value: Any, ttl: float | None, tags: Iterable[str], lock_token: str | None = None
+    ) -> bool:
+        """`set`; with the load lock's token, Redis releases it in the write's round trip (whether it did)."""
         entry = self._entry(value, ttl, tags)
         if self.write_behind is not None:
             self.write_behind.enqueue(key, value)
+        released = False
         for layer in reversed(self.layers):
-            self._store(layer, key, entry)
+            if lock_token is not None and isinstance(layer, RedisLayer):
+                released = self._store(layer, key, entry, lock_token)
+            else:
+                self._store(layer, key, entry)
+        return released
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None = None, tags: Iterable[str] = ()) -> None:
+        """`set` of several keys, each layer written once: one Redis pipeline per server and one
+        database transaction instead of a round trip per key (warming writes this way)."""
+        entries = {key: self._entry(value, ttl, tags) for key, value in items.items()}
+        if not entries:
+            return
+        if self.write_behind is not None:
+            for key, value in items.items():
+                self.write_behind.enqueue(key, value)
+        for layer in reversed(self.layers):
+            try:
+                kept = layer.set_many(entries)
+            except LayerUnavailable as exc:
+                self._unavailable(layer, exc)
+                continue
+            self.stats.layers[layer.name].sets += len(entries)
+            self.stats.layers[layer.name].refused += len(entries) - kept
 
     def delete(self, *keys: str) -> None:
         if self.write_behind is not None:
@@ -322,42 +358,68 @@ class Cache:
             with self._flights_lock:
                 self._flights.pop(key, None)
 
-    def _load(self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str]) -> Any:
+    def _load(
+        self,
+        key: str,
+        loader: Callable[[], Any],
+        ttl: float | None,
+        tags: Iterable[str],
+        lock_token: str | None = None,
+    ) -> tuple[Any, bool]:
+        """(value, whether Redis released the load lock `lock_token` with the write)."""
         started = time.perf_counter()
         value = loader()
         self.stats.add(loader_calls=1, loader_seconds=time.perf_counter() - started)
-        self.set(key, value, ttl, tags)
-        return value
+        return value, self._write(key, value, ttl, tags, lock_token)
+
+    def _filled(self, redis_layer: RedisLayer, key: str, entry: StoredEntry | None) -> Any:
+        """The fresh value of an entry read from Redis (put into the layers above it), or _MISSING."""
+        if entry is None or not entry.is_fresh(time.time()):
+            return _MISSING
+        entry = self._decoded(redis_layer, key, entry)
+        if entry is None:
+            return _MISSING
+        for above in self.layers[: self.layers.index(redis_layer)]:
+            self._store(above, key, entry)
+        return entry.value
 
     def _load_once_across_processes(
         self, key: str, loader: Callable[[], Any], ttl: float | None, tags: Iterable[str], early: bool = False
     ) -> Any:
-        """Load unless another load stored a fresh value meanwhile (`early`: reload a fresh one)."""
-        meanwhile = _MISSING if early else self._found_meanwhile(key)
-        if meanwhile is not _MISSING:
-            return meanwhile
+        """Load unless another load stored a fresh value meanwhile (`early`: reload a fresh one).
+
+        With Redis, a miss costs three round trips: the read that missed, one script that reads the
+        entry again or takes the load lock, and the write that releases the lock."""
         redis_layer = next((layer for layer in self.layers if isinstance(layer, RedisLayer)), None)
         if redis_layer is None:
-            return self._load(key, loader, ttl, tags)
+            meanwhile = _MISSING if early else self._found_meanwhile(key)
+            return meanwhile if meanwhile is not _MISSING else self._load(key, loader, ttl, tags)[0]
         token = uuid.uuid4().hex
         timeout_ms = int(self.spec.lock_timeout_s * 1000)
         deadline = time.monotonic() + self.spec.lock_timeout_s
         waited = False
         while True:
             try:
-                acquired = redis_layer.acquire_lock(key, token, timeout_ms)
+                if early:
+                    acquired = redis_layer.acquire_lock(key, token, timeout_ms)
+                else:
+                    acquired = redis_layer.get_or_lock(key, token, timeout_ms)
+                    if isinstance(acquired, StoredEntry):  # another process's value, or a stale one
+                        meanwhile = self._filled(redis_layer, key, acquired)
+                        if meanwhile is not _MISSING:
+                            return meanwhile
+                        acquired = redis_layer.acquire_lock(key, token, timeout_ms)
             except LayerUnavailable as exc:  # Redis down: load here, as without Redis
                 self._unavailable(redis_layer, exc)
-                return self._load(key, loader, ttl, tags)
+                return self._load(key, loader, ttl, tags)[0]
             if acquired:
+                released = False
                 try:
-                    # Loaded by another process just before?
-                    meanwhile = _MISSING if early else self._found_meanwhile(key)
-                    if meanwhile is not _MISSING:
-                        return meanwhile
-                    return self._load(key, loader, ttl, tags)
+                    value, released = self._load(key, loader, ttl, tags, lock_token=token)
+                    return value
                 finally:
-                    self._quietly_release(redis_layer, key, token)
+                    if not released:
+                        self._quietly_release(redis_layer, key, token)
             if early:
                 return None  # another process is reloading it already
             if not waited:
@@ -372,7 +434,7 @@ class Cache:
                 if not self._quietly(redis_layer.lock_held, key):
                     break  # released without a value (its loader failed): try to take the lock
             else:
-                return self._load(key, loader, ttl, tags)  # the holder is gone or too slow
+                return self._load(key, loader, ttl, tags)[0]  # the holder is gone or too slow
 
     def _quietly_release(self, redis_layer: RedisLayer, key: str, token: str) -> None:
         try:
@@ -414,6 +476,13 @@ class Cache:
         import anyio
 
         await anyio.to_thread.run_sync(lambda: self.set(key, value, ttl, tags))
+
+    async def aset_many(
+        self, items: Mapping[str, Any], ttl: float | None = None, tags: Iterable[str] = ()
+    ) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(lambda: self.set_many(items, ttl, tags))
 
     async def adelete(self, *keys: str) -> None:
         import anyio

@@ -128,6 +128,9 @@ class WarmSpec(BaseModel):
     on_start: bool = Field(
         default=False, description="Warm in the background when a process first opens the namespace"
     )
+    concurrency: int = Field(
+        default=8, ge=1, le=256, description="Keys loaded at once (loaders mostly wait on I/O)"
+    )
 
     @model_validator(mode="after")
     def _cron(self) -> WarmSpec:

@@ -53,6 +53,10 @@ class Layer(ABC):
     def set(self, key: str, entry: StoredEntry) -> bool:
         """Store the entry; False when this layer refuses it (too large for memory)."""
 
+    def set_many(self, entries: dict[str, StoredEntry]) -> int:
+        """Store several entries (as one round trip where the layer can); how many it kept."""
+        return sum(self.set(key, entry) for key, entry in entries.items())
+
     @abstractmethod
     def delete(self, keys: Iterable[str]) -> None: ...
 
@@ -184,9 +188,10 @@ _TIMES = struct.Struct("!dd")  # fresh_until, expires_at ahead of the value in R
 
 class RedisLayer(Layer):
     """L2: Redis (one server, a cluster or a ring: `topology.py`). An entry is one string key
-    `jc:{namespace}:v{version}:{key}` holding the two times and the value, expiring with the entry;
+    `jc:{namespace}:v{version}:{<key>}` holding the two times and the value, expiring with the entry;
     each tag is a set of keys, expiring with its last entry. The load lock of a cold key is one more
-    string key beside it."""
+    string key beside it, `jc:{namespace}:v{version}:lock:{<key>}`: the shared hash tag puts both on
+    one cluster slot (and one ring server), so that one script reads the entry or takes the lock."""
 
     name = "redis"
 
@@ -195,13 +200,13 @@ class RedisLayer(Layer):
         self.prefix = prefix
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}{key}"
+        return f"{self.prefix}{{{key}}}"
 
     def _tag(self, tag: str) -> str:
         return f"{self.prefix}tag:{tag}"
 
     def _lock(self, key: str) -> str:
-        return f"{self.prefix}lock:{key}"
+        return f"{self.prefix}lock:{{{key}}}"
 
     def _call(self, function, *args, **kwargs):
         import redis
@@ -213,17 +218,19 @@ class RedisLayer(Layer):
 
     def get(self, key: str) -> StoredEntry | None:
         name = self._key(key)
-        raw = self._call(self.topology.client_for(name).get, name)
-        if raw is None:
-            return None
-        if len(raw) < _TIMES.size:
-            return StoredEntry(b"", 0.0, 0.0)  # truncated: decodes as corrupt
-        fresh_until, expires_at = _TIMES.unpack_from(raw)
-        return StoredEntry(raw[_TIMES.size :], fresh_until, expires_at)
+        return _stored(self._call(self.topology.client_for(name).get, name))
 
-    def set(self, key: str, entry: StoredEntry) -> bool:
-        milliseconds = max(1, int((entry.expires_at - time.time()) * 1000))
-        name = self._key(key)
+    def set(self, key: str, entry: StoredEntry, release_lock: str | None = None) -> bool:
+        """Store the entry; `release_lock`: the load lock's token, released in the same round trip."""
+        self._write({key: entry}, release_lock)
+        return True
+
+    def set_many(self, entries: dict[str, StoredEntry]) -> int:
+        self._write(entries)
+        return len(entries)
+
+    def _write(self, entries: dict[str, StoredEntry], release_lock: str | None = None) -> None:
+        """The entries and their tags, one pipeline per server (one round trip on one server)."""
         pipes: dict[int, Any] = {}
 
         def pipe_for(redis_key: str) -> Any:
@@ -234,20 +241,28 @@ class RedisLayer(Layer):
             return pipe
 
         def write() -> None:
-            pipe_for(name).set(
-                name, _TIMES.pack(entry.fresh_until, entry.expires_at) + entry.data, px=milliseconds
-            )
-            for tag in entry.tags:
-                pipe = pipe_for(self._tag(tag))
-                pipe.sadd(self._tag(tag), key)
-                # A tag set lives as long as its longest-lived entry (NX for a new set, GT after).
-                pipe.pexpire(self._tag(tag), milliseconds, nx=True)
-                pipe.pexpire(self._tag(tag), milliseconds, gt=True)
+            now = time.time()
+            for key, entry in entries.items():
+                milliseconds = max(1, int((entry.expires_at - now) * 1000))
+                name = self._key(key)
+                pipe_for(name).set(
+                    name, _TIMES.pack(entry.fresh_until, entry.expires_at) + entry.data, px=milliseconds
+                )
+                if release_lock is not None and self.topology.mode != "cluster":
+                    pipe_for(name).eval(_RELEASE_LOCK, 1, self._lock(key), release_lock)
+                for tag in entry.tags:
+                    pipe = pipe_for(self._tag(tag))
+                    pipe.sadd(self._tag(tag), key)
+                    # A tag set lives as long as its longest-lived entry (NX for a new set, GT after).
+                    pipe.pexpire(self._tag(tag), milliseconds, nx=True)
+                    pipe.pexpire(self._tag(tag), milliseconds, gt=True)
             for pipe in pipes.values():
                 pipe.execute()
+            if release_lock is not None and self.topology.mode == "cluster":  # its pipelines run no scripts
+                (key,) = entries
+                self.release_lock(key, release_lock)
 
         self._call(write)
-        return True
 
     def delete(self, keys: Iterable[str]) -> None:
         for client, names in self.topology.group_by_client(self._key(key) for key in keys):
@@ -265,20 +280,50 @@ class RedisLayer(Layer):
 
     # The load lock of a cold key (cache.py): one holder across processes, expiring by itself.
 
+    # A lock's client is its entry's (by the entry's name): on a ring both live on one server.
+
+    def get_or_lock(self, key: str, token: str, timeout_ms: int) -> StoredEntry | bool:
+        """The stored entry, else whether this caller now holds the key's load lock: the check for a
+        value another process loaded meanwhile and the lock in one round trip (a script)."""
+        name = self._key(key)
+        reply = self._call(
+            self.topology.client_for(name).eval, _GET_OR_LOCK, 2, name, self._lock(key), token, timeout_ms
+        )
+        if reply[0] == 1:
+            return _stored(reply[1])
+        return reply[0] == 2
+
     def acquire_lock(self, key: str, token: str, timeout_ms: int) -> bool:
         name = self._lock(key)
-        return bool(self._call(self.topology.client_for(name).set, name, token, nx=True, px=timeout_ms))
+        return bool(
+            self._call(self.topology.client_for(self._key(key)).set, name, token, nx=True, px=timeout_ms)
+        )
 
     def lock_held(self, key: str) -> bool:
-        name = self._lock(key)
-        return bool(self._call(self.topology.client_for(name).exists, name))
+        return bool(self._call(self.topology.client_for(self._key(key)).exists, self._lock(key)))
 
     def release_lock(self, key: str, token: str) -> None:
-        name = self._lock(key)
-        self._call(self.topology.client_for(name).eval, _RELEASE_LOCK, 1, name, token)
+        self._call(self.topology.client_for(self._key(key)).eval, _RELEASE_LOCK, 1, self._lock(key), token)
+
+
+def _stored(raw: bytes | None) -> StoredEntry | None:
+    """An entry from its Redis string: the two times, then the encoded value."""
+    if raw is None:
+        return None
+    if len(raw) < _TIMES.size:
+        return StoredEntry(b"", 0.0, 0.0)  # truncated: decodes as corrupt
+    fresh_until, expires_at = _TIMES.unpack_from(raw)
+    return StoredEntry(raw[_TIMES.size :], fresh_until, expires_at)
 
 
 _RELEASE_LOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# KEYS: the entry, its lock; ARGV: the token, the lock's timeout (ms). {1, entry} | {2}: locked | {0}.
+_GET_OR_LOCK = """
+local stored = redis.call('get', KEYS[1])
+if stored then return {1, stored} end
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+"""
 
 
 # --- L3 ----------------------------------------------------------------------------------------------
@@ -324,33 +369,38 @@ class DatabaseLayer(Layer):
         return self._guard(read)
 
     def set(self, key: str, entry: StoredEntry) -> bool:
+        return self.set_many({key: entry}) == 1
+
+    def set_many(self, entries: dict[str, StoredEntry]) -> int:
+        """The entries in one transaction."""
         from sqlalchemy import delete
 
         from orchestration.store.models import CacheEntry, CacheEntryTag
 
-        stored_key = self.prefix + key
-        self._writes += 1
-        purge = self._writes % PURGE_EVERY_WRITES == 0
+        purge = self._writes // PURGE_EVERY_WRITES != (self._writes + len(entries)) // PURGE_EVERY_WRITES
+        self._writes += len(entries)
 
         def write() -> None:
             with self._session() as session:
-                session.execute(
-                    delete(CacheEntryTag)
-                    .where(CacheEntryTag.namespace == self.namespace)
-                    .where(CacheEntryTag.key == stored_key)
-                )
-                session.merge(
-                    CacheEntry(
-                        namespace=self.namespace,
-                        key=stored_key,
-                        value=entry.data,
-                        fresh_until=entry.fresh_until,
-                        expires_at=entry.expires_at,
-                        tags=list(entry.tags),
+                for key, entry in entries.items():
+                    stored_key = self.prefix + key
+                    session.execute(
+                        delete(CacheEntryTag)
+                        .where(CacheEntryTag.namespace == self.namespace)
+                        .where(CacheEntryTag.key == stored_key)
                     )
-                )
-                for tag in entry.tags:
-                    session.add(CacheEntryTag(namespace=self.namespace, tag=tag, key=stored_key))
+                    session.merge(
+                        CacheEntry(
+                            namespace=self.namespace,
+                            key=stored_key,
+                            value=entry.data,
+                            fresh_until=entry.fresh_until,
+                            expires_at=entry.expires_at,
+                            tags=list(entry.tags),
+                        )
+                    )
+                    for tag in entry.tags:
+                        session.add(CacheEntryTag(namespace=self.namespace, tag=tag, key=stored_key))
                 if purge:
                     session.execute(
                         delete(CacheEntry)
@@ -359,7 +409,7 @@ class DatabaseLayer(Layer):
                     )
 
         self._guard(write)
-        return True
+        return len(entries)
 
     def delete(self, keys: Iterable[str]) -> None:
         from sqlalchemy import delete

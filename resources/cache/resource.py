@@ -262,6 +262,16 @@ class CacheResource(dg.ConfigurableResource):
     ) -> None:
         self.namespace(namespace).set(key, value, ttl, tags)
 
+    def set_many(
+        self,
+        items: dict[str, Any],
+        ttl: float | None = None,
+        tags: Iterable[str] = (),
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> None:
+        self.namespace(namespace).set_many(items, ttl, tags)
+
     def get_or_set(
         self,
         key: str,

@@ -97,6 +97,54 @@ def test_reads_go_down_the_layers_and_fill_back_up(cache_of):
     assert cache.get("short", "gone") == "gone"
 
 
+def test_set_many_writes_every_layer_at_once_with_its_tags(cache_of):
+    cache = cache_of("all")
+    cache.set_many({f"customer:{n}": {"n": n} for n in range(600)}, tags=["batch:1"])
+    for kind in (MemoryLayer, RedisLayer, DatabaseLayer):
+        assert layer(cache, kind).get("customer:599") is not None, kind.__name__
+    assert cache.to_json()["layers"]["redis"]["sets"] == 600
+    assert cache.get("customer:42") == {"n": 42}
+    assert len(cache.invalidate_tags("batch:1")) == 600
+    for kind in (MemoryLayer, RedisLayer, DatabaseLayer):
+        assert layer(cache, kind).get("customer:7") is None, kind.__name__
+
+
+def test_warming_given_keys_loads_them_concurrently_and_counts_failures(cache_of):
+    from resources.cache.warming import warm
+
+    cache = cache_of("all")
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def loader(key: str) -> dict:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.005)
+        with lock:
+            in_flight[0] -= 1
+        if key == "k13":
+            raise LookupError("gone upstream")
+        return {"key": key}
+
+    seen: list[tuple[int, int]] = []
+    result = warm(
+        cache,
+        loader=loader,
+        keys=[f"k{n}" for n in range(1200)],
+        concurrency=6,
+        progress=lambda *p: seen.append(p),
+    )
+    assert (result.candidates, result.loaded, result.failed) == (1200, 1199, 1)
+    assert result.errors == ["k13: gone upstream"]
+    assert 1 < most[0] <= 6, most
+    assert seen == [(500, 1200), (1000, 1200), (1200, 1200)], "progress per written batch"
+    close_caches()
+    again = cache_of("all")
+    assert again.get("k1199") == {"key": "k1199"} and again.get("k13") is None
+    assert again.to_json()["layers"]["redis"]["hits"] == 1, "warmed into Redis for every process"
+
+
 def test_tags_invalidate_in_every_layer(cache_of):
     cache = cache_of("all")
     cache.set("a", 1, tags=["customer:1"])
@@ -119,10 +167,10 @@ def test_a_corrupt_entry_is_a_counted_miss_and_removed(cache_of, clean_redis_url
     client = redis.Redis.from_url(clean_redis_url)
     far = time.time() + 3600
     # Valid times, then a header claiming a compressed JSON value and bytes that are not zstd.
-    client.set("jc:all:v1:k", struct.pack("!dd", far, far) + b"\x81not zstd")
+    client.set("jc:all:v1:{k}", struct.pack("!dd", far, far) + b"\x81not zstd")
     assert cache.get("k") == {"v": 1}, "the database still holds a good copy"
     assert cache.to_json()["layers"]["redis"]["corrupt"] == 1
-    assert serializers.decode(client.get("jc:all:v1:k")[16:]) == {"v": 1}, "filled back with the good one"
+    assert serializers.decode(client.get("jc:all:v1:{k}")[16:]) == {"v": 1}, "filled back with the good one"
     with pytest.raises(serializers.CorruptEntry):
         serializers.decode(b"\x07junk")
 

@@ -124,7 +124,7 @@ def test_reads_are_sampled_per_key_and_warming_loads_the_most_read(store_url, ca
     assert warmed.exit_code == 1, warmed.output
     assert "warmed 2 of 3 most read key(s)" in warmed.output and "1 failed" in warmed.output
     assert "rate:XXX: no such currency" in warmed.output
-    assert tests_warm_loader.CALLS == ["rate:EUR", "rate:USD", "rate:XXX"]
+    assert sorted(tests_warm_loader.CALLS) == ["rate:EUR", "rate:USD", "rate:XXX"]
     close_caches()
     # After a "restart" the warmed values are in the database layer for every process.
     assert open_cache("rates").get("rate:EUR") == {"currency": "EUR", "rate": 1.5}

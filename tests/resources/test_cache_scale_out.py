@@ -187,7 +187,7 @@ def test_invalidations_reach_another_process_on_a_cluster(cluster_ports, tmp_pat
 def test_a_ring_spreads_keys_and_a_new_node_moves_about_its_share(ring_urls):
     three = RedisTopology.connect(RedisTopologySpec(mode="ring", urls=ring_urls[:3]), None)
     four = RedisTopology.connect(RedisTopologySpec(mode="ring", urls=ring_urls), None)
-    names = [f"jc:shared:v1:customer:{number}" for number in range(20_000)]
+    names = [f"jc:shared:v1:{{customer:{number}}}" for number in range(20_000)]
     before = [three.urls[three.clients.index(three.client_for(name))] for name in names]
     after = [four.urls[four.clients.index(four.client_for(name))] for name in names]
     shares = {url: before.count(url) / len(names) for url in three.urls}
