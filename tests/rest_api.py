@@ -13,11 +13,14 @@ a body that is not JSON, an answer slower than the client's timeout.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
@@ -43,6 +46,11 @@ class Upstream:
     child_delay: float = 0.0  # seconds each child page takes, to see requests overlap
     in_flight: int = 0
     most_in_flight: int = 0
+    # Validators on answers: "etag" (a hash of the body), "last_modified" (the newest updated_at of the
+    # page), or None; a conditional GET that matches is answered 304 without a body.
+    validators: str | None = None
+    cache_control: str | None = None  # sent as Cache-Control with every answer
+    not_modified: int = 0  # 304s answered
 
     def requests_to(self, style: str) -> list[dict[str, list[str]]]:
         return [query for _, path, query, _ in self.requests if path == f"/{style}/records"]
@@ -218,8 +226,35 @@ def start_upstream() -> tuple[Upstream, ThreadingHTTPServer]:
                 )
             elif key in upstream.not_json:
                 self._send(200, None, raw=b"<html><body>Bad gateway (proxy error page)</body></html>")
+            elif status == 200 and (upstream.validators or upstream.cache_control):
+                self._send_validated(body, headers)
             else:
                 self._send(status, body, headers)
+
+        def _send_validated(self, body: Any, headers: dict[str, str]) -> None:
+            headers = dict(headers)
+            if upstream.cache_control:
+                headers["Cache-Control"] = upstream.cache_control
+            unchanged = False
+            if upstream.validators == "etag":
+                headers["ETag"] = '"' + hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16] + '"'
+                unchanged = self.headers.get("If-None-Match") == headers["ETag"]
+            elif upstream.validators == "last_modified":
+                records = body["data"] if isinstance(body, dict) else body
+                newest = max((r["updated_at"] for r in records), default="2000-01-01T00:00:00Z")
+                moment = datetime.fromisoformat(newest.replace("Z", "+00:00"))
+                headers["Last-Modified"] = format_datetime(moment, usegmt=True)
+                asked = self.headers.get("If-Modified-Since")
+                unchanged = asked is not None and parsedate_to_datetime(asked) >= moment
+            if unchanged:
+                with upstream.lock:
+                    upstream.not_modified += 1
+                self.send_response(304)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                return
+            self._send(200, body, headers)
 
     class Server(ThreadingHTTPServer):
         def handle_error(self, request: Any, client_address: Any) -> None:

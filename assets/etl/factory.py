@@ -282,6 +282,8 @@ def stage(
     for name in ("requests_made", "pages_read"):  # a REST source's
         if hasattr(source, name):
             metadata[f"source_{name}"] = getattr(source, name)
+    if getattr(source, "answers", None) is not None:  # a REST source with `cache:`
+        metadata["source_answers"] = dg.MetadataValue.json(source.answers)
     return metadata, report.outcomes
 
 

@@ -40,6 +40,7 @@ from orchestration.kernel.conditions import Condition, compile_regex, parse_cond
 from orchestration.kernel.expressions import Expression, parse_expression
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, format_location, load_specs
 from orchestration.kernel.times import DurationText, parse_duration, parse_instant
+from resources.cache.http_answers import AnswerCacheSpec
 from resources.event_stream.core import STREAM_NAME_PATTERN
 
 __all__ = [
@@ -591,6 +592,13 @@ class RestSourceSpec(SourceOptions):
         "other paginators follow one page after another (each page tells the next)",
     )
 
+    cache: AnswerCacheSpec | None = Field(
+        default=None,
+        description="Keep GET answers in a cache namespace (caches.yaml): a fresh one is reused without a "
+        "request, a stale one with an ETag or Last-Modified is revalidated (If-None-Match / "
+        "If-Modified-Since; 304 reuses it)",
+    )
+
     @model_validator(mode="after")
     def _templates_parse(self) -> RestSourceSpec:
         from orchestration.kernel.templates import TemplateRenderError, compile_template, referenced_variables
@@ -610,6 +618,8 @@ class RestSourceSpec(SourceOptions):
             for text in self.template_texts()
             for path in referenced_variables(text)
         )
+        if self.cache is not None and self.method != "GET":
+            raise ValueError(f"cache: only GET answers are kept, and this source sends {self.method}")
         if uses_parent and self.parent is None:
             raise ValueError("the templates read parent.*, but the source declares no parent")
         if self.parent is not None and not uses_parent:

@@ -41,12 +41,14 @@ class SourceAuth(httpx.Auth):
     """An `httpx.Auth` that also tells which values must be masked wherever a URL or error is shown."""
 
     secrets: tuple[str, ...] = ()
+    # Who asks, stable across a run's token renewals: part of a cached answer's key (hashed, never stored).
+    credentials: tuple[str, ...] = ()
 
 
 class BearerTokenAuth(SourceAuth):
     def __init__(self, spec: BearerAuthSpec):
         self.token = _secret(spec.token_env, "token_env")
-        self.secrets = (self.token,)
+        self.secrets = self.credentials = (self.token,)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self.token}"
@@ -57,7 +59,7 @@ class ApiKeyAuth(SourceAuth):
     def __init__(self, spec: ApiKeyAuthSpec):
         self.spec = spec
         self.key = _secret(spec.key_env, "key_env")
-        self.secrets = (self.key,)
+        self.secrets = self.credentials = (self.key,)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self.spec.location == "header":
@@ -75,6 +77,7 @@ class BasicAuth(SourceAuth):
         password = _secret(spec.password_env, "password_env")
         self.inner = httpx.BasicAuth(username, password)
         self.secrets = (password,)
+        self.credentials = (username, password)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         yield from self.inner.auth_flow(request)
@@ -90,6 +93,7 @@ class OAuth2ClientCredentials(SourceAuth):
         self.client_id = _secret(spec.client_id_env, "client_id_env")
         self.client_secret = _secret(spec.client_secret_env, "client_secret_env")
         self.secrets = (self.client_secret,)
+        self.credentials = (spec.token_url, self.client_id, self.client_secret)
         self.timeout_s = timeout_s
         self._token: str | None = None
         self._expires_at = 0.0

@@ -53,6 +53,11 @@ RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 RECORD_KEYS = ("data", "items", "results", "records", "entries", "rows", "objects", "values", "elements")
 
 
+def secrets_of(auth: SourceAuth | None) -> tuple[str, ...]:
+    """The values to mask wherever a URL or error is shown (none without auth)."""
+    return auth.secrets if auth is not None else ()
+
+
 def mask(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret:
@@ -129,6 +134,8 @@ class RestSource(Source):
         self._lock = threading.Lock()  # children of several parents are read at once
         self.requests_made = 0
         self.pages_read = 0
+        # GET answers kept in the spec's cache namespace (`source.cache`), opened on the first request.
+        self._answers: Any = None
         self.children_read = 0
         self.parents_skipped = 0
         # A stream-triggered run's events (`trigger.*` in templates: stream, ids, count, keys,
@@ -289,12 +296,11 @@ class RestSource(Source):
         quarantine entries of what could not be read (a page not JSON, a record not an object)."""
         paginator = open_paginator(self.spec.paginator)
         params = paginator.first(params)
-        secrets = auth.secrets if auth is not None else ()
+        secrets = secrets_of(auth)
         number = 0
         while True:
             number += 1
-            limit.wait()
-            response = self._request(client, url, params, headers, auth, number)
+            response = self._request(client, url, params, headers, auth, number, limit)
             body, records, rows, problems = self._page(response, number, secrets)
             yield rows, problems
             page = Page(number, response, body, records)
@@ -326,14 +332,13 @@ class RestSource(Source):
     ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
         """Pages 2.. of a resource whose first page told their number: up to `max_concurrency` in
         flight, yielded in page order."""
-        secrets = auth.secrets if auth is not None else ()
+        secrets = secrets_of(auth)
 
         def fetch(
             numbered: tuple[int, tuple[str, dict[str, Any]]],
         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             number, (url, params) = numbered
-            limit.wait()
-            response = self._request(client, url, params, headers, auth, number)
+            response = self._request(client, url, params, headers, auth, number, limit)
             _, _, rows, problems = self._page(response, number, secrets)
             return rows, problems
 
@@ -468,37 +473,52 @@ class RestSource(Source):
         headers: dict[str, str],
         auth: SourceAuth | None,
         number: int,
+        limit: RateLimit | None = None,
     ) -> Any:
+        """One page's answer (retried; from the answer cache when `source.cache` says so); an answer
+        that is not a success fails the read naming the URL, masked."""
         import httpx
 
-        secrets = auth.secrets if auth is not None else ()
+        secrets = secrets_of(auth)
 
         def counted() -> None:
             with self._lock:
                 self.requests_made += 1
 
-        try:
-            # params=None, not {}: httpx replaces the query of a next-page URL with an empty mapping.
-            response = send(
-                client,
-                self.spec.method,
-                url,
-                self.spec.retry,
-                params=params or None,
-                headers=headers or None,
-                on_attempt=counted,
-            )
-        except RetriesExhausted as exc:
-            shown = mask(str(httpx.URL(url, params=params or None)), secrets)
-            if exc.status is not None:
+        def sent(validators: dict[str, str]) -> Any:
+            if limit is not None:
+                limit.wait()
+            try:
+                # params=None, not {}: httpx replaces the query of a next-page URL with an empty mapping.
+                return send(
+                    client,
+                    self.spec.method,
+                    url,
+                    self.spec.retry,
+                    params=params or None,
+                    headers={**headers, **validators} or None,
+                    on_attempt=counted,
+                )
+            except RetriesExhausted as exc:
+                shown = mask(str(httpx.URL(url, params=params or None)), secrets)
+                if exc.status is not None:
+                    raise JunctionError(
+                        f"{self.spec.method} {shown} (page {number}) answered {exc.status} after "
+                        f"{exc.attempts} attempts"
+                    ) from None
                 raise JunctionError(
-                    f"{self.spec.method} {shown} (page {number}) answered {exc.status} after "
-                    f"{exc.attempts} attempts"
+                    f"{self.spec.method} {shown} (page {number}) failed after {exc.attempts} attempts: "
+                    f"{mask(exc.detail, secrets)}"
                 ) from None
-            raise JunctionError(
-                f"{self.spec.method} {shown} (page {number}) failed after {exc.attempts} attempts: "
-                f"{mask(exc.detail, secrets)}"
-            ) from None
+
+        answers = self._answer_cache()
+        if answers is None:
+            response = sent({})
+        else:
+            from resources.cache.http_answers import answer_key
+
+            credentials = auth.credentials if auth is not None else ()
+            response, _ = answers.fetch(answer_key(self.spec.method, url, params, headers, credentials), sent)
         if not response.is_success:
             shown = mask(str(response.url), secrets)
             raise JunctionError(
@@ -506,6 +526,30 @@ class RestSource(Source):
                 f"{mask(response.text[:300], secrets)}"
             )
         return response
+
+    def _answer_cache(self) -> Any:
+        """The `AnswerCache` of `source.cache` (None without one), opened once per read."""
+        if self.spec.cache is None:
+            return None
+        with self._lock:
+            if self._answers is None:
+                from resources.cache import open_cache
+                from resources.cache.http_answers import AnswerCache
+
+                try:
+                    cache = open_cache(self.spec.cache.namespace)
+                except KeyError as exc:
+                    raise JunctionError(f"source.cache.namespace: {exc.args[0]}") from None
+                self._answers = AnswerCache(cache, self.spec.cache.ttl_s)
+            return self._answers
+
+    @property
+    def answers(self) -> dict[str, int] | None:
+        """Pages answered from the cache without a request (`cached`), by a 304 (`revalidated`) or
+        with a body (`fetched`); None without `source.cache`."""
+        if self._answers is None:
+            return None
+        return dict(self._answers.figures.__dict__)
 
 
 def seconds(duration: str) -> float:
