@@ -11,13 +11,14 @@ redis:
 
 - `single`: the server of JUNCTION_REDIS_URL (or the resource's `redis_url`).
 - `cluster`: a Redis Cluster through redis-py's cluster client, started from any of the URLs. The
-  client routes every key to its hash slot; nothing the cache does needs two keys on one slot (each
-  command and each script touches one key; a multi-key DEL is split by slot by the client), so no
-  key carries a `{hash tag}`. PUBLISH reaches every node of a cluster, so invalidations work as on one
-  server.
+  client routes every key to its hash slot. The one script with two keys (an entry and its load
+  lock) finds both on one slot: the lock's name carries the entry's `{hash tag}`, the cache key
+  itself, so keys still spread over every slot; a multi-key DEL is split by slot by the client.
+  PUBLISH reaches every node of a cluster, so invalidations work as on one server. Cluster pipelines
+  run no scripts, so there a load's write and its lock release are two round trips.
 - `ring`: independent servers (no cluster mode), each key on one of them by consistent hashing
   (uhashring's ketama ring): adding a fifth server moves about a fifth of the keys, not all of them.
-  A tag's set lives on the server its own name hashes to. Invalidations are published on the first
+  A tag's set lives on the server its own name hashes to; a load lock on its entry's server. Invalidations are published on the first
   URL's server, which every process of the same configuration listens to.
 """
 
