@@ -55,6 +55,10 @@ class JunctionSettings(BaseSettings):
         default=PROJECT_ROOT / "resources" / "caches.yaml",
         description="Cache namespaces: layers, TTLs, size bounds, compression, serializer.",
     )
+    routes_file: Path = Field(
+        default=PROJECT_ROOT / "resources" / "routes.yaml",
+        description="The reverse proxy's routes and upstreams (/gateway/proxy/...).",
+    )
     channels_file: Path = Field(
         default=PROJECT_ROOT / "resources" / "channels.yaml",
         description="Named notification channels (secrets referenced by env-var name).",

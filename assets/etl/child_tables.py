@@ -26,7 +26,7 @@ from orchestration.errors import JunctionError
 if TYPE_CHECKING:
     from assets.etl.loads import SqlTarget
 
-__all__ = ["LIST_INDEX_COLUMN", "ChildRows", "child_table_name", "take_children"]
+__all__ = ["LIST_INDEX_COLUMN", "ChildRows", "child_table_name", "take_children", "write_children"]
 
 LIST_INDEX_COLUMN = "_junction_list_index"
 
@@ -43,7 +43,6 @@ def parent_key_column(table: str, key: str) -> str:
 class ChildRows:
     """The child rows of one list field, taken from the staged parents."""
 
-    field: str
     table: str
     rows: pa.Table
     parent_keys: pa.Table  # the staged parents' keys (under the child's column names)
@@ -84,7 +83,7 @@ def explode(parents: pa.Table, field: str, table: str, keys: list[str]) -> Child
     empty = pa.schema([*parent_keys.schema, pa.field(LIST_INDEX_COLUMN, pa.int64())])
     child = records_table(rows) if rows else empty.empty_table()
     ordered = names + [name for name in child.column_names if name not in names]
-    return ChildRows(field, child_table_name(table, field), child.select(ordered), parent_keys)
+    return ChildRows(child_table_name(table, field), child.select(ordered), parent_keys)
 
 
 def take_children(target: SqlTarget, connection: Any, fields: list[str], keys: list[str]) -> list[ChildRows]:

@@ -1,7 +1,7 @@
 """The gateway's FastAPI application (OpenAPI from typed models).
 
-Platform endpoints live under `/v1/...` (the API's own version); the reverse proxy will live under
-`/proxy/...`, so the two never collide. Later features add their routers to `V1_ROUTERS`.
+Platform endpoints live under `/v1/...` (the API's own version); the reverse proxy lives under
+`/proxy/...` (`proxy/`), so the two never collide. Later features add their routers to `V1_ROUTERS`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
 from orchestration.gateway.metrics import RecordRequests, RequestStats
 from orchestration.gateway.problems import install_problem_handlers
+from orchestration.gateway.proxy.app import ProxyApp
 from orchestration.gateway.security import JwtVerifier
 from orchestration.settings import JunctionSettings, get_settings
 
@@ -89,6 +90,7 @@ def create_gateway_app(
             finally:
                 tasks.cancel_scope.cancel()
                 await app.state.dagster.aclose()
+                await app.state.proxy.aclose()
         try:
             await anyio.to_thread.run_sync(lambda: request_stats.flush(include_current=True))
         except Exception:  # noqa: BLE001
@@ -106,6 +108,8 @@ def create_gateway_app(
     app.state.settings = settings
     app.state.request_stats = request_stats
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
+    # The reverse proxy (its routes file is checked here: a bad one stops the gateway at start).
+    app.state.proxy = ProxyApp(settings.routes_file, jwt_verifier=app.state.jwt_verifier)
 
     def dagster_ui_url(request: Request) -> str:
         # Embedded, the UI is this server's root; standalone, it is wherever Dagster runs.
@@ -125,6 +129,7 @@ def create_gateway_app(
     for router in V1_ROUTERS:
         app.include_router(router, prefix="/v1")
     app.include_router(analytics.metrics_router)
+    app.mount("/proxy", app.state.proxy)
 
     if settings.gateway_cors_origins:
         app.add_middleware(
@@ -140,6 +145,7 @@ def create_gateway_app(
         deny_networks=settings.gateway_deny_ips,
         docs_paths=DOCS_PATHS,
         form_paths=approval_links.FORM_PATHS,
+        proxied_prefix="/proxy",
     )
     app.add_middleware(RecordRequests, stats=request_stats)  # outermost: sees guard refusals too
     return app

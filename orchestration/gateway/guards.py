@@ -67,8 +67,12 @@ class RequestGuards:
         deny_networks: Iterable[str] = (),
         docs_paths: Iterable[str] = (),
         form_paths: str | None = None,
+        proxied_prefix: str | None = None,
     ):
         self.app = app
+        # The reverse proxy's paths: upstreams decide their media types and response headers, so
+        # only the address lists and the body limit apply there.
+        self.proxied_prefix = proxied_prefix
         self.max_body_bytes = max_body_bytes
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
         self.deny = [ipaddress.ip_network(n, strict=False) for n in deny_networks]
@@ -119,8 +123,11 @@ class RequestGuards:
                 path,
             )
             return
+        proxied = self.proxied_prefix is not None and (
+            relative_path == self.proxied_prefix or relative_path.startswith(self.proxied_prefix + "/")
+        )
         has_body = (declared_length not in (None, b"0")) or b"transfer-encoding" in headers
-        if scope["method"] in BODY_METHODS and has_body:
+        if scope["method"] in BODY_METHODS and has_body and not proxied:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             is_form = (
                 self.form_paths is not None
@@ -161,6 +168,9 @@ class RequestGuards:
                 return
             if message["type"] == "http.response.start":
                 app_started = True
+                if proxied:
+                    await send(message)
+                    return
                 present = {key.lower() for key, _ in message.get("headers", [])}
                 extra = [
                     (k, v)

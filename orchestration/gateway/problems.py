@@ -50,7 +50,7 @@ def problem_type(slug: str) -> str:
     return f"urn:junction:problem:{slug}"
 
 
-def _slug(status: int) -> str:
+def status_slug(status: int) -> str:
     return HTTPStatus(status).phrase.lower().replace(" ", "-").replace("'", "")
 
 
@@ -71,7 +71,7 @@ class ProblemError(Exception):
         self.status = status
         self.detail = detail
         self.title = title or HTTPStatus(status).phrase
-        self.slug = slug or _slug(status)
+        self.slug = slug or status_slug(status)
         self.field = field
         self.headers = headers
 
@@ -88,7 +88,7 @@ def problem_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     problem = Problem(
-        type=problem_type(slug or _slug(status)),
+        type=problem_type(slug or status_slug(status)),
         title=title or HTTPStatus(status).phrase,
         status=status,
         detail=detail,

@@ -1,0 +1,352 @@
+"""The reverse proxy: an ASGI app mounted at `/gateway/proxy` (embedded and in `junction gateway`).
+
+Per request, in a fixed order (Kong's phases): match a route → authenticate and authorize →
+choose a target (the upstream's balancer, skipping targets whose breaker refuses) → forward →
+stream the answer back. A connection error, a timeout or a 5xx answer counts against the target's
+breaker; for an idempotent method the request is tried again on another target, up to the
+upstream's `retries`. Every refusal is problem+json: 404 (no route), 401/403, 503 with Retry-After
+(no target can take it), 502 (no target answered), 504 (a target too slow).
+
+The routes file is read again when it changes (looked at no more than every `RELOAD_CHECK_S`), and
+swapped in whole; a file that does not validate leaves the running configuration in place (logged,
+and shown in `status()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from orchestration.gateway.proxy.balancers import RequestFacts, Target
+from orchestration.gateway.proxy.config import load_routes_file
+from orchestration.gateway.proxy.routing import (
+    ProxyConfig,
+    RouteMatch,
+    Upstream,
+    compile_config,
+    transition_logger,
+)
+from orchestration.kernel.spec_errors import SpecError
+
+logger = logging.getLogger("junction.gateway.proxy")
+RELOAD_CHECK_S = 2.0
+# An authenticated key is trusted this long before the store is asked again (a revoked key keeps
+# working at most this long through the proxy; the platform API asks every time).
+AUTH_CACHE_S = 30.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Not forwarded upstream: the hop-by-hop headers, the Host (the target's own is sent) and the
+# gateway credentials (a Junction key means nothing to an upstream and must not leak to it).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ProxyApp:
+    def __init__(self, routes_file: str | Path | None = None, jwt_verifier: Any = None):
+        if routes_file is None:
+            from orchestration.settings import get_settings
+
+            routes_file = get_settings().routes_file
+        self.routes_file = Path(routes_file)
+        self.jwt_verifier = jwt_verifier
+        self._on_transition = transition_logger(logger)
+        self.config = ProxyConfig()
+        self.last_error: str | None = None
+        self._file_stamp: tuple[float, int] | None = None
+        self._checked_at = 0.0
+        self._clients: dict[str, Any] = {}  # upstream name -> httpx.AsyncClient
+        self._authenticated: dict[str, tuple[Any, float]] = {}  # token -> (principal, until)
+        self.route_stats: dict[str, dict[str, int]] = {}
+        self.reload(strict=True)
+
+    # --- configuration -------------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[float, int] | None:
+        try:
+            stat = os.stat(self.routes_file)
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    def reload(self, strict: bool = False) -> bool:
+        """Read the routes file again; whether the configuration changed. `strict`: a bad file raises
+        (at start), else it is logged and the running configuration stays."""
+        stamp = self._stamp()
+        try:
+            declared = load_routes_file(self.routes_file)
+        except SpecError as exc:
+            if strict:
+                raise
+            self.last_error = str(exc)
+            self._file_stamp = stamp
+            logger.error("proxy routes not reloaded, the running ones stay: %s", exc)
+            return False
+        self.config = compile_config(declared, self.config, self._on_transition, str(self.routes_file))
+        self._file_stamp, self.last_error = stamp, None
+        return True
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < RELOAD_CHECK_S:
+            return
+        self._checked_at = now
+        if self._stamp() != self._file_stamp:
+            self.reload()
+
+    def status(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "routes_file": str(self.routes_file),
+            "loaded_at": config.loaded_at,
+            "last_error": self.last_error,
+            "routes": {route.name: dict(self.route_stats.get(route.name, {})) for route in config.routes},
+            "upstreams": [upstream.to_json() for upstream in config.upstreams.values()],
+        }
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
+
+    # --- the request path ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":  # run by itself only when served alone
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        started = time.perf_counter()
+        self._maybe_reload()
+        config = self.config  # read once: a reload mid-request does not mix configurations
+        method = scope["method"]
+        path = scope.get("path", "/")
+        prefix = scope.get("root_path", "")
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix) :] or "/"
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        matched = config.match(method, path, headers.get("host"), headers)
+        if matched is None:
+            await _problem(send, 404, f"no proxy route for {method} {path}", path)
+            return
+        route = matched.route
+        if route.scopes:
+            refusal = await self._authorize(headers, route.scopes)
+            if refusal is not None:
+                self._count(route.name, "refused")
+                await _problem(send, refusal[0], refusal[1], path, {"WWW-Authenticate": "Bearer"})
+                return
+        body = await _read_body(receive)
+        upstream = config.upstreams[route.spec.upstream]
+        query = scope.get("query_string", b"").decode("latin-1")
+        facts = RequestFacts(path, headers, dict(parse_qsl(query)), (scope.get("client") or (None,))[0])
+        await self._forward(send, method, path, query, headers, body, matched, upstream, facts, started)
+
+    async def _forward(
+        self,
+        send: Send,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        matched: RouteMatch,
+        upstream: Upstream,
+        facts: RequestFacts,
+        started: float,
+    ) -> None:
+        import httpx
+
+        route = matched.route
+        client = self._client(upstream)
+        forwarded = [(name, value) for name, value in headers.items() if name not in NOT_FORWARDED]
+        forwarded.append(("x-forwarded-for", _forwarded_for(headers, facts.client_ip)))
+        forwarded.append(("x-forwarded-host", headers.get("host", "")))
+        forwarded.append(("x-forwarded-proto", headers.get("x-forwarded-proto", "http")))
+        attempts = 1 + (upstream.spec.retries if method in IDEMPOTENT else 0)
+        tried: set[Target] = set()
+        failure: tuple[int, str] | None = None
+        for _ in range(attempts):
+            target = upstream.pick(facts, tried)
+            if target is None:
+                break
+            tried.add(target)
+            url = target.url + matched.upstream_path + (f"?{query}" if query else "")
+            target.started()
+            asked = time.perf_counter()
+            try:
+                response = await client.send(
+                    client.build_request(method, url, headers=forwarded, content=body), stream=True
+                )
+            except httpx.TimeoutException:
+                target.finished(time.perf_counter() - asked)
+                target.breaker.record(False)
+                failure = (504, f"route {route.name}: upstream {upstream.name} did not answer in time")
+                continue
+            except httpx.TransportError as exc:
+                target.finished(time.perf_counter() - asked)
+                target.breaker.record(False)
+                failure = (
+                    502,
+                    f"route {route.name}: upstream {upstream.name} unreachable ({type(exc).__name__})",
+                )
+                continue
+            answered = time.perf_counter()
+            ok = response.status_code < 500
+            target.breaker.record(ok)
+            if not ok and len(tried) < attempts and method in IDEMPOTENT:
+                target.finished(answered - asked)
+                await response.aclose()
+                failure = (
+                    502,
+                    f"route {route.name}: upstream {upstream.name} answered {response.status_code}",
+                )
+                continue
+            try:
+                await self._relay(send, response, answered - asked, answered - started)
+            finally:
+                target.finished(time.perf_counter() - asked)
+                await response.aclose()
+            self._count(route.name, f"{response.status_code // 100}xx")
+            return
+        if failure is None:
+            self._count(route.name, "unavailable")
+            retry_after = upstream.retry_after_s()
+            await _problem(
+                send,
+                503,
+                f"route {route.name}: no target of upstream {upstream.name} can take requests now "
+                "(circuit open or ejected)",
+                path,
+                {"Retry-After": str(int(retry_after + 0.999))},
+            )
+            return
+        self._count(route.name, f"{failure[0] // 100}xx")
+        await _problem(send, failure[0], failure[1], path)
+
+    async def _relay(self, send: Send, response: Any, upstream_s: float, before_body_s: float) -> None:
+        headers = [
+            (name.lower(), value)
+            for name, value in response.headers.raw
+            if name.decode("latin-1").lower() not in HOP_BY_HOP
+        ]
+        headers.append((b"via", b"1.1 junction"))
+        headers.append((b"x-junction-upstream-latency", f"{upstream_s * 1000:.1f}".encode()))
+        headers.append((b"x-junction-proxy-latency", f"{(before_body_s - upstream_s) * 1000:.1f}".encode()))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _client(self, upstream: Upstream) -> Any:
+        client = self._clients.get(upstream.name)
+        if client is None:
+            import httpx
+
+            client = self._clients[upstream.name] = httpx.AsyncClient(
+                timeout=httpx.Timeout(upstream.read_timeout_s, connect=upstream.connect_timeout_s),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                follow_redirects=False,
+            )
+        return client
+
+    def _count(self, route: str, outcome: str) -> None:
+        counts = self.route_stats.setdefault(route, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+    async def _authorize(self, headers: dict[str, str], scopes: tuple[str, ...]) -> tuple[int, str] | None:
+        """None when the caller's key or JWT covers every scope, else (status, reason)."""
+        import anyio
+
+        from orchestration.kernel.principals import AuthenticationError, authenticate
+
+        authorization = headers.get("authorization", "")
+        token = (
+            authorization[7:].strip()
+            if authorization.lower().startswith("bearer ")
+            else headers.get("x-api-key")
+        )
+        if not token:
+            return 401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        now = time.monotonic()
+        cached = self._authenticated.get(token)
+        if cached is not None and cached[1] > now:
+            principal = cached[0]
+        else:
+            try:
+                if self.jwt_verifier is not None and token.count(".") == 2 and not token.startswith("jk_"):
+                    principal = self.jwt_verifier.principal(token)
+                else:
+                    principal = await anyio.to_thread.run_sync(authenticate, token)
+            except AuthenticationError as exc:
+                return 401, exc.reason
+            except Exception as exc:  # noqa: BLE001 - a JWT the verifier refuses
+                return 401, str(getattr(exc, "detail", exc))
+            if len(self._authenticated) > 10_000:
+                self._authenticated.clear()
+            self._authenticated[token] = (principal, now + AUTH_CACHE_S)
+        missing = [scope for scope in scopes if not principal.allows(scope)]
+        if missing:
+            return 403, f"this route needs the scope '{missing[0]}'"
+        return None
+
+
+def _forwarded_for(headers: dict[str, str], client_ip: str | None) -> str:
+    earlier = headers.get("x-forwarded-for")
+    return f"{earlier}, {client_ip}" if earlier and client_ip else earlier or client_ip or ""
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _problem(
+    send: Send, status: int, detail: str, instance: str, headers: dict[str, str] | None = None
+) -> None:
+    from http import HTTPStatus
+
+    from orchestration.gateway.problems import PROBLEM_MEDIA_TYPE, problem_type, status_slug
+
+    body = orjson.dumps(
+        {
+            "type": problem_type(status_slug(status)),
+            "title": HTTPStatus(status).phrase,
+            "status": status,
+            "detail": detail,
+            "instance": instance,
+        }
+    )
+    raw = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

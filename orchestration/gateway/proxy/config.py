@@ -1,0 +1,214 @@
+"""The reverse proxy's declarations: upstreams (targets and how to spread over them) and routes
+(which requests go to which upstream), from `resources/routes.yaml` (setting JUNCTION_ROUTES_FILE).
+
+```yaml
+upstreams:
+  orders:
+    algorithm: weighted_round_robin      # round_robin | weighted_round_robin | least_connections |
+                                         # least_response_time | consistent_hash | geo
+    targets:
+      - {url: "http://10.0.0.5:8080", weight: 3, region: eu-west}
+      - {url: "http://10.0.0.6:8080", weight: 1, region: us-east}
+    hash_on: {by: header, name: X-Customer-Id}          # consistent_hash: header|cookie|query|ip|path
+    geo:                                                 # geo: the client's region, then the fallbacks
+      header: X-Client-Region                            # set by a trusted edge
+      networks: {"10.1.0.0/16": eu-west}                 # else the client address's network
+      fallback: [eu-west, us-east]
+    breaker: {error_ratio: 0.5, min_requests: 20, window: 10s, open_for: 5s}   # per target
+    timeouts: {connect: 2s, read: 30s}
+    retries: 1                                           # on another target, idempotent methods only
+routes:
+  orders-v1:
+    path: /orders                       # under /gateway/proxy; a prefix, or a template /orders/{id}
+    methods: [GET, POST]
+    hosts: [api.example.com]            # the Host header (default: any)
+    headers: {X-Tenant: acme}           # headers that must be present with these values
+    strip_path: true                    # /gateway/proxy/orders/7 -> <target>/7 (false: /orders/7)
+    auth: {type: key, scopes: ["proxy:call:orders"]}   # default: a key with proxy:call:<route>; or open
+    rewrite: /v1/orders/{id}            # or the upstream path from the template's parameters
+    upstream: orders
+```
+
+Everything is checked when the file is read (the kernel's error format: file, field, reason) and
+compiled once (`routing.py`): no request parses configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestration.kernel.breaker import BreakerSpec
+from orchestration.kernel.spec_errors import SpecError, read_yaml, validate_spec
+from orchestration.kernel.times import DurationText
+
+Algorithm = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "least_response_time",
+    "consistent_hash",
+    "geo",
+]
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+NAME = r"^[a-z][a-z0-9_-]*$"
+TEMPLATE_PARAMETER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetSpec(_Strict):
+    url: str = Field(pattern=r"^https?://[^/]+", description="Scheme, host and port; a path is a prefix")
+    weight: int = Field(default=1, ge=1, le=1000)
+    region: str | None = Field(default=None, description="For geo routing")
+
+
+class HashOnSpec(_Strict):
+    by: Literal["header", "cookie", "query", "ip", "path"]
+    name: str | None = Field(default=None, description="The header, cookie or query parameter")
+
+    @model_validator(mode="after")
+    def _named(self) -> HashOnSpec:
+        if self.by in ("header", "cookie", "query") and not self.name:
+            raise ValueError(f"hashing on a {self.by} needs its name")
+        if self.by in ("ip", "path") and self.name:
+            raise ValueError(f"hashing on the {self.by} takes no name")
+        return self
+
+
+class GeoSpec(_Strict):
+    header: str | None = Field(default="X-Client-Region", description="Set by a trusted edge")
+    networks: dict[str, str] = Field(default_factory=dict, description="CIDR -> region of the client")
+    fallback: list[str] = Field(
+        default_factory=list, description="Regions tried, in order, after the client's"
+    )
+
+    @field_validator("networks")
+    @classmethod
+    def _cidrs(cls, networks: dict[str, str]) -> dict[str, str]:
+        for cidr in networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a network (e.g. 10.1.0.0/16)") from None
+        return networks
+
+
+class TimeoutsSpec(_Strict):
+    connect: DurationText = "2s"
+    read: DurationText = "30s"
+
+
+class UpstreamSpec(_Strict):
+    targets: list[TargetSpec] = Field(min_length=1)
+    algorithm: Algorithm = "round_robin"
+    hash_on: HashOnSpec | None = None
+    geo: GeoSpec | None = None
+    breaker: BreakerSpec = Field(default_factory=BreakerSpec, description="Per target")
+    timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec)
+    retries: int = Field(default=1, ge=0, le=5, description="On another target, idempotent methods only")
+
+    @model_validator(mode="after")
+    def _algorithm_needs(self) -> UpstreamSpec:
+        if self.algorithm == "consistent_hash" and self.hash_on is None:
+            raise ValueError("consistent_hash needs hash_on: {by: header|cookie|query|ip|path, name}")
+        if self.algorithm == "geo":
+            if self.geo is None:
+                raise ValueError("geo needs geo: {header, networks, fallback}")
+            unplaced = [target.url for target in self.targets if target.region is None]
+            if unplaced:
+                raise ValueError(f"geo: every target needs a region ({', '.join(unplaced)} has none)")
+            regions = {target.region for target in self.targets}
+            unknown = [region for region in self.geo.fallback if region not in regions]
+            if unknown:
+                raise ValueError(f"geo.fallback: no target is in {', '.join(unknown)}")
+        urls = [target.url for target in self.targets]
+        if len(set(urls)) != len(urls):
+            raise ValueError("targets: a URL is listed twice (give it a weight instead)")
+        return self
+
+
+class RouteAuthSpec(_Strict):
+    """Who may call a route: `key` (an API key or JWT whose scopes cover `scopes`; default
+    `proxy:call:<route>`) or `open` (anyone)."""
+
+    type: Literal["key", "open"] = "key"
+    scopes: list[str] | None = Field(default=None, description="Each needed (default: proxy:call:<route>)")
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes_parse(cls, scopes: list[str] | None) -> list[str] | None:
+        from orchestration.kernel.principals import ScopeError, parse_scope
+
+        for scope in scopes or ():
+            try:
+                parse_scope(scope)
+            except ScopeError as exc:
+                raise ValueError(str(exc)) from None
+        return scopes
+
+
+class RouteSpec(_Strict):
+    path: str = Field(pattern=r"^/", description="A prefix (/orders) or a template (/orders/{id})")
+    upstream: str
+    auth: RouteAuthSpec = Field(default_factory=RouteAuthSpec)
+    methods: list[Annotated[str, Field(pattern=r"^[A-Z]+$")]] | None = None
+    hosts: list[str] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    strip_path: bool = True
+    rewrite: str | None = Field(
+        default=None, pattern=r"^/", description="The upstream path; {params} of path"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str] | None) -> list[str] | None:
+        unknown = [method for method in methods or () if method not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {', '.join(unknown)} (one of {', '.join(METHODS)})")
+        return methods
+
+    @model_validator(mode="after")
+    def _rewrite_parameters(self) -> RouteSpec:
+        if self.rewrite is not None:
+            known = set(TEMPLATE_PARAMETER.findall(self.path))
+            unknown = [name for name in TEMPLATE_PARAMETER.findall(self.rewrite) if name not in known]
+            if unknown:
+                raise ValueError(f"rewrite: {{{unknown[0]}}} is not a parameter of path {self.path!r}")
+        return self
+
+
+class RoutesFile(_Strict):
+    SPEC_SHAPE: ClassVar[str] = "a routes file is a mapping with upstreams and routes"
+
+    upstreams: dict[Annotated[str, Field(pattern=NAME)], UpstreamSpec] = Field(default_factory=dict)
+    routes: dict[Annotated[str, Field(pattern=NAME)], RouteSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> RoutesFile:
+        for name, route in self.routes.items():
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams)) or "none declared"
+                raise SpecError.at(
+                    ("routes", name, "upstream"), f"no upstream {route.upstream!r} (upstreams: {known})"
+                )
+        return self
+
+
+def load_routes_file(path: str | Path | None = None) -> RoutesFile:
+    """`path` (default: the setting) validated; a missing file declares nothing."""
+    if path is None:
+        from orchestration.settings import get_settings
+
+        path = get_settings().routes_file
+    path = Path(path)
+    if not path.exists():
+        return RoutesFile()
+    data = read_yaml(path)
+    return validate_spec({} if data is None else data, RoutesFile, path)

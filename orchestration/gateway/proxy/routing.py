@@ -1,0 +1,187 @@
+"""The proxy's configuration compiled for the request path: route patterns as regular expressions,
+most specific first, and each upstream's live targets with its balancer and breakers.
+
+A `ProxyConfig` is immutable once built. A reload builds a new one and swaps the reference, so a
+request (which reads the reference once) sees the old or the new configuration, never a mix. The
+targets' live state (requests in flight, latency, breaker) carries over to the new configuration for
+every target URL that stays in its upstream.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestration.gateway.proxy.balancers import Balancer, RequestFacts, Target, open_balancer
+from orchestration.gateway.proxy.config import TEMPLATE_PARAMETER, RoutesFile, RouteSpec, UpstreamSpec
+from orchestration.kernel.breaker import CircuitBreaker, Transition
+from orchestration.kernel.times import parse_duration
+
+
+@dataclass
+class Upstream:
+    name: str
+    spec: UpstreamSpec
+    targets: list[Target]
+    balancer: Balancer
+    connect_timeout_s: float
+    read_timeout_s: float
+
+    def pick(self, facts: RequestFacts, exclude: set[Target]) -> Target | None:
+        """A target for this request that its breaker lets through (None: none can take it now)."""
+        now = time.monotonic()
+        candidates = [target for target in self.targets if target not in exclude and target.available(now)]
+        while candidates:
+            target = self.balancer.choose(candidates, facts)
+            if target.breaker.allow():
+                return target
+            candidates.remove(target)  # its half-open probes are all in flight
+        return None
+
+    def retry_after_s(self) -> float:
+        """When a target may take traffic again, for a 503's Retry-After (at least 1 s)."""
+        now = time.monotonic()
+        waits = [max(target.breaker.retry_after_s(), target.ejected_until - now) for target in self.targets]
+        return max(1.0, min(waits, default=1.0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "algorithm": self.spec.algorithm,
+            "targets": [target.to_json() for target in self.targets],
+        }
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    spec: RouteSpec
+    pattern: re.Pattern[str]
+    literal_length: int  # characters of the path before its first parameter: the most specific first
+    methods: frozenset[str] | None
+    hosts: frozenset[str] | None
+    headers: tuple[tuple[str, str], ...]  # lowercase names
+    scopes: tuple[str, ...]  # all needed; () for an open route
+
+    def upstream_path(self, path: str, match: re.Match[str]) -> str:
+        rest = match.group("rest") or ""
+        if self.spec.rewrite is not None:
+            parameters = {name: value for name, value in match.groupdict().items() if name != "rest"}
+            return TEMPLATE_PARAMETER.sub(lambda found: parameters[found.group(1)], self.spec.rewrite) + rest
+        if self.spec.strip_path:
+            return rest or "/"
+        return path
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    route: Route
+    upstream_path: str
+
+
+def _pattern(path: str) -> tuple[re.Pattern[str], int]:
+    """`/orders/{id}` -> `^/orders/(?P<id>[^/]+)(?P<rest>/.*)?$`: a template's parameters are one
+    segment each, and whatever follows the route's path is kept as `rest`."""
+    path = path.rstrip("/") or ""
+    parts, position = [], 0
+    for found in TEMPLATE_PARAMETER.finditer(path):
+        parts.append(re.escape(path[position : found.start()]))
+        parts.append(f"(?P<{found.group(1)}>[^/]+)")
+        position = found.end()
+    parts.append(re.escape(path[position:]))
+    first = TEMPLATE_PARAMETER.search(path)
+    return re.compile("^" + "".join(parts) + r"(?P<rest>/.*)?$"), first.start() if first else len(path)
+
+
+@dataclass
+class ProxyConfig:
+    routes: list[Route] = field(default_factory=list)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    source: str | None = None  # the file it came from
+    loaded_at: float = field(default_factory=time.time)
+
+    def match(self, method: str, path: str, host: str | None, headers: dict[str, str]) -> RouteMatch | None:
+        """The most specific route the request fits (path, method, host, headers), or None."""
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.methods is not None and method not in route.methods:
+                continue
+            if route.hosts is not None and (host or "").split(":")[0] not in route.hosts:
+                continue
+            if any(headers.get(name) != value for name, value in route.headers):
+                continue
+            return RouteMatch(route, route.upstream_path(path, found))
+        return None
+
+
+def compile_config(
+    declared: RoutesFile,
+    previous: ProxyConfig | None = None,
+    on_transition: Any = None,
+    source: str | None = None,
+) -> ProxyConfig:
+    """`declared` compiled; targets of `previous` whose URL stays in the same upstream keep their state."""
+    kept: dict[tuple[str, str], Target] = {}
+    if previous is not None:
+        for upstream in previous.upstreams.values():
+            for target in upstream.targets:
+                kept[(upstream.name, target.url)] = target
+    upstreams = {}
+    for name, spec in declared.upstreams.items():
+        policy = spec.breaker.policy()
+        targets = []
+        for declared_target in spec.targets:
+            target = kept.get((name, declared_target.url))
+            if target is None or target.breaker.policy != policy:
+                breaker = CircuitBreaker(f"{name} {declared_target.url}", policy, on_transition=on_transition)
+                target = Target(
+                    declared_target.url.rstrip("/"), declared_target.weight, declared_target.region, breaker
+                )
+            else:
+                target.weight, target.region = declared_target.weight, declared_target.region
+            targets.append(target)
+        upstreams[name] = Upstream(
+            name,
+            spec,
+            targets,
+            open_balancer(targets, spec),
+            parse_duration(spec.timeouts.connect).total_seconds(),
+            parse_duration(spec.timeouts.read).total_seconds(),
+        )
+    routes = []
+    for name, spec in declared.routes.items():
+        pattern, literal_length = _pattern(spec.path)
+        scopes = () if spec.auth.type == "open" else tuple(spec.auth.scopes or [f"proxy:call:{name}"])
+        routes.append(
+            Route(
+                name,
+                spec,
+                pattern,
+                literal_length,
+                frozenset(spec.methods) if spec.methods else None,
+                frozenset(host.lower() for host in spec.hosts) if spec.hosts else None,
+                tuple((header.lower(), value) for header, value in spec.headers.items()),
+                scopes,
+            )
+        )
+    # Most specific first: the longer literal path, then the route with more conditions.
+    routes.sort(
+        key=lambda route: (
+            -route.literal_length,
+            -(route.methods is not None) - (route.hosts is not None) - len(route.headers),
+        )
+    )
+    return ProxyConfig(routes, upstreams, source)
+
+
+def transition_logger(logger: Any):
+    def log(transition: Transition) -> None:
+        logger.warning(
+            "breaker %s: %s -> %s (%s)", transition.breaker, transition.old, transition.new, transition.reason
+        )
+
+    return log
