@@ -109,7 +109,9 @@ def create_gateway_app(
     app.state.request_stats = request_stats
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
     # The reverse proxy (its routes file is checked here: a bad one stops the gateway at start).
-    app.state.proxy = ProxyApp(settings.routes_file, jwt_verifier=app.state.jwt_verifier)
+    app.state.proxy = ProxyApp(
+        settings.routes_file, jwt_verifier=app.state.jwt_verifier, redis_url=settings.redis_url
+    )
 
     def dagster_ui_url(request: Request) -> str:
         # Embedded, the UI is this server's root; standalone, it is wherever Dagster runs.

@@ -15,6 +15,7 @@ and shown in `status()`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ import orjson
 
 from orchestration.gateway.proxy.balancers import RequestFacts, Target
 from orchestration.gateway.proxy.config import load_routes_file
+from orchestration.gateway.proxy.limiters import ratelimit_headers
 from orchestration.gateway.proxy.routing import (
     ProxyConfig,
     RouteMatch,
@@ -63,12 +65,15 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class ProxyApp:
-    def __init__(self, routes_file: str | Path | None = None, jwt_verifier: Any = None):
+    def __init__(
+        self, routes_file: str | Path | None = None, jwt_verifier: Any = None, redis_url: str | None = None
+    ):
         if routes_file is None:
             from orchestration.settings import get_settings
 
-            routes_file = get_settings().routes_file
+            routes_file, redis_url = get_settings().routes_file, redis_url or get_settings().redis_url
         self.routes_file = Path(routes_file)
+        self.redis_url = redis_url  # where shared rate limits count
         self.jwt_verifier = jwt_verifier
         self._on_transition = transition_logger(logger)
         self.config = ProxyConfig()
@@ -94,7 +99,13 @@ class ProxyApp:
         (at start), else it is logged and the running configuration stays."""
         stamp = self._stamp()
         try:
-            declared = load_routes_file(self.routes_file)
+            config = compile_config(
+                load_routes_file(self.routes_file),
+                self.config,
+                self._on_transition,
+                str(self.routes_file),
+                self.redis_url,
+            )
         except SpecError as exc:
             if strict:
                 raise
@@ -102,7 +113,7 @@ class ProxyApp:
             self._file_stamp = stamp
             logger.error("proxy routes not reloaded, the running ones stay: %s", exc)
             return False
-        self.config = compile_config(declared, self.config, self._on_transition, str(self.routes_file))
+        self.config = config
         self._file_stamp, self.last_error = stamp, None
         return True
 
@@ -128,6 +139,11 @@ class ProxyApp:
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.aclose()
+        for route in self.config.routes:
+            for limiter in route.limiters:
+                closing = getattr(limiter, "aclose", None)
+                if closing is not None:
+                    await closing()
 
     # --- the request path ----------------------------------------------------------------------------
 
@@ -155,17 +171,47 @@ class ProxyApp:
             await _problem(send, 404, f"no proxy route for {method} {path}", path)
             return
         route = matched.route
+        consumer = None
         if route.scopes:
-            refusal = await self._authorize(headers, route.scopes)
+            refusal, consumer = await self._authorize(headers, route.scopes)
             if refusal is not None:
                 self._count(route.name, "refused")
                 await _problem(send, refusal[0], refusal[1], path, {"WWW-Authenticate": "Bearer"})
                 return
+        client_ip = (scope.get("client") or (None,))[0]
+        limit_headers: list[tuple[bytes, bytes]] = []
+        if route.limiters:
+            # In the declared order, stopping at the first refusal: a refused request uses up no
+            # later limit (an earlier one has counted it).
+            verdicts, refused = [], None
+            for limiter in route.limiters:
+                verdict = await limiter.check(limiter.key(consumer, client_ip))
+                verdicts.append(verdict)
+                if not verdict.allowed:
+                    limiter.rejected += 1
+                    refused = verdict
+                    break
+            tightest = refused or min(verdicts, key=lambda verdict: verdict.remaining / verdict.limit)
+            limit_headers = ratelimit_headers(tightest)
+            if refused is not None:
+                self._count(route.name, "rate_limited")
+                extra = {name.decode(): value.decode() for name, value in limit_headers}
+                await _problem(
+                    send,
+                    429,
+                    f"route {route.name}: over the rate limit {refused.policy} ({refused.limit} per "
+                    f"{refused.window_s:g} s)",
+                    path,
+                    {"Retry-After": str(max(1, math.ceil(refused.reset_s))), **extra},
+                )
+                return
         body = await _read_body(receive)
         upstream = config.upstreams[route.spec.upstream]
         query = scope.get("query_string", b"").decode("latin-1")
-        facts = RequestFacts(path, headers, dict(parse_qsl(query)), (scope.get("client") or (None,))[0])
-        await self._forward(send, method, path, query, headers, body, matched, upstream, facts, started)
+        facts = RequestFacts(path, headers, dict(parse_qsl(query)), client_ip)
+        await self._forward(
+            send, method, path, query, headers, body, matched, upstream, facts, started, limit_headers
+        )
 
     async def _forward(
         self,
@@ -179,6 +225,7 @@ class ProxyApp:
         upstream: Upstream,
         facts: RequestFacts,
         started: float,
+        extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
         import httpx
 
@@ -228,7 +275,7 @@ class ProxyApp:
                 )
                 continue
             try:
-                await self._relay(send, response, answered - asked, answered - started)
+                await self._relay(send, response, answered - asked, answered - started, extra_headers)
             finally:
                 target.finished(time.perf_counter() - asked)
                 await response.aclose()
@@ -249,12 +296,20 @@ class ProxyApp:
         self._count(route.name, f"{failure[0] // 100}xx")
         await _problem(send, failure[0], failure[1], path)
 
-    async def _relay(self, send: Send, response: Any, upstream_s: float, before_body_s: float) -> None:
+    async def _relay(
+        self,
+        send: Send,
+        response: Any,
+        upstream_s: float,
+        before_body_s: float,
+        extra_headers: list[tuple[bytes, bytes]],
+    ) -> None:
         headers = [
             (name.lower(), value)
             for name, value in response.headers.raw
             if name.decode("latin-1").lower() not in HOP_BY_HOP
         ]
+        headers += extra_headers
         headers.append((b"via", b"1.1 junction"))
         headers.append((b"x-junction-upstream-latency", f"{upstream_s * 1000:.1f}".encode()))
         headers.append((b"x-junction-proxy-latency", f"{(before_body_s - upstream_s) * 1000:.1f}".encode()))
@@ -279,8 +334,11 @@ class ProxyApp:
         counts = self.route_stats.setdefault(route, {})
         counts[outcome] = counts.get(outcome, 0) + 1
 
-    async def _authorize(self, headers: dict[str, str], scopes: tuple[str, ...]) -> tuple[int, str] | None:
-        """None when the caller's key or JWT covers every scope, else (status, reason)."""
+    async def _authorize(
+        self, headers: dict[str, str], scopes: tuple[str, ...]
+    ) -> tuple[tuple[int, str] | None, str | None]:
+        """(None, the caller's principal) when its key or JWT covers every scope, else ((status,
+        reason), None)."""
         import anyio
 
         from orchestration.kernel.principals import AuthenticationError, authenticate
@@ -292,7 +350,7 @@ class ProxyApp:
             else headers.get("x-api-key")
         )
         if not token:
-            return 401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            return (401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"), None
         now = time.monotonic()
         cached = self._authenticated.get(token)
         if cached is not None and cached[1] > now:
@@ -304,16 +362,16 @@ class ProxyApp:
                 else:
                     principal = await anyio.to_thread.run_sync(authenticate, token)
             except AuthenticationError as exc:
-                return 401, exc.reason
+                return (401, exc.reason), None
             except Exception as exc:  # noqa: BLE001 - a JWT the verifier refuses
-                return 401, str(getattr(exc, "detail", exc))
+                return (401, str(getattr(exc, "detail", exc))), None
             if len(self._authenticated) > 10_000:
                 self._authenticated.clear()
             self._authenticated[token] = (principal, now + AUTH_CACHE_S)
         missing = [scope for scope in scopes if not principal.allows(scope)]
         if missing:
-            return 403, f"this route needs the scope '{missing[0]}'"
-        return None
+            return (403, f"this route needs the scope '{missing[0]}'"), None
+        return None, principal.name
 
 
 def _forwarded_for(headers: dict[str, str], client_ip: str | None) -> str:

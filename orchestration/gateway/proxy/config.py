@@ -26,6 +26,7 @@ routes:
     strip_path: true                    # /gateway/proxy/orders/7 -> <target>/7 (false: /orders/7)
     auth: {type: key, scopes: ["proxy:call:orders"]}   # default: a key with proxy:call:<route>; or open
     rewrite: /v1/orders/{id}            # or the upstream path from the template's parameters
+    rate_limits: [{algorithm: token_bucket, rate: 100, per: 1s, by: [consumer]}]   # limiters.py
     upstream: orders
 ```
 
@@ -42,6 +43,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestration.gateway.proxy.limiters import RateLimitSpec
 from orchestration.kernel.breaker import BreakerSpec
 from orchestration.kernel.spec_errors import SpecError, read_yaml, validate_spec
 from orchestration.kernel.times import DurationText
@@ -165,6 +167,7 @@ class RouteSpec(_Strict):
     rewrite: str | None = Field(
         default=None, pattern=r"^/", description="The upstream path; {params} of path"
     )
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list, description="Each applies (limiters.py)")
 
     @field_validator("methods")
     @classmethod

@@ -16,7 +16,9 @@ from typing import Any
 
 from orchestration.gateway.proxy.balancers import Balancer, RequestFacts, Target, open_balancer
 from orchestration.gateway.proxy.config import TEMPLATE_PARAMETER, RoutesFile, RouteSpec, UpstreamSpec
+from orchestration.gateway.proxy.limiters import Limiter, RateLimitSpec, open_limiter
 from orchestration.kernel.breaker import CircuitBreaker, Transition
+from orchestration.kernel.spec_errors import SpecError
 from orchestration.kernel.times import parse_duration
 
 
@@ -64,6 +66,7 @@ class Route:
     hosts: frozenset[str] | None
     headers: tuple[tuple[str, str], ...]  # lowercase names
     scopes: tuple[str, ...]  # all needed; () for an open route
+    limiters: tuple[Limiter, ...] = ()
 
     def upstream_path(self, path: str, match: re.Match[str]) -> str:
         rest = match.group("rest") or ""
@@ -123,13 +126,27 @@ def compile_config(
     previous: ProxyConfig | None = None,
     on_transition: Any = None,
     source: str | None = None,
+    redis_url: str | None = None,
 ) -> ProxyConfig:
-    """`declared` compiled; targets of `previous` whose URL stays in the same upstream keep their state."""
+    """`declared` compiled; targets of `previous` whose URL stays in the same upstream, and limits
+    declared the same on the same route, keep their state. `redis_url`: where shared limits count."""
     kept: dict[tuple[str, str], Target] = {}
+    kept_limiters: dict[tuple[str, RateLimitSpec], Limiter] = {}
     if previous is not None:
         for upstream in previous.upstreams.values():
             for target in upstream.targets:
                 kept[(upstream.name, target.url)] = target
+        for route in previous.routes:
+            for limiter in route.limiters:
+                kept_limiters[(route.name, limiter.spec)] = limiter
+    for name, spec in declared.routes.items():
+        for index, limit in enumerate(spec.rate_limits):
+            if limit.shared and not redis_url:
+                raise SpecError.at(
+                    ("routes", name, "rate_limits", index, "shared"),
+                    "a shared limit counts in Redis: set JUNCTION_REDIS_URL",
+                    source,
+                )
     upstreams = {}
     for name, spec in declared.upstreams.items():
         policy = spec.breaker.policy()
@@ -156,6 +173,10 @@ def compile_config(
     for name, spec in declared.routes.items():
         pattern, literal_length = _pattern(spec.path)
         scopes = () if spec.auth.type == "open" else tuple(spec.auth.scopes or [f"proxy:call:{name}"])
+        limiters = tuple(
+            kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, upstreams[spec.upstream])
+            for limit in spec.rate_limits
+        )
         routes.append(
             Route(
                 name,
@@ -166,6 +187,7 @@ def compile_config(
                 frozenset(host.lower() for host in spec.hosts) if spec.hosts else None,
                 tuple((header.lower(), value) for header, value in spec.headers.items()),
                 scopes,
+                limiters,
             )
         )
     # Most specific first: the longer literal path, then the route with more conditions.
