@@ -17,6 +17,8 @@ class Upstream:
     server: ThreadingHTTPServer | None = None
     port: int = 0
     status: int = 200  # what it answers
+    health_status: int = 200  # what it answers on /health
+    probes: int = 0  # requests to /health
     delay_s: float = 0.0
     seen: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -44,6 +46,13 @@ class Upstream:
                     "headers": {name.lower(): value for name, value in self.headers.items()},
                     "body": body.decode(),
                 }
+                if self.path == "/health":
+                    with upstream.lock:
+                        upstream.probes += 1
+                    self.send_response(upstream.health_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 with upstream.lock:
                     upstream.seen.append(request)
                 if upstream.delay_s:
@@ -72,7 +81,7 @@ class Upstream:
             self.server = None
 
     def reset(self) -> None:
-        self.status, self.delay_s = 200, 0.0
+        self.status, self.delay_s, self.health_status, self.probes = 200, 0.0, 200, 0
         with self.lock:
             self.seen.clear()
         if self.server is None:

@@ -85,6 +85,7 @@ def create_gateway_app(
         app.state.dagster = DagsterClient(dagster_url, transport=dagster_transport)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(flush_stats_forever)
+            tasks.start_soon(app.state.proxy.run_health_checks)
             try:
                 yield
             finally:

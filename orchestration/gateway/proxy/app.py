@@ -27,6 +27,7 @@ import orjson
 
 from orchestration.gateway.proxy.balancers import RequestFacts, Target
 from orchestration.gateway.proxy.config import load_routes_file
+from orchestration.gateway.proxy.health import ActiveChecks, count_answer
 from orchestration.gateway.proxy.limiters import ratelimit_headers
 from orchestration.gateway.proxy.routing import (
     ProxyConfig,
@@ -83,6 +84,7 @@ class ProxyApp:
         self._clients: dict[str, Any] = {}  # upstream name -> httpx.AsyncClient
         self._authenticated: dict[str, tuple[Any, float]] = {}  # token -> (principal, until)
         self.route_stats: dict[str, dict[str, int]] = {}
+        self.active_checks = ActiveChecks()
         self.reload(strict=True)
 
     # --- configuration -------------------------------------------------------------------------------
@@ -134,6 +136,11 @@ class ProxyApp:
             "routes": {route.name: dict(self.route_stats.get(route.name, {})) for route in config.routes},
             "upstreams": [upstream.to_json() for upstream in config.upstreams.values()],
         }
+
+    async def run_health_checks(self) -> None:
+        """Probe the targets of upstreams declaring `health.active`, until cancelled (the gateway's
+        lifespan runs it)."""
+        await self.active_checks.run(lambda: self.config)
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, {}
@@ -253,11 +260,13 @@ class ProxyApp:
             except httpx.TimeoutException:
                 target.finished(time.perf_counter() - asked)
                 target.breaker.record(False)
+                count_answer(target, False, upstream.spec.health.passive, upstream.name)
                 failure = (504, f"route {route.name}: upstream {upstream.name} did not answer in time")
                 continue
             except httpx.TransportError as exc:
                 target.finished(time.perf_counter() - asked)
                 target.breaker.record(False)
+                count_answer(target, False, upstream.spec.health.passive, upstream.name)
                 failure = (
                     502,
                     f"route {route.name}: upstream {upstream.name} unreachable ({type(exc).__name__})",
@@ -266,6 +275,7 @@ class ProxyApp:
             answered = time.perf_counter()
             ok = response.status_code < 500
             target.breaker.record(ok)
+            count_answer(target, ok, upstream.spec.health.passive, upstream.name)
             if not ok and len(tried) < attempts and method in IDEMPOTENT:
                 target.finished(answered - asked)
                 await response.aclose()

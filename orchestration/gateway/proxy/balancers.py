@@ -52,6 +52,11 @@ class Target:
     chosen: int = 0  # how often a balancer picked it
     current_weight: int = 0  # smooth weighted round robin's running weight
     ejected_until: float = 0.0  # monotonic seconds: passive health (outlier ejection)
+    ejections: int = 0
+    consecutive_failures: int = 0  # answers, for passive health
+    healthy: bool = True  # active health: probes
+    probes_passed: int = 0  # in a row
+    probes_failed: int = 0  # in a row
 
     def started(self) -> None:
         self.in_flight += 1
@@ -70,7 +75,7 @@ class Target:
 
     def available(self, now: float) -> bool:
         """Whether it may take traffic: not ejected, and its breaker closed or due for a probe."""
-        if self.ejected_until > now:
+        if not self.healthy or self.ejected_until > now:
             return False
         return self.breaker.state == "closed" or self.breaker.retry_after_s() == 0.0
 
@@ -84,6 +89,8 @@ class Target:
             "latency_ewma_ms": round(self.ewma_s * 1000, 3),
             "breaker": self.breaker.to_json(),
             "ejected": self.ejected_until > time.monotonic(),
+            "ejections": self.ejections,
+            "healthy": self.healthy,
         }
 
 

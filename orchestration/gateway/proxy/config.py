@@ -17,6 +17,9 @@ upstreams:
     breaker: {error_ratio: 0.5, min_requests: 20, window: 10s, open_for: 5s}   # per target
     timeouts: {connect: 2s, read: 30s}
     retries: 1                                           # on another target, idempotent methods only
+    health:
+      active: {path: /health, interval: 5s, timeout: 1s, healthy: 2, unhealthy: 3}   # probes
+      passive: {consecutive_failures: 5, eject_for: 10s, max_eject_for: 5m}        # outlier ejection
 routes:
   orders-v1:
     path: /orders                       # under /gateway/proxy; a prefix, or a template /orders/{id}
@@ -107,6 +110,33 @@ class TimeoutsSpec(_Strict):
     read: DurationText = "30s"
 
 
+class ActiveHealthSpec(_Strict):
+    """Probes of each target: `unhealthy` failures in a row take it out, `healthy` successes bring it back."""
+
+    path: str = Field(default="/health", pattern=r"^/")
+    interval: DurationText = "5s"
+    timeout: DurationText = "1s"
+    healthy: int = Field(default=2, ge=1, description="Successes in a row that bring a target back")
+    unhealthy: int = Field(default=3, ge=1, description="Failures in a row that take it out")
+    expect: list[Annotated[int, Field(ge=100, le=599)]] = Field(
+        default_factory=list, description="Statuses that pass (default: 2xx and 3xx)"
+    )
+
+
+class PassiveHealthSpec(_Strict):
+    """Outlier ejection (Envoy's): `consecutive_failures` 5xx, timeouts or connection errors in a row
+    eject a target for `eject_for`, doubled on each ejection that follows, up to `max_eject_for`."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    eject_for: DurationText = "10s"
+    max_eject_for: DurationText = "5m"
+
+
+class HealthSpec(_Strict):
+    active: ActiveHealthSpec | None = None
+    passive: PassiveHealthSpec | None = Field(default_factory=PassiveHealthSpec)
+
+
 class UpstreamSpec(_Strict):
     targets: list[TargetSpec] = Field(min_length=1)
     algorithm: Algorithm = "round_robin"
@@ -114,6 +144,7 @@ class UpstreamSpec(_Strict):
     geo: GeoSpec | None = None
     breaker: BreakerSpec = Field(default_factory=BreakerSpec, description="Per target")
     timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     retries: int = Field(default=1, ge=0, le=5, description="On another target, idempotent methods only")
 
     @model_validator(mode="after")
