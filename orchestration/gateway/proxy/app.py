@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -36,6 +36,7 @@ from orchestration.gateway.proxy.routing import (
     compile_config,
     transition_logger,
 )
+from orchestration.gateway.proxy.transforms import RouteTransform, TransformFailed
 from orchestration.kernel.spec_errors import SpecError
 
 logger = logging.getLogger("junction.gateway.proxy")
@@ -178,6 +179,10 @@ class ProxyApp:
             await _problem(send, 404, f"no proxy route for {method} {path}", path)
             return
         route = matched.route
+        if matched.upstream is None:  # a version the route does not have
+            self._count(route.name, "unknown_version")
+            await _problem(send, 404, matched.problem or "no such version", path)
+            return
         consumer = None
         if route.scopes:
             refusal, consumer = await self._authorize(headers, route.scopes)
@@ -213,18 +218,38 @@ class ProxyApp:
                 )
                 return
         body = await _read_body(receive)
-        upstream = config.upstreams[route.spec.upstream]
+        upstream = config.upstreams[matched.upstream]
         query = scope.get("query_string", b"").decode("latin-1")
         facts = RequestFacts(path, headers, dict(parse_qsl(query)), client_ip)
-        await self._forward(
-            send, method, path, query, headers, body, matched, upstream, facts, started, limit_headers
-        )
+        context = {
+            "route": route.name,
+            "consumer": consumer,
+            "method": method,
+            "path": path,
+            "query": facts.query,
+        }
+        try:
+            await self._forward(
+                send,
+                method,
+                query,
+                headers,
+                body,
+                matched,
+                upstream,
+                facts,
+                started,
+                [*limit_headers, *matched.response_headers],
+                context,
+            )
+        except TransformFailed as exc:
+            self._count(route.name, f"{exc.status // 100}xx")
+            await _problem(send, exc.status, exc.detail, path)
 
     async def _forward(
         self,
         send: Send,
         method: str,
-        path: str,
         query: str,
         headers: dict[str, str],
         body: bytes,
@@ -233,15 +258,22 @@ class ProxyApp:
         facts: RequestFacts,
         started: float,
         extra_headers: list[tuple[bytes, bytes]],
+        context: dict[str, Any],
     ) -> None:
+        """Try the upstream's targets; TransformFailed when a transform cannot apply."""
         import httpx
 
         route = matched.route
+        path = facts.path
         client = self._client(upstream)
         forwarded = [(name, value) for name, value in headers.items() if name not in NOT_FORWARDED]
         forwarded.append(("x-forwarded-for", _forwarded_for(headers, facts.client_ip)))
         forwarded.append(("x-forwarded-host", headers.get("host", "")))
         forwarded.append(("x-forwarded-proto", headers.get("x-forwarded-proto", "http")))
+        if route.transform is not None:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            forwarded, pairs, body = route.transform.request_parts(forwarded, pairs, body, context)
+            query = urlencode(pairs)
         attempts = 1 + (upstream.spec.retries if method in IDEMPOTENT else 0)
         tried: set[Target] = set()
         failure: tuple[int, str] | None = None
@@ -285,7 +317,15 @@ class ProxyApp:
                 )
                 continue
             try:
-                await self._relay(send, response, answered - asked, answered - started, extra_headers)
+                await self._relay(
+                    send,
+                    response,
+                    answered - asked,
+                    answered - started,
+                    extra_headers,
+                    route.transform,
+                    context,
+                )
             finally:
                 target.finished(time.perf_counter() - asked)
                 await response.aclose()
@@ -313,17 +353,42 @@ class ProxyApp:
         upstream_s: float,
         before_body_s: float,
         extra_headers: list[tuple[bytes, bytes]],
+        transform: RouteTransform | None,
+        context: dict[str, Any],
     ) -> None:
+        """The upstream's answer to the client: streamed as it comes, or whole when a response body
+        transform needs it (TransformFailed 502 when it is not JSON or too large)."""
         headers = [
             (name.lower(), value)
             for name, value in response.headers.raw
             if name.decode("latin-1").lower() not in HOP_BY_HOP
         ]
+        status = response.status_code
+        whole: bytes | None = None
+        if transform is not None:
+            status = transform.response_status(status)
+            if transform.reads_response_body:
+                whole = await _bounded_read(response, transform.response.max_body_bytes, context["route"])
+                whole = transform.response_body_of(whole, context)
+                dropped = {b"content-length", b"content-encoding", b"content-type"}
+                headers = [(name, value) for name, value in headers if name not in dropped]
+                headers += [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(whole)).encode()),
+                ]
+            pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+            headers = [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in transform.response_headers(pairs, context)
+            ]
         headers += extra_headers
         headers.append((b"via", b"1.1 junction"))
         headers.append((b"x-junction-upstream-latency", f"{upstream_s * 1000:.1f}".encode()))
         headers.append((b"x-junction-proxy-latency", f"{(before_body_s - upstream_s) * 1000:.1f}".encode()))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if whole is not None:
+            await send({"type": "http.response.body", "body": whole, "more_body": False})
+            return
         async for chunk in response.aiter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -387,6 +452,16 @@ class ProxyApp:
 def _forwarded_for(headers: dict[str, str], client_ip: str | None) -> str:
     earlier = headers.get("x-forwarded-for")
     return f"{earlier}, {client_ip}" if earlier and client_ip else earlier or client_ip or ""
+
+
+async def _bounded_read(response: Any, limit: int, route: str) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise TransformFailed(502, f"route {route}: upstream answer: over {limit} bytes to transform")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -30,6 +30,15 @@ routes:
     auth: {type: key, scopes: ["proxy:call:orders"]}   # default: a key with proxy:call:<route>; or open
     rewrite: /v1/orders/{id}            # or the upstream path from the template's parameters
     rate_limits: [{algorithm: token_bucket, rate: 100, per: 1s, by: [consumer]}]   # limiters.py
+    transform: {request: {headers: {add: {X-Source: junction}}}}                   # transforms.py
+  customers:
+    path: /customers
+    versions:                           # instead of upstream: one API in several versions
+      by: path                          # /customers/v1/... | header (API-Version) | media_type (Accept)
+      default: v2
+      versions:
+        v1: {upstream: customers-v1, deprecated: 2026-01-01, sunset: 2026-12-31}
+        v2: {upstream: customers-v2}
     upstream: orders
 ```
 
@@ -41,12 +50,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestration.gateway.proxy.limiters import RateLimitSpec
+from orchestration.gateway.proxy.transforms import TransformSpec
 from orchestration.kernel.breaker import BreakerSpec
 from orchestration.kernel.spec_errors import SpecError, read_yaml, validate_spec
 from orchestration.kernel.times import DurationText
@@ -187,9 +198,39 @@ class RouteAuthSpec(_Strict):
         return scopes
 
 
+class VersionSpec(_Strict):
+    upstream: str
+    deprecated: bool | date = Field(default=False, description="true, or the day it was deprecated")
+    sunset: date | None = Field(default=None, description="The day it goes away (the Sunset header)")
+
+
+class VersioningSpec(_Strict):
+    """One API in several versions, each to its own upstream; old ones answer with `Deprecation` and
+    `Sunset` headers."""
+
+    by: Literal["path", "header", "media_type"] = Field(
+        default="path",
+        description="path: /orders/v2/...; header: API-Version: 2; media_type: Accept: "
+        "application/vnd.example.v2+json (or ;version=2)",
+    )
+    header: str = "API-Version"
+    default: str | None = Field(default=None, description="When the request names none (else 404)")
+    versions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")], VersionSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_declared(self) -> VersioningSpec:
+        if self.default is not None and self.default not in self.versions:
+            raise ValueError(
+                f"default: {self.default!r} is not one of the versions ({', '.join(self.versions)})"
+            )
+        return self
+
+
 class RouteSpec(_Strict):
     path: str = Field(pattern=r"^/", description="A prefix (/orders) or a template (/orders/{id})")
-    upstream: str
+    upstream: str | None = Field(default=None, description="Where it goes (or per version: versions)")
+    versions: VersioningSpec | None = None
+    transform: TransformSpec | None = None
     auth: RouteAuthSpec = Field(default_factory=RouteAuthSpec)
     methods: list[Annotated[str, Field(pattern=r"^[A-Z]+$")]] | None = None
     hosts: list[str] | None = None
@@ -210,6 +251,8 @@ class RouteSpec(_Strict):
 
     @model_validator(mode="after")
     def _rewrite_parameters(self) -> RouteSpec:
+        if (self.upstream is None) == (self.versions is None):
+            raise ValueError("give one of upstream or versions")
         if self.rewrite is not None:
             known = set(TEMPLATE_PARAMETER.findall(self.path))
             unknown = [name for name in TEMPLATE_PARAMETER.findall(self.rewrite) if name not in known]
@@ -226,12 +269,19 @@ class RoutesFile(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> RoutesFile:
+        known = ", ".join(sorted(self.upstreams)) or "none declared"
         for name, route in self.routes.items():
-            if route.upstream not in self.upstreams:
-                known = ", ".join(sorted(self.upstreams)) or "none declared"
-                raise SpecError.at(
-                    ("routes", name, "upstream"), f"no upstream {route.upstream!r} (upstreams: {known})"
-                )
+            named = (
+                [(("routes", name, "upstream"), route.upstream)]
+                if route.versions is None
+                else [
+                    (("routes", name, "versions", "versions", version, "upstream"), declared.upstream)
+                    for version, declared in route.versions.versions.items()
+                ]
+            )
+            for location, upstream in named:
+                if upstream not in self.upstreams:
+                    raise SpecError.at(location, f"no upstream {upstream!r} (upstreams: {known})")
         return self
 
 

@@ -12,11 +12,20 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from orchestration.gateway.proxy.balancers import Balancer, RequestFacts, Target, open_balancer
-from orchestration.gateway.proxy.config import TEMPLATE_PARAMETER, RoutesFile, RouteSpec, UpstreamSpec
+from orchestration.gateway.proxy.config import (
+    TEMPLATE_PARAMETER,
+    RoutesFile,
+    RouteSpec,
+    UpstreamSpec,
+    VersioningSpec,
+)
 from orchestration.gateway.proxy.limiters import Limiter, RateLimitSpec, open_limiter
+from orchestration.gateway.proxy.transforms import RouteTransform
 from orchestration.kernel.breaker import CircuitBreaker, Transition
 from orchestration.kernel.spec_errors import SpecError
 from orchestration.kernel.times import parse_duration
@@ -67,9 +76,12 @@ class Route:
     headers: tuple[tuple[str, str], ...]  # lowercase names
     scopes: tuple[str, ...]  # all needed; () for an open route
     limiters: tuple[Limiter, ...] = ()
+    versions: Versions | None = None
+    transform: RouteTransform | None = None
 
-    def upstream_path(self, path: str, match: re.Match[str]) -> str:
-        rest = match.group("rest") or ""
+    def upstream_path(self, path: str, match: re.Match[str], rest: str) -> str:
+        """The path asked of the target: `rest` is what follows the route's path (a path version
+        taken out)."""
         if self.spec.rewrite is not None:
             parameters = {name: value for name, value in match.groupdict().items() if name != "rest"}
             return TEMPLATE_PARAMETER.sub(lambda found: parameters[found.group(1)], self.spec.rewrite) + rest
@@ -82,6 +94,65 @@ class Route:
 class RouteMatch:
     route: Route
     upstream_path: str
+    upstream: str | None  # None: `problem` says why (a version the route does not have)
+    version: str | None = None
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()  # Deprecation, Sunset of an old version
+    problem: str | None = None
+
+
+_MEDIA_VERSION = re.compile(r"(?:vnd\.[^;,+\s]+?\.(v?[A-Za-z0-9_-]+)\+|version=\s*([A-Za-z0-9._-]+))")
+
+
+@dataclass(frozen=True)
+class Versions:
+    """A route's versions compiled: which one a request asks for, its upstream and headers."""
+
+    spec: VersioningSpec
+    headers_of: dict[str, tuple[tuple[bytes, bytes], ...]]
+
+    @classmethod
+    def compile(cls, spec: VersioningSpec) -> Versions:
+        headers_of = {}
+        for name, version in spec.versions.items():
+            headers: list[tuple[bytes, bytes]] = []
+            if version.deprecated is True:
+                headers.append((b"deprecation", b"true"))
+            elif version.deprecated:
+                moment = datetime.combine(version.deprecated, datetime.min.time(), UTC)
+                headers.append((b"deprecation", f"@{int(moment.timestamp())}".encode()))  # RFC 9745
+            if version.sunset is not None:
+                moment = datetime.combine(version.sunset, datetime.min.time(), UTC)
+                headers.append((b"sunset", format_datetime(moment, usegmt=True).encode()))  # RFC 8594
+            headers_of[name] = tuple(headers)
+        return cls(spec, headers_of)
+
+    def _known(self, asked: str | None) -> str | None:
+        if asked is None:
+            return None
+        if asked in self.spec.versions:
+            return asked
+        prefixed = f"v{asked}"
+        return prefixed if prefixed in self.spec.versions else None
+
+    def resolve(self, rest: str, headers: dict[str, str]) -> tuple[str | None, str, str | None]:
+        """(version, the rest of the path without a path version, the version asked when unknown)."""
+        asked: str | None = None
+        if self.spec.by == "path":
+            segment = rest.split("/", 2)[1] if rest.startswith("/") and len(rest) > 1 else ""
+            version = self._known(segment) if segment else None
+            if version is not None:
+                return version, rest[len(segment) + 1 :], None
+        elif self.spec.by == "header":
+            asked = headers.get(self.spec.header.lower())
+        else:
+            found = _MEDIA_VERSION.search(headers.get("accept", ""))
+            asked = (found.group(1) or found.group(2)) if found else None
+        version = self._known(asked)
+        if version is not None:
+            return version, rest, None
+        if asked is None and self.spec.default is not None:
+            return self.spec.default, rest, None
+        return None, rest, asked
 
 
 def _pattern(path: str) -> tuple[re.Pattern[str], int]:
@@ -117,7 +188,23 @@ class ProxyConfig:
                 continue
             if any(headers.get(name) != value for name, value in route.headers):
                 continue
-            return RouteMatch(route, route.upstream_path(path, found))
+            rest = found.group("rest") or ""
+            if route.versions is None:
+                return RouteMatch(route, route.upstream_path(path, found, rest), route.spec.upstream)
+            version, rest, asked = route.versions.resolve(rest, headers)
+            if version is None:
+                declared = ", ".join(route.versions.spec.versions)
+                what = f"no version {asked!r}" if asked else "no version asked"
+                return RouteMatch(
+                    route, path, None, problem=f"route {route.name}: {what} (versions: {declared})"
+                )
+            return RouteMatch(
+                route,
+                route.upstream_path(path, found, rest),
+                route.versions.spec.versions[version].upstream,
+                version,
+                route.versions.headers_of[version],
+            )
         return None
 
 
@@ -173,8 +260,12 @@ def compile_config(
     for name, spec in declared.routes.items():
         pattern, literal_length = _pattern(spec.path)
         scopes = () if spec.auth.type == "open" else tuple(spec.auth.scopes or [f"proxy:call:{name}"])
+        # An adaptive limit follows the route's upstream (with versions: the default's, else the first's).
+        followed = spec.upstream or (
+            spec.versions.versions[spec.versions.default or next(iter(spec.versions.versions))].upstream
+        )
         limiters = tuple(
-            kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, upstreams[spec.upstream])
+            kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, upstreams[followed])
             for limit in spec.rate_limits
         )
         routes.append(
@@ -188,6 +279,8 @@ def compile_config(
                 tuple((header.lower(), value) for header, value in spec.headers.items()),
                 scopes,
                 limiters,
+                Versions.compile(spec.versions) if spec.versions is not None else None,
+                RouteTransform(name, spec.transform) if spec.transform is not None else None,
             )
         )
     # Most specific first: the longer literal path, then the route with more conditions.
