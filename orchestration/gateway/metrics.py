@@ -179,6 +179,9 @@ def route_template(scope: Scope, path: str, root: str) -> str:
     Rebuilt from the path and its parameters: FastAPI's included routers do not expose the full
     template of the matched route in the scope.
     """
+    proxied = scope.get("state", {}).get("proxy_route")
+    if proxied is not None:  # the reverse proxy's route, by name
+        return proxied
     if "endpoint" not in scope:
         return UNMATCHED_ROUTE
     if root and path.startswith(root):

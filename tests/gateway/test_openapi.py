@@ -156,6 +156,7 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("DELETE", "/v1/keys/{name}"): {"path_parameters": {"name": "to-revoke"}},
         ("GET", "/v1/analytics/requests"): {},
         ("GET", "/v1/analytics/requests/history"): {},
+        ("GET", "/v1/analytics/proxy"): {},
         ("GET", "/v1/streams"): {},
         ("GET", "/v1/streams/{name}/stats"): {"path_parameters": {"name": "orders"}},
         ("GET", "/v1/streams/{name}"): {"path_parameters": {"name": "orders"}},

@@ -250,3 +250,41 @@ def test_a_bad_routes_file_names_file_field_and_reason(tmp_path: Path, document:
     with pytest.raises(SpecError) as caught:
         ProxyApp(path)
     assert f"routes.yaml: {problem}" in str(caught.value)
+
+
+def test_analytics_per_route_consumer_and_target(proxy, upstreams, make_key):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from orchestration.gateway.api.analytics import proxy_metric_families
+
+    a, b = upstreams["a"], upstreams["b"]
+    client = proxy(
+        {"pair": targets(a, b)},
+        {"orders": {"path": "/orders", "upstream": "pair", "rate_limits": [{"rate": 3, "per": "1m"}]}},
+    )
+    caller = make_key("caller", "proxy:call:orders")
+    assert [client.get("/proxy/orders", headers=bearer(caller)).status_code for _ in range(4)] == [
+        200
+    ] * 3 + [429]
+    reader = make_key("analyst", "analytics:read")
+    figures = client.get("/v1/analytics/proxy", headers=bearer(reader)).json()
+    orders = figures["routes"]["orders"]
+    assert orders["outcomes"] == {"2xx": 3, "rate_limited": 1} and orders["consumers"] == {"caller": 3}
+    assert orders["upstream_latency_ms"]["p99"] > 0 and orders["added_latency_ms"]["p50"] >= 0
+    assert orders["rate_limits"] == [{"policy": "token_bucket-consumer", "rejected": 1, "fallbacks": 0}]
+    assert sorted(target["chosen"] for target in figures["upstreams"][0]["targets"]) == [1, 2]
+    window = client.get("/v1/analytics/requests", headers=bearer(reader)).json()["stats"]
+    proxied = [row for row in window if row["route"] == "/proxy/orders"]
+    assert proxied and proxied[0]["principal"] == "caller", "in the gateway's per-route statistics"
+
+    registry = CollectorRegistry()
+
+    class Collector:
+        def collect(self):
+            return proxy_metric_families(client.app.state.proxy.status())
+
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    assert 'junction_proxy_requests_total{outcome="2xx",route="orders"} 3.0' in text
+    assert 'junction_proxy_rate_limited_total{policy="token_bucket-consumer",route="orders"} 1.0' in text
+    assert f'junction_proxy_breaker_open{{target="{a.url}",upstream="pair"}} 0.0' in text

@@ -73,6 +73,16 @@ async def request_window(
     )
 
 
+@router.get("/analytics/proxy", responses=problem_responses(401, 403))
+async def proxy_analytics(
+    request: Request, _: Annotated[Principal, Depends(requires("analytics:read", read_only=True))]
+) -> dict:
+    """The reverse proxy in this gateway process: per route its outcomes, consumers, latency
+    percentiles (upstream and added by the gateway) and rate limits; per upstream its targets with
+    balancer choices, latency, breaker state and transitions, health and ejections."""
+    return request.app.state.proxy.status()
+
+
 @router.get(
     "/analytics/requests/history",
     response_model=RequestHistory,
@@ -226,10 +236,54 @@ async def prometheus_metrics(
             )
             yield from stream_metric_families(streams)
             yield from cache_metric_families()
+            yield from proxy_metric_families(request.app.state.proxy.status())
 
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+def proxy_metric_families(status: dict) -> list:
+    """The reverse proxy's figures in this gateway process: per route, target and limit."""
+    requests = CounterMetricFamily(
+        "junction_proxy_requests", "Proxied requests by route and outcome.", labels=["route", "outcome"]
+    )
+    latency = GaugeMetricFamily(
+        "junction_proxy_latency_ms",
+        "Latency percentiles of the newest requests: the upstream's and the gateway's own.",
+        labels=["route", "part", "quantile"],
+    )
+    limited = CounterMetricFamily(
+        "junction_proxy_rate_limited", "Requests refused by a rate limit.", labels=["route", "policy"]
+    )
+    chosen = CounterMetricFamily(
+        "junction_proxy_target_chosen", "Balancer choices per target.", labels=["upstream", "target"]
+    )
+    breaker_open = GaugeMetricFamily(
+        "junction_proxy_breaker_open", "1 while the target's breaker is open.", labels=["upstream", "target"]
+    )
+    transitions = CounterMetricFamily(
+        "junction_proxy_breaker_transitions", "Breaker state changes.", labels=["upstream", "target"]
+    )
+    ejections = CounterMetricFamily(
+        "junction_proxy_ejections", "Outlier ejections of the target.", labels=["upstream", "target"]
+    )
+    for route, figures in status["routes"].items():
+        for outcome, count in figures["outcomes"].items():
+            requests.add_metric([route, outcome], count)
+        for part in ("upstream", "added"):
+            for quantile, value in figures[f"{part}_latency_ms"].items():
+                latency.add_metric([route, part, quantile], value)
+        for limit in figures["rate_limits"]:
+            limited.add_metric([route, limit["policy"]], limit["rejected"])
+    for upstream in status["upstreams"]:
+        for target in upstream["targets"]:
+            labels = [upstream["name"], target["url"]]
+            chosen.add_metric(labels, target["chosen"])
+            breaker_open.add_metric(labels, int(target["breaker"]["state"] == "open"))
+            transitions.add_metric(labels, target["breaker"]["transitions"])
+            ejections.add_metric(labels, target["ejections"])
+    return [requests, latency, limited, chosen, breaker_open, transitions, ejections]
 
 
 def cache_metric_families() -> list:

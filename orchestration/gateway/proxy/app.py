@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from orchestration.kernel.spec_errors import SpecError
 
 logger = logging.getLogger("junction.gateway.proxy")
 RELOAD_CHECK_S = 2.0
+LATENCY_SAMPLES = 4096  # the newest latencies per route, for the percentiles
 # An authenticated key is trusted this long before the store is asked again (a revoked key keeps
 # working at most this long through the proxy; the platform API asks every time).
 AUTH_CACHE_S = 30.0
@@ -84,7 +86,9 @@ class ProxyApp:
         self._checked_at = 0.0
         self._clients: dict[str, Any] = {}  # upstream name -> httpx.AsyncClient
         self._authenticated: dict[str, tuple[Any, float]] = {}  # token -> (principal, until)
-        self.route_stats: dict[str, dict[str, int]] = {}
+        self.route_stats: dict[str, dict[str, int]] = {}  # route -> outcome -> requests
+        self.consumer_stats: dict[str, dict[str, int]] = {}  # route -> consumer -> requests
+        self._latencies: dict[str, tuple[deque, deque]] = {}  # route -> (upstream ms, added ms)
         self.active_checks = ActiveChecks()
         self.reload(strict=True)
 
@@ -129,14 +133,50 @@ class ProxyApp:
             self.reload()
 
     def status(self) -> dict[str, Any]:
+        """The configuration's state and this process's figures (`GET /v1/analytics/proxy`)."""
+        from orchestration.gateway.metrics import percentiles
+
         config = self.config
+        routes = {}
+        for route in config.routes:
+            upstream_ms, added_ms = self._latencies.get(route.name, ((), ()))
+            routes[route.name] = {
+                "outcomes": dict(self.route_stats.get(route.name, {})),
+                "consumers": dict(self.consumer_stats.get(route.name, {})),
+                "upstream_latency_ms": dict(
+                    zip(("p50", "p95", "p99"), percentiles(list(upstream_ms)), strict=True)
+                ),
+                "added_latency_ms": dict(
+                    zip(("p50", "p95", "p99"), percentiles(list(added_ms)), strict=True)
+                ),
+                "rate_limits": [
+                    {
+                        "policy": limiter.spec.name,
+                        "rejected": limiter.rejected,
+                        "fallbacks": limiter.fallbacks,
+                    }
+                    | ({"decisions": limiter.decisions} if hasattr(limiter, "decisions") else {})
+                    for limiter in route.limiters
+                ],
+            }
         return {
             "routes_file": str(self.routes_file),
             "loaded_at": config.loaded_at,
             "last_error": self.last_error,
-            "routes": {route.name: dict(self.route_stats.get(route.name, {})) for route in config.routes},
+            "routes": routes,
             "upstreams": [upstream.to_json() for upstream in config.upstreams.values()],
         }
+
+    def _observe(self, route: str, consumer: str | None, upstream_s: float, total_s: float) -> None:
+        """One answered request's figures: plain appends on the event loop, no lock."""
+        upstream_ms, added_ms = self._latencies.setdefault(
+            route, (deque(maxlen=LATENCY_SAMPLES), deque(maxlen=LATENCY_SAMPLES))
+        )
+        upstream_ms.append(upstream_s * 1000)
+        added_ms.append(max(0.0, total_s - upstream_s) * 1000)
+        counts = self.consumer_stats.setdefault(route, {})
+        name = consumer or "anonymous"
+        counts[name] = counts.get(name, 0) + 1
 
     async def run_health_checks(self) -> None:
         """Probe the targets of upstreams declaring `health.active`, until cancelled (the gateway's
@@ -179,6 +219,9 @@ class ProxyApp:
             await _problem(send, 404, f"no proxy route for {method} {path}", path)
             return
         route = matched.route
+        # The gateway's request statistics (per-minute history) label proxied requests by route.
+        state = scope.setdefault("state", {})
+        state["proxy_route"] = f"/proxy/{route.name}"
         if matched.upstream is None:  # a version the route does not have
             self._count(route.name, "unknown_version")
             await _problem(send, 404, matched.problem or "no such version", path)
@@ -186,6 +229,8 @@ class ProxyApp:
         consumer = None
         if route.scopes:
             refusal, consumer = await self._authorize(headers, route.scopes)
+            if consumer is not None:
+                state["principal_name"] = consumer
             if refusal is not None:
                 self._count(route.name, "refused")
                 await _problem(send, refusal[0], refusal[1], path, {"WWW-Authenticate": "Bearer"})
@@ -327,9 +372,11 @@ class ProxyApp:
                     context,
                 )
             finally:
-                target.finished(time.perf_counter() - asked)
+                finished = time.perf_counter()
+                target.finished(finished - asked)
                 await response.aclose()
             self._count(route.name, f"{response.status_code // 100}xx")
+            self._observe(route.name, context["consumer"], answered - asked, finished - started)
             return
         if failure is None:
             self._count(route.name, "unavailable")
