@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from orchestration.errors import ConfigurationError
-from orchestration.settings import PROJECT_ROOT, JunctionSettings
+from orchestration.settings import PROJECT_ROOT, JunctionSettings, get_settings
 
 logger = logging.getLogger("junction.server")
 
@@ -272,13 +272,34 @@ def serve_platform(
     return 0
 
 
-def serve_gateway(settings: JunctionSettings, host: str, port: int, log_level: str = "info") -> int:
-    """The gateway alone (scale-out behind a load balancer); it reaches Dagster at JUNCTION_DAGSTER_URL."""
-    import uvicorn
-
+def standalone_gateway(settings: JunctionSettings | None = None) -> GatewayFirst:
+    """The gateway as `junction gateway` serves it (also the factory its worker processes import)."""
     from orchestration.gateway.app import create_gateway_app
 
-    root = GatewayFirst(create_gateway_app(settings), settings.gateway_prefix, not_under_the_gateway)
+    settings = settings or get_settings()
+    return GatewayFirst(create_gateway_app(settings), settings.gateway_prefix, not_under_the_gateway)
+
+
+def serve_gateway(
+    settings: JunctionSettings, host: str, port: int, log_level: str = "info", workers: int = 1
+) -> int:
+    """The gateway alone (scale-out behind a load balancer); it reaches Dagster at JUNCTION_DAGSTER_URL.
+    With several `workers`, uvicorn's processes share the port; each builds its gateway from the
+    environment's settings, and shared rate limits count in Redis."""
+    import uvicorn
+
+    if workers > 1:
+        uvicorn.run(
+            "orchestration.server:standalone_gateway",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            lifespan="on",
+        )
+        return 0
+    root = standalone_gateway(settings)
     server = uvicorn.Server(uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="on"))
     with sigterm_unwinds():
         server.run()

@@ -42,6 +42,9 @@ def _when(moment: datetime | None) -> str:
 @click.group()
 def keys() -> None:
     """API keys: `jk_<id>_<secret>` tokens carrying a principal, groups and scopes."""
+    from orchestration.store.bootstrap import migrate_store
+
+    migrate_store()  # a new JUNCTION_HOME has no tables yet: keys can be made before the first start
 
 
 @keys.command()

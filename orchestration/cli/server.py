@@ -76,7 +76,14 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     "--port", default=3100, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on."
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def gateway(host: str, port: int, log_level: str) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Processes sharing the port (shared rate limits count in Redis).",
+)
+def gateway(host: str, port: int, log_level: str, workers: int) -> None:
     """Serve the gateway alone (scale out behind a load balancer).
 
     It reaches Dagster's webserver at JUNCTION_DAGSTER_URL and shares the platform store
@@ -93,4 +100,4 @@ def gateway(host: str, port: int, log_level: str) -> None:
     click.echo(
         f"junction: gateway on http://{host}:{port}{settings.gateway_prefix} -> Dagster at {settings.dagster_url}"
     )
-    sys.exit(serve_gateway(settings, host, port, log_level))
+    sys.exit(serve_gateway(settings, host, port, log_level, workers))

@@ -36,7 +36,7 @@ from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
 from orchestration.gateway.metrics import RecordRequests, RequestStats
 from orchestration.gateway.problems import install_problem_handlers
-from orchestration.gateway.proxy.app import ProxyApp
+from orchestration.gateway.proxy.app import ProxyApp, ProxyFirst
 from orchestration.gateway.security import JwtVerifier
 from orchestration.settings import JunctionSettings, get_settings
 
@@ -132,8 +132,9 @@ def create_gateway_app(
     for router in V1_ROUTERS:
         app.include_router(router, prefix="/v1")
     app.include_router(analytics.metrics_router)
-    app.mount("/proxy", app.state.proxy)
 
+    # Innermost: proxied paths go to the proxy before FastAPI's router tries every platform route.
+    app.add_middleware(ProxyFirst, proxy=app.state.proxy, prefix="/proxy")
     if settings.gateway_cors_origins:
         app.add_middleware(
             CORSMiddleware,
