@@ -162,17 +162,17 @@ def start_upstream() -> tuple[Upstream, ThreadingHTTPServer]:
                 upstream.most_in_flight = max(upstream.most_in_flight, upstream.in_flight)
             try:
                 time.sleep(upstream.child_delay)
-                if parent not in upstream.children:
-                    self._send(404, {"title": f"no customer {parent}"})
-                    return
-                records = upstream.children[parent]
-                pages = max((len(records) + 1) // 2, 1)
-                self._send(
-                    200, {"data": records[(page - 1) * 2 : page * 2], "page": page, "total_pages": pages}
-                )
+                records = upstream.children.get(parent)
             finally:
+                # Before the answer is written: once the client has it, it may send its next request
+                # at once, and that one must not count this one as still in flight.
                 with upstream.lock:
                     upstream.in_flight -= 1
+            if records is None:
+                self._send(404, {"title": f"no customer {parent}"})
+                return
+            pages = max((len(records) + 1) // 2, 1)
+            self._send(200, {"data": records[(page - 1) * 2 : page * 2], "page": page, "total_pages": pages})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))

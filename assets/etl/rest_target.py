@@ -36,10 +36,11 @@ from assets.etl.loads import LOAD_ID_COLUMN, FileTarget, PublishOutcome, quarant
 from assets.etl.quarantine import Quarantine
 from assets.etl.sources.auth import open_auth
 from assets.etl.sources.base import clip_record
-from assets.etl.sources.rest import RateLimit, RetriesExhausted, mask, seconds, send
+from assets.etl.sources.rest import RateLimit, RetriesExhausted, mask, send
 from assets.etl.spec import FileTargetSpec, RestTargetSpec
 from assets.etl.state import CursorState
 from orchestration.errors import ConfigurationError, JunctionError
+from orchestration.kernel.times import duration_seconds
 
 __all__ = ["PUBLISH_STEP", "RestTarget"]
 
@@ -202,7 +203,7 @@ class RestTarget(FileTarget):
         auth = open_auth(spec.auth)
         secrets = auth.secrets if auth is not None else ()
         limit = RateLimit(spec.rate_limit)
-        timeout = seconds(spec.timeout)
+        timeout = duration_seconds(spec.timeout)
         platform = {"url": get_settings().public_url.rstrip("/")}
         accepted: list[tuple[dict[str, Any], str, int]] = []
 

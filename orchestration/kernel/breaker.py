@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.kernel.times import DurationText, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 
 State = Literal["closed", "open", "half_open"]
 
@@ -50,16 +50,13 @@ class BreakerSpec(BaseModel):
     close_after: int = Field(default=2, ge=1, description="Probe successes in a row that close it")
 
     def policy(self) -> BreakerPolicy:
-        def seconds(text: str) -> float:
-            return parse_duration(text).total_seconds()
-
         return BreakerPolicy(
             error_ratio=self.error_ratio,
             min_requests=self.min_requests,
-            window_s=seconds(self.window),
+            window_s=duration_seconds(self.window),
             buckets=self.buckets,
-            open_for_s=seconds(self.open_for),
-            max_open_for_s=max(seconds(self.max_open_for), seconds(self.open_for)),
+            open_for_s=duration_seconds(self.open_for),
+            max_open_for_s=max(duration_seconds(self.max_open_for), duration_seconds(self.open_for)),
             half_open_probes=self.half_open_probes,
             close_after=self.close_after,
         )

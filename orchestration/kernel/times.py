@@ -38,6 +38,14 @@ def check_duration(text: str) -> str:
     return text
 
 
+def duration_seconds(text: str) -> float:
+    """A duration already checked (a `DurationText` field) in seconds."""
+    parsed = parse_duration(text)
+    if parsed is None:
+        raise ValueError(f"{text!r} is not a duration (90m, 12h, 2d, 1w)")
+    return parsed.total_seconds()
+
+
 # A spec field holding a duration as written (`timeout: 2h`), checked where the spec is validated.
 DurationText = Annotated[str, AfterValidator(check_duration)]
 

@@ -30,7 +30,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from orchestration.kernel.spec_errors import read_yaml, validate_spec
-from orchestration.kernel.times import DurationText, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 from resources.cache.topology import RedisTopologySpec
 
 Layer = Literal["memory", "redis", "database"]
@@ -105,11 +105,11 @@ class WriteBehindSpec(BaseModel):
 
     @property
     def flush_interval_s(self) -> float:
-        return parse_duration(self.flush_interval).total_seconds()
+        return duration_seconds(self.flush_interval)
 
     @property
     def lease_s(self) -> float:
-        return parse_duration(self.lease).total_seconds()
+        return duration_seconds(self.lease)
 
 
 class WarmSpec(BaseModel):
@@ -188,15 +188,15 @@ class NamespaceSpec(BaseModel):
 
     @property
     def ttl_s(self) -> float:
-        return parse_duration(self.ttl).total_seconds()
+        return duration_seconds(self.ttl)
 
     @property
     def stale_grace_s(self) -> float:
-        return parse_duration(self.stale_grace).total_seconds() if self.stale_grace else 0.0
+        return duration_seconds(self.stale_grace) if self.stale_grace else 0.0
 
     @property
     def lock_timeout_s(self) -> float:
-        return parse_duration(self.lock_timeout).total_seconds()
+        return duration_seconds(self.lock_timeout)
 
 
 class CachesFile(BaseModel):

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.kernel.times import DurationText, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 
 # Not kept with an answer: hop-by-hop headers, cookies, and what no longer describes the decoded body.
 _DROPPED_HEADERS = frozenset(
@@ -58,7 +58,7 @@ class AnswerCacheSpec(BaseModel):
 
     @property
     def ttl_s(self) -> float | None:
-        return parse_duration(self.ttl).total_seconds() if self.ttl else None
+        return duration_seconds(self.ttl) if self.ttl else None
 
 
 def answer_key(

@@ -44,9 +44,9 @@ from assets.etl.sources.paginators import AutoPaginator, Page, find_first, open_
 from assets.etl.spec import LoadedPipeline, RestRetrySpec, RestSourceSpec
 from assets.etl.state import IncrementalStep, IncrementalWindow, RunWindow
 from orchestration.errors import JunctionError
-from orchestration.kernel.times import parse_duration
+from orchestration.kernel.times import duration_seconds
 
-__all__ = ["RateLimit", "RestSource", "RetriesExhausted", "mask", "seconds", "send"]
+__all__ = ["RateLimit", "RestSource", "RetriesExhausted", "mask", "secrets_of", "send"]
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Where a page's records usually are when the body is an object.
@@ -217,7 +217,7 @@ class RestSource(Source):
         rows: list[dict[str, Any]] = []
         first_row, pages = 1, 0
         with httpx.Client(
-            auth=auth, timeout=seconds(self.spec.timeout), limits=pool, follow_redirects=True
+            auth=auth, timeout=duration_seconds(self.spec.timeout), limits=pool, follow_redirects=True
         ) as client:
             for page_rows, problems in self._resources(client, auth, limit):
                 pages += 1
@@ -413,7 +413,7 @@ class RestSource(Source):
             )
         url, params, headers = self._rendered()
         auth = open_auth(self.spec.auth)
-        timeout = seconds(self.spec.timeout)
+        timeout = duration_seconds(self.spec.timeout)
         params = open_paginator(self.spec.paginator).first(params)
         with httpx.Client(auth=auth, timeout=timeout, follow_redirects=True) as client:
             response = self._request(client, url, params, headers, auth, 1)
@@ -552,13 +552,6 @@ class RestSource(Source):
         return dict(self._answers.figures.__dict__)
 
 
-def seconds(duration: str) -> float:
-    """A spec's duration (checked at load) in seconds: timeouts and backoffs."""
-    parsed = parse_duration(duration)
-    assert parsed is not None  # DurationText refused anything else at load
-    return parsed.total_seconds()
-
-
 class RetriesExhausted(Exception):
     """Every attempt failed: the last retried status (429, 5xx), or None after connection errors."""
 
@@ -585,7 +578,7 @@ def send(
 
     from resources.notifications import retry_after_seconds
 
-    initial, ceiling = seconds(policy.initial_backoff), seconds(policy.max_backoff)
+    initial, ceiling = duration_seconds(policy.initial_backoff), duration_seconds(policy.max_backoff)
 
     def wait(state: tenacity.RetryCallState) -> float:
         failure = state.outcome.exception() if state.outcome else None

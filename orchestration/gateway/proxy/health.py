@@ -22,14 +22,10 @@ from typing import Any
 
 from orchestration.gateway.proxy.balancers import Target
 from orchestration.gateway.proxy.config import ActiveHealthSpec, PassiveHealthSpec
-from orchestration.kernel.times import parse_duration
+from orchestration.kernel.times import duration_seconds
 
 logger = logging.getLogger("junction.gateway.proxy")
 TICK_S = 0.1  # how often the active loop looks for targets due a probe
-
-
-def _seconds(text: str) -> float:
-    return parse_duration(text).total_seconds()
 
 
 def count_answer(target: Target, ok: bool, spec: PassiveHealthSpec | None, upstream: str) -> None:
@@ -43,11 +39,11 @@ def count_answer(target: Target, ok: bool, spec: PassiveHealthSpec | None, upstr
     if target.consecutive_failures < spec.consecutive_failures:
         return
     now = time.monotonic()
-    ceiling = _seconds(spec.max_eject_for)
+    ceiling = duration_seconds(spec.max_eject_for)
     if target.ejections and now - target.ejected_until > ceiling:
         target.ejections = 0  # long enough without trouble: the next ejection is short again
     target.ejections += 1
-    duration = min(_seconds(spec.eject_for) * 2 ** (target.ejections - 1), ceiling)
+    duration = min(duration_seconds(spec.eject_for) * 2 ** (target.ejections - 1), ceiling)
     target.ejected_until = now + duration
     target.consecutive_failures = 0
     logger.warning(
@@ -104,7 +100,7 @@ class ActiveChecks:
                         continue
                     for target in upstream.targets:
                         if self._next_probe.get(id(target), 0.0) <= now:
-                            self._next_probe[id(target)] = now + _seconds(spec.interval)
+                            self._next_probe[id(target)] = now + duration_seconds(spec.interval)
                             due.append(self._probe(client, upstream.name, target, spec))
                 if due:
                     await asyncio.gather(*due)
@@ -115,7 +111,7 @@ class ActiveChecks:
 
         self.probes += 1
         try:
-            response = await client.get(target.url + spec.path, timeout=_seconds(spec.timeout))
+            response = await client.get(target.url + spec.path, timeout=duration_seconds(spec.timeout))
             ok = passes(spec, response.status_code)
         except httpx.HTTPError:
             ok = False

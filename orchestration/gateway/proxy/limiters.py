@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestration.kernel.times import DurationText, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 
 logger = logging.getLogger("junction.gateway.proxy")
 Algorithm = Literal["token_bucket", "sliding_window", "fixed_window", "adaptive"]
@@ -75,7 +75,7 @@ class RateLimitSpec(BaseModel):
 
     @property
     def per_s(self) -> float:
-        return parse_duration(self.per).total_seconds()
+        return duration_seconds(self.per)
 
     @property
     def name(self) -> str:
@@ -247,7 +247,7 @@ class AdaptiveLimiter(TokenBucket):
         self.upstream = upstream
         self.max_rate_per_s = spec.rate / spec.per_s
         self.min_rate_per_s = (spec.min_rate or max(1, spec.rate // 10)) / spec.per_s
-        self.latency_target_s = parse_duration(spec.latency_target).total_seconds()
+        self.latency_target_s = duration_seconds(spec.latency_target)
         self._adjusted_at = time.monotonic()
         self.decisions: list[dict[str, Any]] = []  # the newest few, for the analytics
 

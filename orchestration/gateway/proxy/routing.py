@@ -28,7 +28,7 @@ from orchestration.gateway.proxy.limiters import Limiter, RateLimitSpec, open_li
 from orchestration.gateway.proxy.transforms import RouteTransform
 from orchestration.kernel.breaker import CircuitBreaker, Transition
 from orchestration.kernel.spec_errors import SpecError
-from orchestration.kernel.times import parse_duration
+from orchestration.kernel.times import duration_seconds
 
 
 @dataclass
@@ -253,8 +253,8 @@ def compile_config(
             spec,
             targets,
             open_balancer(targets, spec),
-            parse_duration(spec.timeouts.connect).total_seconds(),
-            parse_duration(spec.timeouts.read).total_seconds(),
+            duration_seconds(spec.timeouts.connect),
+            duration_seconds(spec.timeouts.read),
         )
     routes = []
     for name, spec in declared.routes.items():

@@ -152,7 +152,7 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
 
     import orjson
 
-    from orchestration.kernel.times import parse_duration
+    from orchestration.kernel.times import duration_seconds
     from resources.cache import open_cache
 
     auth_headers, basic = _auth(config)
@@ -165,7 +165,7 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
         "auth": [auth_headers, list(basic) if basic is not None else None],
     }
     key = "http:" + hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    ttl = parse_duration(config.cache.ttl).total_seconds() if config.cache.ttl else None
+    ttl = duration_seconds(config.cache.ttl) if config.cache.ttl else None
     try:
         cache = open_cache(config.cache.namespace)
     except KeyError as exc:
