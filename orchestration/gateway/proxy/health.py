@@ -89,7 +89,8 @@ class ActiveChecks:
     async def run(self, config_of: Callable[[], Any]) -> None:
         import httpx
 
-        async with httpx.AsyncClient(follow_redirects=False) as client:
+        client = None  # opened when an upstream first asks for probes (most gateways have none)
+        try:
             while True:
                 config = config_of()
                 now = time.monotonic()
@@ -98,6 +99,8 @@ class ActiveChecks:
                     spec = upstream.spec.health.active
                     if spec is None:
                         continue
+                    if client is None:
+                        client = httpx.AsyncClient(follow_redirects=False)
                     for target in upstream.targets:
                         if self._next_probe.get(id(target), 0.0) <= now:
                             self._next_probe[id(target)] = now + duration_seconds(spec.interval)
@@ -105,6 +108,9 @@ class ActiveChecks:
                 if due:
                     await asyncio.gather(*due)
                 await asyncio.sleep(TICK_S)
+        finally:
+            if client is not None:
+                await client.aclose()
 
     async def _probe(self, client: Any, upstream: str, target: Target, spec: ActiveHealthSpec) -> None:
         import httpx
