@@ -36,7 +36,7 @@ from orchestration.gateway.guards import RequestGuards
 from orchestration.gateway.health import Health, collect_health
 from orchestration.gateway.metrics import RecordRequests, RequestStats
 from orchestration.gateway.problems import install_problem_handlers
-from orchestration.gateway.proxy.app import ProxyApp, ProxyFirst
+from orchestration.gateway.proxy.app import PROXY_PREFIX, ProxyApp, ProxyFirst
 from orchestration.gateway.security import JwtVerifier
 from orchestration.settings import JunctionSettings, get_settings
 
@@ -134,7 +134,7 @@ def create_gateway_app(
     app.include_router(analytics.metrics_router)
 
     # Innermost: proxied paths go to the proxy before FastAPI's router tries every platform route.
-    app.add_middleware(ProxyFirst, proxy=app.state.proxy, prefix="/proxy")
+    app.add_middleware(ProxyFirst, proxy=app.state.proxy, prefix=PROXY_PREFIX)
     if settings.gateway_cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -149,7 +149,7 @@ def create_gateway_app(
         deny_networks=settings.gateway_deny_ips,
         docs_paths=DOCS_PATHS,
         form_paths=approval_links.FORM_PATHS,
-        proxied_prefix="/proxy",
+        proxied_prefix=PROXY_PREFIX,
     )
     app.add_middleware(RecordRequests, stats=request_stats)  # outermost: sees guard refusals too
     return app

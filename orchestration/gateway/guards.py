@@ -43,15 +43,27 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-async def send_problem(send: Send, status: int, title: str, slug: str, detail: str, path: str) -> None:
+async def send_problem(
+    send: Send,
+    status: int,
+    title: str,
+    slug: str,
+    detail: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """A problem document answered from ASGI code (middleware, the reverse proxy)."""
     body = json.dumps(
         {"type": problem_type(slug), "title": title, "status": status, "detail": detail, "instance": path}
     )
+    extra = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()
+    ]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), *SECURITY_HEADERS, API_CSP],
+            "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), *SECURITY_HEADERS, API_CSP, *extra],
         }
     )
     await send({"type": "http.response.body", "body": body.encode()})

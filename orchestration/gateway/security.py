@@ -117,7 +117,7 @@ class JwtVerifier:
         )
 
 
-def _looks_like_jwt(token: str) -> bool:
+def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2 and not token.startswith("jk_")
 
 
@@ -131,7 +131,7 @@ async def current_principal(
     if not token:
         return None
     verifier: JwtVerifier | None = request.app.state.jwt_verifier
-    if verifier is not None and _looks_like_jwt(token):
+    if verifier is not None and looks_like_jwt(token):
         return verifier.principal(token)
     try:
         return await anyio.to_thread.run_sync(authenticate, token)

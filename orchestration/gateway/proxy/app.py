@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import orjson
-
 from orchestration.gateway.proxy.balancers import RequestFacts, Target
 from orchestration.gateway.proxy.config import load_routes_file
 from orchestration.gateway.proxy.health import ActiveChecks, count_answer
@@ -38,9 +36,11 @@ from orchestration.gateway.proxy.routing import (
     transition_logger,
 )
 from orchestration.gateway.proxy.transforms import RouteTransform, TransformFailed
+from orchestration.gateway.security import looks_like_jwt
 from orchestration.kernel.spec_errors import SpecError
 
 logger = logging.getLogger("junction.gateway.proxy")
+PROXY_PREFIX = "/proxy"  # under the gateway's own prefix: /gateway/proxy/...
 RELOAD_CHECK_S = 2.0
 WHOLE_BODY_BYTES = 64 * 1024  # answers up to this size (with a Content-Length) are relayed in one piece
 LATENCY_SAMPLES = 4096  # the newest latencies per route, for the percentiles
@@ -199,12 +199,7 @@ class ProxyApp:
     # --- the request path ----------------------------------------------------------------------------
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":  # run by itself only when served alone
-                while (await receive())["type"] != "lifespan.shutdown":
-                    await send({"type": "lifespan.startup.complete"})
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] != "http":  # ProxyFirst hands over HTTP only; the gateway's lifespan closes us
             return
         started = time.perf_counter()
         self._maybe_reload()
@@ -493,7 +488,7 @@ class ProxyApp:
             principal = cached[0]
         else:
             try:
-                if self.jwt_verifier is not None and token.count(".") == 2 and not token.startswith("jk_"):
+                if self.jwt_verifier is not None and looks_like_jwt(token):
                     principal = self.jwt_verifier.principal(token)
                 else:
                     principal = await anyio.to_thread.run_sync(authenticate, token)
@@ -574,18 +569,9 @@ async def _problem(
 ) -> None:
     from http import HTTPStatus
 
-    from orchestration.gateway.problems import PROBLEM_MEDIA_TYPE, problem_type, status_slug
+    from orchestration.gateway.guards import send_problem
+    from orchestration.gateway.problems import status_slug
 
-    body = orjson.dumps(
-        {
-            "type": problem_type(status_slug(status)),
-            "title": HTTPStatus(status).phrase,
-            "status": status,
-            "detail": detail,
-            "instance": instance,
-        }
+    await send_problem(
+        send, status, HTTPStatus(status).phrase, status_slug(status), detail, instance, headers
     )
-    raw = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from orchestration.errors import JunctionError
 from orchestration.kernel.spec_errors import SpecProblem
-from orchestration.kernel.times import DurationText
 from orchestration.workflows.context import StepContext
 from orchestration.workflows.steps.base import StepConfig, StepType
+from resources.cache.http_answers import AnswerCacheSpec
 
 ENV_VAR_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -49,15 +49,6 @@ class RequestRetry(BaseModel):
     max_backoff_s: float = Field(default=30.0, ge=0, description="Also caps a server's Retry-After.")
 
 
-class ResponseCache(BaseModel):
-    """Successful GET/HEAD answers kept in a cache namespace (caches.yaml), keyed by the rendered
-    method, URL, query and headers (credentials hashed in, never stored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    namespace: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="A namespace of caches.yaml")
-    ttl: DurationText | None = Field(default=None, description="Default: the namespace's ttl")
-
-
 class HttpRequestConfig(StepConfig):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
     url: str = Field(description="Template; must render to an http:// or https:// URL.")
@@ -71,7 +62,7 @@ class HttpRequestConfig(StepConfig):
     )
     extract: dict[str, str] = Field(default_factory=dict, description="Name -> JSONPath into the JSON body.")
     retry: RequestRetry = RequestRetry()
-    cache: ResponseCache | None = Field(default=None, description="Reuse successful GET/HEAD answers")
+    cache: AnswerCacheSpec | None = Field(default=None, description="Reuse successful GET/HEAD answers")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     not_templates = frozenset({"method", "auth", "timeout_s", "expected_status", "extract", "retry", "cache"})
@@ -152,7 +143,6 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
 
     import orjson
 
-    from orchestration.kernel.times import duration_seconds
     from resources.cache import open_cache
 
     auth_headers, basic = _auth(config)
@@ -165,7 +155,7 @@ def call(config: HttpRequestConfig, context: StepContext) -> dict[str, Any]:
         "auth": [auth_headers, list(basic) if basic is not None else None],
     }
     key = "http:" + hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    ttl = duration_seconds(config.cache.ttl) if config.cache.ttl else None
+    ttl = config.cache.ttl_s
     try:
         cache = open_cache(config.cache.namespace)
     except KeyError as exc:
