@@ -27,6 +27,7 @@ from orchestration.gateway.api import (
     jobs,
     keys,
     pipelines,
+    proxy,
     runs,
     streams,
     workflows,
@@ -55,6 +56,7 @@ V1_ROUTERS = [
     approval_links.router,
     workflows.router,
     caches.router,
+    proxy.router,
 ]
 # Finished minutes of request statistics are written to the store this often.
 STATS_FLUSH_INTERVAL_S = 30
@@ -86,6 +88,7 @@ def create_gateway_app(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(flush_stats_forever)
             tasks.start_soon(app.state.proxy.run_health_checks)
+            tasks.start_soon(app.state.proxy.watch)
             try:
                 yield
             finally:
@@ -111,7 +114,10 @@ def create_gateway_app(
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
     # The reverse proxy (its routes file is checked here: a bad one stops the gateway at start).
     app.state.proxy = ProxyApp(
-        settings.routes_file, jwt_verifier=app.state.jwt_verifier, redis_url=settings.redis_url
+        settings.routes_file,
+        jwt_verifier=app.state.jwt_verifier,
+        redis_url=settings.redis_url,
+        store_url=settings.store_url,
     )
 
     def dagster_ui_url(request: Request) -> str:

@@ -355,3 +355,19 @@ class CacheProcessStats(Base):
     pid: Mapped[int] = mapped_column(Integer, nullable=False)
     updated_at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
     figures: Mapped[dict] = mapped_column(JSON, nullable=False)
+
+
+# --- The reverse proxy (issue 13): routes and upstreams declared through the admin API ----------------
+
+
+class ProxyObject(Base):
+    """A route or upstream the admin API owns (`origin: api`); the routes file's own are read from the
+    file. `updated_at` (epoch seconds) changes with every write: the gateways poll it to reload."""
+
+    __tablename__ = "proxy_objects"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # route | upstream
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[dict] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    updated_by: Mapped[str] = mapped_column(String(200), nullable=False)

@@ -35,6 +35,7 @@ FUZZ_SCOPES = [
     "caches:manage",
     "workflows:read",
     "workflows:launch",
+    "gateway:manage",
 ]
 MAX_EXAMPLES = 15
 # Operations whose inputs are checked beyond what a schema can say (Dagster validates run config
@@ -55,6 +56,9 @@ SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/workflows/{name}/executions"),
     # An invalidation names at least one key or tag (either list may be empty on its own).
     ("POST", "/v1/caches/{namespace}/invalidations"),
+    # A route names an upstream declared in the routes file or through the API.
+    ("PUT", "/v1/routes/{name}"),
+    ("PUT", "/v1/upstreams/{name}"),
 }
 
 
@@ -205,6 +209,20 @@ def test_every_operation_answers_2xx_to_a_valid_request(
             "body": {"token": link_token, "comment": "by mail"},
             "media_type": "application/x-www-form-urlencoded",
         },
+        ("PUT", "/v1/upstreams/{name}"): {
+            "path_parameters": {"name": "fuzz-upstream"},
+            "body": {"targets": [{"url": f"{live_platform.base_url}/gateway"}]},
+        },
+        ("GET", "/v1/upstreams"): {},
+        ("GET", "/v1/upstreams/{name}"): {"path_parameters": {"name": "fuzz-upstream"}},
+        ("PUT", "/v1/routes/{name}"): {
+            "path_parameters": {"name": "fuzz-route"},
+            "body": {"path": "/fuzz", "upstream": "fuzz-upstream"},
+        },
+        ("GET", "/v1/routes"): {},
+        ("GET", "/v1/routes/{name}"): {"path_parameters": {"name": "fuzz-route"}},
+        ("DELETE", "/v1/routes/{name}"): {"path_parameters": {"name": "fuzz-route"}},
+        ("DELETE", "/v1/upstreams/{name}"): {"path_parameters": {"name": "fuzz-upstream"}},
         ("GET", "/v1/workflows"): {},
         ("GET", "/v1/workflows/{name}/stats"): {"path_parameters": {"name": "order_review"}},
         ("GET", "/v1/workflows/{name}/executions"): {

@@ -7,9 +7,9 @@ breaker; for an idempotent method the request is tried again on another target, 
 upstream's `retries`. Every refusal is problem+json: 404 (no route), 401/403, 503 with Retry-After
 (no target can take it), 502 (no target answered), 504 (a target too slow).
 
-The routes file is read again when it changes (looked at no more than every `RELOAD_CHECK_S`), and
-swapped in whole; a file that does not validate leaves the running configuration in place (logged,
-and shown in `status()`).
+The routes file and the routes and upstreams of the admin API (`declarations.py`) are read again when
+either changes (`watch`, every `RELOAD_CHECK_S`, off the request path) and swapped in whole; a
+configuration that does not validate leaves the running one in place (logged, and shown in `status()`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from orchestration.gateway.proxy.balancers import RequestFacts, Target
-from orchestration.gateway.proxy.config import load_routes_file
+from orchestration.gateway.proxy.config import RoutesFile, load_routes_file
+from orchestration.gateway.proxy.declarations import ApiDeclarations, merge
 from orchestration.gateway.proxy.health import ActiveChecks, count_answer
 from orchestration.gateway.proxy.limiters import ratelimit_headers
 from orchestration.gateway.proxy.routing import (
@@ -73,20 +75,31 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 class ProxyApp:
     def __init__(
-        self, routes_file: str | Path | None = None, jwt_verifier: Any = None, redis_url: str | None = None
+        self,
+        routes_file: str | Path | None = None,
+        jwt_verifier: Any = None,
+        redis_url: str | None = None,
+        store_url: str | None = None,
     ):
         if routes_file is None:
             from orchestration.settings import get_settings
 
-            routes_file, redis_url = get_settings().routes_file, redis_url or get_settings().redis_url
+            settings = get_settings()
+            routes_file, redis_url = settings.routes_file, redis_url or settings.redis_url
+            store_url = store_url or settings.store_url
         self.routes_file = Path(routes_file)
         self.redis_url = redis_url  # where shared rate limits count
+        # The objects the admin API owns (none without a store: a proxy of the file alone).
+        self.api = ApiDeclarations(store_url) if store_url else None
         self.jwt_verifier = jwt_verifier
         self._on_transition = transition_logger(logger)
         self.config = ProxyConfig()
+        self.from_file = RoutesFile()  # the file's last good declarations
+        self._from_api: dict[str, dict[str, Any]] = {"route": {}, "upstream": {}}  # the last read
+        self.origins: dict[tuple[str, str], str] = {}  # (kind, name) -> its owner
         self.last_error: str | None = None
-        self._file_stamp: tuple[float, int] | None = None
-        self._checked_at = 0.0
+        self._stamp: tuple[Any, Any] | None = None
+        self._reloading = threading.Lock()
         self._clients: dict[str, Any] = {}  # upstream name -> aiohttp.ClientSession
         self._authenticated: dict[str, tuple[Any, float]] = {}  # token -> (principal, until)
         self.route_stats: dict[str, dict[str, int]] = {}  # route -> outcome -> requests
@@ -97,43 +110,82 @@ class ProxyApp:
 
     # --- configuration -------------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple[float, int] | None:
+    def _current_stamp(self) -> tuple[Any, Any]:
+        """What a reload depends on: the file's modification time and size, the API objects' revision."""
         try:
             stat = os.stat(self.routes_file)
+            file_stamp = (stat.st_mtime, stat.st_size)
         except FileNotFoundError:
+            file_stamp = None
+        return file_stamp, self._api_revision()
+
+    def _api_revision(self) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if self.api is None:
             return None
-        return stat.st_mtime, stat.st_size
+        try:
+            return self.api.revision()
+        except SQLAlchemyError:  # the store is down: looked at again by the next check
+            return "unavailable"
 
     def reload(self, strict: bool = False) -> bool:
-        """Read the routes file again; whether the configuration changed. `strict`: a bad file raises
-        (at start), else it is logged and the running configuration stays."""
-        stamp = self._stamp()
-        try:
-            config = compile_config(
-                load_routes_file(self.routes_file),
-                self.config,
-                self._on_transition,
-                str(self.routes_file),
-                self.redis_url,
-            )
-        except SpecError as exc:
-            if strict:
-                raise
-            self.last_error = str(exc)
-            self._file_stamp = stamp
-            logger.error("proxy routes not reloaded, the running ones stay: %s", exc)
-            return False
-        self.config = config
-        self._file_stamp, self.last_error = stamp, None
-        return True
+        """Read the routes file and the API's objects again (blocking: called at start and from a
+        worker thread); whether the configuration changed. `strict`: a bad file raises (at start);
+        else the error is logged and kept in `status()`, and the file's last good declarations stay."""
+        with self._reloading:
+            stamp = self._current_stamp()
+            errors = []
+            try:
+                self.from_file = load_routes_file(self.routes_file)
+            except SpecError as exc:
+                if strict:
+                    raise
+                errors.append(str(exc))
+            if self.api is not None:
+                from sqlalchemy.exc import SQLAlchemyError
 
-    def _maybe_reload(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < RELOAD_CHECK_S:
-            return
-        self._checked_at = now
-        if self._stamp() != self._file_stamp:
-            self.reload()
+                try:
+                    self._from_api = self.api.objects()
+                except SQLAlchemyError as exc:  # the gateway still starts and serves the file's routes
+                    reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+                    errors.append(f"the admin API's routes and upstreams could not be read: {reason}")
+            try:
+                declarations = merge(self.from_file, self.routes_file, self._from_api)
+                config = compile_config(
+                    declarations.document,
+                    self.config,
+                    self._on_transition,
+                    str(self.routes_file),
+                    self.redis_url,
+                )
+            except SpecError as exc:
+                if strict:
+                    raise
+                errors.append(str(exc))
+                config = None
+            self._stamp = stamp
+            self.last_error = "\n".join(errors) or None
+            if errors:
+                logger.error("proxy routes not (all) reloaded, the running ones stay: %s", self.last_error)
+            if config is None:
+                return False
+            self.config, self.origins = config, declarations.origins
+            return True
+
+    async def watch(self) -> None:
+        """Reload whenever the routes file or the API's objects change (looked at every
+        `RELOAD_CHECK_S`, in a worker thread), until cancelled (the gateway's lifespan runs it)."""
+        import anyio
+
+        while True:
+            await anyio.sleep(RELOAD_CHECK_S)
+            try:
+                changed = await anyio.to_thread.run_sync(lambda: self._current_stamp() != self._stamp)
+                if changed:
+                    await anyio.to_thread.run_sync(self.reload)
+            except Exception:  # noqa: BLE001 - the store may be down: the running configuration stays
+                logger.warning("could not look for proxy configuration changes; will retry", exc_info=True)
 
     def status(self) -> dict[str, Any]:
         """The configuration's state and this process's figures (`GET /v1/analytics/proxy`)."""
@@ -144,6 +196,7 @@ class ProxyApp:
         for route in config.routes:
             upstream_ms, added_ms = self._latencies.get(route.name, ((), ()))
             routes[route.name] = {
+                "origin": self.origins.get(("route", route.name)),
                 "outcomes": dict(self.route_stats.get(route.name, {})),
                 "consumers": dict(self.consumer_stats.get(route.name, {})),
                 "upstream_latency_ms": dict(
@@ -167,7 +220,10 @@ class ProxyApp:
             "loaded_at": config.loaded_at,
             "last_error": self.last_error,
             "routes": routes,
-            "upstreams": [upstream.to_json() for upstream in config.upstreams.values()],
+            "upstreams": [
+                {**upstream.to_json(), "origin": self.origins.get(("upstream", upstream.name))}
+                for upstream in config.upstreams.values()
+            ],
         }
 
     def _observe(self, route: str, consumer: str | None, upstream_s: float, total_s: float) -> None:
@@ -202,7 +258,6 @@ class ProxyApp:
         if scope["type"] != "http":  # ProxyFirst hands over HTTP only; the gateway's lifespan closes us
             return
         started = time.perf_counter()
-        self._maybe_reload()
         config = self.config  # read once: a reload mid-request does not mix configurations
         method = scope["method"]
         path = scope.get("path", "/")
