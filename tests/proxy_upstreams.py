@@ -20,6 +20,7 @@ class Upstream:
     health_status: int = 200  # what it answers on /health
     probes: int = 0  # requests to /health
     delay_s: float = 0.0
+    etag: str | None = None  # answered with this ETag; a matching If-None-Match is a 304
     seen: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,18 +58,28 @@ class Upstream:
                     upstream.seen.append(request)
                 if upstream.delay_s:
                     time.sleep(upstream.delay_s)
+                if upstream.etag is not None and self.headers.get("If-None-Match") == upstream.etag:
+                    self.send_response(304)
+                    self.send_header("ETag", upstream.etag)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = json.dumps(request).encode()
                 self.send_response(upstream.status)
+                if upstream.etag is not None:
+                    self.send_header("ETag", upstream.etag)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("X-Served-By", upstream.name)
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
+        # A client that gave up (a proxy's timeout) is part of the tests, not an error to print.
+        self.server.handle_error = lambda request, client_address: None
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -82,6 +93,7 @@ class Upstream:
 
     def reset(self) -> None:
         self.status, self.delay_s, self.health_status, self.probes = 200, 0.0, 200, 0
+        self.etag = None
         with self.lock:
             self.seen.clear()
         if self.server is None:

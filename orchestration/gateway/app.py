@@ -118,6 +118,7 @@ def create_gateway_app(
         jwt_verifier=app.state.jwt_verifier,
         redis_url=settings.redis_url,
         store_url=settings.store_url,
+        caches_file=settings.caches_file,
     )
 
     def dagster_ui_url(request: Request) -> str:
@@ -139,15 +140,16 @@ def create_gateway_app(
         app.include_router(router, prefix="/v1")
     app.include_router(analytics.metrics_router)
 
-    # Innermost: proxied paths go to the proxy before FastAPI's router tries every platform route.
-    app.add_middleware(ProxyFirst, proxy=app.state.proxy, prefix=PROXY_PREFIX)
     if settings.gateway_cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.gateway_cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
+    # Proxied paths go to the proxy before FastAPI's router tries every platform route, and past the
+    # platform API's CORS (a route declares its own).
+    app.add_middleware(ProxyFirst, proxy=app.state.proxy, prefix=PROXY_PREFIX)
     app.add_middleware(
         RequestGuards,
         max_body_bytes=settings.gateway_max_body_bytes,

@@ -1,4 +1,5 @@
-"""Circuit breakers: stop calling what keeps failing, and find out cheaply when it is back.
+"""Circuit breakers and retry budgets: stop calling what keeps failing, find out cheaply when it is
+back, and never let retries multiply the load on something already struggling.
 
 One implementation for every outgoing call of the platform: the reverse proxy (per target and per
 upstream), webhook deliveries and workflow HTTP steps.
@@ -17,7 +18,12 @@ Written here rather than taken from a library: pybreaker and purgatory open afte
 failures, not at an error ratio over a rolling window with a minimum number of calls; neither bounds
 the number of probes in flight while half-open; and the proxy's hot path wants an `allow` / `record`
 pair (the outcome is known after the answer arrives, and is not always an exception) rather than a
-wrapped call. The window is a rolling counter of buckets: its ratio is exact to one bucket's length.
+wrapped call. The window is a rolling counter of buckets (`RollingCounts`): its ratio is exact to one
+bucket's length.
+
+A `RetryBudget` (Finagle's, as Envoy's `retry_budget`) lets retries add at most `ratio` of the first
+attempts of the last `window`, plus `min_per_second` a second so that little traffic can still retry:
+when every target fails, retries stay a bounded share of the load instead of multiplying it.
 """
 
 from __future__ import annotations
@@ -83,6 +89,38 @@ class Transition:
     reason: str
 
 
+class RollingCounts:
+    """`width` counters over the last `window_s` seconds, in `buckets` slices (exact to one slice).
+    Not locked: its owner holds a lock around it."""
+
+    def __init__(self, window_s: float, buckets: int, width: int, clock: Callable[[], float]):
+        self._bucket_s = window_s / buckets
+        self._clock = clock
+        # Per bucket: [bucket number, counter, counter, ...].
+        self._buckets = [[-1] + [0] * width for _ in range(buckets)]
+
+    def add(self, *amounts: int) -> None:
+        number = int(self._clock() // self._bucket_s)
+        bucket = self._buckets[number % len(self._buckets)]
+        if bucket[0] != number:
+            bucket[:] = [number] + [0] * (len(bucket) - 1)
+        for index, amount in enumerate(amounts, start=1):
+            bucket[index] += amount
+
+    def totals(self) -> list[int]:
+        oldest = int(self._clock() // self._bucket_s) - len(self._buckets) + 1
+        sums = [0] * (len(self._buckets[0]) - 1)
+        for bucket in self._buckets:
+            if bucket[0] >= oldest:
+                for index in range(len(sums)):
+                    sums[index] += bucket[index + 1]
+        return sums
+
+    def clear(self) -> None:
+        for bucket in self._buckets:
+            bucket[:] = [-1] + [0] * (len(bucket) - 1)
+
+
 class CircuitBreaker:
     """One breaker. `allow()` before a call, `record(ok)` after each allowed call (or `release()`
     when an allowed call was not made). Thread-safe; the closed path costs one lock and a few adds."""
@@ -99,9 +137,7 @@ class CircuitBreaker:
         self.on_transition = on_transition
         self._clock = clock
         self._lock = threading.Lock()
-        self._bucket_s = self.policy.window_s / self.policy.buckets
-        # Per bucket: [bucket number, calls, failures].
-        self._buckets = [[-1, 0, 0] for _ in range(self.policy.buckets)]
+        self._window = RollingCounts(self.policy.window_s, self.policy.buckets, 2, clock)  # calls, failures
         self.state: State = "closed"
         self._opened_at = 0.0
         self._open_for_s = self.policy.open_for_s
@@ -140,17 +176,15 @@ class CircuitBreaker:
                     return
                 self._probe_successes += 1
                 if self._probe_successes >= self.policy.close_after:
-                    self._reset_window()
+                    self._window.clear()
                     self._open_for_s = self.policy.open_for_s
                     self._move("closed", f"{self._probe_successes} probe(s) succeeded")
                 return
             if self.state == "open":
                 return  # a call let through before it opened; the window is no longer counted
-            bucket = self._bucket(now)
-            bucket[1] += 1
+            self._window.add(1, 0 if ok else 1)
             if not ok:
-                bucket[2] += 1
-                calls, failures = self._counts(now)
+                calls, failures = self._window.totals()
                 if calls >= self.policy.min_requests and failures >= self.policy.error_ratio * calls:
                     self._open(now, f"{failures} of {calls} calls failed in {self.policy.window_s:g} s")
 
@@ -181,26 +215,6 @@ class CircuitBreaker:
 
     # --- inside the lock -----------------------------------------------------------------------------
 
-    def _bucket(self, now: float) -> list[int]:
-        number = int(now // self._bucket_s)
-        bucket = self._buckets[number % len(self._buckets)]
-        if bucket[0] != number:
-            bucket[0], bucket[1], bucket[2] = number, 0, 0
-        return bucket
-
-    def _counts(self, now: float) -> tuple[int, int]:
-        oldest = int(now // self._bucket_s) - len(self._buckets) + 1
-        calls = failures = 0
-        for number, bucket_calls, bucket_failures in self._buckets:
-            if number >= oldest:
-                calls += bucket_calls
-                failures += bucket_failures
-        return calls, failures
-
-    def _reset_window(self) -> None:
-        for bucket in self._buckets:
-            bucket[0], bucket[1], bucket[2] = -1, 0, 0
-
     def _open(self, now: float, reason: str, repeat: bool = False) -> None:
         if repeat:
             self._open_for_s = min(self._open_for_s * 2, self.policy.max_open_for_s)
@@ -219,7 +233,7 @@ class CircuitBreaker:
 
     def to_json(self) -> dict[str, Any]:
         with self._lock:
-            calls, failures = self._counts(self._clock())
+            calls, failures = self._window.totals()
             return {
                 "name": self.name,
                 "state": self.state,
@@ -262,3 +276,43 @@ class Breakers:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [breaker.to_json() for breaker in list(self._breakers.values())]
+
+
+class RetryBudgetSpec(BaseModel):
+    """How much retrying an upstream takes (YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float = Field(default=0.2, ge=0, le=1, description="Retries per first attempt in the window")
+    min_per_second: float = Field(default=3, ge=0, description="Retries always allowed, per second")
+    window: DurationText = Field(default="10s", description="The rolling window the ratio is over")
+
+
+class RetryBudget:
+    """`try_retry()` is True while the retries of the window stay within `min_per_second * window +
+    ratio * first attempts`; `request()` counts a first attempt. Thread-safe."""
+
+    def __init__(self, spec: RetryBudgetSpec | None = None, clock: Callable[[], float] = time.monotonic):
+        self.spec = spec or RetryBudgetSpec()
+        self._window_s = duration_seconds(self.spec.window)
+        self._counts = RollingCounts(self._window_s, 10, 2, clock)  # first attempts, retries
+        self._lock = threading.Lock()
+        self.exhausted = 0  # retries refused
+
+    def request(self) -> None:
+        with self._lock:
+            self._counts.add(1, 0)
+
+    def try_retry(self) -> bool:
+        with self._lock:
+            requests, retries = self._counts.totals()
+            if retries + 1 > self.spec.min_per_second * self._window_s + self.spec.ratio * requests:
+                self.exhausted += 1
+                return False
+            self._counts.add(0, 1)
+            return True
+
+    def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            requests, retries = self._counts.totals()
+        return {"window_requests": requests, "window_retries": retries, "exhausted": self.exhausted}

@@ -104,26 +104,49 @@ class AnswerCache:
     def fetch(self, key: str, send: Callable[[dict[str, str]], Any]) -> tuple[Any, How]:
         """(an httpx.Response, how it was answered). `send(validators)` makes the request with the
         extra headers given (none, or the conditional ones) and returns its httpx.Response."""
+        cached, validators = self.consult(key)
+        if cached is not None and not validators and cached.fresh:
+            return _response(cached.value), "cached"
+        response = send(validators)
+        if response.status_code == 304 and cached is not None and validators:
+            return _response(self.renew(key, cached, response.headers), response), "revalidated"
+        self.keep(key, response.status_code, response.headers, lambda: _stored(response))
+        return response, "fetched"
+
+    # The steps of `fetch`, for callers that make the request themselves (the reverse proxy, async).
+
+    def consult(self, key: str) -> tuple[Any, dict[str, str]]:
+        """(the kept entry or None, the validators to ask with). A fresh entry comes with no
+        validators and is counted as answered from the cache: use it as it is."""
         cached = self.cache.lookup(key)
         if cached is not None and cached.fresh:
             self._count("cached")
-            return _response(cached.value), "cached"
+            return cached, {}
         validators: dict[str, str] = {}
         if cached is not None:
             if cached.value.get("etag"):
                 validators["If-None-Match"] = cached.value["etag"]
             if cached.value.get("last_modified"):
                 validators["If-Modified-Since"] = cached.value["last_modified"]
-        response = send(validators)
-        if response.status_code == 304 and cached is not None and validators:
-            self.cache.set(key, cached.value, ttl=self._ttl(response.headers, cached.value))
-            self._count("revalidated")
-            return _response(cached.value, response), "revalidated"
+        return cached, validators
+
+    def renew(self, key: str, cached: Any, headers: Mapping[str, str]) -> dict[str, Any]:
+        """A 304 to the validators: the kept answer, for another ttl."""
+        self.cache.set(key, cached.value, ttl=self._ttl(headers, cached.value))
+        self._count("revalidated")
+        return cached.value
+
+    def keep(
+        self, key: str, status: int, headers: Mapping[str, str], stored: Callable[[], dict[str, Any]]
+    ) -> bool:
+        """An answer with a body: kept when successful and not `no-store` (`stored()` builds the
+        entry, see `stored_answer`); whether it was."""
         self._count("fetched")
-        if response.is_success and "no-store" not in _directives(response.headers):
-            stored = _stored(response)
-            self.cache.set(key, stored, ttl=self._ttl(response.headers, stored))
-        return response, "fetched"
+        if not 200 <= status < 300 or "no-store" in _directives(headers):
+            return False
+        entry = stored()
+        self.cache.set(key, entry, ttl=self._ttl(headers, entry))
+        return True
 
     def _ttl(self, headers: Mapping[str, str], stored: dict[str, Any]) -> float | None:
         directives = _directives(headers)
@@ -147,28 +170,38 @@ def _directives(headers: Mapping[str, str]) -> dict[str, str | None]:
 
 
 def _stored(response: Any) -> dict[str, Any]:
-    content = response.content
+    return stored_answer(response.status_code, str(response.url), response.headers.items(), response.content)
+
+
+def stored_answer(
+    status: int, url: str, headers: Iterable[tuple[str, str]], content: bytes
+) -> dict[str, Any]:
+    """The entry kept for an answer (`content` decoded: no content-encoding)."""
+    headers = [[name, value] for name, value in headers if name.lower() not in _DROPPED_HEADERS]
+    found = {name.lower(): value for name, value in headers}
     try:
         body, encoding = content.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         body, encoding = base64.b64encode(content).decode(), "base64"
     return {
-        "status": response.status_code,
-        "url": str(response.url),
-        "headers": [
-            [name, value] for name, value in response.headers.items() if name.lower() not in _DROPPED_HEADERS
-        ],
+        "status": status,
+        "url": url,
+        "headers": headers,
         "body": body,
         "encoding": encoding,
-        "etag": response.headers.get("etag"),
-        "last_modified": response.headers.get("last-modified"),
+        "etag": found.get("etag"),
+        "last_modified": found.get("last-modified"),
     }
+
+
+def stored_content(stored: dict[str, Any]) -> bytes:
+    return stored["body"].encode() if stored["encoding"] == "utf-8" else base64.b64decode(stored["body"])
 
 
 def _response(stored: dict[str, Any], revalidation: Any = None) -> Any:
     """The kept answer as an httpx.Response (for the request that revalidated it, if any)."""
     import httpx
 
-    content = stored["body"].encode() if stored["encoding"] == "utf-8" else base64.b64decode(stored["body"])
+    content = stored_content(stored)
     request = revalidation.request if revalidation is not None else httpx.Request("GET", stored["url"])
     return httpx.Response(stored["status"], headers=stored["headers"], content=content, request=request)

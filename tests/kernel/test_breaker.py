@@ -150,3 +150,21 @@ def test_concurrent_callers_keep_the_counts_whole():
         thread.join()
     figures = b.to_json()
     assert (figures["window_calls"], figures["window_failures"]) == (20_000, 2_000)
+
+
+def test_a_retry_budget_lets_retries_add_a_share_of_the_first_attempts_over_its_window():
+    from orchestration.kernel.breaker import RetryBudget, RetryBudgetSpec
+
+    clock = Clock()
+    budget = RetryBudget(RetryBudgetSpec(ratio=0.2, min_per_second=0.1, window="10s"), clock=clock)
+    # The floor: 0.1 a second over 10 s is one retry with no traffic at all.
+    assert budget.try_retry() is True
+    assert budget.try_retry() is False
+    for _ in range(50):
+        budget.request()
+    allowed = sum(budget.try_retry() for _ in range(100))
+    assert allowed == 10, "1 (the floor) + 0.2 x 50 first attempts, minus the one already taken"
+    assert budget.exhausted == 1 + 90
+    clock.now += 10.5  # the window moves on: its attempts and retries are forgotten
+    assert budget.to_json()["window_retries"] == 0
+    assert budget.try_retry() is True

@@ -14,6 +14,7 @@ configuration that does not validate leaves the running one in place (logged, an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -51,6 +52,13 @@ LATENCY_SAMPLES = 4096  # the newest latencies per route, for the percentiles
 AUTH_CACHE_S = 30.0
 # Headers aiohttp would add by itself: a proxied request carries the client's, or none.
 SKIPPED_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+CACHED_METHODS = frozenset({"GET", "HEAD"})
+CONDITIONAL = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "range"})
+CACHED_BODY_BYTES = 1024 * 1024  # answers up to this size (and of known size) are kept by a route's cache
+CACHE_HIT = (b"x-cache-status", b"HIT")
+CACHE_MISS = (b"x-cache-status", b"MISS")
+CACHE_REVALIDATED = (b"x-cache-status", b"REVALIDATED")
+CACHE_BYPASS = (b"x-cache-status", b"BYPASS")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 HOP_BY_HOP = frozenset(
     {
@@ -80,6 +88,7 @@ class ProxyApp:
         jwt_verifier: Any = None,
         redis_url: str | None = None,
         store_url: str | None = None,
+        caches_file: str | Path | None = None,
     ):
         if routes_file is None:
             from orchestration.settings import get_settings
@@ -89,6 +98,9 @@ class ProxyApp:
             store_url = store_url or settings.store_url
         self.routes_file = Path(routes_file)
         self.redis_url = redis_url  # where shared rate limits count
+        # Where routes' answer caches live (the cache namespaces of caches.yaml; default: the settings').
+        self.store_url, self.caches_file = store_url, caches_file
+        self._answer_caches: dict[Any, Any] = {}  # AnswerCacheSpec -> AnswerCache
         # The objects the admin API owns (none without a store: a proxy of the file alone).
         self.api = ApiDeclarations(store_url) if store_url else None
         self.jwt_verifier = jwt_verifier
@@ -158,6 +170,7 @@ class ProxyApp:
                     self._on_transition,
                     str(self.routes_file),
                     self.redis_url,
+                    self._open_answers,
                 )
             except SpecError as exc:
                 if strict:
@@ -172,6 +185,22 @@ class ProxyApp:
                 return False
             self.config, self.origins = config, declarations.origins
             return True
+
+    def _open_answers(self, spec: Any) -> Any:
+        """A route's answer cache: its namespace of caches.yaml (KeyError when unknown)."""
+        answers = self._answer_caches.get(spec)
+        if answers is None:
+            from resources.cache import open_cache
+            from resources.cache.http_answers import AnswerCache
+
+            cache = open_cache(
+                spec.namespace,
+                redis_url=self.redis_url,
+                database_url=self.store_url,
+                caches_file=str(self.caches_file) if self.caches_file else None,
+            )
+            answers = self._answer_caches[spec] = AnswerCache(cache, spec.ttl_s)
+        return answers
 
     async def watch(self) -> None:
         """Reload whenever the routes file or the API's objects change (looked at every
@@ -205,6 +234,7 @@ class ProxyApp:
                 "added_latency_ms": dict(
                     zip(("p50", "p95", "p99"), percentiles(list(added_ms)), strict=True)
                 ),
+                "cache": dict(route.answers.figures.__dict__) if route.answers is not None else None,
                 "rate_limits": [
                     {
                         "policy": limiter.spec.name,
@@ -267,11 +297,20 @@ class ProxyApp:
         headers = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
         }
+        origin = headers.get("origin")
+        if method == "OPTIONS" and origin and "access-control-request-method" in headers:
+            asked = headers["access-control-request-method"].upper()
+            preflight = config.match(asked, path, headers.get("host"), headers)
+            if preflight is not None and preflight.route.cors is not None:
+                await self._preflight(send, preflight.route, origin, asked, path)
+                return
         matched = config.match(method, path, headers.get("host"), headers)
         if matched is None:
             await _problem(send, 404, f"no proxy route for {method} {path}", path)
             return
         route = matched.route
+        if route.cors is not None and origin and route.cors.allows(origin):
+            send = _adding_headers(send, route.cors.answer_headers(origin))
         # The gateway's request statistics (per-minute history) label proxied requests by route.
         state = scope.setdefault("state", {})
         state["proxy_route"] = f"/proxy/{route.name}"
@@ -315,7 +354,12 @@ class ProxyApp:
                     {"Retry-After": str(max(1, math.ceil(refused.reset_s))), **extra},
                 )
                 return
-        body = await _read_body(receive)
+        body = await _read_body(receive, headers, route.spec.max_body_bytes)
+        if body is None:
+            self._count(route.name, "too_large")
+            limit = route.spec.max_body_bytes
+            await _problem(send, 413, f"route {route.name}: the request body is over {limit} bytes", path)
+            return
         upstream = config.upstreams[matched.upstream]
         query = scope.get("query_string", b"").decode("latin-1")
         facts = RequestFacts(path, headers, dict(parse_qsl(query)), client_ip)
@@ -372,10 +416,38 @@ class ProxyApp:
             pairs = parse_qsl(query, keep_blank_values=True)
             forwarded, pairs, body = route.transform.request_parts(forwarded, pairs, body, context)
             query = urlencode(pairs)
-        attempts = 1 + (upstream.spec.retries if method in IDEMPOTENT else 0)
+        cached = cache_key = None
+        validators: dict[str, str] = {}
+        # The client's own conditional requests go through uncached: its validators are not ours.
+        answers = (
+            route.answers if method in CACHED_METHODS and not CONDITIONAL.intersection(headers) else None
+        )
+        if answers is not None:
+            cache_key = _answer_key(method, upstream, matched, query, headers, context["consumer"])
+            cached, validators = await _in_thread(answers.consult, cache_key)
+            if cached is not None and not validators and cached.fresh:
+                await self._relay(
+                    send, _StoredAnswer(cached.value), 0.0, time.perf_counter() - started,
+                    [*extra_headers, CACHE_HIT], route.transform, context,
+                )  # fmt: skip
+                self._count(route.name, "cache_hit")
+                self._observe(route.name, context["consumer"], 0.0, time.perf_counter() - started)
+                return
+            forwarded += [(name.lower(), value) for name, value in validators.items()]
+        retries = route.retries(upstream) if method in IDEMPOTENT else 0
+        client_timeout, total_s = route.client_timeout(upstream)
+        options = {} if client_timeout is None else {"timeout": client_timeout}
+        deadline = started + total_s if total_s is not None else None
+        upstream.retry_budget.request()
         tried: set[Target] = set()
         failure: tuple[int, str] | None = None
-        for _ in range(attempts):
+        too_slow = (504, f"route {route.name}: upstream {upstream.name} did not answer in time")
+
+        def may_retry() -> bool:
+            # Another target, within the route's retries and the upstream's retry budget.
+            return len(tried) <= retries and upstream.retry_budget.try_retry()
+
+        while True:
             target = upstream.pick(facts, tried)
             if target is None:
                 break
@@ -384,20 +456,28 @@ class ProxyApp:
             target.started()
             asked = time.perf_counter()
             try:
-                response = await client.request(
+                request = client.request(
                     method,
                     url,
                     headers=forwarded,
                     data=body or None,
                     allow_redirects=False,
                     skip_auto_headers=SKIPPED_AUTO_HEADERS,
+                    **options,
                 )
+                if deadline is None:
+                    response = await request
+                else:
+                    async with asyncio.timeout(max(0.0, deadline - asked)):
+                        response = await request
             except TimeoutError:
                 target.finished(time.perf_counter() - asked)
                 target.breaker.record(False)
                 count_answer(target, False, upstream.spec.health.passive, upstream.name)
-                failure = (504, f"route {route.name}: upstream {upstream.name} did not answer in time")
-                continue
+                failure = too_slow
+                if (deadline is None or time.perf_counter() < deadline) and may_retry():
+                    continue
+                break
             except aiohttp.ClientError as exc:
                 target.finished(time.perf_counter() - asked)
                 target.breaker.record(False)
@@ -406,23 +486,30 @@ class ProxyApp:
                     502,
                     f"route {route.name}: upstream {upstream.name} unreachable ({type(exc).__name__})",
                 )
-                continue
+                if may_retry():
+                    continue
+                break
             answered = time.perf_counter()
             ok = response.status < 500
             target.breaker.record(ok)
             count_answer(target, ok, upstream.spec.health.passive, upstream.name)
-            if not ok and len(tried) < attempts and method in IDEMPOTENT:
+            if not ok and retries and len(tried) <= retries and may_retry():
                 target.finished(answered - asked)
                 response.release()
                 failure = (502, f"route {route.name}: upstream {upstream.name} answered {response.status}")
                 continue
             try:
+                relayed, cache_status = response, ()
+                if answers is not None:
+                    relayed, cache_status = await self._through_cache(
+                        answers, cache_key, cached, validators, response, url, route.name
+                    )
                 await self._relay(
                     send,
-                    response,
+                    relayed,
                     answered - asked,
                     answered - started,
-                    extra_headers,
+                    [*extra_headers, *cache_status],
                     route.transform,
                     context,
                 )
@@ -447,6 +534,32 @@ class ProxyApp:
             return
         self._count(route.name, f"{failure[0] // 100}xx")
         await _problem(send, failure[0], failure[1], path)
+
+    async def _through_cache(
+        self,
+        answers: Any,
+        key: str,
+        cached: Any,
+        validators: dict[str, str],
+        response: Any,
+        url: str,
+        route: str,
+    ) -> tuple[Any, tuple[tuple[bytes, bytes], ...]]:
+        """(what to relay, its X-Cache-Status): the kept answer after a 304 to our validators; a
+        successful answer of known size, read whole and kept; anything else as it came."""
+        from resources.cache.http_answers import stored_answer
+
+        if response.status == 304 and cached is not None and validators:
+            stored = await _in_thread(answers.renew, key, cached, response.headers)
+            return _StoredAnswer(stored), (CACHE_REVALIDATED,)
+        length = response.content_length
+        if not 200 <= response.status < 300 or length is None or length > CACHED_BODY_BYTES:
+            return response, (CACHE_BYPASS,)
+        content = await _bounded_read(response, CACHED_BODY_BYTES, route)
+        pairs = [(name, value) for name, value in response.headers.items() if name.lower() not in HOP_BY_HOP]
+        stored = stored_answer(response.status, url, pairs, content)
+        await _in_thread(answers.keep, key, response.status, response.headers, lambda: stored)
+        return _StoredAnswer(stored), (CACHE_MISS,)
 
     async def _relay(
         self,
@@ -496,6 +609,18 @@ class ProxyApp:
             return
         async for chunk in response.content.iter_any():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _preflight(self, send: Send, route: Any, origin: str, asked: str, path: str) -> None:
+        """A CORS preflight of a route with `cors`: answered here, no credentials needed."""
+        policy = route.cors
+        if not policy.allows(origin):
+            self._count(route.name, "cors_refused")
+            await _problem(send, 403, f"route {route.name}: the origin {origin} may not call it", path)
+            return
+        self._count(route.name, "preflight")
+        headers = [*policy.preflight_headers(origin), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _client(self, upstream: Upstream) -> Any:
@@ -581,6 +706,24 @@ class ProxyFirst:
         await self.app(scope, receive, send)
 
 
+def _answer_key(
+    method: str, upstream: Upstream, matched: RouteMatch, query: str, headers: dict[str, str], consumer: Any
+) -> str:
+    """One kept answer per upstream path, query, content negotiation and consumer (Kong's proxy-cache
+    key): another consumer never reads an answer given to one."""
+    from resources.cache.http_answers import answer_key
+
+    negotiated = {name: headers[name] for name in ("accept", "accept-language") if name in headers}
+    url = f"{upstream.name}{matched.upstream_path}"
+    return answer_key(method, url, dict(sorted(parse_qsl(query))), negotiated, (consumer or "",))
+
+
+async def _in_thread(function: Callable[..., Any], *arguments: Any) -> Any:
+    import anyio
+
+    return await anyio.to_thread.run_sync(function, *arguments)
+
+
 def _forwarded_for(headers: dict[str, str], client_ip: str | None) -> str:
     earlier = headers.get("x-forwarded-for")
     return f"{earlier}, {client_ip}" if earlier and client_ip else earlier or client_ip or ""
@@ -610,13 +753,58 @@ async def _bounded_read(response: Any, limit: int, route: str) -> bytes:
     return data
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int | None) -> bytes | None:
+    """The request's body; None when it is over `limit` bytes (declared or as it arrives)."""
+    declared = headers.get("content-length")
+    if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return sending
+
+
+class _StoredAnswer:
+    """A kept answer (`resources/cache/http_answers.py`) in the shape `_relay` reads of an aiohttp
+    response, so a cached answer passes the same transforms and headers as a fresh one."""
+
+    def __init__(self, stored: dict[str, Any]):
+        from multidict import CIMultiDict
+
+        from resources.cache.http_answers import stored_content
+
+        self._body = stored_content(stored)
+        self.status = stored["status"]
+        self.headers = CIMultiDict(stored["headers"])
+        self.raw_headers = tuple(
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in stored["headers"]
+        ) + ((b"content-length", str(len(self._body)).encode()),)
+        self.content_length = len(self._body)
+        self.content = self
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def iter_any(self):
+        yield self._body
+
+    def release(self) -> None:
+        pass
 
 
 async def _problem(

@@ -15,8 +15,9 @@ upstreams:
       networks: {"10.1.0.0/16": eu-west}                 # else the client address's network
       fallback: [eu-west, us-east]
     breaker: {error_ratio: 0.5, min_requests: 20, window: 10s, open_for: 5s}   # per target
-    timeouts: {connect: 2s, read: 30s}
+    timeouts: {connect: 2s, read: 30s, total: 60s}      # total: until the headers, retries included
     retries: 1                                           # on another target, idempotent methods only
+    retry_budget: {ratio: 0.2, min_per_second: 3, window: 10s}   # retries <= 20% of the requests
     health:
       active: {path: /health, interval: 5s, timeout: 1s, healthy: 2, unhealthy: 3}   # probes
       passive: {consecutive_failures: 5, eject_for: 10s, max_eject_for: 5m}        # outlier ejection
@@ -31,6 +32,10 @@ routes:
     rewrite: /v1/orders/{id}            # or the upstream path from the template's parameters
     rate_limits: [{algorithm: token_bucket, rate: 100, per: 1s, by: [consumer]}]   # limiters.py
     transform: {request: {headers: {add: {X-Source: junction}}}}                   # transforms.py
+    timeouts: {read: 5s}                # replacing the upstream's; and retries: 0
+    max_body_bytes: 1048576             # a larger request is 413
+    cors: {origins: ["https://app.example.com"], credentials: true}
+    cache: {namespace: http, ttl: 30s}  # GET/HEAD answers, revalidated with ETag/Last-Modified
   customers:
     path: /customers
     versions:                           # instead of upstream: one API in several versions
@@ -58,9 +63,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from orchestration.gateway.proxy.limiters import RateLimitSpec
 from orchestration.gateway.proxy.transforms import TransformSpec
-from orchestration.kernel.breaker import BreakerSpec
+from orchestration.kernel.breaker import BreakerSpec, RetryBudgetSpec
 from orchestration.kernel.spec_errors import SpecError, read_yaml, validate_spec
 from orchestration.kernel.times import DurationText
+from resources.cache.http_answers import AnswerCacheSpec
 
 Algorithm = Literal[
     "round_robin",
@@ -118,7 +124,38 @@ class GeoSpec(_Strict):
 
 class TimeoutsSpec(_Strict):
     connect: DurationText = "2s"
-    read: DurationText = "30s"
+    read: DurationText = Field(default="30s", description="Between two reads of the answer")
+    total: DurationText | None = Field(
+        default=None, description="Until the answer's headers, every attempt included (default: none)"
+    )
+
+
+class RouteTimeoutsSpec(_Strict):
+    """A route's own timeouts, each replacing its upstream's."""
+
+    connect: DurationText | None = None
+    read: DurationText | None = None
+    total: DurationText | None = None
+
+
+class CorsSpec(_Strict):
+    """Browsers on other origins may call the route (preflights answered by the gateway, before auth)."""
+
+    origins: list[str] = Field(min_length=1, description='Exact origins (https://app.example.com), or "*"')
+    methods: list[str] | None = Field(default=None, description="Default: the route's methods, else all")
+    headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "X-API-Key"],
+        description="Request headers a page may send",
+    )
+    expose_headers: list[str] = Field(default_factory=list, description="Answer headers a page may read")
+    credentials: bool = Field(default=False, description="Cookies and credentials allowed")
+    max_age: DurationText = Field(default="10m", description="How long a browser keeps a preflight")
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> CorsSpec:
+        if self.credentials and "*" in self.origins:
+            raise ValueError('credentials: browsers refuse them with origins "*": list the origins')
+        return self
 
 
 class ActiveHealthSpec(_Strict):
@@ -157,6 +194,9 @@ class UpstreamSpec(_Strict):
     timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     retries: int = Field(default=1, ge=0, le=5, description="On another target, idempotent methods only")
+    retry_budget: RetryBudgetSpec = Field(
+        default_factory=RetryBudgetSpec, description="Retries stay this share of the requests"
+    )
 
     @model_validator(mode="after")
     def _algorithm_needs(self) -> UpstreamSpec:
@@ -240,6 +280,15 @@ class RouteSpec(_Strict):
         default=None, pattern=r"^/", description="The upstream path; {params} of path"
     )
     rate_limits: list[RateLimitSpec] = Field(default_factory=list, description="Each applies (limiters.py)")
+    timeouts: RouteTimeoutsSpec | None = Field(default=None, description="Replacing the upstream's")
+    retries: int | None = Field(default=None, ge=0, le=5, description="Replacing the upstream's")
+    max_body_bytes: int | None = Field(
+        default=None, ge=0, description="A larger request body is 413 (default: the gateway's limit)"
+    )
+    cors: CorsSpec | None = None
+    cache: AnswerCacheSpec | None = Field(
+        default=None, description="GET and HEAD answers kept in a cache namespace (caches.yaml)"
+    )
 
     @field_validator("methods")
     @classmethod

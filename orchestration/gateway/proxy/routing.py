@@ -24,9 +24,10 @@ from orchestration.gateway.proxy.config import (
     UpstreamSpec,
     VersioningSpec,
 )
+from orchestration.gateway.proxy.cors import CorsPolicy
 from orchestration.gateway.proxy.limiters import Limiter, RateLimitSpec, open_limiter
 from orchestration.gateway.proxy.transforms import RouteTransform
-from orchestration.kernel.breaker import CircuitBreaker, Transition
+from orchestration.kernel.breaker import CircuitBreaker, RetryBudget, Transition
 from orchestration.kernel.spec_errors import SpecError
 from orchestration.kernel.times import duration_seconds
 
@@ -39,6 +40,8 @@ class Upstream:
     balancer: Balancer
     connect_timeout_s: float
     read_timeout_s: float
+    total_timeout_s: float | None
+    retry_budget: RetryBudget
 
     def pick(self, facts: RequestFacts, exclude: set[Target]) -> Target | None:
         """A target for this request that its breaker lets through (None: none can take it now)."""
@@ -62,6 +65,7 @@ class Upstream:
             "name": self.name,
             "algorithm": self.spec.algorithm,
             "targets": [target.to_json() for target in self.targets],
+            "retry_budget": self.retry_budget.to_json(),
         }
 
 
@@ -78,6 +82,32 @@ class Route:
     limiters: tuple[Limiter, ...] = ()
     versions: Versions | None = None
     transform: RouteTransform | None = None
+    cors: CorsPolicy | None = None
+    answers: Any = None  # the AnswerCache of `cache`
+    # Per upstream name: the route's timeouts over the upstream's (aiohttp.ClientTimeout, total s).
+    timeouts: dict[str, tuple[Any, float | None]] = field(default_factory=dict, compare=False)
+
+    def retries(self, upstream: Upstream) -> int:
+        return upstream.spec.retries if self.spec.retries is None else self.spec.retries
+
+    def client_timeout(self, upstream: Upstream) -> tuple[Any, float | None]:
+        """(the aiohttp.ClientTimeout for a request to `upstream`, or None for its session's; the
+        total seconds until the answer's headers, or None)."""
+        found = self.timeouts.get(upstream.name)
+        if found is None:
+            own = self.spec.timeouts
+            if own is None or (own.connect is None and own.read is None):
+                client_timeout = None
+            else:
+                import aiohttp
+
+                client_timeout = aiohttp.ClientTimeout(
+                    sock_connect=duration_seconds(own.connect) if own.connect else upstream.connect_timeout_s,
+                    sock_read=duration_seconds(own.read) if own.read else upstream.read_timeout_s,
+                )
+            total = duration_seconds(own.total) if own is not None and own.total else upstream.total_timeout_s
+            found = self.timeouts[upstream.name] = (client_timeout, total)
+        return found
 
     def upstream_path(self, path: str, match: re.Match[str], rest: str) -> str:
         """The path asked of the target: `rest` is what follows the route's path (a path version
@@ -214,13 +244,17 @@ def compile_config(
     on_transition: Any = None,
     source: str | None = None,
     redis_url: str | None = None,
+    open_answers: Any = None,
 ) -> ProxyConfig:
     """`declared` compiled; targets of `previous` whose URL stays in the same upstream, and limits
-    declared the same on the same route, keep their state. `redis_url`: where shared limits count."""
+    declared the same on the same route, keep their state. `redis_url`: where shared limits count;
+    `open_answers(AnswerCacheSpec)`: a route's answer cache (KeyError naming an unknown namespace)."""
     kept: dict[tuple[str, str], Target] = {}
     kept_limiters: dict[tuple[str, RateLimitSpec], Limiter] = {}
+    kept_budgets: dict[tuple[str, Any], RetryBudget] = {}
     if previous is not None:
         for upstream in previous.upstreams.values():
+            kept_budgets[(upstream.name, upstream.spec.retry_budget)] = upstream.retry_budget
             for target in upstream.targets:
                 kept[(upstream.name, target.url)] = target
         for route in previous.routes:
@@ -255,6 +289,8 @@ def compile_config(
             open_balancer(targets, spec),
             duration_seconds(spec.timeouts.connect),
             duration_seconds(spec.timeouts.read),
+            duration_seconds(spec.timeouts.total) if spec.timeouts.total else None,
+            kept_budgets.get((name, spec.retry_budget)) or RetryBudget(spec.retry_budget),
         )
     routes = []
     for name, spec in declared.routes.items():
@@ -268,6 +304,14 @@ def compile_config(
             kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, upstreams[followed])
             for limit in spec.rate_limits
         )
+        answers = None
+        if spec.cache is not None:
+            if open_answers is None:
+                raise SpecError.at(("routes", name, "cache"), "this proxy keeps no answers", source)
+            try:
+                answers = open_answers(spec.cache)
+            except KeyError as exc:
+                raise SpecError.at(("routes", name, "cache", "namespace"), str(exc.args[0]), source) from None
         routes.append(
             Route(
                 name,
@@ -281,6 +325,8 @@ def compile_config(
                 limiters,
                 Versions.compile(spec.versions) if spec.versions is not None else None,
                 RouteTransform(name, spec.transform) if spec.transform is not None else None,
+                CorsPolicy.compile(spec.cors, spec.methods) if spec.cors is not None else None,
+                answers,
             )
         )
     # Most specific first: the longer literal path, then the route with more conditions.
