@@ -21,6 +21,7 @@ class Upstream:
     probes: int = 0  # requests to /health
     delay_s: float = 0.0
     etag: str | None = None  # answered with this ETag; a matching If-None-Match is a 304
+    document: dict[str, Any] | None = None  # its OpenAPI document, at /openapi.json (else 404 there)
     seen: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,6 +48,14 @@ class Upstream:
                     "headers": {name.lower(): value for name, value in self.headers.items()},
                     "body": body.decode(),
                 }
+                if self.path == "/openapi.json":
+                    data = json.dumps(upstream.document).encode() if upstream.document else b""
+                    self.send_response(200 if upstream.document else 404)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if self.path == "/health":
                     with upstream.lock:
                         upstream.probes += 1

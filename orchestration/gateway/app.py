@@ -128,6 +128,13 @@ def create_gateway_app(
         return settings.dagster_url.rstrip("/")
 
     app.state.dagster_ui_url = dagster_ui_url
+    platform_openapi = app.openapi
+
+    def openapi_with_proxied_routes() -> dict:
+        # One document: the platform API and every proxied route (shown by /gateway/docs).
+        return app.state.proxy.openapi(platform_openapi())
+
+    app.openapi = openapi_with_proxied_routes
     install_problem_handlers(app)
 
     @app.get("/health", response_model=Health, tags=["platform"], responses={503: {"model": Health}})

@@ -240,7 +240,8 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         (method.upper(), path)
         for path, item in openapi_document["paths"].items()
         for method in item
-        if method != "parameters"
+        # Proxied routes (none are shipped) are their upstreams' operations: test_proxy_openapi.py.
+        if method != "parameters" and not path.startswith("/proxy/")
     }
     assert documented == set(valid), f"add a valid request for: {documented ^ set(valid)}"
 

@@ -31,6 +31,7 @@ from orchestration.gateway.proxy.config import RoutesFile, load_routes_file
 from orchestration.gateway.proxy.declarations import ApiDeclarations, merge
 from orchestration.gateway.proxy.health import ActiveChecks, count_answer
 from orchestration.gateway.proxy.limiters import ratelimit_headers
+from orchestration.gateway.proxy.openapi import DOCUMENT_REFRESH_S, merged_document
 from orchestration.gateway.proxy.routing import (
     ProxyConfig,
     RouteMatch,
@@ -45,6 +46,7 @@ from orchestration.kernel.spec_errors import SpecError
 logger = logging.getLogger("junction.gateway.proxy")
 PROXY_PREFIX = "/proxy"  # under the gateway's own prefix: /gateway/proxy/...
 RELOAD_CHECK_S = 2.0
+DOCUMENT_TIMEOUT_S = 5.0  # fetching an upstream's OpenAPI document
 WHOLE_BODY_BYTES = 64 * 1024  # answers up to this size (with a Content-Length) are relayed in one piece
 LATENCY_SAMPLES = 4096  # the newest latencies per route, for the percentiles
 # An authenticated key is trusted this long before the store is asked again (a revoked key keeps
@@ -118,6 +120,9 @@ class ProxyApp:
         self.consumer_stats: dict[str, dict[str, int]] = {}  # route -> consumer -> requests
         self._latencies: dict[str, tuple[deque, deque]] = {}  # route -> (upstream ms, added ms)
         self.active_checks = ActiveChecks()
+        self.documents: dict[str, dict[str, Any]] = {}  # route -> its upstream's OpenAPI document
+        self.document_errors: dict[str, str] = {}  # route -> why its document could not be read
+        self._merged: tuple[Any, Any, dict[str, Any]] | None = None  # (config, documents, merged)
         self.reload(strict=True)
 
     # --- configuration -------------------------------------------------------------------------------
@@ -207,14 +212,68 @@ class ProxyApp:
         `RELOAD_CHECK_S`, in a worker thread), until cancelled (the gateway's lifespan runs it)."""
         import anyio
 
+        await self.refresh_documents()
+        documents_at = time.monotonic()
         while True:
             await anyio.sleep(RELOAD_CHECK_S)
             try:
                 changed = await anyio.to_thread.run_sync(lambda: self._current_stamp() != self._stamp)
                 if changed:
-                    await anyio.to_thread.run_sync(self.reload)
+                    changed = await anyio.to_thread.run_sync(self.reload)
             except Exception:  # noqa: BLE001 - the store may be down: the running configuration stays
                 logger.warning("could not look for proxy configuration changes; will retry", exc_info=True)
+                continue
+            if changed or time.monotonic() - documents_at > DOCUMENT_REFRESH_S:
+                await self.refresh_documents()
+                documents_at = time.monotonic()
+
+    # --- the upstreams' OpenAPI documents ------------------------------------------------------------
+
+    async def refresh_documents(self) -> None:
+        """Fetch (or read) the OpenAPI document of every route declaring `openapi`; one that cannot be
+        had keeps its last good copy, its reason in `document_errors`."""
+        documents, errors = {}, {}
+        for route in self.config.routes:
+            source = route.spec.openapi
+            if source is None:
+                continue
+            try:
+                documents[route.name] = await self._document(route, source)
+            except Exception as exc:  # noqa: BLE001 - any failure is the route's, named in the status
+                errors[route.name] = f"{type(exc).__name__}: {exc}"
+                if route.name in self.documents:
+                    documents[route.name] = self.documents[route.name]
+                logger.warning("proxy route %s: its OpenAPI document: %s", route.name, errors[route.name])
+        self.documents, self.document_errors = documents, errors
+
+    async def _document(self, route: Any, source: Any) -> dict[str, Any]:
+        import yaml
+
+        if source.file is not None:
+            path = self.routes_file.parent / source.file
+            text = await _in_thread(path.read_text)
+        else:
+            upstream = self.config.upstreams[route.spec.primary_upstream]
+            url = upstream.targets[0].url + source.url if source.url.startswith("/") else source.url
+            client = self._client(upstream)
+            import aiohttp
+
+            async with client.get(url, timeout=aiohttp.ClientTimeout(total=DOCUMENT_TIMEOUT_S)) as response:
+                if response.status != 200:
+                    raise ValueError(f"GET {url} answered {response.status}")
+                text = await response.text()
+        document = yaml.safe_load(text)
+        if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
+            raise ValueError("not an OpenAPI document (no paths)")
+        return document
+
+    def openapi(self, base: dict[str, Any]) -> dict[str, Any]:
+        """`base` (the platform API's document) with every route, built once per configuration and set
+        of documents."""
+        config, documents = self.config, self.documents
+        if self._merged is None or self._merged[0] is not config or self._merged[1] is not documents:
+            self._merged = (config, documents, merged_document(base, config, documents, PROXY_PREFIX))
+        return self._merged[2]
 
     def status(self) -> dict[str, Any]:
         """The configuration's state and this process's figures (`GET /v1/analytics/proxy`)."""

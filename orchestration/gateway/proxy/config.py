@@ -36,6 +36,7 @@ routes:
     max_body_bytes: 1048576             # a larger request is 413
     cors: {origins: ["https://app.example.com"], credentials: true}
     cache: {namespace: http, ttl: 30s}  # GET/HEAD answers, revalidated with ETag/Last-Modified
+    openapi: {url: /openapi.json}       # or {file: orders.yaml}: merged into /gateway/openapi.json
   customers:
     path: /customers
     versions:                           # instead of upstream: one API in several versions
@@ -266,6 +267,23 @@ class VersioningSpec(_Strict):
         return self
 
 
+class OpenApiSourceSpec(_Strict):
+    """Where the upstream's own OpenAPI document is (merged into the gateway's, `openapi.py`)."""
+
+    url: str | None = Field(
+        default=None, description="http(s)://..., or a path asked of the upstream's targets (/openapi.json)"
+    )
+    file: str | None = Field(default=None, description="JSON or YAML, relative to the routes file's folder")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OpenApiSourceSpec:
+        if (self.url is None) == (self.file is None):
+            raise ValueError("give one of url or file")
+        if self.url is not None and not re.match(r"^(https?://[^/]+)?/", self.url):
+            raise ValueError(f"url: {self.url!r} is neither http(s)://... nor a path starting with /")
+        return self
+
+
 class RouteSpec(_Strict):
     path: str = Field(pattern=r"^/", description="A prefix (/orders) or a template (/orders/{id})")
     upstream: str | None = Field(default=None, description="Where it goes (or per version: versions)")
@@ -289,6 +307,16 @@ class RouteSpec(_Strict):
     cache: AnswerCacheSpec | None = Field(
         default=None, description="GET and HEAD answers kept in a cache namespace (caches.yaml)"
     )
+    openapi: OpenApiSourceSpec | None = Field(
+        default=None, description="The upstream's OpenAPI document, merged under the route's path"
+    )
+
+    @property
+    def primary_upstream(self) -> str:
+        """Its upstream; with versions, the default version's (else the first's)."""
+        if self.versions is None:
+            return self.upstream
+        return self.versions.versions[self.versions.default or next(iter(self.versions.versions))].upstream
 
     @field_validator("methods")
     @classmethod

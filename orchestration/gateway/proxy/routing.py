@@ -296,12 +296,10 @@ def compile_config(
     for name, spec in declared.routes.items():
         pattern, literal_length = _pattern(spec.path)
         scopes = () if spec.auth.type == "open" else tuple(spec.auth.scopes or [f"proxy:call:{name}"])
-        # An adaptive limit follows the route's upstream (with versions: the default's, else the first's).
-        followed = spec.upstream or (
-            spec.versions.versions[spec.versions.default or next(iter(spec.versions.versions))].upstream
-        )
+        # An adaptive limit follows the route's (primary) upstream.
+        followed = upstreams[spec.primary_upstream]
         limiters = tuple(
-            kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, upstreams[followed])
+            kept_limiters.get((name, limit)) or open_limiter(name, limit, redis_url, followed)
             for limit in spec.rate_limits
         )
         answers = None
