@@ -188,7 +188,7 @@ def start_gateway(
         text=True,
         check=True,
     ).stdout
-    key = re.search(r"jk_\w+", created).group(0)
+    key = re.search(r"jk_[\w-]+", created).group(0)  # urlsafe: letters, digits, _ and -
     port = free_port()
     process = subprocess.Popen(
         [
@@ -205,10 +205,16 @@ def start_gateway(
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(folder / "gateway.log").open("wb"),
     )
     url = f"http://127.0.0.1:{port}/gateway/proxy/bench/"
-    wait_for(lambda: _answers(url, {"Authorization": f"Bearer {key}"}), process=process, timeout_s=60)
+    try:
+        wait_for(lambda: _answers(url, {"Authorization": f"Bearer {key}"}), process=process, timeout_s=60)
+    except TimeoutError:
+        process.terminate()
+        raise TimeoutError(
+            f"the gateway did not answer:\n{(folder / 'gateway.log').read_text()[-3000:]}"
+        ) from None
     return process, url, key
 
 

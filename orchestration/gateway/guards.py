@@ -69,30 +69,15 @@ async def send_problem(
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-class RequestGuards:
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_body_bytes: int,
-        allow_networks: Iterable[str] = (),
-        deny_networks: Iterable[str] = (),
-        docs_paths: Iterable[str] = (),
-        form_paths: str | None = None,
-        proxied_prefix: str | None = None,
-    ):
-        self.app = app
-        # The reverse proxy's paths: upstreams decide their media types and response headers, so
-        # only the address lists and the body limit apply there.
-        self.proxied_prefix = proxied_prefix
-        self.max_body_bytes = max_body_bytes
+class ClientNetworks:
+    """Who may use the gateway by address (settings `gateway_allow_ips`, `gateway_deny_ips`): the
+    platform API's guards and the reverse proxy ask the same."""
+
+    def __init__(self, allow_networks: Iterable[str] = (), deny_networks: Iterable[str] = ()):
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
         self.deny = [ipaddress.ip_network(n, strict=False) for n in deny_networks]
-        self.docs_paths = set(docs_paths)
-        # Paths (a regex) whose POST is an HTML form, such as the confirm page of an e-mail link.
-        self.form_paths = re.compile(form_paths) if form_paths else None
 
-    def client_allowed(self, host: str | None) -> bool:
+    def allows(self, host: str | None) -> bool:
         if not self.allow and not self.deny:
             return True
         try:
@@ -105,6 +90,27 @@ class RequestGuards:
             return False
         return not self.allow or any(address in network for network in self.allow)
 
+
+class RequestGuards:
+    """The platform API's guards: client addresses, the body limit, JSON bodies, security headers.
+    (The reverse proxy applies the address lists and a body limit itself: `proxy/app.py`.)"""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        networks: ClientNetworks,
+        docs_paths: Iterable[str] = (),
+        form_paths: str | None = None,
+    ):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.networks = networks
+        self.docs_paths = set(docs_paths)
+        # Paths (a regex) whose POST is an HTML form, such as the confirm page of an e-mail link.
+        self.form_paths = re.compile(form_paths) if form_paths else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -113,7 +119,7 @@ class RequestGuards:
         path, root = scope["path"], scope.get("root_path", "")
         relative_path = path[len(root) :] if root and path.startswith(root) else path
         client = scope.get("client")
-        if not self.client_allowed(client[0] if client else None):
+        if not self.networks.allows(client[0] if client else None):
             await send_problem(
                 send, 403, "Forbidden", "ip-denied", "your address may not use this gateway", path
             )
@@ -135,11 +141,8 @@ class RequestGuards:
                 path,
             )
             return
-        proxied = self.proxied_prefix is not None and (
-            relative_path == self.proxied_prefix or relative_path.startswith(self.proxied_prefix + "/")
-        )
         has_body = (declared_length not in (None, b"0")) or b"transfer-encoding" in headers
-        if scope["method"] in BODY_METHODS and has_body and not proxied:
+        if scope["method"] in BODY_METHODS and has_body:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             is_form = (
                 self.form_paths is not None
@@ -180,9 +183,6 @@ class RequestGuards:
                 return
             if message["type"] == "http.response.start":
                 app_started = True
-                if proxied:
-                    await send(message)
-                    return
                 present = {key.lower() for key, _ in message.get("headers", [])}
                 extra = [
                     (k, v)

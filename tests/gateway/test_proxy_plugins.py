@@ -176,3 +176,22 @@ def test_an_unknown_cache_namespace_names_the_route(proxy, upstreams):
             {"u": targets(upstreams["a"])},
             {"r": {"path": "/r", "upstream": "u", "cache": {"namespace": "nope"}}},
         )
+
+
+def test_the_gateways_address_lists_and_body_limit_apply_to_proxied_routes(
+    gateway, tmp_path: Path, upstreams
+):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        yaml.safe_dump(
+            {
+                "upstreams": {"u": targets(upstreams["a"])},
+                "routes": {"r": {"path": "/r", "upstream": "u", "auth": {"type": "open"}}},
+            }
+        )
+    )
+    denied = gateway(routes_file=routes, gateway_allow_ips=["10.0.0.0/8"]).get("/proxy/r")
+    assert denied.status_code == 403 and denied.json()["type"].endswith("ip-denied")
+    limited = gateway(routes_file=routes, gateway_max_body_bytes=4).post("/proxy/r", content=b"12345")
+    assert limited.status_code == 413 and limited.json()["type"].endswith("body-too-large")
+    assert upstreams["a"].seen == []

@@ -1,6 +1,7 @@
 """Standalone `junction gateway` processes sharing one PostgreSQL store and one Redis: a Redis-shared
 rate limit counts once across a gateway and another one running `--workers 2`, keys made in the store
-work in each, and a route declared through one's admin API is proxied by the other within seconds."""
+work in each, a route declared through one's admin API is proxied by the other within seconds, and a
+proxied answer carries one Date and one Server header (the gateway server's)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,10 @@ def test_gateway_processes_share_limits_keys_and_admin_objects(
             while client.get(f"{two_url}/proxy/declared", headers={"Connection": "close"}).status_code != 200:
                 assert time.monotonic() < deadline, "the other gateway never picked up the route"
                 time.sleep(0.2)
+            answer = client.get(f"{one_url}/proxy/declared")
+            assert answer.status_code == 200 and answer.headers["x-served-by"] == "a"
+            # The upstream's Date and Server are not relayed beside the gateway server's own.
+            assert len(answer.headers.get_list("date")) == 1 and len(answer.headers.get_list("server")) == 1
     finally:
         for process in (one, two):
             process.terminate()

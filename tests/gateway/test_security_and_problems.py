@@ -192,14 +192,14 @@ def test_ip_lists(gateway):
 
 
 def test_ip_lists_on_addresses():
-    from orchestration.gateway.guards import RequestGuards
+    from orchestration.gateway.guards import ClientNetworks
 
-    guards = RequestGuards(
-        None, max_body_bytes=1, allow_networks=["127.0.0.0/8", "::1/128"], deny_networks=["127.0.0.9/32"]
-    )
-    assert guards.client_allowed("127.0.0.1") and guards.client_allowed("::1")
-    assert not guards.client_allowed("127.0.0.9")
-    assert not guards.client_allowed("192.168.1.1")
+    networks = ClientNetworks(["127.0.0.0/8", "::1/128"], ["127.0.0.9/32"])
+    assert networks.allows("127.0.0.1") and networks.allows("::1")
+    assert not networks.allows("127.0.0.9")
+    assert not networks.allows("192.168.1.1")
+    assert not networks.allows("testclient"), "an unknown peer passes only without an allow list"
+    assert ClientNetworks([], ["10.0.0.0/8"]).allows("testclient")
 
 
 def test_security_headers_and_cors(gateway):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from orchestration.gateway.metrics import ANONYMOUS, UNMATCHED_ROUTE
 from orchestration.gateway.proxy.balancers import RequestFacts, Target
 from orchestration.gateway.proxy.config import RoutesFile, load_routes_file
 from orchestration.gateway.proxy.declarations import ApiDeclarations, merge
@@ -78,9 +79,21 @@ HOP_BY_HOP = frozenset(
 # Not forwarded upstream: the hop-by-hop headers, the Host (the target's own is sent) and the
 # gateway credentials (a Junction key means nothing to an upstream and must not leak to it).
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+# Not relayed from an answer: the hop-by-hop headers, and the Date and Server the gateway's own server
+# writes (relayed too, a client saw each twice).
+NOT_RELAYED = frozenset(name.encode() for name in HOP_BY_HOP | {"date", "server"})
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _Seen:
+    """What the request statistics record of one proxied request."""
+
+    __slots__ = ("principal", "route", "status")
+
+    def __init__(self) -> None:
+        self.route, self.principal, self.status = UNMATCHED_ROUTE, ANONYMOUS, 500
 
 
 class ProxyApp:
@@ -91,6 +104,9 @@ class ProxyApp:
         redis_url: str | None = None,
         store_url: str | None = None,
         caches_file: str | Path | None = None,
+        networks: Any = None,
+        max_body_bytes: int | None = None,
+        request_stats: Any = None,
     ):
         if routes_file is None:
             from orchestration.settings import get_settings
@@ -106,6 +122,12 @@ class ProxyApp:
         # The objects the admin API owns (none without a store: a proxy of the file alone).
         self.api = ApiDeclarations(store_url) if store_url else None
         self.jwt_verifier = jwt_verifier
+        # What the platform API's middleware does for its own paths, done here (the gateway hands
+        # proxied paths over before its middleware): the address lists (guards.ClientNetworks), the
+        # body limit of routes that declare none, and the per-minute request statistics.
+        self.networks = networks
+        self.max_body_bytes = max_body_bytes
+        self.request_stats = request_stats
         self._on_transition = transition_logger(logger)
         self.config = ProxyConfig()
         self.from_file = RoutesFile()  # the file's last good declarations
@@ -344,9 +366,34 @@ class ProxyApp:
     # --- the request path ----------------------------------------------------------------------------
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # ProxyFirst hands over HTTP only; the gateway's lifespan closes us
+        if scope["type"] != "http":  # the gateway hands over HTTP only; its lifespan closes us
             return
         started = time.perf_counter()
+        seen = _Seen()
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                seen.status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, sending, started, seen)
+        finally:
+            if self.request_stats is not None:
+                latency_s = time.perf_counter() - started
+                self.request_stats.observe(
+                    seen.route, scope["method"], seen.principal, seen.status, latency_s
+                )
+
+    async def _handle(
+        self, scope: dict[str, Any], receive: Receive, send: Send, started: float, seen: _Seen
+    ) -> None:
+        client_ip = (scope.get("client") or (None,))[0]
+        if self.networks is not None and not self.networks.allows(client_ip):
+            await _problem(
+                send, 403, "your address may not use this gateway", scope["path"], slug="ip-denied"
+            )
+            return
         config = self.config  # read once: a reload mid-request does not mix configurations
         method = scope["method"]
         path = scope.get("path", "/")
@@ -370,9 +417,7 @@ class ProxyApp:
         route = matched.route
         if route.cors is not None and origin and route.cors.allows(origin):
             send = _adding_headers(send, route.cors.answer_headers(origin))
-        # The gateway's request statistics (per-minute history) label proxied requests by route.
-        state = scope.setdefault("state", {})
-        state["proxy_route"] = f"/proxy/{route.name}"
+        seen.route = f"/proxy/{route.name}"  # the label of the gateway's request statistics
         if matched.upstream is None:  # a version the route does not have
             self._count(route.name, "unknown_version")
             await _problem(send, 404, matched.problem or "no such version", path)
@@ -381,12 +426,11 @@ class ProxyApp:
         if route.scopes:
             refusal, consumer = await self._authorize(headers, route.scopes)
             if consumer is not None:
-                state["principal_name"] = consumer
+                seen.principal = consumer
             if refusal is not None:
                 self._count(route.name, "refused")
                 await _problem(send, refusal[0], refusal[1], path, {"WWW-Authenticate": "Bearer"})
                 return
-        client_ip = (scope.get("client") or (None,))[0]
         limit_headers: list[tuple[bytes, bytes]] = []
         if route.limiters:
             # In the declared order, stopping at the first refusal: a refused request uses up no
@@ -413,11 +457,12 @@ class ProxyApp:
                     {"Retry-After": str(max(1, math.ceil(refused.reset_s))), **extra},
                 )
                 return
-        body = await _read_body(receive, headers, route.spec.max_body_bytes)
+        limit = self.max_body_bytes if route.spec.max_body_bytes is None else route.spec.max_body_bytes
+        body = await _read_body(receive, headers, limit)
         if body is None:
             self._count(route.name, "too_large")
-            limit = route.spec.max_body_bytes
-            await _problem(send, 413, f"route {route.name}: the request body is over {limit} bytes", path)
+            detail = f"route {route.name}: the request body is over {limit} bytes"
+            await _problem(send, 413, detail, path, slug="body-too-large")
             return
         upstream = config.upstreams[matched.upstream]
         query = scope.get("query_string", b"").decode("latin-1")
@@ -633,9 +678,7 @@ class ProxyApp:
         """The upstream's answer to the client: streamed as it comes, or whole when a response body
         transform needs it (TransformFailed 502 when it is not JSON or too large)."""
         headers = [
-            (name.lower(), value)
-            for name, value in response.raw_headers
-            if name.decode("latin-1").lower() not in HOP_BY_HOP
+            (name.lower(), value) for name, value in response.raw_headers if name.lower() not in NOT_RELAYED
         ]
         status = response.status
         whole: bytes | None = None
@@ -745,8 +788,8 @@ class ProxyApp:
 
 
 class ProxyFirst:
-    """ASGI middleware handing `prefix`'d paths to the proxy (its root path extended by the prefix)
-    and everything else to the app it wraps."""
+    """ASGI app handing `prefix`'d paths to the proxy (its root path extended by the prefix) and
+    everything else to the app it wraps."""
 
     def __init__(self, app: Any, proxy: ProxyApp, prefix: str):
         self.app = app
@@ -759,7 +802,6 @@ class ProxyFirst:
             path = scope["path"]
             relative = path[len(root) :] if root and path.startswith(root) else path
             if relative == self.prefix or relative.startswith(self.prefix + "/"):
-                scope.setdefault("state", {})  # shared with the copy: the request statistics read it
                 await self.proxy({**scope, "root_path": root + self.prefix}, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -867,7 +909,12 @@ class _StoredAnswer:
 
 
 async def _problem(
-    send: Send, status: int, detail: str, instance: str, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    detail: str,
+    instance: str,
+    headers: dict[str, str] | None = None,
+    slug: str | None = None,
 ) -> None:
     from http import HTTPStatus
 
@@ -875,5 +922,5 @@ async def _problem(
     from orchestration.gateway.problems import status_slug
 
     await send_problem(
-        send, status, HTTPStatus(status).phrase, status_slug(status), detail, instance, headers
+        send, status, HTTPStatus(status).phrase, slug or status_slug(status), detail, instance, headers
     )

@@ -210,8 +210,11 @@ class TokenBucket(Limiter):
             self._redis = aredis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
             )
-        allowed, left = await self._redis.eval(
-            _TAKE_TOKEN, 1, f"junction:ratelimit:{key}", self.rate_per_s, self.burst, now, 1
+            # EVALSHA (the script loaded once; redis-py loads it again after a NOSCRIPT), not EVAL
+            # with the whole script on every request.
+            self._take_token = self._redis.register_script(_TAKE_TOKEN)
+        allowed, left = await self._take_token(
+            keys=[f"junction:ratelimit:{key}"], args=[self.rate_per_s, self.burst, now, 1]
         )
         return left / 1000 if allowed else None
 
