@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from proxy_upstreams import Upstream, start_upstreams
-from support import bearer
+from support import bearer, wait_until
 
 from orchestration.kernel.spec_errors import SpecError
 
@@ -212,21 +212,12 @@ def test_a_changed_routes_file_applies_without_a_restart_and_a_bad_one_leaves_th
     assert client.get("/proxy/r").json()["target"] == "a"
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {"one": targets(b)}, {"r": {"path": "/r", "upstream": "one", **open_route}})
-    assert eventually(lambda: client.get("/proxy/r").json()["target"] == "b"), "the new targets, no restart"
+    wait_until(lambda: client.get("/proxy/r").json()["target"] == "b", 5, "the new targets, no restart")
     routes.write_text(yaml.safe_dump({"upstreams": {}, "routes": {"r": {"path": "/r", "upstream": "gone"}}}))
-    assert eventually(lambda: client.app.state.proxy.status()["last_error"] is not None)
+    wait_until(lambda: client.app.state.proxy.status()["last_error"] is not None, 5, "the proxy to reload")
     assert client.get("/proxy/r").json()["target"] == "b", "a bad file leaves the running configuration"
     last_error = client.app.state.proxy.status()["last_error"]
     assert "routes.yaml: routes.r.upstream: no upstream 'gone'" in last_error
-
-
-def eventually(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,13 @@ checked with the other objects, answered in problem+json, and audited."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from proxy_upstreams import Upstream, start_upstreams
-from support import bearer
+from support import bearer, wait_until
 
 from orchestration.kernel import audit
 
@@ -51,15 +50,6 @@ def admin(gateway, routes_file: Path, make_key, monkeypatch):
     return client
 
 
-def eventually(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_objects_declared_through_the_api_proxy_at_once_and_in_other_gateways(
     admin, gateway, routes_file: Path, servers: dict[str, Upstream]
 ):
@@ -71,7 +61,7 @@ def test_objects_declared_through_the_api_proxy_at_once_and_in_other_gateways(
     route = {"path": "/api-made", "upstream": "from-api", "auth": {"type": "open"}}
     assert admin.put("/v1/routes/api-made", json=route).status_code == 201
     assert admin.get("/proxy/api-made/x").json()["target"] == "b", "applied in this gateway at once"
-    assert eventually(lambda: other.get("/proxy/api-made/x").status_code == 200), "and in the other soon"
+    wait_until(lambda: other.get("/proxy/api-made/x").status_code == 200, 5, "and in the other soon")
     # An API route may use the file's upstream; a replacement is 200.
     replaced = admin.put("/v1/routes/api-made", json={**route, "upstream": "from-file"})
     assert replaced.status_code == 200
@@ -121,7 +111,7 @@ def test_a_file_declaring_an_object_of_the_api_is_refused_and_the_api_keeps_it(
     document["routes"]["added"] = {"path": "/added", "upstream": "from-file", "auth": {"type": "open"}}
     routes_file.write_text(yaml.safe_dump(document))
     proxy = admin.app.state.proxy
-    assert eventually(lambda: proxy.status()["last_error"] is not None)
+    wait_until(lambda: proxy.status()["last_error"] is not None, 5, "the proxy to reload")
     assert (
         "routes.yaml: routes.mine: route 'mine' is declared through the admin API"
         in proxy.status()["last_error"]

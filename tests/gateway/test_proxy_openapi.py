@@ -5,7 +5,6 @@ and shown by /docs."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 from proxy_upstreams import Upstream, start_upstreams
+from support import wait_until
 
 ORDERS_DOCUMENT = {
     "openapi": "3.1.0",
@@ -50,15 +50,6 @@ def servers() -> Iterator[dict[str, Upstream]]:
     yield started
     for server in started.values():
         server.stop()
-
-
-def eventually(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_upstream_documents_merge_under_their_routes_with_renamed_components(
@@ -103,7 +94,11 @@ def test_upstream_documents_merge_under_their_routes_with_renamed_components(
         )
     )
     client = gateway(routes_file=routes)
-    assert eventually(lambda: "/proxy/orders/items/{id}" in client.get("/openapi.json").json()["paths"])
+    wait_until(
+        lambda: "/proxy/orders/items/{id}" in client.get("/openapi.json").json()["paths"],
+        5,
+        "the proxy to reload",
+    )
     document = client.get("/openapi.json").json()
     validate(document)
     assert "/v1/routes" in document["paths"], "the platform API is still there"

@@ -80,7 +80,7 @@ async def _write(
             proxy.api.delete(kind, name, proxy.from_file, proxy.routes_file)
             new = False
         else:
-            new, _ = proxy.api.put(kind, name, spec, principal.name, proxy.from_file, proxy.routes_file)
+            new = proxy.api.put(kind, name, spec, principal.name, proxy.from_file, proxy.routes_file)
         proxy.reload()
         return new
 

@@ -143,23 +143,24 @@ class ApiDeclarations:
 
     def put(
         self, kind: Kind, name: str, spec: BaseModel, actor: str, from_file: RoutesFile, file: Path
-    ) -> tuple[bool, Declarations]:
-        """Declare or replace an API object (checked with every other object first); (whether it is
-        new, the merged declarations). DeclaredInFile, or SpecError when it does not fit the others."""
+    ) -> bool:
+        """Declare or replace an API object (checked with every other object first); whether it is
+        new. DeclaredInFile, or SpecError when it does not fit the others."""
         if name in getattr(from_file, SECTIONS[kind]):
             raise DeclaredInFile(kind, name, file)
         stored = spec.model_dump(mode="json", exclude_unset=True)
         return self._write(kind, name, stored, actor, from_file, file)
 
-    def delete(self, kind: Kind, name: str, from_file: RoutesFile, file: Path) -> Declarations:
+    def delete(self, kind: Kind, name: str, from_file: RoutesFile, file: Path) -> None:
         """Remove an API object; DeclaredInFile, NotDeclared, or SpecError when others still use it."""
         if name in getattr(from_file, SECTIONS[kind]):
             raise DeclaredInFile(kind, name, file)
-        return self._write(kind, name, None, "", from_file, file)[1]
+        self._write(kind, name, None, "", from_file, file)
 
     def _write(
         self, kind: Kind, name: str, stored: dict | None, actor: str, from_file: RoutesFile, file: Path
-    ) -> tuple[bool, Declarations]:
+    ) -> bool:
+        """Whether the object is new; the merged declarations are checked before anything is written."""
         from orchestration.store.db import session_scope
         from orchestration.store.models import ProxyObject
 
@@ -174,7 +175,7 @@ class ApiDeclarations:
                 del objects[kind][name]
             else:
                 objects[kind][name] = stored
-            declarations = merge(from_file, file, objects)
+            merge(from_file, file, objects)  # SpecError: nothing is written
             row = session.get(ProxyObject, (kind, name))
             if stored is None:
                 session.delete(row)
@@ -184,4 +185,4 @@ class ApiDeclarations:
                 )
             else:
                 row.spec, row.updated_at, row.updated_by = stored, time.time(), actor
-        return new, declarations
+        return new
