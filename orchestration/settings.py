@@ -75,6 +75,27 @@ class JunctionSettings(BaseSettings):
         "once in $JUNCTION_HOME/secret.key.",
     )
 
+    # Live subscriptions (WebSocket and SSE, orchestration/gateway/live/).
+    live_heartbeat_s: float = Field(
+        default=25, gt=0, description="A WebSocket connection is sent a ping this often."
+    )
+    live_idle_timeout_s: float = Field(
+        default=60, gt=0, description="A connection that sends nothing (not even a pong) this long is closed."
+    )
+    live_send_queue_bytes: int = Field(
+        default=4_194_304,
+        ge=1024,
+        description="Frames queued for one connection beyond this: the consumer is too slow and is closed.",
+    )
+    live_max_connections_per_key: int = Field(
+        default=100, ge=1, description="Open WebSocket/SSE connections per principal, per gateway process."
+    )
+    live_token_ttl_s: float = Field(
+        default=60,
+        gt=0,
+        description="How long a stream token (POST /v1/streams/tokens) can open a connection.",
+    )
+
     # The gateway's request guards and security.
     gateway_max_body_bytes: int = Field(default=1_048_576, ge=1, description="Larger request bodies get 413.")
     gateway_cors_origins: list[str] = Field(

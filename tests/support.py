@@ -69,3 +69,29 @@ def execution_runs(dagster_home, execution_id: str) -> list:
 
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         return list(instance.get_runs(filters=dg.RunsFilter(tags={"junction/execution_id": execution_id})))
+
+
+class ServedApp:
+    """An ASGI app under a real uvicorn server in a thread (WebSocket clients need a real socket)."""
+
+    def __init__(self, app, port: int | None = None, **config) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = port or free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning", **config
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "the uvicorn server to start")
+
+    def url(self, path: str = "", scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -26,6 +26,7 @@ from orchestration.gateway.api import (
     caches,
     jobs,
     keys,
+    live_streams,
     pipelines,
     proxy,
     runs,
@@ -50,6 +51,7 @@ V1_ROUTERS = [
     audit.router,
     keys.router,
     analytics.router,
+    live_streams.router,
     streams.router,
     approvals.router,
     pipelines.router,
@@ -150,6 +152,7 @@ def create_gateway_app(
     for router in V1_ROUTERS:
         app.include_router(router, prefix="/v1")
     app.include_router(analytics.metrics_router)
+    app.include_router(live_streams.client_router)
 
     if settings.gateway_cors_origins:
         app.add_middleware(

@@ -12,6 +12,7 @@ Three views of the same observations:
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import statistics
@@ -65,10 +66,14 @@ class RouteStats:
     p99_ms: float
 
 
+_APP_NUMBERS = itertools.count(1)
+
+
 class RequestStats:
     def __init__(self, window_s: float = 900, max_observations: int = 100_000):
         self.window_s = window_s
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+        # Unique per app, also for two apps built in one process within a second (a restart in tests).
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{next(_APP_NUMBERS)}"
         self._window: deque[Observation] = deque(maxlen=max_observations)
         self._buckets: dict[tuple[datetime, str, str, str], Bucket] = defaultdict(Bucket)
         self._lock = threading.Lock()

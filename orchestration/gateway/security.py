@@ -33,7 +33,7 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key (jk_...) or
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (jk_...).")
 
 
-def _unauthorized(reason: str) -> ProblemError:
+def unauthorized(reason: str) -> ProblemError:
     return ProblemError(
         401, reason, title="Unauthorized", slug="unauthorized", headers={"WWW-Authenticate": "Bearer"}
     )
@@ -85,10 +85,10 @@ class JwtVerifier:
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError as exc:
-            raise _unauthorized(f"malformed token: {exc}") from None
+            raise unauthorized(f"malformed token: {exc}") from None
         key = self.keys.get(algorithm)
         if key is None:
-            raise _unauthorized(f"token algorithm {algorithm!r} is not accepted")
+            raise unauthorized(f"token algorithm {algorithm!r} is not accepted")
         try:
             claims = jwt.decode(
                 token,
@@ -99,16 +99,16 @@ class JwtVerifier:
                 options={"require": ["exp", "iss", "sub"], "verify_aud": self.audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            raise _unauthorized("token expired") from None
+            raise unauthorized("token expired") from None
         except jwt.PyJWTError as exc:
-            raise _unauthorized(f"invalid token: {exc}") from None
+            raise unauthorized(f"invalid token: {exc}") from None
         raw_scopes = claims.get(self.scopes_claim, [])
         scope_texts = raw_scopes.split() if isinstance(raw_scopes, str) else list(raw_scopes)
         groups = claims.get(self.groups_claim, [])
         try:
             scopes = tuple(parse_scope(text) for text in scope_texts)
         except ScopeError as exc:
-            raise _unauthorized(f"token carries a malformed scope: {exc}") from None
+            raise unauthorized(f"token carries a malformed scope: {exc}") from None
         return Principal(
             name=str(claims["sub"]),
             groups=frozenset(str(g) for g in (groups if isinstance(groups, list) else [groups])),
@@ -130,13 +130,55 @@ async def current_principal(
     token = bearer.credentials if bearer else api_key
     if not token:
         return None
-    verifier: JwtVerifier | None = request.app.state.jwt_verifier
+    return await principal_for_token(request.app, token)
+
+
+async def principal_for_token(app, token: str) -> Principal:
+    """Who `token` is: a JWT (when configured), a stream token (`jst_`, WebSocket subscriptions from
+    browsers) or an API key; else a 401 problem."""
+    verifier: JwtVerifier | None = app.state.jwt_verifier
+    if token.startswith(STREAM_TOKEN_PREFIX):
+        return stream_token_principal(token, app.state.settings)
     if verifier is not None and looks_like_jwt(token):
         return verifier.principal(token)
     try:
         return await anyio.to_thread.run_sync(authenticate, token)
     except AuthenticationError as exc:
-        raise _unauthorized(exc.reason) from None
+        raise unauthorized(exc.reason) from None
+
+
+# Short-lived tokens for WebSocket and SSE connections from browsers, which cannot set headers: a
+# signed copy of the minting principal (or of a narrower set of its scopes), valid for connecting
+# within `max_age_s` of its issue.
+STREAM_TOKEN_PREFIX = "jst_"
+STREAM_TOKEN_PURPOSE = "stream-connect"
+
+
+def mint_stream_token(principal: Principal, scopes: tuple[str, ...], settings: JunctionSettings) -> str:
+    from orchestration.kernel.signed_links import sign
+
+    payload = {"name": principal.name, "groups": sorted(principal.groups), "scopes": list(scopes)}
+    return STREAM_TOKEN_PREFIX + sign(STREAM_TOKEN_PURPOSE, payload, settings=settings)
+
+
+def stream_token_principal(token: str, settings: JunctionSettings) -> Principal:
+    from orchestration.kernel.signed_links import InvalidLink, verify
+
+    try:
+        payload = verify(
+            STREAM_TOKEN_PURPOSE,
+            token.removeprefix(STREAM_TOKEN_PREFIX),
+            max_age_s=settings.live_token_ttl_s,
+            settings=settings,
+        )
+        scopes = tuple(parse_scope(text) for text in payload["scopes"])
+        return Principal(
+            name=str(payload["name"]), groups=frozenset(payload["groups"]), scopes=scopes, via="stream-token"
+        )
+    except InvalidLink as exc:
+        raise unauthorized(f"stream token: {exc.reason}") from None
+    except (KeyError, TypeError, ScopeError):
+        raise unauthorized("stream token: not valid") from None
 
 
 def requires(scope_template: str, *, read_only: bool = False):
@@ -166,7 +208,7 @@ def _authorize(
         if read_only and request.app.state.settings.gateway_public_read:
             request.state.principal_name = ANONYMOUS.name
             return ANONYMOUS
-        raise _unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        raise unauthorized("send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     request.state.principal_name = principal.name  # for the request statistics
     required = scope_template.format(**request.path_params)
     try:
@@ -208,7 +250,7 @@ def requires_or_signed_link(scope_template: str, purpose: str, claims: dict[str,
         try:
             payload = verify_permanent(purpose, token, settings=request.app.state.settings)
         except InvalidLink as exc:
-            raise _unauthorized(exc.reason) from None
+            raise unauthorized(exc.reason) from None
         wanted = {claim: request.path_params.get(parameter) for claim, parameter in claims.items()}
         if payload != wanted:
             raise ProblemError(403, "this link is for another resource", title="Forbidden", slug="forbidden")

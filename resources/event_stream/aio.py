@@ -74,7 +74,7 @@ class AsyncEventStream:
     ) -> AsyncIterator[Event]:
         """Like `EventStream.iter_events`; each page is one thread call, so cancellation is prompt."""
         if after_id == "$":
-            after_id = str(await self._run(self.sync._last_id, stream))
+            after_id = str(await self._last_id(stream))
         while True:
             events = await self.read(stream, after_id, limit=page_size, block_ms=block_ms if follow else 0)
             for event in events:
@@ -85,6 +85,14 @@ class AsyncEventStream:
                 return
             if not follow and len(events) < page_size:
                 return
+
+    async def last_id(self, stream: str) -> EventId:
+        """The id of the newest event ever added to the declared `stream` (0-0 when empty)."""
+        await self._run(self.sync.registry.get, stream)
+        return await self._last_id(stream)
+
+    async def _last_id(self, stream: str) -> EventId:
+        return await self._run(self.sync._last_id, stream)
 
     async def create_group(self, stream: str, group: str, start_id: str = "$") -> bool:
         return await self._run(self.sync.create_group, stream, group, start_id)
@@ -204,22 +212,6 @@ class AsyncRedisEventStream(AsyncEventStream):
         except ResponseError:
             return ZERO_ID
         return EventId.parse(info["last-generated-id"])
-
-    async def iter_events(
-        self,
-        stream: str,
-        after_id: str | None = None,
-        *,
-        follow: bool = False,
-        page_size: int = 500,
-        block_ms: int = 1000,
-    ) -> AsyncIterator[Event]:
-        if after_id == "$":
-            after_id = str(await self._last_id(stream))
-        async for event in super().iter_events(
-            stream, after_id, follow=follow, page_size=page_size, block_ms=block_ms
-        ):
-            yield event
 
     async def aclose(self) -> None:
         await self.client.aclose()
