@@ -34,3 +34,27 @@ def test_publish_read_and_scrape_on_the_running_platform(live_platform, admin_ke
             if line.startswith('junction_stream_events_retained{stream="orders"}')
         )
         assert float(retained.rsplit(" ", 1)[1]) >= 1
+
+
+def test_a_websocket_subscription_on_the_embedded_platform(live_platform, admin_key):
+    """The combined server (gateway before the Dagster app) upgrades WebSockets under the gateway."""
+    import json
+
+    from websockets.sync.client import connect
+
+    url = live_platform.base_url.replace("http", "ws", 1) + "/gateway/v1/streams/ws"
+    with connect(url, additional_headers=bearer(admin_key), open_timeout=30) as socket:
+        assert json.loads(socket.recv(timeout=10))["type"] == "welcome"
+        socket.send(json.dumps({"type": "subscribe", "id": "s", "stream": "orders"}))
+        assert json.loads(socket.recv(timeout=10))["type"] == "subscribed"
+        order = {**ORDER, "order_id": "live-ws"}
+        socket.send(json.dumps({"type": "publish", "ref": "p", "stream": "orders", "payload": order}))
+        received = [json.loads(socket.recv(timeout=10)) for _ in range(2)]
+        frames = {message["type"]: message for message in received}
+        assert frames["events"]["events"][0]["payload"] == order
+        assert frames["published"]["id"] == frames["events"]["events"][0]["id"]
+        metrics = httpx.get(
+            f"{live_platform.base_url}/gateway/metrics", headers=bearer(admin_key), timeout=30
+        )
+        assert "junction_live_connections 1.0" in metrics.text
+        assert 'junction_live_events_delivered_total{stream="orders"}' in metrics.text

@@ -133,6 +133,10 @@ def test_live_events_with_a_filter_and_publishing_over_the_socket(live):
         error = receive(socket, "error")
         assert error["ref"] == "p2" and error["code"] == "validation" and error["field"] == "payload"
 
+        stats = httpx.get(server.url(f"/gateway/v1/streams/{STREAM}/stats"), headers=bearer(token)).json()
+        assert stats["live"]["subscriptions"] == 1
+        assert stats["live"]["events_read"] == 11 and stats["live"]["events_delivered"] == 6
+
 
 def collect_shape(event_id: str) -> dict:
     from datetime import UTC, datetime

@@ -237,10 +237,44 @@ async def prometheus_metrics(
             yield from stream_metric_families(streams)
             yield from cache_metric_families()
             yield from proxy_metric_families(request.app.state.proxy.status())
+            yield from live_metric_families(request.app.state)
 
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+def live_metric_families(state) -> list:
+    """WebSocket/SSE figures of this gateway process (none before its first live connection)."""
+    hub, stats = getattr(state, "live_hub", None), getattr(state, "live_stats", None)
+    if hub is None or stats is None:
+        return []
+    connections = GaugeMetricFamily(
+        "junction_live_connections", "Open WebSocket connections.", value=stats.connections
+    )
+    opened = CounterMetricFamily(
+        "junction_live_connections_opened", "WebSocket connections accepted.", value=stats.connections_opened
+    )
+    slow = CounterMetricFamily(
+        "junction_live_slow_consumers",
+        "Connections closed because they read too slowly (4008).",
+        value=stats.slow_consumers,
+    )
+    subscriptions = GaugeMetricFamily(
+        "junction_live_subscriptions", "Live subscriptions (WebSocket and SSE).", labels=["stream"]
+    )
+    delivered = CounterMetricFamily(
+        "junction_live_events_delivered", "Events handed to live subscribers.", labels=["stream"]
+    )
+    read = CounterMetricFamily(
+        "junction_live_events_read", "Events read by the stream's live reader.", labels=["stream"]
+    )
+    for stream in sorted(hub.streams()):
+        figures = hub.stream_figures(stream)
+        subscriptions.add_metric([stream], figures["subscriptions"])
+        delivered.add_metric([stream], figures["events_delivered"])
+        read.add_metric([stream], figures["events_read"])
+    return [connections, opened, slow, subscriptions, delivered, read]
 
 
 def proxy_metric_families(status: dict) -> list:

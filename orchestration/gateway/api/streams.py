@@ -80,6 +80,18 @@ class StreamStatsModel(BaseModel):
     rate_5m: float = Field(description="Events per second published over the last five minutes.")
 
 
+class LiveFiguresModel(BaseModel):
+    """The stream's live subscriptions on the gateway process that answered."""
+
+    subscriptions: int
+    events_read: int = Field(description="Events its live reader took from the stream.")
+    events_delivered: int = Field(description="Events handed to its WebSocket and SSE subscribers.")
+
+
+class StreamStatsWithLive(StreamStatsModel):
+    live: LiveFiguresModel
+
+
 class StreamDeclared(BaseModel):
     """What a stream is declared as (in YAML or through the API)."""
 
@@ -208,7 +220,7 @@ async def list_streams(
 
 @router.get(
     "/streams/{name}/stats",
-    response_model=StreamStatsModel,
+    response_model=StreamStatsWithLive,
     responses=problem_responses(401, 403, 404, 503),
 )
 async def stream_stats(
@@ -216,9 +228,17 @@ async def stream_stats(
     request: Request,
     _: Annotated[Principal, Depends(requires("events:read:{name}", read_only=True))],
 ):
-    """Retained and published counts, first/last ids, consumer groups with lag and pending counts."""
+    """Retained and published counts, first/last ids, consumer groups with lag and pending counts, and
+    this gateway process's live subscriptions."""
     with StreamCalls():
-        return stats_model(await gateway_events(request).stats(name))
+        stats = stats_model(await gateway_events(request).stats(name))
+    hub = getattr(request.app.state, "live_hub", None)
+    live = (
+        hub.stream_figures(name)
+        if hub is not None
+        else {"subscriptions": 0, "events_read": 0, "events_delivered": 0}
+    )
+    return StreamStatsWithLive(**stats.model_dump(), live=LiveFiguresModel(**live))
 
 
 @router.post(

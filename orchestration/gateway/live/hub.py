@@ -225,12 +225,17 @@ class LiveHub:
             subscription.closed = True
             subscription.sink.stream_failed(subscription, exc)
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        by_stream: dict[str, dict[str, int]] = {}
-        for stream, tail in self.tails.items():
-            if tail.running:
-                by_stream[stream] = {"subscriptions": len(tail.subscriptions)}
-        return by_stream
+    def stream_figures(self, stream: str) -> dict[str, int]:
+        """This process's live side of `stream`: subscriptions now, events read and delivered so far."""
+        tail = self.tails.get(stream)
+        return {
+            "subscriptions": len(tail.subscriptions) if tail is not None and tail.running else 0,
+            "events_read": self.events_read[stream],
+            "events_delivered": self.events_delivered[stream],
+        }
+
+    def streams(self) -> set[str]:
+        return set(self.tails) | set(self.events_read) | set(self.events_delivered)
 
     async def aclose(self) -> None:
         for tail in self.tails.values():
