@@ -38,6 +38,11 @@ DB_POOL_MAX_OVERFLOW = 20
 DAEMON_STOP_TIMEOUT_S = 20
 
 
+# No permessage-deflate on WebSockets: its compressor costs ~100 KB per connection and compresses every
+# frame once per subscriber (benchmarks/streaming_live.py measures the memory per idle connection).
+WEBSOCKETS = {"ws_per_message_deflate": False}
+
+
 def default_workspace_file() -> Path:
     local = Path.cwd() / "workspace.yaml"
     return local if local.exists() else PROJECT_ROOT / "workspace.yaml"
@@ -244,7 +249,7 @@ def serve_platform(
             )
             app = build_combined_app(settings, context)
             server = uvicorn.Server(
-                uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+                uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **WEBSOCKETS)
             )
 
             def watch_daemon() -> None:
@@ -311,10 +316,13 @@ def serve_gateway(
             workers=workers,
             log_level=log_level,
             lifespan="on",
+            **WEBSOCKETS,
         )
         return 0
     root = standalone_gateway(settings)
-    server = uvicorn.Server(uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="on", **WEBSOCKETS)
+    )
     with sigterm_unwinds():
         server.run()
     if not server.started:

@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestration.gateway.api.common import record
 from orchestration.gateway.api.streams import StreamCalls, gateway_events
 from orchestration.gateway.live import protocol
-from orchestration.gateway.live.connections import ConnectionLimits, LiveConnection, LiveStats, SseSubscriber
+from orchestration.gateway.live.connections import (
+    ConnectionLimits,
+    Heartbeats,
+    LiveConnection,
+    LiveStats,
+    SseSubscriber,
+)
 from orchestration.gateway.live.hub import LiveHub
 from orchestration.gateway.problems import ProblemError, problem_responses
 from orchestration.gateway.security import current_principal, mint_stream_token, principal_for_token, requires
@@ -33,6 +39,7 @@ async def close_live_hub(app: FastAPI) -> AsyncIterator[None]:
     hub = getattr(app.state, "live_hub", None)
     if hub is not None:
         app.state.live_hub = None
+        app.state.live_heartbeats.task.cancel()
         await hub.aclose()
 
 
@@ -45,7 +52,9 @@ def live_hub(connection: Request | WebSocket) -> LiveHub:
     if getattr(app.state, "live_hub", None) is None:
         app.state.live_hub = LiveHub(gateway_events(connection))
         app.state.live_stats = LiveStats()
-        app.state.live_limits = ConnectionLimits(app.state.settings.live_max_connections_per_key)
+        settings = app.state.settings
+        app.state.live_limits = ConnectionLimits(settings.live_max_connections_per_key)
+        app.state.live_heartbeats = Heartbeats(settings.live_heartbeat_s, settings.live_idle_timeout_s)
     return app.state.live_hub
 
 
@@ -155,9 +164,12 @@ async def stream_websocket(websocket: WebSocket) -> None:
     stats.connections += 1
     stats.connections_opened += 1
     connection = LiveConnection(websocket, hub, principal, app.state.settings, stats)
+    heartbeats: Heartbeats = app.state.live_heartbeats
+    heartbeats.connections.add(connection)
     try:
         await connection.serve()
     finally:
+        heartbeats.connections.discard(connection)
         stats.connections -= 1
         limits.release(principal.name)
         for stream, count in connection.published.items():

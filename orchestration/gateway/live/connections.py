@@ -84,6 +84,7 @@ class LiveConnection:
         self.subscriptions: dict[str, Subscription] = {}
         self.sent_positions: dict[str, str] = {}
         self.published: Counter[str] = Counter()
+        self.last_heard = time.monotonic()
 
     # -- the send queue (called synchronously by the hub's tasks) ----------------------------------
 
@@ -144,10 +145,11 @@ class LiveConnection:
                 "send_queue_bytes": self.queue_limit,
             }
         )
+        # Two tasks per connection (a task costs a few KB): heartbeats and the idle timeout are one
+        # loop for every connection of the process (`Heartbeats`).
         tasks = [
             asyncio.create_task(self._write(), name="live writer"),
             asyncio.create_task(self._read(), name="live reader"),
-            asyncio.create_task(self._heartbeat(), name="live heartbeat"),
         ]
         try:
             await self.done.wait()
@@ -179,20 +181,14 @@ class LiveConnection:
             self.done.set()
 
     async def _read(self) -> None:
-        last_heard = time.monotonic()
         try:
             while True:
-                remaining = self.idle_timeout_s - (time.monotonic() - last_heard)
-                try:
-                    message = await asyncio.wait_for(self.websocket.receive(), max(remaining, 0.001))
-                except TimeoutError:
-                    self.close_soon(protocol.CLOSE_IDLE, f"nothing received for {self.idle_timeout_s:g} s")
-                    return
+                message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     self.closing = self.closing or (None, "")
                     self.done.set()
                     return
-                last_heard = time.monotonic()
+                self.last_heard = time.monotonic()
                 text = message.get("text")
                 if text is None:
                     text = message.get("bytes") or b""
@@ -200,11 +196,6 @@ class LiveConnection:
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.closing = self.closing or (None, "")
             self.done.set()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self.send_message({"type": "ping"})
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -285,6 +276,33 @@ class LiveConnection:
             raise ProtocolError("validation", result.reason or "rejected", field="payload", **ref)
         self.published[message.stream] += 1
         self.send_message({"type": "published", **ref, "status": result.status, "id": result.id})
+
+
+class Heartbeats:
+    """One loop for every WebSocket connection of the process: a `ping` to each every `heartbeat_s`,
+    and a connection that sent nothing for `idle_timeout_s` closed with `CLOSE_IDLE`."""
+
+    def __init__(self, heartbeat_s: float, idle_timeout_s: float):
+        self.heartbeat_s, self.idle_timeout_s = heartbeat_s, idle_timeout_s
+        self.connections: set[LiveConnection] = set()
+        self.task = asyncio.create_task(self.run(), name="live heartbeats")
+
+    async def run(self) -> None:
+        tick = min(self.heartbeat_s, self.idle_timeout_s) / 2
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            ping = now - last_ping >= self.heartbeat_s
+            if ping:
+                last_ping = now
+            for connection in list(self.connections):
+                if now - connection.last_heard > self.idle_timeout_s:
+                    connection.close_soon(
+                        protocol.CLOSE_IDLE, f"nothing received for {self.idle_timeout_s:g} s"
+                    )
+                elif ping:
+                    connection.send_message({"type": "ping"})
 
 
 class LiveStats:
