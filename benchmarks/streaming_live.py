@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -70,7 +69,7 @@ asyncio.run(main())
 """
 
 
-def start_gateway(folder: Path, redis_url: str) -> tuple[subprocess.Popen, str, str]:
+def start_gateway(folder: Path, redis_url: str) -> tuple[subprocess.Popen, str, str, dict]:
     streams = folder / "streams"
     streams.mkdir()
     (streams / "bench.yaml").write_text(f"name: {STREAM}\nretention: {{max_count: 1000000}}\n")
@@ -107,7 +106,7 @@ def start_gateway(folder: Path, redis_url: str) -> tuple[subprocess.Popen, str, 
             return False
 
     wait_for(answers, process=process, timeout_s=60)
-    return process, f"ws://127.0.0.1:{port}/gateway/v1/streams/ws", key
+    return process, f"ws://127.0.0.1:{port}/gateway/v1/streams/ws", key, env
 
 
 def stream_key() -> str:
@@ -116,29 +115,44 @@ def stream_key() -> str:
     return key_of(STREAM)
 
 
+PUBLISHER = """
+import json, sys, time
+from resources.event_stream import open_event_stream
+
+rate, seconds, start = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+events, ids, n = open_event_stream(), [], start
+batch, interval = 10, 10 / rate
+started = time.perf_counter()
+while (elapsed := time.perf_counter() - started) < seconds:
+    result = events.publish_batch("STREAM", [{"n": n + i, "t": time.time()} for i in range(batch)])
+    ids.extend(item.id for item in result.results)
+    n += batch
+    time.sleep(max(0.0, started + (elapsed // interval + 1) * interval - time.perf_counter()))
+print(json.dumps(ids))
+""".replace("STREAM", STREAM)
+
+
 class Publisher:
-    """`rate` events/s into the stream through the resource (Lua publish), ids recorded."""
+    """`rate` events/s into the stream through the resource (Lua publish), from a process of its own
+    (so that the clients in this process do not slow it down); the ids recorded."""
 
-    def __init__(self, redis_url: str, home: Path):
-        os.environ["JUNCTION_HOME"] = str(home)
-        os.environ["JUNCTION_REDIS_URL"] = redis_url
-        from resources.event_stream import open_event_stream
-
-        self.events = open_event_stream(redis_url=redis_url)
+    def __init__(self, env: dict[str, str]):
+        self.env = env
         self.ids: list[str] = []
-        self.n = 0
 
     async def run(self, rate: int, seconds: float) -> None:
-        batch, interval = 10, 10 / rate
-        started = time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds:
-            payloads = [{"n": self.n + i, "t": time.time()} for i in range(batch)]
-            self.n += batch
-            result = await asyncio.to_thread(self.events.publish_batch, STREAM, payloads)
-            self.ids.extend(item.id for item in result.results)
-            await asyncio.sleep(
-                max(0.0, started + (elapsed // interval + 1) * interval - time.perf_counter())
-            )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            PUBLISHER,
+            str(rate),
+            str(seconds),
+            str(len(self.ids)),
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        output, _ = await process.communicate()
+        self.ids.extend(json.loads(output))
 
 
 class Client:
@@ -269,13 +283,16 @@ async def run(args, folder: Path) -> dict:
     import redis
 
     redis.Redis.from_url(args.redis_url).flushdb()
-    gateway, url, key = start_gateway(folder, args.redis_url)
+    gateway, url, key, env = start_gateway(folder, args.redis_url)
     peer_port = free_port()
     peer = subprocess.Popen([sys.executable, "-c", PEER, str(peer_port), args.redis_url, stream_key()])
-    publisher = Publisher(args.redis_url, folder / "home")
+    publisher = Publisher({**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     results: dict = {}
     try:
         time.sleep(1.0)
+        # First, on fresh processes: the memory freed by a later phase would be reused by these.
+        results["kb_per_connection"] = await idle_memory(url, key, gateway, 1000)
+        results["bare_kb_per_connection"] = await idle_memory(f"ws://127.0.0.1:{peer_port}", None, peer, 1000)
         for subscribers in args.subscribers:
             results[("junction", subscribers)] = await fan_out(
                 url, key, subscribers, publisher, args.rate, args.seconds
@@ -286,8 +303,6 @@ async def run(args, folder: Path) -> dict:
             )
             print(f"  peer, {subscribers} subscribers: done", file=sys.stderr)
         results["reconnects"] = await reconnects(url, key, publisher, args.rate, args.seconds)
-        results["kb_per_connection"] = await idle_memory(url, key, gateway, 1000)
-        results["bare_kb_per_connection"] = await idle_memory(f"ws://127.0.0.1:{peer_port}", None, peer, 1000)
     finally:
         for process in (gateway, peer):
             process.terminate()

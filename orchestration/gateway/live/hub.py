@@ -62,26 +62,35 @@ class Subscription:
         self.closed = False
         self.catch_up_task: asyncio.Task | None = None
 
-    def offer(self, batch: Batch) -> None:
-        """The tail's new events: buffered while catching up, delivered when live."""
+    def offer(self, batch: Batch, selections: dict[bytes, Batch]) -> None:
+        """The tail's new events: buffered while catching up, delivered when live. `selections`: the
+        batch's events per filter, shared by the subscriptions of this batch."""
         if self.closed:
             return
         if self.live:
-            self.deliver(batch)
+            self.deliver(batch, selections)
         elif self.buffer is not None:
             if len(self.buffer) + len(batch) > MAX_BUFFERED:
                 self.buffer, self.buffer_dropped = [], True
             else:
                 self.buffer.extend(batch)
 
-    def deliver(self, batch: Batch) -> None:
+    def deliver(self, batch: Batch, selections: dict[bytes, Batch] | None = None) -> None:
         """Hand the events above the position that pass the filter to the sink; advance the position."""
+        if not batch:
+            return
         position, matches = self.position, self.filter.matches
-        chosen = [
-            (event, encoded)
-            for event, encoded in batch
-            if (position is None or event.event_id > position) and matches(event.payload)
-        ]
+        if selections is not None and (position is None or batch[0][0].event_id > position):
+            # The whole batch is past this subscription's position: the filter's selection is shared.
+            chosen = selections.get(self.filter.key)
+            if chosen is None:
+                chosen = selections[self.filter.key] = [pair for pair in batch if matches(pair[0].payload)]
+        else:
+            chosen = [
+                (event, encoded)
+                for event, encoded in batch
+                if (position is None or event.event_id > position) and matches(event.payload)
+            ]
         if batch:
             last = batch[-1][0].event_id
             if position is None or last > position:
@@ -138,8 +147,9 @@ class StreamTail:
                 self.cursor = events[-1].event_id
                 batch = [(event, encode_event(event)) for event in events]
                 self.hub.events_read[self.stream] += len(events)
+                selections: dict[bytes, Batch] = {}
                 for subscription in list(self.subscriptions.values()):
-                    subscription.offer(batch)
+                    subscription.offer(batch, selections)
             if not self.subscriptions:  # checked after a read: the first subscriber registers meanwhile
                 break
         self.running = False  # synchronously after the last check: a new subscriber starts a new tail

@@ -135,15 +135,17 @@ def start_cursor(position: str) -> str | None:
 class Filter:
     """A subscription's condition on payloads (a non-object payload never matches a filter)."""
 
-    def __init__(self, condition: Condition | None):
+    def __init__(self, condition: Condition | None, key: bytes = b""):
         self.condition = condition
+        # Subscriptions with equal filters share one evaluation per batch (`Subscription.deliver`).
+        self.key = key
 
     @classmethod
     def parse(cls, data: dict[str, Any] | None, field: str = "filter") -> Filter:
         if data is None:
             return cls(None)
         try:
-            return cls(parse_condition(data))
+            return cls(parse_condition(data), orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
         except SpecError as exc:
             raise ProtocolError("validation", str(exc).replace("\n", "; "), field=field) from None
 
