@@ -225,6 +225,28 @@ def _authorize(
     return principal
 
 
+def requires_or_stream_token(scope_template: str):
+    """Like `requires(scope_template, read_only=True)`, or a stream token (`mint_stream_token`) in a
+    `token` query parameter: a browser's EventSource cannot send headers."""
+
+    async def dependency(
+        request: Request,
+        principal: Annotated[Principal | None, Depends(current_principal)],
+        token: Annotated[
+            str | None,
+            Query(max_length=4096, description="A stream token from POST /v1/streams/tokens."),
+        ] = None,
+    ) -> Principal:
+        if principal is None and token:
+            if not token.startswith(STREAM_TOKEN_PREFIX):
+                raise unauthorized("?token= takes a stream token (POST /v1/streams/tokens), not a key")
+            principal = stream_token_principal(token, request.app.state.settings)
+        return _authorize(request, principal, scope_template, True)
+
+    dependency.__name__ = f"requires_{_dependency_suffix(scope_template)}_or_stream_token"
+    return dependency
+
+
 def requires_or_signed_link(scope_template: str, purpose: str, claims: dict[str, str]):
     """Like `requires(scope_template, read_only=True)`, or a `token` query parameter signed for
     `purpose` (`kernel/signed_links.sign_permanent`) whose payload is exactly `claims` (claim name ->

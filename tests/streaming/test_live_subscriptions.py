@@ -341,6 +341,13 @@ def test_server_sent_events_resume_with_last_event_id(live):
     )
     assert httpx.get(url).status_code == 401
 
+    # A browser's EventSource sends no headers: a stream token in the query, never a key.
+    minted = httpx.post(server.url("/gateway/v1/streams/tokens"), headers=bearer(token)).json()["token"]
+    with httpx.stream("GET", url, params={"from": "earliest", "token": minted}, timeout=10) as response:
+        assert response.status_code == 200
+        assert sse_messages(response, 1)[0]["id"] == ids[0]
+    assert httpx.get(url, params={"token": token}).status_code == 401
+
 
 def test_the_cli_prints_live_events_and_resumes_after_the_gateway_restarts(live, backend, tmp_path):
     import os
@@ -442,3 +449,15 @@ setTimeout(() => { console.log(JSON.stringify({timeout: seen})); process.exit(1)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     acknowledged = lines[0]["ack"]
     assert lines[1]["seen"] == earlier + [acknowledged]
+
+
+@pytest.mark.parametrize("backend", ["redis"])  # two gateway processes share events through Redis
+def test_a_client_of_either_gateway_sees_every_event(live, backend):
+    first, second = live(), live()
+    token = key(f"events:read:{STREAM}", f"events:publish:{STREAM}")
+    with open_socket(first, token) as on_first, open_socket(second, token) as on_second:
+        subscribe(on_first)
+        subscribe(on_second)
+        ids = publish(first, token, [{"n": n} for n in range(5)]) + publish(second, token, [{"n": 5}])
+        assert [event["id"] for event in collect(on_first, 6)] == ids
+        assert [event["id"] for event in collect(on_second, 6)] == ids

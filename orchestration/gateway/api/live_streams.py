@@ -26,7 +26,12 @@ from orchestration.gateway.live.connections import (
 )
 from orchestration.gateway.live.hub import LiveHub
 from orchestration.gateway.problems import ProblemError, problem_responses
-from orchestration.gateway.security import current_principal, mint_stream_token, principal_for_token, requires
+from orchestration.gateway.security import (
+    current_principal,
+    mint_stream_token,
+    principal_for_token,
+    requires_or_stream_token,
+)
 from orchestration.gateway.security import unauthorized as unauthorized_problem
 from orchestration.kernel.principals import Principal, ScopeError
 
@@ -191,7 +196,7 @@ async def stream_websocket(websocket: WebSocket) -> None:
 async def stream_sse(
     name: str,
     request: Request,
-    principal: Annotated[Principal, Depends(requires("events:read:{name}", read_only=True))],
+    principal: Annotated[Principal, Depends(requires_or_stream_token("events:read:{name}"))],
     from_: Annotated[
         str,
         Query(alias="from", max_length=100, description="latest, earliest, an event id or an ISO time."),
@@ -202,7 +207,8 @@ async def stream_sse(
     last_event_id: Annotated[str | None, Header(max_length=100)] = None,
 ):
     """Events of the stream as Server-Sent Events; a reconnecting client's `Last-Event-ID` resumes
-    after the last event it received (it wins over `from`)."""
+    after the last event it received (it wins over `from`). A browser's EventSource, which cannot
+    send headers, passes a stream token as `?token=`."""
     from sse_starlette import EventSourceResponse
 
     hub = live_hub(request)

@@ -91,10 +91,9 @@ class Subscription:
                 for event, encoded in batch
                 if (position is None or event.event_id > position) and matches(event.payload)
             ]
-        if batch:
-            last = batch[-1][0].event_id
-            if position is None or last > position:
-                self.position = last
+        last = batch[-1][0].event_id
+        if position is None or last > position:
+            self.position = last
         if chosen:
             self.sink.send_events(self, chosen, str(self.position))
 
