@@ -128,6 +128,33 @@ class EventId(NamedTuple):
 
 
 ZERO_ID = EventId(0, 0)
+# Ids beyond this are far past any publish time and beyond what the stores' 64-bit columns hold.
+MAX_ID_MS = 2**53
+
+
+def position_id(text: str, kind: Literal["after", "first", "last"] = "after") -> str:
+    """An event id, or the id an ISO 8601 time stands for: the cursor just before it (`after`: read
+    the events at or after that time), or the first or last id an event published then can have
+    (a replay's inclusive bounds). `InvalidEventId` when it is neither."""
+    text = text.strip()
+    if EventId.looks_like(text):
+        try:
+            parsed = EventId.parse(text)
+        except InvalidEventId:
+            parsed = None
+        if parsed is not None and parsed.ms <= MAX_ID_MS:
+            return str(parsed)
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if kind == "last":
+                return str(EventId.last_at(moment))
+            before = EventId.just_before(moment)
+            return str(before.next() if kind == "first" else before)
+    raise InvalidEventId(f"{text!r} is neither an event id (ms-seq) nor an ISO 8601 time")
 
 
 def to_ms(moment: datetime) -> int:

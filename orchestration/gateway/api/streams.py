@@ -25,7 +25,6 @@ from orchestration.gateway.problems import FieldProblem, ProblemError, problem_r
 from orchestration.gateway.security import requires
 from orchestration.kernel.principals import Principal
 from resources.event_stream import (
-    EventId,
     EventsLost,
     EventStreamUnavailable,
     EventToPublish,
@@ -33,6 +32,7 @@ from resources.event_stream import (
     StreamNotFound,
 )
 from resources.event_stream.aio import AsyncEventStream, open_async
+from resources.event_stream.core import position_id
 from sensors.replays import REPLAY_ID_PATTERN, ReplayOutcome, new_replay_id
 
 
@@ -51,7 +51,6 @@ router = APIRouter(tags=["streams"], lifespan=close_event_streams)
 
 MAX_EVENTS_PER_CALL = 1000
 MAX_PAGE = 1000
-MAX_ID_MS = 2**53
 # An event id (`ms-seq` or `ms`) or an ISO 8601 date/time; the values are checked further in `_cursor`.
 CURSOR_PATTERN = r"^\s*(\d{1,16}(-\d{1,19})?|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:?\d{2})?)\s*$"
 _open_lock = threading.Lock()
@@ -411,30 +410,16 @@ async def replay_as_runs(
 
 
 def _position(value: str, field: str, kind: Literal["after", "first", "last"]) -> str:
-    """An event id, or the id an ISO 8601 time stands for: the cursor just before it (`after`), or the
-    first or last id an event published at that time can have (a replay's inclusive bounds)."""
-    text = value.strip()
-    if EventId.looks_like(text):
-        try:
-            parsed = EventId.parse(text)
-        except InvalidEventId:
-            parsed = None
-        # Far beyond any publish time, and beyond what the stores' 64-bit columns hold.
-        if parsed is not None and parsed.ms <= MAX_ID_MS:
-            return str(parsed)
-    else:
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            pass
-        else:
-            if kind == "last":
-                return str(EventId.last_at(moment))
-            before = EventId.just_before(moment)
-            return str(before.next() if kind == "first" else before)
-    raise ProblemError(
-        422, f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time", slug="validation", field=field
-    )
+    """`core.position_id`, its refusal as a 422 naming `field`."""
+    try:
+        return position_id(value, kind)
+    except InvalidEventId:
+        raise ProblemError(
+            422,
+            f"{value!r} is neither an event id (ms-seq) nor an ISO 8601 time",
+            slug="validation",
+            field=field,
+        ) from None
 
 
 # --- declaring streams ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ counts as a sign of life). Server to client: `welcome`, `subscribed`, `unsubscri
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -15,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from orchestration.kernel.conditions import Condition, evaluate, parse_condition
 from orchestration.kernel.spec_errors import SpecError
-from resources.event_stream import EventId, InvalidEventId
-from resources.event_stream.core import STREAM_NAME_PATTERN
+from resources.event_stream import InvalidEventId
+from resources.event_stream.core import STREAM_NAME_PATTERN, position_id
 
 # Close codes (4000-4999 are the application's, RFC 6455 section 7.4.2).
 CLOSE_UNAUTHORIZED = 4001  # no valid credentials (header, ?token= or a first `auth` message)
@@ -115,21 +114,14 @@ def start_cursor(position: str) -> str | None:
         return "$"
     if text == "earliest":
         return None
-    if EventId.looks_like(text):
-        try:
-            return str(EventId.parse(text))
-        except InvalidEventId:
-            pass
-    else:
-        try:
-            return str(EventId.just_before(datetime.fromisoformat(text)))
-        except ValueError:
-            pass
-    raise ProtocolError(
-        "validation",
-        f"{position!r} is neither latest, earliest, an event id (ms-seq) nor an ISO 8601 time",
-        field="from",
-    )
+    try:
+        return position_id(text)
+    except InvalidEventId:
+        raise ProtocolError(
+            "validation",
+            f"{position!r} is neither latest, earliest, an event id (ms-seq) nor an ISO 8601 time",
+            field="from",
+        ) from None
 
 
 class Filter:
