@@ -104,11 +104,13 @@ def crawl(gateway_base: str, ui_base: str, key: str) -> dict[str, int]:
                 continue
             parts = urlsplit(url)
             if url.startswith(gateway_base + "/"):
-                response = client.get(url)
+                with client.stream("GET", url) as response:
+                    kind = response.headers.get("content-type", "")
+                    if not kind.startswith("text/event-stream"):  # an event stream never ends: its head
+                        response.read()
                 assert response.status_code != 404, f"{url}: 404 {response.text[:300]}"
                 assert response.status_code < 500, f"{url}: {response.status_code} {response.text[:300]}"
                 seen[url] = response.status_code
-                kind = response.headers.get("content-type", "")
                 if kind.startswith("application/json"):
                     queue += list(urls_in(response.json()))
                 elif kind.startswith("text/html"):
