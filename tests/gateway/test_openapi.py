@@ -45,6 +45,8 @@ MAX_EXAMPLES = 15
 SEMANTICALLY_VALIDATED = {
     ("POST", "/v1/jobs/{name}/runs"),
     ("POST", "/v1/keys"),
+    # A stream token's scopes must parse as scopes and be covered by the caller's, as a key's.
+    ("POST", "/v1/streams/tokens"),
     ("POST", "/v1/streams/{name}/events"),
     ("GET", "/v1/streams/{name}/events"),
     ("POST", "/v1/streams/{name}/replays"),
