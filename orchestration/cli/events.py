@@ -495,8 +495,8 @@ def subscribe(
     from orchestration.settings import get_settings
 
     settings = get_settings()
-    condition = json.loads(filter_json) if filter_json else None
-    parse_filter(filter_json)  # a malformed condition fails here, naming --filter
+    parse_filter(filter_json)  # malformed JSON or a bad condition fails here, naming --filter
+    condition = json.loads(filter_json) if filter_json else None  # sent as given: the gateway parses it
     url = url or (
         settings.public_url.rstrip("/").replace("http", "ws", 1) + settings.gateway_prefix + "/v1/streams/ws"
     )

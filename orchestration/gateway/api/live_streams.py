@@ -121,11 +121,13 @@ async def create_stream_token(
 
 async def _principal_of(websocket: WebSocket) -> Principal | None:
     """From the upgrade's headers or `?token=`, else from a first `auth` message; None: closed 4001."""
-    headers = websocket.headers
-    authorization = headers.get("authorization", "")
+    from fastapi.security.utils import get_authorization_scheme_param
+
+    # The header parsing of the HTTP security schemes (`security.bearer_scheme`), which take a Request.
+    scheme, bearer = get_authorization_scheme_param(websocket.headers.get("authorization"))
     token = (
-        (authorization[7:].strip() if authorization[:7].lower() == "bearer " else None)
-        or headers.get("x-api-key")
+        (bearer if scheme.lower() == "bearer" else None)
+        or websocket.headers.get("x-api-key")
         or websocket.query_params.get("token")
     )
     if not token:

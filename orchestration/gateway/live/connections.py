@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import Counter, deque
 from typing import Any
@@ -26,8 +25,37 @@ from orchestration.kernel.principals import Principal, ScopeError
 from orchestration.settings import JunctionSettings
 from resources.event_stream import EventStreamUnavailable, StreamNotFound
 
-logger = logging.getLogger("junction.gateway.live")
 CLOSE_TIMEOUT_S = 5
+
+
+class SendQueue:
+    """What waits to be sent to one client, bounded in bytes (a WebSocket's frames, an SSE response's
+    messages): `put` refuses, and empties the queue, once the client is that far behind."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.items: deque[tuple[Any, int]] = deque()
+        self.size = 0
+        self.wake = asyncio.Event()
+
+    def put(self, item: Any, size: int, *, always: bool = False) -> bool:
+        """Queue `item`; False (and the queue dropped) when it would pass the bound, unless `always`."""
+        if not always and self.size + size > self.limit_bytes:
+            self.items.clear()
+            self.size = 0
+            return False
+        self.items.append((item, size))
+        self.size += size
+        self.wake.set()
+        return True
+
+    async def get(self) -> Any:
+        while not self.items:
+            self.wake.clear()
+            await self.wake.wait()
+        item, size = self.items.popleft()
+        self.size -= size
+        return item
 
 
 class ConnectionLimits:
@@ -63,6 +91,17 @@ def scope_problem(
     return ProtocolError("forbidden", f"this needs the scope '{required}'", field="stream", **ref)
 
 
+@contextlib.contextmanager
+def stream_errors(stream: str, ref: dict[str, str]):
+    """The stream backend's refusals as the protocol's errors (as `api.streams.StreamCalls` for HTTP)."""
+    try:
+        yield
+    except StreamNotFound:
+        raise ProtocolError("not-found", f"no stream named {stream!r}", field="stream", **ref) from None
+    except EventStreamUnavailable as exc:
+        raise ProtocolError("stream-unavailable", str(exc), **ref) from None
+
+
 class LiveConnection:
     def __init__(
         self,
@@ -75,10 +114,7 @@ class LiveConnection:
         self.websocket, self.hub, self.principal, self.stats = websocket, hub, principal, stats
         self.heartbeat_s = settings.live_heartbeat_s
         self.idle_timeout_s = settings.live_idle_timeout_s
-        self.queue_limit = settings.live_send_queue_bytes
-        self.queue: deque[tuple[str, str | None, str | None]] = deque()  # (frame, subscription, last id)
-        self.queued_bytes = 0
-        self.wake = asyncio.Event()
+        self.queue = SendQueue(settings.live_send_queue_bytes)  # of (frame, subscription, last id)
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
         self.subscriptions: dict[str, Subscription] = {}
@@ -91,16 +127,9 @@ class LiveConnection:
     def enqueue(self, frame: str, subscription: str | None = None, last_id: str | None = None) -> None:
         if self.closing is not None:
             return
-        size = len(frame)
-        if self.queued_bytes + size > self.queue_limit:
+        if not self.queue.put((frame, subscription, last_id), len(frame)):
             self.stats.slow_consumers += 1
-            self.queue.clear()
-            self.queued_bytes = 0
             self.close_soon(protocol.CLOSE_SLOW_CONSUMER, self._slow_reason())
-            return
-        self.queue.append((frame, subscription, last_id))
-        self.queued_bytes += size
-        self.wake.set()
 
     def send_message(self, message: dict[str, Any]) -> None:
         self.enqueue(protocol.encode(message))
@@ -112,7 +141,6 @@ class LiveConnection:
             self.enqueue(
                 protocol.events_frame(subscription.id, subscription.stream, part), subscription.id, last_id
             )
-        self.hub.events_delivered[subscription.stream] += len(encoded)
 
     def send_lost(self, subscription: Subscription, from_id: str, to_id: str) -> None:
         self.send_message({"type": "events_lost", "sub": subscription.id, "from": from_id, "to": to_id})
@@ -142,7 +170,7 @@ class LiveConnection:
                 "principal": self.principal.name,
                 "heartbeat_s": self.heartbeat_s,
                 "idle_timeout_s": self.idle_timeout_s,
-                "send_queue_bytes": self.queue_limit,
+                "send_queue_bytes": self.queue.limit_bytes,
             }
         )
         # Two tasks per connection (a task costs a few KB): heartbeats and the idle timeout are one
@@ -168,14 +196,10 @@ class LiveConnection:
         send = self.websocket.send_text
         try:
             while True:
-                await self.wake.wait()
-                self.wake.clear()
-                while self.queue:
-                    frame, subscription, last_id = self.queue.popleft()
-                    self.queued_bytes -= len(frame)
-                    await send(frame)
-                    if subscription is not None:
-                        self.sent_positions[subscription] = last_id
+                frame, subscription, last_id = await self.queue.get()
+                await send(frame)
+                if subscription is not None:
+                    self.sent_positions[subscription] = last_id
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.closing = self.closing or (None, "")  # gone: nothing to close
             self.done.set()
@@ -231,14 +255,8 @@ class LiveConnection:
             error.ref = message.id
             raise
         subscription = Subscription(message.id, message.stream, filter_, self)
-        try:
+        with stream_errors(message.stream, ref):
             await self.hub.subscribe(subscription, cursor)
-        except StreamNotFound:
-            raise ProtocolError(
-                "not-found", f"no stream named {message.stream!r}", field="stream", **ref
-            ) from None
-        except EventStreamUnavailable as exc:
-            raise ProtocolError("stream-unavailable", str(exc), **ref) from None
         self.subscriptions[message.id] = subscription
         position = subscription.position
         self.send_message(
@@ -262,16 +280,10 @@ class LiveConnection:
         problem = scope_problem(self.principal, "publish", message.stream, ref)
         if problem is not None:
             raise problem
-        try:
+        with stream_errors(message.stream, ref):
             result = await self.hub.events.publish(
                 message.stream, message.payload, idempotency_key=message.idempotency_key
             )
-        except StreamNotFound:
-            raise ProtocolError(
-                "not-found", f"no stream named {message.stream!r}", field="stream", **ref
-            ) from None
-        except EventStreamUnavailable as exc:
-            raise ProtocolError("stream-unavailable", str(exc), **ref) from None
         if result.status == "rejected":
             raise ProtocolError("validation", result.reason or "rejected", field="payload", **ref)
         self.published[message.stream] += 1
@@ -326,53 +338,41 @@ class SseSubscriber:
         from sse_starlette import ServerSentEvent
 
         self.message = ServerSentEvent
-        self.hub, self.queue_limit = hub, queue_limit
+        self.hub = hub
         self.subscription = Subscription("sse", stream, filter_, self)
-        self.queue: deque = deque()
-        self.queued_bytes = 0
-        self.wake = asyncio.Event()
-        self.final = None
+        self.queue = SendQueue(queue_limit)
+        self.final = None  # the last message, once the response must end
         self.sent_position: str | None = None
 
     def _put(self, message, size: int) -> None:
-        if self.final is not None:
-            return
-        if self.queued_bytes + size > self.queue_limit:
-            self.queue.clear()
+        if self.final is None and not self.queue.put(message, size):
             resume = {"code": "slow-consumer", "resume_after": self.sent_position}
-            self.final = self.message(orjson.dumps(resume).decode(), event="error")
-        else:
-            self.queue.append((message, size))
-            self.queued_bytes += size
-        self.wake.set()
+            self._end(orjson.dumps(resume).decode())
+
+    def _end(self, data: str) -> None:
+        if self.final is None:
+            self.final = self.message(data, event="error")
+            self.queue.put(self.final, 0, always=True)
 
     def send_events(self, subscription: Subscription, chosen: Batch, last_id: str) -> None:
         for event, encoded in chosen:
             self._put(self.message(encoded.decode(), id=event.id), len(encoded))
-        self.hub.events_delivered[subscription.stream] += len(chosen)
 
     def send_lost(self, subscription: Subscription, from_id: str, to_id: str) -> None:
         data = orjson.dumps({"from": from_id, "to": to_id}).decode()
         self._put(self.message(data, event="events_lost", id=to_id), len(data))
 
     def stream_failed(self, subscription: Subscription, error: Exception) -> None:
-        data = orjson.dumps({"code": "stream-unavailable", "message": str(error)}).decode()
-        self.final = self.final or self.message(data, event="error")
-        self.wake.set()
+        self._end(orjson.dumps({"code": "stream-unavailable", "message": str(error)}).decode())
 
     async def messages(self):
         try:
             while True:
-                await self.wake.wait()
-                self.wake.clear()
-                while self.queue:
-                    message, size = self.queue.popleft()
-                    self.queued_bytes -= size
-                    if message.id is not None:
-                        self.sent_position = message.id
-                    yield message
-                if self.final is not None:
-                    yield self.final
+                message = await self.queue.get()
+                if message.id is not None:
+                    self.sent_position = message.id
+                yield message
+                if message is self.final:
                     return
         finally:
             self.hub.unsubscribe(self.subscription)

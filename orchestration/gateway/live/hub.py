@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Protocol
 
 from orchestration.gateway.live.protocol import Filter, encode_event
-from resources.event_stream import EventId, EventsLost, EventStreamError
+from resources.event_stream import EventId, EventsLost
 from resources.event_stream.aio import AsyncEventStream
 
 logger = logging.getLogger("junction.gateway.live")
@@ -62,23 +62,25 @@ class Subscription:
         self.closed = False
         self.catch_up_task: asyncio.Task | None = None
 
-    def offer(self, batch: Batch, selections: dict[bytes, Batch]) -> None:
-        """The tail's new events: buffered while catching up, delivered when live. `selections`: the
-        batch's events per filter, shared by the subscriptions of this batch."""
+    def offer(self, batch: Batch, selections: dict[bytes, Batch]) -> int:
+        """The tail's new events: buffered while catching up, delivered when live (returns how many).
+        `selections`: the batch's events per filter, shared by the subscriptions of this batch."""
         if self.closed:
-            return
+            return 0
         if self.live:
-            self.deliver(batch, selections)
-        elif self.buffer is not None:
+            return self.deliver(batch, selections)
+        if self.buffer is not None:
             if len(self.buffer) + len(batch) > MAX_BUFFERED:
                 self.buffer, self.buffer_dropped = [], True
             else:
                 self.buffer.extend(batch)
+        return 0
 
-    def deliver(self, batch: Batch, selections: dict[bytes, Batch] | None = None) -> None:
-        """Hand the events above the position that pass the filter to the sink; advance the position."""
+    def deliver(self, batch: Batch, selections: dict[bytes, Batch] | None = None) -> int:
+        """Hand the events above the position that pass the filter to the sink; advance the position.
+        Returns how many were handed over."""
         if not batch:
-            return
+            return 0
         position, matches = self.position, self.filter.matches
         if selections is not None and (position is None or batch[0][0].event_id > position):
             # The whole batch is past this subscription's position: the filter's selection is shared.
@@ -96,6 +98,7 @@ class Subscription:
             self.position = last
         if chosen:
             self.sink.send_events(self, chosen, str(self.position))
+        return len(chosen)
 
     def lost(self, from_id: str, to_id: str) -> None:
         self.position = EventId.parse(to_id)
@@ -135,9 +138,6 @@ class StreamTail:
                     else:  # its own catch-up reads will meet the loss: start them again
                         subscription.buffer, subscription.buffer_dropped = [], True
                 continue
-            except EventStreamError as exc:
-                self._fail_all(exc)
-                break
             except Exception as exc:  # noqa: BLE001 - e.g. the backend is unreachable: fail loudly
                 logger.warning("live tail of %s cannot read: %s", self.stream, exc)
                 self._fail_all(exc)
@@ -147,8 +147,10 @@ class StreamTail:
                 batch = [(event, encode_event(event)) for event in events]
                 self.hub.events_read[self.stream] += len(events)
                 selections: dict[bytes, Batch] = {}
+                delivered = 0
                 for subscription in list(self.subscriptions.values()):
-                    subscription.offer(batch, selections)
+                    delivered += subscription.offer(batch, selections)
+                self.hub.events_delivered[self.stream] += delivered
             if not self.subscriptions:  # checked after a read: the first subscriber registers meanwhile
                 break
         self.running = False  # synchronously after the last check: a new subscriber starts a new tail
@@ -219,14 +221,16 @@ class LiveHub:
                         continue
                     if subscription.closed:
                         return
-                    subscription.deliver([(event, encode_event(event)) for event in events])
+                    self.events_delivered[stream] += subscription.deliver(
+                        [(event, encode_event(event)) for event in events]
+                    )
                     if len(events) < PAGE:
                         break
                 if subscription.buffer_dropped:
                     continue
                 buffered, subscription.buffer = subscription.buffer or [], None
                 subscription.live = True
-                subscription.deliver(buffered)
+                self.events_delivered[stream] += subscription.deliver(buffered)
                 return
         except asyncio.CancelledError:
             raise
