@@ -51,6 +51,10 @@ class JunctionSettings(BaseSettings):
     streams_dir: Path = Field(
         default=PROJECT_ROOT / "sensors" / "streams", description="Stream declarations."
     )
+    subscriptions_dir: Path = Field(
+        default=PROJECT_ROOT / "sensors" / "subscriptions",
+        description="Durable webhook subscriptions to event streams.",
+    )
     caches_file: Path = Field(
         default=PROJECT_ROOT / "resources" / "caches.yaml",
         description="Cache namespaces: layers, TTLs, size bounds, compression, serializer.",
@@ -94,6 +98,23 @@ class JunctionSettings(BaseSettings):
         default=60,
         gt=0,
         description="How long a stream token (POST /v1/streams/tokens) can open a connection.",
+    )
+
+    # The webhook dispatcher (orchestration/gateway/live/dispatcher.py), in every gateway process.
+    dispatcher_enabled: bool = Field(
+        default=True, description="Deliver the durable webhook subscriptions from this gateway process."
+    )
+    dispatcher_refresh_s: float = Field(
+        default=5, gt=0, description="How often the dispatcher reloads the subscriptions' declarations."
+    )
+    dispatcher_claim_idle_s: float = Field(
+        default=30,
+        gt=0,
+        description="A delivery pending this long without progress belongs to a dispatcher that "
+        "died: another one takes it over.",
+    )
+    dispatcher_stop_grace_s: float = Field(
+        default=5, ge=0, description="On shutdown, in-flight deliveries get this long to finish."
     )
 
     # The gateway's request guards and security.

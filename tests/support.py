@@ -95,3 +95,41 @@ class ServedApp:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def start_gateway(tmp_path, env: dict[str, str], name: str, *args: str):
+    """`junction gateway` as a subprocess on a free port: (the process, its gateway base URL); its
+    output goes to `tmp_path/<name>.log`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    log = open(Path(tmp_path) / f"{name}.log", "wb")  # noqa: SIM115 - the process holds it until it stops
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "gateway", "--port", str(port), *args],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return process, f"http://127.0.0.1:{port}/gateway"
+
+
+def wait_healthy(base: str, process, log) -> None:
+    """Until the gateway at `base` answers /health (503 is fine: Dagster is not running); its log
+    as the failure when it exits or takes over a minute."""
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(Path(log).read_text())

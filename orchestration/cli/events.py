@@ -549,3 +549,12 @@ def subscribe(
         click.echo(f"connection {reason}; resuming after {position} in {backoff_s:g} s", err=True)
         time.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, 10)
+
+
+def _add_subscriptions() -> None:
+    from orchestration.cli.subscriptions import subscriptions
+
+    events.add_command(subscriptions)
+
+
+_add_subscriptions()

@@ -57,10 +57,12 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     dagster_home = prepare_dagster_home(settings)
     revision = migrate_store()
     streams = StreamRegistry(get_engine()).sync_declared(settings.streams_dir)
+    subscriptions = sync_subscriptions(settings)
     key, created = ensure_local_admin_key(settings.admin_key_file)
     export_local_admin_key(settings.admin_key_file)  # for the code server, the daemon, run workers
     click.echo(f"junction: state in {settings.home_dir}  (DAGSTER_HOME={dagster_home}, store at {revision})")
     click.echo(f"junction: {len(streams)} stream(s) declared in {settings.streams_dir}")
+    click.echo(f"junction: {len(subscriptions)} subscription(s) declared in {settings.subscriptions_dir}")
     verb = "created" if created else "kept"
     click.echo(f"junction: local admin API key '{key.name}' {verb} in {settings.admin_key_file}")
     click.echo(f"junction: starting on http://{host}:{port}  (gateway at {settings.gateway_prefix})")
@@ -68,6 +70,16 @@ def dev(host: str, port: int, workspace_file: Path | None, log_level: str) -> No
     logging.getLogger("junction.server").info("prepared in %.1fs", time.perf_counter() - started)
     with hold_platform_lock(settings.home_dir):
         sys.exit(serve_platform(settings, host, port, workspace_file, log_level))
+
+
+def sync_subscriptions(settings) -> list:
+    """The subscriptions folder into the store (a broken file stops the start, naming file and field)."""
+    from orchestration.store.db import get_engine
+    from resources.event_stream import open_event_stream
+    from resources.event_stream.subscriptions import SubscriptionRegistry, sync_declared
+
+    with open_event_stream(redis_url=settings.redis_url, store_url=settings.store_url) as events:
+        return sync_declared(events, SubscriptionRegistry(get_engine()), settings.subscriptions_dir)
 
 
 @click.command()

@@ -31,6 +31,7 @@ from orchestration.gateway.api import (
     proxy,
     runs,
     streams,
+    subscriptions,
     workflows,
 )
 from orchestration.gateway.dagster_client import DagsterClient
@@ -53,6 +54,7 @@ V1_ROUTERS = [
     analytics.router,
     live_streams.router,
     streams.router,
+    subscriptions.router,
     approvals.router,
     pipelines.router,
     approval_links.router,

@@ -274,6 +274,10 @@ class Breakers:
                 )
         return breaker
 
+    def get(self, name: str) -> CircuitBreaker | None:
+        """The breaker of `name` if a call has used it (no new one)."""
+        return self._breakers.get(name)
+
     def to_json(self) -> list[dict[str, Any]]:
         return [breaker.to_json() for breaker in list(self._breakers.values())]
 

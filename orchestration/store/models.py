@@ -204,6 +204,23 @@ class StreamIdempotencyKey(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class EventSubscription(Base):
+    """A durable webhook subscription: its declaration (YAML in the subscriptions folder, or the API)
+    and, for one ordered per key, which dispatcher holds it (`lease_*`, epoch seconds)."""
+
+    __tablename__ = "event_subscriptions"
+
+    name: Mapped[str] = mapped_column(String(150), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(200), nullable=False)
+    spec: Mapped[dict] = mapped_column(JSON, nullable=False)
+    # Its owner: `api`, or `yaml:<file>` of the subscriptions folder (only the owner changes it).
+    origin: Mapped[str] = mapped_column(String(300), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    lease_holder: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class StreamConsumerGroup(Base):
     """A consumer group of the SQL backend: the id of the last event delivered to it."""
 

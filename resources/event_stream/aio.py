@@ -15,7 +15,7 @@ Stream definitions come from the registry's cache, refreshed in a thread when st
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -97,6 +97,9 @@ class AsyncEventStream:
     async def create_group(self, stream: str, group: str, start_id: str = "$") -> bool:
         return await self._run(self.sync.create_group, stream, group, start_id)
 
+    async def set_group_position(self, stream: str, group: str, last_delivered_id: str) -> None:
+        await self._run(self.sync.set_group_position, stream, group, last_delivered_id)
+
     async def read_group(
         self, stream: str, group: str, consumer: str, *, limit: int = 100, block_ms: int = 0
     ) -> list[Event]:
@@ -104,6 +107,17 @@ class AsyncEventStream:
 
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
         return await self._run(self.sync.ack, stream, group, ids)
+
+    async def touch(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> int:
+        return await self._run(self.sync.touch, stream, group, consumer, ids)
+
+    async def dead_letter(
+        self, stream: str, group: str, records: Mapping[str, Mapping[str, Any]]
+    ) -> list[str]:
+        return await self._run(self.sync.dead_letter, stream, group, records)
+
+    async def delete_group(self, stream: str, group: str) -> bool:
+        return await self._run(self.sync.delete_group, stream, group)
 
     async def pending(self, stream: str, group: str, *, limit: int = 100) -> list[PendingEvent]:
         return await self._run(self.sync.pending, stream, group, limit=limit)

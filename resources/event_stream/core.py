@@ -446,6 +446,21 @@ class EventStream(ABC):
         """Acknowledge events; returns how many were pending."""
 
     @abstractmethod
+    def touch(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> int:
+        """Reset the idle time of `consumer`'s pending events (it is still working on them, so no
+        `claim_stale` takes them over); returns how many it holds. Their delivery count is unchanged."""
+
+    @abstractmethod
+    def dead_letter(self, stream: str, group: str, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Acknowledge each pending event (id -> its dead-letter record) and append its record to
+        `dead_letter_stream(stream)`, together: a crash in between neither loses nor doubles one.
+        Returns the ids moved (those still pending)."""
+
+    @abstractmethod
+    def delete_group(self, stream: str, group: str) -> bool:
+        """Remove the group, its position and its pending events; False if it did not exist."""
+
+    @abstractmethod
     def pending(self, stream: str, group: str, *, limit: int = 100) -> list[PendingEvent]:
         """The group's unacknowledged events, oldest first."""
 

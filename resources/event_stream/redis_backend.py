@@ -31,7 +31,8 @@ Lua scripts below may touch them together.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -203,6 +204,20 @@ redis.call('XADD', KEYS[2], '*', 'payload', ARGV[3])
 return 1
 """
 
+# KEYS: stream. ARGV: group, consumer, ids... Reset the idle time of the consumer's own pending events
+# (XCLAIM ... JUSTID leaves the delivery count alone); an event another consumer claimed is left to it.
+TOUCH = """
+local touched = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if entry[1] and entry[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    touched = touched + 1
+  end
+end
+return touched
+"""
+
 # Events beyond max_count tolerated before a publish trims (like MAXLEN ~'s macro nodes).
 TRIM_SLACK = 100
 # Publish rates are counted per bucket of this many seconds (one INCRBY per publish call).
@@ -364,6 +379,7 @@ class RedisEventStream(EventStream):
         self._read_page_script = self.client.register_script(READ_PAGE)
         self._read_group_script = self.client.register_script(READ_GROUP)
         self._dead_letter_script = self.client.register_script(DEAD_LETTER)
+        self._touch_script = self.client.register_script(TOUCH)
         self._trim_script = self.client.register_script(TRIM)
 
     def close(self) -> None:
@@ -436,6 +452,35 @@ class RedisEventStream(EventStream):
         if not ids:
             return 0
         return self.client.xack(stream_key(stream), group, *[str(EventId.parse(i)) for i in ids])
+
+    @_unavailable
+    def touch(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        try:
+            return self._touch_script(
+                keys=[stream_key(stream)], args=[group, consumer, *[str(EventId.parse(i)) for i in ids]]
+            )
+        except ResponseError as exc:
+            raise GroupNotFound(stream, group) from exc
+
+    @_unavailable
+    def dead_letter(self, stream: str, group: str, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        dead_key = stream_key(self.registry.get(dead_letter_stream(stream)).name)
+        moved = []
+        for event_id, record in records.items():
+            if self._dead_letter_script(
+                keys=[stream_key(stream), dead_key], args=[group, event_id, encode_payload(record)]
+            ):
+                moved.append(event_id)
+        return moved
+
+    @_unavailable
+    def delete_group(self, stream: str, group: str) -> bool:
+        try:
+            return bool(self.client.xgroup_destroy(stream_key(stream), group))
+        except ResponseError:  # the stream was never written to: no group either
+            return False
 
     @_unavailable
     def pending(self, stream: str, group: str, *, limit: int = 100) -> list[PendingEvent]:

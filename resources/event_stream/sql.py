@@ -23,10 +23,11 @@ every event younger than `max_age`) are always kept; `trim()` is exact.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_
+from sqlalchemy import Engine, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from orchestration.store.db import session_scope, upsertable_insert
@@ -359,6 +360,57 @@ class SqlEventStream(EventStream):
                     ),
                 )
             ).rowcount
+
+    def touch(self, stream: str, group: str, consumer: str, ids: Sequence[str]) -> int:
+        parsed = [EventId.parse(event_id) for event_id in ids]
+        if not parsed:
+            return 0
+        with session_scope(self.engine) as session:
+            return session.execute(
+                update(StreamPendingEvent)
+                .where(
+                    StreamPendingEvent.stream == stream,
+                    StreamPendingEvent.group_name == group,
+                    StreamPendingEvent.consumer == consumer,
+                    tuple_(StreamPendingEvent.ms, StreamPendingEvent.seq).in_([tuple(i) for i in parsed]),
+                )
+                .values(delivered_at=datetime.now(UTC))
+            ).rowcount
+
+    def dead_letter(self, stream: str, group: str, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        dead_definition = self.registry.get(dead_letter_stream(stream))
+        moved: list[str] = []
+        with session_scope(self.engine, write_lock=True) as session:
+            appended = []
+            for event_id, record in records.items():
+                parsed = EventId.parse(event_id)
+                row = session.get(
+                    StreamPendingEvent, (stream, group, parsed.ms, parsed.seq), with_for_update=True
+                )
+                if row is None:
+                    continue
+                session.delete(row)
+                appended.append(ValidEvent(len(appended), record, encode_payload(record), None))
+                moved.append(event_id)
+            if appended:
+                self._append_locked(session, dead_definition, appended)
+        return moved
+
+    def delete_group(self, stream: str, group: str) -> bool:
+        with session_scope(self.engine, write_lock=True) as session:
+            session.execute(
+                delete(StreamPendingEvent).where(
+                    StreamPendingEvent.stream == stream, StreamPendingEvent.group_name == group
+                )
+            )
+            return (
+                session.execute(
+                    delete(StreamConsumerGroup).where(
+                        StreamConsumerGroup.stream == stream, StreamConsumerGroup.name == group
+                    )
+                ).rowcount
+                == 1
+            )
 
     def pending(self, stream: str, group: str, *, limit: int = 100) -> list[PendingEvent]:
         now = datetime.now(UTC)

@@ -28,6 +28,9 @@ FUZZ_SCOPES = [
     "events:publish:orders",
     "events:replay:orders",
     "events:manage:fuzz-declared",
+    "subscriptions:read",
+    # Declaring only `fuzz-subscription`: a random subscription name must get 403.
+    "subscriptions:manage:fuzz-subscription",
     "approvals:read",
     "approvals:decide",
     "pipelines:read",
@@ -51,6 +54,8 @@ SEMANTICALLY_VALIDATED = {
     ("GET", "/v1/streams/{name}/events"),
     ("POST", "/v1/streams/{name}/replays"),
     ("PUT", "/v1/streams/{name}"),
+    # A subscription names a declared stream, and its filter must be a condition.
+    ("PUT", "/v1/subscriptions/{name}"),
     # An e-mail approval link's token must be one the platform signed.
     ("GET", "/v1/approvals/{request_id}/confirm"),
     ("POST", "/v1/approvals/{request_id}/confirm"),
@@ -238,6 +243,15 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/routes/{name}"): {"path_parameters": {"name": "fuzz-route"}},
         ("DELETE", "/v1/routes/{name}"): {"path_parameters": {"name": "fuzz-route"}},
         ("DELETE", "/v1/upstreams/{name}"): {"path_parameters": {"name": "fuzz-upstream"}},
+        ("PUT", "/v1/subscriptions/{name}"): {
+            "path_parameters": {"name": "fuzz-subscription"},
+            "body": {"stream": "orders", "url": f"{live_platform.base_url}/gateway/none", "paused": True},
+        },
+        ("GET", "/v1/subscriptions"): {},
+        ("GET", "/v1/subscriptions/{name}"): {"path_parameters": {"name": "fuzz-subscription"}},
+        ("GET", "/v1/subscriptions/{name}/stats"): {"path_parameters": {"name": "fuzz-subscription"}},
+        ("GET", "/v1/subscriptions/{name}/dead-letters"): {"path_parameters": {"name": "fuzz-subscription"}},
+        ("DELETE", "/v1/subscriptions/{name}"): {"path_parameters": {"name": "fuzz-subscription"}},
         ("GET", "/v1/workflows"): {},
         ("GET", "/v1/workflows/{name}/stats"): {"path_parameters": {"name": "order_review"}},
         ("GET", "/v1/workflows/{name}/executions"): {

@@ -6,8 +6,6 @@ proxied answer carries one Date and one Server header (the gateway server's)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import pytest
 import yaml
 from proxy_upstreams import Upstream, start_upstreams
-from support import bearer, free_port
+from support import bearer, free_port, start_gateway, wait_healthy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BURST = 6
@@ -27,32 +25,6 @@ def upstream() -> Iterator[Upstream]:
     started = start_upstreams("a")["a"]
     yield started
     started.stop()
-
-
-def start_gateway(tmp_path: Path, env: dict[str, str], name: str, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - the process holds it until it stops
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.cli", "gateway", "--port", str(port), *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return process, f"http://127.0.0.1:{port}/gateway"
-
-
-def wait_healthy(base: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            # 503 is fine: Dagster is not running, the gateway is.
-            if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(log.read_text())
 
 
 def test_gateway_processes_share_limits_keys_and_admin_objects(

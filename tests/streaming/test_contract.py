@@ -269,6 +269,32 @@ def test_dead_letter_after_max_deliveries(event_stream: EventStream, declare):
     assert event_stream.stats("orders").dead_lettered == 1
 
 
+def test_touch_keeps_a_working_consumers_events_and_dead_letter_moves_them_whole(
+    event_stream: EventStream, declare
+):
+    declare("orders")
+    event_stream.create_group("orders", "hooks", start_id="0")
+    first, second = [r.id for r in event_stream.publish_batch("orders", [{"n": 1}, {"n": 2}]).results]
+    assert ids(event_stream.read_group("orders", "hooks", "worker")) == [first, second]
+    time.sleep(0.06)
+    # Still working on them: touched, they are not idle enough for another consumer's claim.
+    assert event_stream.touch("orders", "hooks", "worker", [first, second]) == 2
+    assert event_stream.touch("orders", "hooks", "someone-else", [first]) == 0  # not theirs
+    assert event_stream.claim_stale("orders", "hooks", "thief", min_idle_ms=50).events == []
+    assert {p.deliveries for p in event_stream.pending("orders", "hooks")} == {1}  # touching is no delivery
+
+    record = {"group": "hooks", "event_id": first, "last_status": 500}
+    assert event_stream.dead_letter("orders", "hooks", {first: record}) == [first]
+    assert event_stream.dead_letter("orders", "hooks", {first: record}) == []  # once: no longer pending
+    assert [p.id for p in event_stream.pending("orders", "hooks")] == [second]
+    assert [e.payload for e in event_stream.read(dead_letter_stream("orders"))] == [record]
+
+    assert event_stream.delete_group("orders", "hooks") is True
+    assert event_stream.delete_group("orders", "hooks") is False
+    with pytest.raises(GroupNotFound):
+        event_stream.pending("orders", "hooks")
+
+
 def test_group_behind_retention_is_told_of_the_loss(event_stream: EventStream, declare):
     declare("orders", retention={"max_count": 5})
     event_stream.create_group("orders", "slow", start_id="0")

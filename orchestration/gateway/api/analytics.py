@@ -238,6 +238,7 @@ async def prometheus_metrics(
             yield from cache_metric_families()
             yield from proxy_metric_families(request.app.state.proxy.status())
             yield from live_metric_families(request.app.state)
+            yield from subscription_metric_families(getattr(request.app.state, "dispatcher", None))
 
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
@@ -275,6 +276,45 @@ def live_metric_families(state) -> list:
         delivered.add_metric([stream], figures["events_delivered"])
         read.add_metric([stream], figures["events_read"])
     return [connections, opened, slow, subscriptions, delivered, read]
+
+
+SUBSCRIPTION_COUNTERS = {
+    "attempts": "Webhook delivery attempts.",
+    "failures": "Webhook delivery attempts without a 2xx answer.",
+    "deliveries": "Events delivered (acknowledged after a 2xx).",
+    "dead_letters": "Events moved to the dead letter after their last attempt.",
+    "filtered": "Events the subscription's filter dropped.",
+    "redelivered": "Events claimed from a dispatcher that died (sent again).",
+}
+_FIGURE_OF = {"deliveries": "delivered", "dead_letters": "dead_lettered"}
+
+
+def subscription_metric_families(dispatcher) -> list:
+    """This gateway process's webhook deliveries per subscription (the groups' lag and pending are in
+    `junction_stream_group_*`)."""
+    if dispatcher is None:
+        return []
+    counters = {
+        name: CounterMetricFamily(f"junction_subscription_{name}", help_text, labels=["subscription"])
+        for name, help_text in SUBSCRIPTION_COUNTERS.items()
+    }
+    in_flight = GaugeMetricFamily(
+        "junction_subscription_in_flight", "Events being delivered now.", labels=["subscription"]
+    )
+    latency = GaugeMetricFamily(
+        "junction_subscription_latency_seconds",
+        "Publish to acknowledged delivery, over the last deliveries.",
+        labels=["subscription", "quantile"],
+    )
+    for subscription, figures in sorted(dispatcher.figures.items()):
+        for name, family in counters.items():
+            family.add_metric([subscription], getattr(figures, _FIGURE_OF.get(name, name)))
+        in_flight.add_metric([subscription], figures.in_flight)
+        for quantile in (0.5, 0.99):
+            value = figures.quantile_ms(quantile)
+            if value is not None:
+                latency.add_metric([subscription, str(quantile)], value / 1000)
+    return [*counters.values(), in_flight, latency]
 
 
 def proxy_metric_families(status: dict) -> list:

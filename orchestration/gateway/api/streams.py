@@ -156,7 +156,10 @@ class EventsPage(BaseModel):
 
 def gateway_events(request: Request) -> AsyncEventStream:
     """The app's event stream, opened on first use (Redis when configured, else the platform store)."""
-    app = request.app
+    return app_events(request.app)
+
+
+def app_events(app: FastAPI) -> AsyncEventStream:
     with _open_lock:
         if getattr(app.state, "event_streams", None) is None:
             from resources.event_stream import open_event_stream
