@@ -162,8 +162,7 @@ class Dispatcher:
                 self.client = client
                 while not self._stopping.is_set():
                     await self._reconcile(tasks)
-                    with anyio.move_on_after(self.refresh_s):
-                        await self._stopping.wait()
+                    await self.wait_stopping(self.refresh_s)
                 with anyio.move_on_after(self.stop_grace_s):
                     while any(worker.busy for _, _, worker in self._workers.values()):
                         await anyio.sleep(0.05)
@@ -180,6 +179,11 @@ class Dispatcher:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    async def wait_stopping(self, timeout_s: float) -> None:
+        """Return when the dispatcher is told to stop, or after `timeout_s`."""
+        with anyio.move_on_after(timeout_s):
+            await self._stopping.wait()
 
     async def _reconcile(self, tasks) -> None:
         """Start a worker per active subscription, restart changed ones, stop removed or paused ones."""
@@ -284,8 +288,7 @@ class SubscriptionWorker:
     async def _step(self) -> None:
         subscription = self.subscription
         if subscription.key_field and not await self._hold_lease():
-            with anyio.move_on_after(self.dispatcher.refresh_s):
-                await self.dispatcher._stopping.wait()
+            await self.dispatcher.wait_stopping(self.dispatcher.refresh_s)
             return
         batch: list[Event] = []
         if time.monotonic() >= self._next_claim:
@@ -349,8 +352,13 @@ class SubscriptionWorker:
 
     async def _process(self, batch: list[Event]) -> None:
         subscription = self.subscription
-        matching = [event for event in batch if subscription.matches(event.payload)]
-        dropped = [event.id for event in batch if not subscription.matches(event.payload)]
+        matching: list[Event] = []
+        dropped: list[str] = []
+        for event in batch:
+            if subscription.matches(event.payload):
+                matching.append(event)
+            else:
+                dropped.append(event.id)
         if dropped:
             await self.events.ack(subscription.stream, subscription.group, dropped)
             self.figures.filtered += len(dropped)
