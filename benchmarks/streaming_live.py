@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.support import free_port, pct, platform_env, wait_for  # noqa: E402
+from benchmarks.support import free_port, pct, start_bench_gateway  # noqa: E402
 
 STREAM = "bench.live"
 FILTER = {"field": "n", "op": "gte", "value": 0}
@@ -71,43 +70,10 @@ asyncio.run(main())
 
 
 def start_gateway(folder: Path, redis_url: str) -> tuple[subprocess.Popen, str, str, dict]:
-    streams = folder / "streams"
-    streams.mkdir()
-    (streams / "bench.yaml").write_text(f"name: {STREAM}\nretention: {{max_count: 1000000}}\n")
-    env = {
-        **platform_env(),
-        "JUNCTION_HOME": str(folder / "home"),
-        "JUNCTION_REDIS_URL": redis_url,
-        "JUNCTION_STREAMS_DIR": str(streams),
-        "JUNCTION_LIVE_MAX_CONNECTIONS_PER_KEY": "5000",
-    }
-    cli = [sys.executable, "-m", "orchestration.cli"]
-    subprocess.run([*cli, "events", "streams"], env=env, check=True, capture_output=True)
-    created = subprocess.run(
-        [*cli, "keys", "create", "bench", "--scope", f"events:read:{STREAM}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    key = re.search(r"jk_[\w-]+", created).group(0)
-    port = free_port()
-    process = subprocess.Popen(
-        [*cli, "gateway", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(folder / "gateway.log").open("wb"),
+    process, base, key, env = start_bench_gateway(
+        folder, redis_url, STREAM, f"events:read:{STREAM}", {"JUNCTION_LIVE_MAX_CONNECTIONS_PER_KEY": "5000"}
     )
-    import httpx
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/gateway/health").status_code in (200, 503)
-        except httpx.HTTPError:
-            return False
-
-    wait_for(answers, process=process, timeout_s=60)
-    return process, f"ws://127.0.0.1:{port}/gateway/v1/streams/ws", key, env
+    return process, base.replace("http://", "ws://") + "/v1/streams/ws", key, env
 
 
 def stream_key() -> str:
@@ -355,7 +321,7 @@ def main() -> None:
         f"\nfan-out ratio vs bare peer at {largest} subscribers: {figures['ratio_vs_bare_fanout']:.2f}x"
         f"\nforced reconnects: {figures['forced_reconnects']}, gaps: {figures['gaps']}, "
         f"duplicates: {figures['duplicates']}\nmemory per idle subscribed connection: "
-        f"{figures['kb_per_connection']:.1f} KB (bare peer: {figures['bare_kb_per_connection']:.1f} KB)\n(webhook deliveries/s: the dispatcher has not landed yet)"
+        f"{figures['kb_per_connection']:.1f} KB (bare peer: {figures['bare_kb_per_connection']:.1f} KB)\n(webhook deliveries/s: benchmarks/streaming_webhooks.py)"
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.support import free_port, platform_env, wait_for  # noqa: E402
+from benchmarks.support import free_port, start_bench_gateway, wait_for  # noqa: E402
 
 STREAM = "bench.hooks"
 CONCURRENCY = 8
@@ -73,40 +72,6 @@ asyncio.run(main())
 """
 
 
-def start_gateway(folder: Path, redis_url: str) -> tuple[subprocess.Popen, str, str, dict]:
-    streams = folder / "streams"
-    streams.mkdir()
-    (streams / "bench.yaml").write_text(f"name: {STREAM}\nretention: {{max_count: 1000000}}\n")
-    env = {
-        **platform_env(),
-        "JUNCTION_HOME": str(folder / "home"),
-        "JUNCTION_REDIS_URL": redis_url,
-        "JUNCTION_STREAMS_DIR": str(streams),
-        "JUNCTION_SUBSCRIPTIONS_DIR": str(folder / "subscriptions"),
-        "JUNCTION_DISPATCHER_REFRESH_S": "0.2",
-    }
-    cli = [sys.executable, "-m", "orchestration.cli"]
-    subprocess.run([*cli, "events", "streams"], env=env, check=True, capture_output=True)
-    created = subprocess.run(
-        [*cli, "keys", "create", "bench", "--scope", "admin"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    key = re.search(r"jk_[\w-]+", created).group(0)
-    port = free_port()
-    process = subprocess.Popen(
-        [*cli, "gateway", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(folder / "gateway.log").open("wb"),
-    )
-    base = f"http://127.0.0.1:{port}/gateway"
-    wait_for(lambda: _answers(f"{base}/health"), process=process, timeout_s=60)
-    return process, base, key, env
-
-
 def _answers(url: str) -> bool:
     import httpx
 
@@ -146,7 +111,13 @@ def run(args, folder: Path) -> dict:
     from resources.event_stream.redis_backend import stream_key
 
     redis.Redis.from_url(args.redis_url).flushdb()
-    gateway, base, key, env = start_gateway(folder, args.redis_url)
+    gateway, base, key, _ = start_bench_gateway(
+        folder,
+        args.redis_url,
+        STREAM,
+        "admin",
+        {"JUNCTION_SUBSCRIPTIONS_DIR": str(folder / "subscriptions"), "JUNCTION_DISPATCHER_REFRESH_S": "0.2"},
+    )
     receiver_port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(receiver_port)])
     receiver_url = f"http://127.0.0.1:{receiver_port}"

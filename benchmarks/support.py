@@ -133,3 +133,51 @@ def ensure_database(url: str) -> None:
                 connection.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
     finally:
         engine.dispose()
+
+
+def start_bench_gateway(
+    folder: Path, redis_url: str, stream: str, scope: str, extra_env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen, str, str, dict[str, str]]:
+    """`junction gateway` on Redis with one declared `stream` (its store in `folder`) and a key of
+    `scope`: (the process, its gateway base URL, the key, the environment it runs in)."""
+    import re
+
+    streams = folder / "streams"
+    streams.mkdir()
+    (streams / "bench.yaml").write_text(f"name: {stream}\nretention: {{max_count: 1000000}}\n")
+    env = {
+        **platform_env(),
+        "JUNCTION_HOME": str(folder / "home"),
+        "JUNCTION_REDIS_URL": redis_url,
+        "JUNCTION_STREAMS_DIR": str(streams),
+        **(extra_env or {}),
+    }
+    cli = [sys.executable, "-m", "orchestration.cli"]
+    subprocess.run([*cli, "events", "streams"], env=env, check=True, capture_output=True, cwd=ROOT)
+    created = subprocess.run(
+        [*cli, "keys", "create", "bench", "--scope", scope],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    key = re.search(r"jk_[\w-]+", created).group(0)
+    port = free_port()
+    process = subprocess.Popen(
+        [*cli, "gateway", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(folder / "gateway.log").open("wb"),
+    )
+    base = f"http://127.0.0.1:{port}/gateway"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, process=process, timeout_s=60)
+    return process, base, key, env

@@ -76,8 +76,7 @@ def replay(name: str) -> None:
     """
     import anyio
 
-    from orchestration.gateway.live.dispatcher import consumer_name
-    from resources.event_stream.subscriptions import replay_dead_letters
+    from resources.event_stream.subscriptions import consumer_name, replay_dead_letters
 
     stream, registry = open_subscriptions()
     with stream:

@@ -157,6 +157,26 @@ def load_spec(path: str | Path, model: type[ModelT]) -> ModelT:
     return validate_spec(read_yaml(path), model, path)
 
 
+def load_named_specs(folder: str | Path, model: type[ModelT], kind: str) -> dict[Path, ModelT]:
+    """Every `*.yaml`/`*.yml` of `folder` (none when it does not exist), one declaration of `model`
+    each, validated; a `name` two files declare is an error naming both (`kind`: "stream", ...)."""
+    folder = Path(folder)
+    paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
+    specs = load_specs(paths, model)
+    seen: dict[str, Path] = {}
+    problems = []
+    for path, spec in specs.items():
+        name = spec.name
+        if name in seen:
+            problems.append(
+                SpecProblem("name", f"{kind} {name!r} is already declared in {seen[name]}", str(path))
+            )
+        seen.setdefault(name, path)
+    if problems:
+        raise SpecError(problems)
+    return specs
+
+
 def load_specs(paths: Iterable[str | Path], model: type[ModelT]) -> dict[Path, ModelT]:
     """Load every file, collecting the problems of all of them before raising."""
     loaded: dict[Path, ModelT] = {}

@@ -37,7 +37,7 @@ import jsonschema_rs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select
 
-from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
+from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_named_specs
 from resources.event_stream.core import (
     DEAD_LETTER_SUFFIX,
     STREAM_NAME_PATTERN,
@@ -114,6 +114,16 @@ def parse_seconds(value: Any) -> int:
     return seconds
 
 
+def check_name(value: str) -> str:
+    """A stream's (or a subscription's) name as declared: `value`, or the ValueError saying why not."""
+    if not STREAM_NAME.match(value):
+        raise ValueError(
+            "must be 1-150 characters: lowercase letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
 class RetentionSpec(BaseModel):
     """How much of a stream is kept: the newest `max_count` events and/or those younger than `max_age`.
 
@@ -147,12 +157,7 @@ class StreamSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not STREAM_NAME.match(value):
-            raise ValueError(
-                "must be 1-150 characters: lowercase letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
-        return value
+        return check_name(value)
 
     @field_validator("payload_schema")
     @classmethod
@@ -241,22 +246,7 @@ def load_stream_specs(folder: str | Path | None = None) -> dict[Path, StreamSpec
         from orchestration.settings import get_settings
 
         folder = get_settings().streams_dir
-    folder = Path(folder)
-    paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
-    specs = load_specs(paths, StreamSpec)
-    seen: dict[str, Path] = {}
-    problems = []
-    for path, spec in specs.items():
-        if spec.name in seen:
-            problems.append(
-                SpecProblem(
-                    "name", f"stream {spec.name!r} is already declared in {seen[spec.name]}", str(path)
-                )
-            )
-        seen.setdefault(spec.name, path)
-    if problems:
-        raise SpecError(problems)
-    return specs
+    return load_named_specs(folder, StreamSpec, "stream")
 
 
 class StreamRegistry:

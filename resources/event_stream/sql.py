@@ -181,6 +181,16 @@ class SqlEventStream(EventStream):
 
     # -- retention -------------------------------------------------------------------------------
 
+    def _append_records(
+        self, session: Session, definition: StreamDefinition, records: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Append records the platform wrote (dead letters: no schema to check) in this transaction."""
+        self._append_locked(
+            session,
+            definition,
+            [ValidEvent(index, record, encode_payload(record), None) for index, record in enumerate(records)],
+        )
+
     def _trim_locked(self, session: Session, definition: StreamDefinition, head: StreamHead) -> int:
         stream = definition.name
         cutoffs: list[EventId] = []
@@ -381,7 +391,7 @@ class SqlEventStream(EventStream):
         dead_definition = self.registry.get(dead_letter_stream(stream))
         moved: list[str] = []
         with session_scope(self.engine, write_lock=True) as session:
-            appended = []
+            appended: list[Mapping[str, Any]] = []
             for event_id, record in records.items():
                 parsed = EventId.parse(event_id)
                 row = session.get(
@@ -390,10 +400,10 @@ class SqlEventStream(EventStream):
                 if row is None:
                     continue
                 session.delete(row)
-                appended.append(ValidEvent(len(appended), record, encode_payload(record), None))
+                appended.append(record)
                 moved.append(event_id)
             if appended:
-                self._append_locked(session, dead_definition, appended)
+                self._append_records(session, dead_definition, appended)
         return moved
 
     def delete_group(self, stream: str, group: str) -> bool:
@@ -469,17 +479,18 @@ class SqlEventStream(EventStream):
                     session.delete(row)
                     deleted.append(event_id)
                 elif max_deliveries is not None and row.deliveries >= max_deliveries:
-                    record = dead_letter_record(
-                        stream, group, event_id, row.consumer, row.deliveries, event.payload
+                    dead_letters.append(
+                        dead_letter_record(
+                            stream, group, event_id, row.consumer, row.deliveries, event.payload
+                        )
                     )
-                    dead_letters.append(ValidEvent(len(dead_letters), record, encode_payload(record), None))
                     session.delete(row)
                     dead.append(event_id)
                 else:
                     row.consumer, row.delivered_at, row.deliveries = consumer, now, row.deliveries + 1
                     claimed.append(Event(stream, event_id, event.payload))
             if dead_letters and dead_definition is not None:
-                self._append_locked(session, dead_definition, dead_letters)
+                self._append_records(session, dead_definition, dead_letters)
         return ClaimResult(claimed, dead, deleted)
 
     # -- operations ------------------------------------------------------------------------------

@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -38,13 +42,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select, update
 
 from orchestration.kernel.conditions import Condition, evaluate, lookup, parse_condition, validate_path
-from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_specs
+from orchestration.kernel.spec_errors import SpecError, SpecProblem, load_named_specs
 from orchestration.kernel.times import DurationText, duration_seconds
-from resources.event_stream.core import Event, EventStreamError, EventStreamUnavailable
+from resources.event_stream.core import (
+    Event,
+    EventStreamError,
+    EventStreamUnavailable,
+    dead_letter_record,
+    dead_letter_stream,
+)
 from resources.event_stream.registry import (
     API_ORIGIN,
-    STREAM_NAME,
     YAML_ORIGIN,
+    check_name,
     origin_file,
     owner_kind,
     yaml_origin,
@@ -54,6 +64,18 @@ logger = logging.getLogger("junction.subscriptions")
 GROUP_PREFIX = "subscription:"
 REPLAY_GROUP_PREFIX = "replay:"
 MAX_ANSWER_CHARS = 2000  # of a receiver's answer kept with a failure (the dead letter, the stats)
+
+
+def consumer_name() -> str:
+    """A process's consumer name in every group it reads (`<host>-<pid>-<random>`, unique per start,
+    readable in `pending`)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def chunks(events: list, size: int) -> Iterator[list]:
+    """`events` in consecutive lists of `size` (the last one shorter)."""
+    for start in range(0, len(events), size):
+        yield events[start : start + size]
 
 
 def group_name(subscription: str) -> str:
@@ -173,12 +195,7 @@ class SubscriptionSpec(SubscriptionSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not STREAM_NAME.match(value):
-            raise ValueError(
-                "must be 1-150 characters: lowercase letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
-        return value
+        return check_name(value)
 
     def to_stored(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"name"})
@@ -221,9 +238,9 @@ class Subscription:
         parts = urlsplit(self.spec.url)
         return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
-    @property
+    @cached_property
     def condition(self) -> Condition | None:
-        return _compiled(self.spec.filter)
+        return parse_condition(self.spec.filter) if self.spec.filter is not None else None
 
     def matches(self, payload: Any) -> bool:
         condition = self.condition
@@ -245,19 +262,6 @@ class Subscription:
         }
 
 
-_condition_cache: dict[bytes, Condition] = {}
-
-
-def _compiled(data: dict[str, Any] | None) -> Condition | None:
-    if data is None:
-        return None
-    key = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-    condition = _condition_cache.get(key)
-    if condition is None:
-        condition = _condition_cache.setdefault(key, parse_condition(data))
-    return condition
-
-
 # --- one delivery --------------------------------------------------------------------------------
 
 
@@ -269,7 +273,6 @@ class DeliveryAnswer:
     status: int | None
     detail: str
     retry_after_s: float | None = None
-    seconds: float = 0.0
 
     @property
     def receiver_unhealthy(self) -> bool:
@@ -331,7 +334,6 @@ async def deliver(client, subscription: Subscription, events: list[Event], attem
 
     from resources.notifications import retry_after_seconds
 
-    started = time.perf_counter()
     try:
         body, headers = webhook_request(subscription, events, attempt)
     except MissingSecret as exc:
@@ -345,13 +347,13 @@ async def deliver(client, subscription: Subscription, events: list[Event], attem
         )
     except httpx.HTTPError as exc:
         detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        return DeliveryAnswer(False, None, detail[:MAX_ANSWER_CHARS], seconds=time.perf_counter() - started)
-    seconds = time.perf_counter() - started
+        return DeliveryAnswer(False, None, detail[:MAX_ANSWER_CHARS])
     detail = response.text[:MAX_ANSWER_CHARS]
     if response.is_success:
-        return DeliveryAnswer(True, response.status_code, detail, seconds=seconds)
-    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-    return DeliveryAnswer(False, response.status_code, detail, retry_after, seconds)
+        return DeliveryAnswer(True, response.status_code, detail)
+    return DeliveryAnswer(
+        False, response.status_code, detail, retry_after_seconds(response.headers.get("Retry-After"))
+    )
 
 
 def dead_letter_entry(
@@ -359,18 +361,15 @@ def dead_letter_entry(
 ) -> dict[str, Any]:
     """The dead-letter stream's record of an event the subscription gave up on (replayable)."""
     return {
-        "stream": subscription.stream,
-        "group": subscription.group,
+        **dead_letter_record(
+            subscription.stream, subscription.group, event.id, consumer, attempts, event.payload
+        ),
         "subscription": subscription.name,
-        "event_id": event.id,
         "delivery_id": delivery_id(subscription.name, event.id),
-        "consumer": consumer,
-        "deliveries": attempts,
         "url": subscription.shown_url,
         "last_status": answer.status,
         "last_answer": answer.detail,
         "dead_at": datetime.now(UTC).isoformat(),
-        "payload": event.payload,
     }
 
 
@@ -383,22 +382,7 @@ def load_subscription_specs(folder: str | Path | None = None) -> dict[Path, Subs
         from orchestration.settings import get_settings
 
         folder = get_settings().subscriptions_dir
-    folder = Path(folder)
-    paths = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
-    specs = load_specs(paths, SubscriptionSpec)
-    seen: dict[str, Path] = {}
-    problems = []
-    for path, spec in specs.items():
-        if spec.name in seen:
-            problems.append(
-                SpecProblem(
-                    "name", f"subscription {spec.name!r} is already declared in {seen[spec.name]}", str(path)
-                )
-            )
-        seen.setdefault(spec.name, path)
-    if problems:
-        raise SpecError(problems)
-    return specs
+    return load_named_specs(folder, SubscriptionSpec, "subscription")
 
 
 class SubscriptionRegistry:
@@ -594,8 +578,6 @@ async def replay_dead_letters(
     """
     import httpx
 
-    from resources.event_stream.core import dead_letter_stream
-
     dead = dead_letter_stream(subscription.stream)
     group = replay_group_name(subscription.name)
     events.create_group(dead, group, "0")
@@ -616,10 +598,7 @@ async def replay_dead_letters(
             if others:
                 events.ack(dead, group, others)
             mine = [r for r in page if is_dead_letter_of(r.payload, subscription)]
-            for records in [
-                mine[i : i + subscription.spec.batch_size]
-                for i in range(0, len(mine), subscription.spec.batch_size)
-            ]:
+            for records in chunks(mine, subscription.spec.batch_size):
                 originals = [
                     Event(subscription.stream, r.payload["event_id"], r.payload.get("payload"))
                     for r in records

@@ -34,13 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import secrets
-import socket
 import time
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
 import anyio
@@ -55,6 +51,8 @@ from resources.event_stream.subscriptions import (
     DeliveryAnswer,
     Subscription,
     SubscriptionRegistry,
+    chunks,
+    consumer_name,
     create_group,
     dead_letter_entry,
     deliver,
@@ -70,11 +68,6 @@ LATENCY_SAMPLES = 4096
 DESTINATION_BREAKER = BreakerPolicy(
     error_ratio=0.5, min_requests=5, window_s=10, open_for_s=5, max_open_for_s=60
 )
-
-
-def consumer_name() -> str:
-    """This process's consumer name in every group: unique per start, readable in `pending`."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class SubscriptionFigures:
@@ -225,7 +218,7 @@ class Dispatcher:
 
     async def _release_leases(self) -> None:
         for subscription, _, worker in list(self._workers.values()):
-            if worker.holds_lease:
+            if worker.figures.holds_lease:
                 with anyio.CancelScope(shield=True):
                     try:
                         await anyio.to_thread.run_sync(
@@ -249,7 +242,6 @@ class SubscriptionWorker:
         self.events = dispatcher.events
         self.consumer = dispatcher.consumer
         self.busy = False
-        self.holds_lease = False
         self.in_flight: set[str] = set()
         self._next_claim = 0.0
         self._claim_all = False
@@ -338,14 +330,17 @@ class SubscriptionWorker:
             logger.warning(
                 "subscription %s: could not renew its lease", self.subscription.name, exc_info=True
             )
-            held = self.holds_lease and time.monotonic() - self._lease_renewed < self.lease_ttl_s / 2
+            held = (
+                bool(self.figures.holds_lease)
+                and time.monotonic() - self._lease_renewed < self.lease_ttl_s / 2
+            )
         else:
             if held:
                 self._lease_renewed = time.monotonic()
-        if held and not self.holds_lease:
+        if held and not self.figures.holds_lease:
             self._claim_all = True  # the previous holder is gone: its pending events come first
             self._next_claim = 0.0
-        self.holds_lease = self.figures.holds_lease = held
+        self.figures.holds_lease = held
         return held
 
     # --- one page -------------------------------------------------------------------------------
@@ -473,8 +468,3 @@ class SubscriptionWorker:
             attempts,
             self.figures.last_error,
         )
-
-
-def chunks(events: list[Event], size: int) -> Iterable[list[Event]]:
-    for start in range(0, len(events), size):
-        yield events[start : start + size]
