@@ -113,6 +113,24 @@ class NotificationDelivery(Base):
     resends: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
+class HeldNotification(Base):
+    """A message a throttled or digesting channel holds until it goes out in a digest
+    (`resources/notifications/held.py`, migration `0012_held_notifications`). `digest_key` is set
+    when a flush claims it into a digest, `released_at` when that digest was delivered."""
+
+    __tablename__ = "notification_held"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    reason: Mapped[str] = mapped_column(String(20), nullable=False)
+    message: Mapped[dict] = mapped_column(JSON, nullable=False)
+    held_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    digest_key: Mapped[str | None] = mapped_column(String(400), nullable=True, index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+
+
 class ApiRequestStats(Base):
     """Gateway requests aggregated per minute, route, method, principal and gateway instance."""
 

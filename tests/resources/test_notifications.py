@@ -41,6 +41,7 @@ from resources.notifications import (
 )
 
 SECRET_ENV = "JUNCTION_TEST_WEBHOOK_SECRET"
+KINDS = "apprise, email, outbox, pagerduty, slack, sms, teams, webhook"
 SECRET = "s3cret-for-tests"
 FAST_RETRY = {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05}
 
@@ -545,6 +546,8 @@ channels:
     secret_env: "hunter2 is my password"
   pager:
     kind: pagerduty
+  pigeon:
+    kind: carrier-pigeon
   bare:
     url: https://example.com
 """,
@@ -560,8 +563,9 @@ channels:
         "resources/channels.yaml: channels.hook.url: must be an http:// or https:// URL",
         "resources/channels.yaml: channels.hook.secret_env: must be the NAME of an environment variable "
         "holding the secret, not the secret itself",
-        "resources/channels.yaml: channels.pager.kind: must be one of: email, outbox, webhook",
-        "resources/channels.yaml: channels.bare.kind: missing (one of: email, outbox, webhook)",
+        "resources/channels.yaml: channels.pager.routing_key_env: Field required",
+        "resources/channels.yaml: channels.pigeon.kind: must be one of: " + KINDS,
+        "resources/channels.yaml: channels.bare.kind: missing (one of: " + KINDS + ")",
     ]
 
 
