@@ -20,6 +20,7 @@ from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
 from resources.cache import CacheResource
 from sensors.definitions import streaming_definitions
+from sensors.notification_digests import notification_definitions
 
 # The ETL library lives under `assets/` beside the analysts' modules but defines nothing itself; its
 # REST modules import httpx, which the code location must not pay for at load.
@@ -59,6 +60,8 @@ defs = dg.Definitions.merge(
     pipeline_definitions(pipelines=pipelines),
     # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
     streaming_definitions(pipelines=pipelines),
+    # Digests of throttled and digesting notification channels (resources/channels.yaml).
+    notification_definitions,
     # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`, with its
     # statistics and warming assets (a bad caches.yaml fails the code location here).
     cache_definitions(get_settings().caches_file),

@@ -1,4 +1,4 @@
-"""`junction notifications outbox`: read what the `outbox` notification channels wrote."""
+"""`junction notifications outbox|flush`: read what the `outbox` channels wrote; send due digests."""
 
 from __future__ import annotations
 
@@ -109,3 +109,27 @@ def _show(path: Path, number: int, line: bytes, as_json: bool) -> int:
         click.echo(f"    {body_line}")
     click.echo()
     return 1
+
+
+@notifications.command()
+@click.option("--channel", "names", multiple=True, help="Only this channel (repeatable); default: every one.")
+def flush(names: tuple[str, ...]) -> None:
+    """Send the digests of throttled and digesting channels that are due now.
+
+    The `notification_digests` sensor does this every 30 s while the daemon runs; this is for a
+    platform without it, or to see what is held.
+    """
+    from resources.notifications import held, load_channels
+
+    channels = load_channels()
+    unknown = sorted(set(names) - set(channels))
+    if unknown:
+        raise click.BadParameter(f"no channel named {', '.join(unknown)}", param_hint="--channel")
+    chosen = {name: channel for name, channel in channels.items() if not names or name in names}
+    sent = held.flush_held(channels=chosen)
+    for record in sent:
+        click.echo(f"{record.channel}: digest delivered ({record.subject})")
+    waiting = {name: count for name, count in held.held_counts().items() if name in chosen}
+    click.echo(f"{len(sent)} digest(s) sent")
+    for name, count in sorted(waiting.items()):
+        click.echo(f"{name}: {count} message(s) still held")

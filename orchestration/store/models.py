@@ -92,7 +92,7 @@ class NotificationDelivery(Base):
     """The record of one notification sent (or attempted) through a channel.
 
     With a `dedupe_key` the row is written before sending, as a claim in status `sending`, and
-    settled afterwards (`resources/notifications.py`, migration `0007_notification_dedupe`)."""
+    settled afterwards (`resources/notifications/delivery.py`, migration `0007_notification_dedupe`)."""
 
     __tablename__ = "notification_deliveries"
 

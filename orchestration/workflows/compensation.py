@@ -11,7 +11,7 @@ or `on_failure`) reacts to every failed run of them — a first run or a resumed
   the platform store under the key `workflow-failure:{execution}:{run}:{index}:{channel}` before it
   is sent (`send(dedupe_key=…)`): a later tick finds it and sends nothing; a claim a crash left
   `sending` is sent again with the same message id and counted in the record's `resends`
-  (at-least-once with a dedupe key the receiver sees — see `resources/notifications.py`);
+  (at-least-once with a dedupe key the receiver sees — see `resources/notifications/delivery.py`);
 - when steps with `compensate` completed in the execution — in this run or in an earlier run of it
   (the steps of such workflows are checkpointed, numbered in the order they completed) — it asks for
   one run of the workflow's compensation job `<workflow>_compensate` with

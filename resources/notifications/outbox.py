@@ -60,6 +60,10 @@ class OutboxChannel(NotificationChannel):
             "html": message.html,
             "recipients": self.recipients_of(message),
             "metadata": dict(message.metadata),
+            "severity": message.severity,
+            "facts": dict(message.facts),
+            "group_key": message.group_key,
+            "resolved": message.resolved,
         }
         return (json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
 

@@ -116,6 +116,8 @@ def test_metrics_parse_and_count_runs_from_storage(live_platform, admin_key):
     )
     assert families["junction_audit_entries"].samples[0].value >= 1
     assert "junction_api_keys" in families
+    # Families present even when empty, so a dashboard's query does not break on a quiet platform.
+    assert {"junction_notification_deliveries", "junction_notifications_held"} <= set(families)
 
 
 def test_analytics_window_per_endpoint_and_key(live_platform, admin_key):

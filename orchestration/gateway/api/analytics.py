@@ -165,7 +165,15 @@ def store_figures() -> dict:
                 func.sum(ApiRequestStats.status_5xx),
             ).group_by(ApiRequestStats.route, ApiRequestStats.method)
         ).all()
-    return {"audit_entries": audit_entries, "keys": keys, "deliveries": deliveries, "requests": requests}
+    from resources.notifications.held import held_counts
+
+    return {
+        "audit_entries": audit_entries,
+        "keys": keys,
+        "deliveries": deliveries,
+        "held": held_counts(),
+        "requests": requests,
+    }
 
 
 def stream_figures(events) -> tuple[bool, list]:
@@ -220,6 +228,14 @@ async def prometheus_metrics(
             for channel, status, count in figures["deliveries"]:
                 deliveries.add_metric([channel, status], count)
             yield deliveries
+            waiting = GaugeMetricFamily(
+                "junction_notifications_held",
+                "Messages a throttled or digesting channel holds for its next digest.",
+                labels=["channel"],
+            )
+            for channel, count in figures["held"].items():
+                waiting.add_metric([channel], count)
+            yield waiting
             persisted = CounterMetricFamily(
                 "junction_gateway_requests_persisted",
                 "Gateway requests of every instance, from the persisted per-minute statistics.",
