@@ -19,6 +19,7 @@ from orchestration.cache_definitions import cache_definitions
 from orchestration.settings import get_settings
 from orchestration.workflows.factory import workflow_definitions
 from resources.cache import CacheResource
+from sensors.alerts.sensor import alert_definitions
 from sensors.definitions import streaming_definitions
 from sensors.notification_digests import notification_definitions
 
@@ -61,7 +62,9 @@ defs = dg.Definitions.merge(
     # Stream triggers of pipeline specs and the sensors publishing platform happenings to streams.
     streaming_definitions(pipelines=pipelines),
     # Digests of throttled and digesting notification channels (resources/channels.yaml).
-    notification_definitions,
+    notification_definitions(),
+    # Alert rules (resources/alerts.yaml): a bad file fails the code location in the kernel's format.
+    alert_definitions(get_settings().alerts_file),
     # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`, with its
     # statistics and warming assets (a bad caches.yaml fails the code location here).
     cache_definitions(get_settings().caches_file),

@@ -67,6 +67,10 @@ class JunctionSettings(BaseSettings):
         default=PROJECT_ROOT / "resources" / "channels.yaml",
         description="Named notification channels (secrets referenced by env-var name).",
     )
+    alerts_file: Path = Field(
+        default=PROJECT_ROOT / "resources" / "alerts.yaml",
+        description="Alert rules: signals, conditions, grouping, inhibitions and their channels.",
+    )
 
     public_url: str = Field(
         default=DEFAULT_PUBLIC_URL,

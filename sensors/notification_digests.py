@@ -29,4 +29,5 @@ def notification_digests(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     return dg.SkipReason(f"{len(sent)} digest(s) sent; messages still held: {still}")
 
 
-notification_definitions = dg.Definitions(sensors=[notification_digests])
+def notification_definitions() -> dg.Definitions:
+    return dg.Definitions(sensors=[notification_digests])

@@ -23,6 +23,7 @@ COMMANDS = {
     "approvals": "orchestration.cli.approvals:approvals",
     "notifications": "orchestration.cli.notifications:notifications",
     "cache": "orchestration.cli.cache:cache",
+    "alerts": "orchestration.cli.alerts:alerts",
 }
 
 

@@ -19,6 +19,7 @@ from fastapi_offline import FastAPIOffline
 
 from orchestration import __version__
 from orchestration.gateway.api import (
+    alerts,
     analytics,
     approval_links,
     approvals,
@@ -55,6 +56,7 @@ V1_ROUTERS = [
     live_streams.router,
     streams.router,
     subscriptions.router,
+    alerts.router,
     approvals.router,
     pipelines.router,
     approval_links.router,

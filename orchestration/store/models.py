@@ -131,6 +131,58 @@ class HeldNotification(Base):
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
 
+class SystemAlert(Base):
+    """One alert of a rule (`sensors/alerts/`): a rule's signal for one set of labels, pending while
+    its condition has held for less than the rule's `for`, then firing, then resolved."""
+
+    __tablename__ = "system_alerts"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    labels: Mapped[dict] = mapped_column(JSON, nullable=False)
+    severity: Mapped[str] = mapped_column(String(20), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, index=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    summary: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    active_since: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Why a firing alert was not notified at the last evaluation: a silence's id or "inhibited".
+    muted_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    group_key: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+
+
+class AlertGroup(Base):
+    """A rule's alerts sharing the `group_by` labels: what was last notified, and when."""
+
+    __tablename__ = "alert_groups"
+
+    group_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    labels: Mapped[dict] = mapped_column(JSON, nullable=False)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The firing fingerprints the last notification named: a change re-notifies at group_interval.
+    notified: Mapped[list] = mapped_column(JSON, nullable=False)
+    # Notifications sent: the dedupe key of the next one is `alert:<group_key>:<sequence>:<channel>`.
+    sequence: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class AlertSilence(Base):
+    """A silence: firing alerts whose labels match every matcher are not notified until `ends_at`."""
+
+    __tablename__ = "alert_silences"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    matchers: Mapped[list] = mapped_column(JSON, nullable=False)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    comment: Mapped[str] = mapped_column(Text, nullable=False)
+    created_by: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 class ApiRequestStats(Base):
     """Gateway requests aggregated per minute, route, method, principal and gateway instance."""
 

@@ -39,6 +39,8 @@ FUZZ_SCOPES = [
     "workflows:read",
     "workflows:launch",
     "gateway:manage",
+    "alerts:read",
+    "alerts:silence",
 ]
 MAX_EXAMPLES = 15
 # Operations whose inputs are checked beyond what a schema can say (Dagster validates run config
@@ -66,6 +68,8 @@ SEMANTICALLY_VALIDATED = {
     # A route names an upstream declared in the routes file or through the API.
     ("PUT", "/v1/routes/{name}"),
     ("PUT", "/v1/upstreams/{name}"),
+    # A silence's regex matchers must compile (RE2) and its duration parse.
+    ("POST", "/v1/silences"),
 }
 
 # Server-Sent Events: the answer never ends, so it is checked by its head (status, media type).
@@ -150,6 +154,14 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         pipeline_run_id = client.post("/v1/jobs/flights_pipeline/runs", json={}).json()["run_id"]
         wait_for_run(client, pipeline_run_id)
         client.post("/v1/keys", json={"name": "to-revoke", "scopes": ["runs:read"]})
+        silence_id = client.post(
+            "/v1/silences",
+            json={
+                "matchers": [{"label": "rule", "op": "=", "value": "fuzz"}],
+                "duration": "1h",
+                "comment": "fuzz",
+            },
+        ).json()["id"]
     to_approve, to_reject, by_link = (
         open_approval(live_platform, step) for step in ("approve_me", "reject_me", "approve_by_link")
     )
@@ -252,6 +264,18 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/subscriptions/{name}/stats"): {"path_parameters": {"name": "fuzz-subscription"}},
         ("GET", "/v1/subscriptions/{name}/dead-letters"): {"path_parameters": {"name": "fuzz-subscription"}},
         ("DELETE", "/v1/subscriptions/{name}"): {"path_parameters": {"name": "fuzz-subscription"}},
+        ("GET", "/v1/alerts"): {"query": {"status": "firing"}},
+        ("GET", "/v1/alerts/rules"): {},
+        ("GET", "/v1/silences"): {},
+        ("POST", "/v1/silences"): {
+            "body": {
+                "matchers": [{"label": "job", "op": "=~", "value": "night.*"}],
+                "duration": "2h",
+                "comment": "c",
+            }
+        },
+        ("GET", "/v1/silences/{silence_id}"): {"path_parameters": {"silence_id": silence_id}},
+        ("DELETE", "/v1/silences/{silence_id}"): {"path_parameters": {"silence_id": silence_id}},
         ("GET", "/v1/workflows"): {},
         ("GET", "/v1/workflows/{name}/stats"): {"path_parameters": {"name": "order_review"}},
         ("GET", "/v1/workflows/{name}/executions"): {

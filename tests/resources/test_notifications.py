@@ -479,7 +479,7 @@ def write_channels(directory: Path, text: str) -> Path:
 
 def test_the_shipped_channels_file_declares_the_examples_channels_as_outboxes() -> None:
     channels = load_channels(PROJECT_ROOT / "resources" / "channels.yaml")
-    assert set(channels) == {"finance", "ops", "sales"}
+    assert set(channels) == {"alerts", "finance", "ops", "sales"}
     assert all(isinstance(channel, OutboxChannel) for channel in channels.values())
 
 
