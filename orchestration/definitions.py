@@ -22,6 +22,7 @@ from resources.cache import CacheResource
 from sensors.alerts.sensor import alert_definitions
 from sensors.definitions import streaming_definitions
 from sensors.notification_digests import notification_definitions
+from sensors.performance import performance_definitions
 
 # The ETL library lives under `assets/` beside the analysts' modules but defines nothing itself; its
 # REST modules import httpx, which the code location must not pay for at load.
@@ -65,6 +66,8 @@ defs = dg.Definitions.merge(
     notification_definitions(),
     # Alert rules (resources/alerts.yaml): a bad file fails the code location in the kernel's format.
     alert_definitions(get_settings().alerts_file),
+    # Every finished run's queue wait, duration, rows/s and step times, as a time series.
+    performance_definitions(),
     # The multi-layer cache, for any asset or op that asks for `cache: CacheResource`, with its
     # statistics and warming assets (a bad caches.yaml fails the code location here).
     cache_definitions(get_settings().caches_file),

@@ -67,6 +67,9 @@ class JunctionSettings(BaseSettings):
         default=PROJECT_ROOT / "resources" / "channels.yaml",
         description="Named notification channels (secrets referenced by env-var name).",
     )
+    performance_retention_days: int = Field(
+        default=90, ge=1, description="Days of run performance figures kept (run_performance table)."
+    )
     alerts_file: Path = Field(
         default=PROJECT_ROOT / "resources" / "alerts.yaml",
         description="Alert rules: signals, conditions, grouping, inhibitions and their channels.",

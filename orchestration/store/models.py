@@ -147,6 +147,7 @@ class SystemAlert(Base):
     active_since: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    # When its value or summary last changed (a steady alert is not rewritten every evaluation).
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     # Why a firing alert was not notified at the last evaluation: a silence's id or "inhibited".
     muted_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -181,6 +182,24 @@ class AlertSilence(Base):
     comment: Mapped[str] = mapped_column(Text, nullable=False)
     created_by: Mapped[str] = mapped_column(String(200), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class RunPerformance(Base):
+    """One finished Dagster run's figures (`sensors/performance.py`, migration `0014_run_performance`):
+    queue wait, duration, rows and each step's time, kept `performance_retention_days`."""
+
+    __tablename__ = "run_performance"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    queued_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rows: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rows_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # {step key: {"seconds": …, "attempts": …, "status": …}}
+    steps: Mapped[dict] = mapped_column(JSON, nullable=False)
 
 
 class ApiRequestStats(Base):

@@ -149,8 +149,12 @@ def evaluate_rules(
         for row in list(groups.values()):
             if row.rule not in rules.rules:
                 session.delete(groups.pop(row.group_key))
+        of_rule: dict[str, list[Any]] = {}
+        for row in alerts.values():
+            of_rule.setdefault(row.rule, []).append(row)
         for name, holding in measured.items():
             rule = rules.rules[name]
+            known = list(of_rule.get(name, []))
             seen = set()
             for labels, sample in holding:
                 key = fingerprint(labels)
@@ -171,14 +175,16 @@ def evaluate_rules(
                     )
                     session.add(row)
                     alerts[key] = row
-                row.value = sample.value
-                row.summary = render_summary(rule, labels, sample)
-                row.updated_at = now
+                    known.append(row)
+                summary = render_summary(rule, labels, sample)
+                # Written only when it changed: an evaluation of steady alerts updates no row.
+                if row.value != sample.value or row.summary != summary or row.updated_at is None:
+                    row.value, row.summary, row.updated_at = sample.value, summary, now
                 if row.status == PENDING and (now - row.active_since).total_seconds() >= rule.for_seconds:
                     row.status = FIRING
                     row.fired_at = now
-            for row in alerts.values():
-                if row.rule != name or row.fingerprint in seen or row.status == RESOLVED:
+            for row in known:
+                if row.fingerprint in seen or row.status == RESOLVED or row not in session:
                     continue
                 if row.status == PENDING:
                     session.delete(row)

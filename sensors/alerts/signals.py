@@ -73,6 +73,19 @@ class SignalContext:
 
         return self.memo(("runs", statuses, since), fetch)
 
+    def runs_of_job(self, statuses: tuple[str, ...], since: datetime, job: str | None) -> list[Any]:
+        """`runs(...)` of one job (all jobs for None), indexed once per evaluation."""
+        if job is None:
+            return self.runs(statuses, since)
+
+        def index() -> dict[str, list[Any]]:
+            by_job: dict[str, list[Any]] = {}
+            for record in self.runs(statuses, since):
+                by_job.setdefault(record.dagster_run.job_name, []).append(record)
+            return by_job
+
+        return self.memo(("runs_by_job", statuses, since), index).get(job, [])
+
     def asset_records(self) -> dict[str, Any]:
         def fetch() -> dict[str, Any]:
             return {
@@ -182,7 +195,7 @@ class RunFailure(Signal):
         since = context.now - _window(params.window)
         return [
             Sample(_run_labels(record.dagster_run), 1.0, f"run {record.dagster_run.run_id} failed")
-            for record in context.runs(("FAILURE",), since)
+            for record in context.runs_of_job(("FAILURE",), since, params.job)
             if params.selects(record.dagster_run)
         ]
 
@@ -205,7 +218,7 @@ class RunDuration(Signal):
         since = context.now - _window(params.window)
         now = context.now.timestamp()
         samples = []
-        for record in context.runs(("STARTED", "SUCCESS", "FAILURE"), since):
+        for record in context.runs_of_job(("STARTED", "SUCCESS", "FAILURE"), since, params.job):
             if record.start_time is None or not params.selects(record.dagster_run):
                 continue
             duration = (record.end_time or now) - record.start_time

@@ -264,6 +264,7 @@ def test_every_operation_answers_2xx_to_a_valid_request(
         ("GET", "/v1/subscriptions/{name}/stats"): {"path_parameters": {"name": "fuzz-subscription"}},
         ("GET", "/v1/subscriptions/{name}/dead-letters"): {"path_parameters": {"name": "fuzz-subscription"}},
         ("DELETE", "/v1/subscriptions/{name}"): {"path_parameters": {"name": "fuzz-subscription"}},
+        ("GET", "/v1/metrics/runs"): {"query": {"limit": 100}},
         ("GET", "/v1/alerts"): {"query": {"status": "firing"}},
         ("GET", "/v1/alerts/rules"): {},
         ("GET", "/v1/silences"): {},

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from orchestration.gateway.api.streams import gateway_events
@@ -71,6 +71,55 @@ async def request_window(
         instance=stats.instance,
         stats=stats.summary(window_s),
     )
+
+
+class RunPerformanceRow(BaseModel):
+    run_id: str
+    job: str
+    status: str
+    created_at: datetime
+    queued_s: float | None = Field(description="From the run's creation to its start (the run queue).")
+    duration_s: float | None
+    rows: int | None = Field(description="Rows read by the run's pipelines (their staged assets' rows_read).")
+    rows_per_s: float | None
+    steps: dict[str, dict[str, Any]] = Field(description="Per step: seconds, attempts, status.")
+
+
+class JobPerformance(BaseModel):
+    runs: int
+    failures: int
+    duration_p50_s: float | None
+    duration_p95_s: float | None
+    queued_p50_s: float | None
+    queued_p95_s: float | None
+    rows_per_s_p50: float | None
+
+
+class RunPerformancePage(BaseModel):
+    since: datetime
+    jobs: dict[str, JobPerformance]
+    runs: list[RunPerformanceRow]
+
+
+@router.get("/metrics/runs", response_model=RunPerformancePage, responses=problem_responses(401, 403, 422))
+async def run_performance(
+    request: Request,
+    _: Annotated[Principal, Depends(requires("metrics:read", read_only=True))],
+    job: str | None = Query(default=None, max_length=200),
+    since: datetime | None = Query(default=None, description="Default: 24 hours ago."),
+    limit: int = Query(default=1000, ge=1, le=10_000),
+):
+    """Finished runs' queue wait, duration, rows/s and step times (recorded by the `run_performance`
+    sensor), newest first, with per-job percentiles over the runs returned."""
+    from orchestration.store import get_engine
+    from sensors.performance import job_summaries, run_series
+
+    since = since or datetime.now(UTC) - timedelta(hours=24)
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    engine = get_engine(request.app.state.settings.store_url)
+    series = await anyio.to_thread.run_sync(lambda: run_series(engine, job=job, since=since, limit=limit))
+    return RunPerformancePage(since=since, jobs=job_summaries(series), runs=series)
 
 
 @router.get("/analytics/proxy", responses=problem_responses(401, 403))
@@ -166,12 +215,16 @@ def store_figures() -> dict:
             ).group_by(ApiRequestStats.route, ApiRequestStats.method)
         ).all()
     from resources.notifications.held import held_counts
+    from sensors.performance import job_summaries, run_series
+
+    performance = job_summaries(run_series(since=datetime.now(UTC) - timedelta(hours=24), limit=10_000))
 
     return {
         "audit_entries": audit_entries,
         "keys": keys,
         "deliveries": deliveries,
         "held": held_counts(),
+        "performance": performance,
         "requests": requests,
     }
 
@@ -236,6 +289,7 @@ async def prometheus_metrics(
             for channel, count in figures["held"].items():
                 waiting.add_metric([channel], count)
             yield waiting
+            yield from performance_metric_families(figures["performance"])
             persisted = CounterMetricFamily(
                 "junction_gateway_requests_persisted",
                 "Gateway requests of every instance, from the persisted per-minute statistics.",
@@ -259,6 +313,30 @@ async def prometheus_metrics(
     scraped.register(StoreCollector())
     body = generate_latest(request.app.state.request_stats.registry) + generate_latest(scraped)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+def performance_metric_families(performance: dict) -> list:
+    """Per job, over the runs finished in the last 24 hours (the run_performance table)."""
+    duration = GaugeMetricFamily(
+        "junction_run_duration_seconds", "Run duration percentiles, last 24 h.", labels=["job", "quantile"]
+    )
+    queued = GaugeMetricFamily(
+        "junction_run_queue_wait_seconds",
+        "Run queue wait percentiles, last 24 h.",
+        labels=["job", "quantile"],
+    )
+    finished = GaugeMetricFamily(
+        "junction_runs_finished", "Runs finished in the last 24 h.", labels=["job", "outcome"]
+    )
+    for job, figures in performance.items():
+        for quantile, suffix in (("0.5", "p50"), ("0.95", "p95")):
+            if figures[f"duration_{suffix}_s"] is not None:
+                duration.add_metric([job, quantile], figures[f"duration_{suffix}_s"])
+            if figures[f"queued_{suffix}_s"] is not None:
+                queued.add_metric([job, quantile], figures[f"queued_{suffix}_s"])
+        finished.add_metric([job, "failure"], figures["failures"])
+        finished.add_metric([job, "other"], figures["runs"] - figures["failures"])
+    return [duration, queued, finished]
 
 
 def live_metric_families(state) -> list:
