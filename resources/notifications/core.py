@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from orchestration.errors import JunctionError
 from orchestration.kernel.spec_errors import validate_spec
-from orchestration.kernel.times import check_duration
+from orchestration.kernel.times import DurationText
 
 Severity = Literal["critical", "error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "error", "warning", "info")
@@ -139,9 +139,6 @@ class RetryPolicy(BaseModel):
     max_backoff_s: float = Field(default=30.0, ge=0)
 
 
-Duration = Annotated[str, AfterValidator(check_duration)]
-
-
 class ThrottlePolicy(BaseModel):
     """At most `max_messages` deliveries per `per` (e.g. 1h); beyond it messages are held, not dropped,
     and go out together as one digest once the window has room."""
@@ -149,7 +146,7 @@ class ThrottlePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_messages: int = Field(ge=1)
-    per: Duration
+    per: DurationText
 
 
 class DigestPolicy(BaseModel):
@@ -157,7 +154,7 @@ class DigestPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    interval: Duration
+    interval: DurationText
 
 
 class ChannelSpec(BaseModel):

@@ -29,33 +29,27 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestration.kernel.conditions import Condition, parse_condition
 from orchestration.kernel.spec_errors import SpecError, SpecProblem, read_yaml, validate_spec
-from orchestration.kernel.times import check_duration, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 from resources.notifications.core import Severity
 from sensors.alerts.signals import SIGNALS, Signal
 
-Duration = Annotated[str, AfterValidator(check_duration)]
 _RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def seconds(duration: str) -> float:
-    parsed = parse_duration(duration)
-    return parsed.total_seconds() if parsed is not None else 0.0
 
 
 class Timing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     group_by: list[str] = Field(default_factory=lambda: ["rule"])
-    group_wait: Duration = "30s"
-    group_interval: Duration = "5m"
-    repeat_interval: Duration = "4h"
+    group_wait: DurationText = "30s"
+    group_interval: DurationText = "5m"
+    repeat_interval: DurationText = "4h"
 
 
 class RuleSpec(BaseModel):
@@ -65,16 +59,16 @@ class RuleSpec(BaseModel):
     condition: dict[str, Any] | None = Field(
         default=None, description="Over {value, <labels>}; default: the signal's own."
     )
-    for_: Duration = Field(default="0s", alias="for")
+    for_: DurationText = Field(default="0s", alias="for")
     severity: Severity = "warning"
     labels: dict[str, str] = Field(default_factory=dict)
     summary: str | None = None
     description: str = ""
     channels: list[str] = Field(min_length=1)
     group_by: list[str] | None = None
-    group_wait: Duration | None = None
-    group_interval: Duration | None = None
-    repeat_interval: Duration | None = None
+    group_wait: DurationText | None = None
+    group_interval: DurationText | None = None
+    repeat_interval: DurationText | None = None
     send_resolved: bool = True
 
     @field_validator("labels")
@@ -129,14 +123,14 @@ class AlertRule:
 
     @property
     def for_seconds(self) -> float:
-        return seconds(self.spec.for_)
+        return duration_seconds(self.spec.for_)
 
     @property
     def labels(self) -> dict[str, str]:
         return {"rule": self.name, "severity": self.spec.severity, **self.spec.labels}
 
     def interval(self, name: str) -> timedelta:
-        return timedelta(seconds=seconds(getattr(self.timing, name)))
+        return timedelta(seconds=duration_seconds(getattr(self.timing, name)))
 
 
 @dataclass(frozen=True)

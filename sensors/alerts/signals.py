@@ -19,26 +19,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.kernel.times import check_duration, parse_duration
+from orchestration.kernel.times import DurationText, duration_seconds
 
 if TYPE_CHECKING:
     import dagster as dg
     from sqlalchemy import Engine
 
-Duration = Annotated[str, AfterValidator(check_duration)]
 SIGNALS: dict[str, type[Signal]] = {}
 # Runs a run-failure window reads at most: a storm beyond it is still one firing group.
 RUN_LIMIT = 10_000
 
 
 def _window(text: str) -> timedelta:
-    window = parse_duration(text)
-    assert window is not None  # validated by the params
-    return window
+    return timedelta(seconds=duration_seconds(text))  # validated by the params
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ class RunSelection(Params):
     job: str | None = Field(default=None, description="Only runs of this job.")
     tags: dict[str, str] = Field(default_factory=dict, description="Only runs with these tags.")
     asset: str | None = Field(default=None, description="Only runs that targeted this asset (a/b key).")
-    window: Duration = Field(default="15m", description="Runs updated within this window.")
+    window: DurationText = Field(default="15m", description="Runs updated within this window.")
 
     def selects(self, run: Any) -> bool:
         if self.job is not None and run.job_name != self.job:
@@ -201,7 +198,7 @@ class RunFailure(Signal):
 
 
 class RunDurationParams(RunSelection):
-    over: Duration = Field(description="Runs longer than this (running ones included).")
+    over: DurationText = Field(description="Runs longer than this (running ones included).")
 
 
 class RunDuration(Signal):
@@ -265,7 +262,7 @@ class CheckFailure(Signal):
 
 class FreshnessParams(Params):
     asset: str = Field(description="The asset key (a/b).")
-    within: Duration = Field(description="It must have been materialized within this window.")
+    within: DurationText = Field(description="It must have been materialized within this window.")
 
 
 class Freshness(Signal):
@@ -403,7 +400,7 @@ class DeadLetters(Signal):
 
 class GatewayParams(Params):
     route: str | None = Field(default=None, description="Only this route template (/v1/jobs/{name}/runs).")
-    window: Duration = "5m"
+    window: DurationText = "5m"
     min_requests: int = Field(default=20, ge=1, description="Fewer requests in the window: no sample.")
     above: float = Field(default=0.05, ge=0, description="The default condition's bound.")
 

@@ -495,7 +495,7 @@ def test_apprise_failures_are_recorded_with_apprise_s_reason(
     assert "token" not in (caught.value.record.last_error or "")
 
 
-def test_the_webhook_channel_carries_the_alert_fields(store_url: str, receiver: Receiver) -> None:
+def test_the_webhook_channel_carries_the_alert_fields() -> None:
     """The generic webhook passes what chat channels render, so a receiver can do the same."""
     from resources.notifications import WebhookChannel
 
